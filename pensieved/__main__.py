@@ -1,0 +1,3 @@
+from pensieved.daemon import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""The HTTP surface: Tornado handlers speaking the Anthropic Messages API."""

@@ -1,0 +1,145 @@
+"""Converting between Anthropic wire shapes and the engine's request and event types."""
+
+from __future__ import annotations
+
+import json
+import secrets
+
+from pensieved.api.models import (
+    ContentBlock,
+    DocumentBlock,
+    ImageBlock,
+    InputMessage,
+    TextBlock,
+    ThinkingBlock,
+    ToolResultBlock,
+    ToolUseBlock,
+    _PromptFields,
+)
+from pensieved.engine.types import (
+    ChatMessage,
+    GenerationRequest,
+    Sampling,
+    ToolCall,
+    ToolSpec,
+)
+from pensieved.errors import UnsupportedContentError
+
+# Claude Code puts per-session client metadata first in `system`; it is no instruction, and
+# keeping it would make every session's prompt prefix differ (no KV reuse across sessions).
+BILLING_HEADER_PREFIX = "x-anthropic-billing-header:"
+
+_ID_ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+def new_id(prefix: str) -> str:
+    return prefix + "".join(secrets.choice(_ID_ALPHABET) for _ in range(24))
+
+
+def _system_text(system: str | list[TextBlock] | None) -> str:
+    if system is None:
+        return ""
+    if isinstance(system, str):
+        return system
+    parts = [b.text for b in system if not b.text.startswith(BILLING_HEADER_PREFIX)]
+    return "\n\n".join(parts)
+
+
+def _unsupported(block: ImageBlock | DocumentBlock, where: str) -> UnsupportedContentError:
+    kind = "images" if isinstance(block, ImageBlock) else "documents"
+    return UnsupportedContentError(
+        f"{where}: the loaded model does not accept {kind} (it has no vision support); "
+        "send text only or configure a multimodal model"
+    )
+
+
+def _tool_result_text(block: ToolResultBlock, where: str) -> str:
+    if block.content is None:
+        return ""
+    if isinstance(block.content, str):
+        return block.content
+    texts = []
+    for index, part in enumerate(block.content):
+        if isinstance(part, TextBlock):
+            texts.append(part.text)
+        else:
+            raise _unsupported(part, f"{where}.content.{index}")
+    return "\n".join(texts)
+
+
+def _convert_message(index: int, message: InputMessage) -> list[ChatMessage]:
+    """One wire message becomes one or more template messages (tool results are their own)."""
+    where = f"messages.{index}"
+    if isinstance(message.content, str):
+        return [ChatMessage(role=message.role, content=message.content)]
+    texts: list[str] = []
+    calls: list[ToolCall] = []
+    results: list[ChatMessage] = []
+    block: ContentBlock
+    for number, block in enumerate(message.content):
+        at = f"{where}.content.{number}"
+        if isinstance(block, TextBlock):
+            texts.append(block.text)
+        elif isinstance(block, ImageBlock | DocumentBlock):
+            raise _unsupported(block, at)
+        elif isinstance(block, ToolUseBlock):
+            calls.append(ToolCall(id=block.id, name=block.name, arguments=block.input))
+        elif isinstance(block, ToolResultBlock):
+            text = _tool_result_text(block, at)
+            if block.is_error:
+                text = f"Error: {text}"
+            results.append(ChatMessage(role="tool", content=text, tool_call_id=block.tool_use_id))
+        elif isinstance(block, ThinkingBlock):
+            continue  # earlier reasoning is not replayed to the model
+        # redacted_thinking carries nothing we can render
+    out = list(results)
+    if texts or calls or not results:
+        out.append(
+            ChatMessage(role=message.role, content="\n".join(texts), tool_calls=tuple(calls))
+        )
+    return out
+
+
+def to_engine_messages(request: _PromptFields) -> tuple[ChatMessage, ...]:
+    messages: list[ChatMessage] = []
+    system = _system_text(request.system)
+    if system:
+        messages.append(ChatMessage(role="system", content=system))
+    for index, message in enumerate(request.messages):
+        messages.extend(_convert_message(index, message))
+    return tuple(messages)
+
+
+def to_engine_tools(request: _PromptFields) -> tuple[ToolSpec, ...]:
+    return tuple(
+        ToolSpec(name=t.name, description=t.description, parameters=t.input_schema)
+        for t in request.tools or ()
+    )
+
+
+def to_generation_request(
+    request: _PromptFields,
+    *,
+    max_tokens: int = 1,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    stop_sequences: list[str] | None = None,
+) -> GenerationRequest:
+    sampling = Sampling(
+        temperature=1.0 if temperature is None else temperature,
+        top_p=1.0 if top_p is None else top_p,
+        top_k=top_k or 0,
+    )
+    return GenerationRequest(
+        messages=to_engine_messages(request),
+        max_tokens=max_tokens,
+        sampling=sampling,
+        stop_sequences=tuple(stop_sequences or ()),
+        tools=to_engine_tools(request),
+    )
+
+
+def canonical_json(value: object) -> str:
+    """Deterministic JSON: the same input always renders to the same prompt tokens."""
+    return json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":"))

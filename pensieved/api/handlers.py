@@ -1,0 +1,330 @@
+"""Tornado handlers for the Messages API, models, health and the root probe."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import tornado.iostream
+import tornado.web
+from pydantic import BaseModel, ValidationError
+
+from pensieved import __version__
+from pensieved.api import sse
+from pensieved.api.convert import new_id, to_generation_request
+from pensieved.api.errors import STATUS_TYPES, classify, envelope, internal_message
+from pensieved.api.models import (
+    CountTokensRequest,
+    CountTokensResponse,
+    Message,
+    MessagesRequest,
+    ModelInfo,
+    ModelList,
+    OutTextBlock,
+    Usage,
+)
+from pensieved.engine.service import Engine, ModelRuntime
+from pensieved.engine.types import Failed, Finished, PreparedPrompt, TextPiece
+from pensieved.errors import InvalidRequestError, NotFoundError, PensieveError
+
+log = logging.getLogger("pensieved.api")
+access_log = logging.getLogger("pensieved.access")
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _field_path(loc: tuple[int | str, ...]) -> str:
+    # pydantic reports union/discriminator branch names in loc; users know only field paths.
+    parts = [str(p) for p in loc if not (isinstance(p, str) and ("[" in p or p[:1].isupper()))]
+    return ".".join(parts) or "body"
+
+
+def validation_message(error: ValidationError) -> str:
+    problems = []
+    for item in error.errors(include_url=False)[:5]:
+        problems.append(f"{_field_path(tuple(item['loc']))}: {item['msg']}")
+    return "; ".join(problems)
+
+
+class BaseHandler(tornado.web.RequestHandler):
+    """Request ids, error envelopes, and the hooks every API request passes through."""
+
+    request_id: str
+
+    def initialize(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def set_default_headers(self) -> None:
+        # Called again by clear() when an error replaces the response: the id must survive.
+        if not hasattr(self, "request_id"):
+            self.request_id = new_id("req_")
+        self.set_header("request-id", self.request_id)
+        self.set_header("Content-Type", "application/json")
+
+    def write_json(self, data: dict[str, Any] | BaseModel, status: int = 200) -> None:
+        if isinstance(data, BaseModel):
+            data = data.model_dump(mode="json")
+        self.set_status(status)
+        self.finish(json.dumps(data, ensure_ascii=False))
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        known = classify(exc) if exc is not None else None
+        if known is not None:
+            status_code, error_type, message = known
+            if isinstance(exc, PensieveError) and hasattr(exc, "retry_after_s"):
+                self.set_header("retry-after", str(exc.retry_after_s))
+        elif isinstance(exc, tornado.web.HTTPError):
+            error_type = STATUS_TYPES.get(status_code, "api_error")
+            message = exc.log_message or self._reason
+            if status_code == 405:
+                message = f"method {self.request.method} is not allowed on {self.request.path}"
+        elif status_code >= 500:
+            error_type, message = "api_error", internal_message(getattr(self, "request_id", "-"))
+        else:
+            error_type, message = STATUS_TYPES.get(status_code, "api_error"), self._reason
+        self.set_status(status_code)
+        self.finish(json.dumps(envelope(error_type, message), ensure_ascii=False))
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        if classify(value) is not None or isinstance(value, tornado.web.HTTPError):
+            log.info("%s %s -> %s", self.request.method, self.request.path, value)
+        else:
+            log.error(
+                "unhandled error in %s %s (request-id %s)",
+                self.request.method,
+                self.request.path,
+                getattr(self, "request_id", "-"),
+                exc_info=(typ, value, tb),
+            )
+
+    def parse_body(self, model: type[M]) -> M:
+        try:
+            data = json.loads(self.request.body or b"")
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InvalidRequestError(f"request body is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise InvalidRequestError("request body must be a JSON object")
+        try:
+            return model.model_validate(data)
+        except ValidationError as exc:
+            raise InvalidRequestError(validation_message(exc)) from None
+
+
+class RootHandler(BaseHandler):
+    """Clients (Claude Code among them) probe the root before their first request."""
+
+    def get(self) -> None:
+        self.write_json({"name": "pensieve", "version": __version__, "state": self.engine.state})
+
+    def head(self) -> None:
+        self.set_status(200)
+        self.finish()
+
+
+class HealthHandler(BaseHandler):
+    def get(self) -> None:
+        info = self.engine.describe()
+        model = info["model"] or {}
+        ready = self.engine.state == "ready"
+        self.write_json(
+            {
+                "status": "ok" if ready else self.engine.state,
+                "error": info["error"],
+                "model": model.get("name"),
+                "model_path": model.get("path"),
+                "context_size": model.get("context_size"),
+                "version": __version__,
+                "in_flight": self.engine.stats.in_flight,
+            },
+            status=200 if ready else 503,
+        )
+
+
+def _created_at(path: str | None) -> str:
+    try:
+        import os
+
+        stamp = os.stat(path).st_mtime if path else 0.0
+    except OSError:
+        stamp = 0.0
+    return datetime.fromtimestamp(stamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class ModelsHandler(BaseHandler):
+    def _info(self, model_id: str) -> ModelInfo:
+        described = self.engine.describe()["model"] or {}
+        return ModelInfo(
+            id=model_id,
+            display_name=described.get("name") or model_id,
+            created_at=_created_at(described.get("path")),
+        )
+
+    def get(self, model_id: str | None = None) -> None:
+        if model_id is not None:
+            self.engine.runtime_for(model_id)  # 503 when nothing could serve it
+            self.write_json(self._info(model_id))
+            return
+        model = self.engine.default_model
+        ids = [model.settings.path.stem] if model else []
+        ids += [p for p in self.engine.config.model.aliases if p not in ids]
+        data = [self._info(i) for i in ids]
+        self.write_json(
+            ModelList(
+                data=data,
+                has_more=False,
+                first_id=data[0].id if data else None,
+                last_id=data[-1].id if data else None,
+            )
+        )
+
+
+class CountTokensHandler(BaseHandler):
+    async def post(self) -> None:
+        body = self.parse_body(CountTokensRequest)
+        request = to_generation_request(body)
+        count = await self.engine.count_tokens(body.model, request)
+        self.write_json(CountTokensResponse(input_tokens=count))
+
+
+class MessagesHandler(BaseHandler):
+    """POST /v1/messages, streaming or not. A closed connection cancels the generation."""
+
+    _task: asyncio.Task[None] | None = None
+
+    def on_connection_close(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+
+    async def post(self) -> None:
+        body = self.parse_body(MessagesRequest)
+        request = to_generation_request(
+            body,
+            max_tokens=body.max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=body.top_k,
+            stop_sequences=body.stop_sequences,
+        )
+        runtime, prepared = await self.engine.prepare(body.model, request)
+        self.engine.admit()
+        try:
+            run = self._stream if body.stream else self._complete
+            self._task = asyncio.ensure_future(run(body.model, runtime, prepared))
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                log.info("client went away; generation cancelled (request-id %s)", self.request_id)
+        finally:
+            self.engine.done()
+
+    async def _complete(
+        self, model_name: str, runtime: ModelRuntime, prepared: PreparedPrompt
+    ) -> None:
+        parts: list[str] = []
+        finished: Finished | None = None
+        async for event in self.engine.generate(runtime, prepared):
+            if isinstance(event, TextPiece):
+                parts.append(event.text)
+            elif isinstance(event, Finished):
+                finished = event
+            elif isinstance(event, Failed):
+                raise event.error
+        assert finished is not None
+        message = Message(
+            id=new_id("msg_"),
+            model=model_name,
+            content=[OutTextBlock(text="".join(parts))],
+            stop_reason=finished.stop_reason,
+            stop_sequence=finished.stop_sequence,
+            usage=Usage(
+                input_tokens=finished.input_tokens,
+                output_tokens=finished.output_tokens,
+                cache_read_input_tokens=finished.cache_read_tokens,
+            ),
+        )
+        self.write_json(message)
+
+    async def _send(self, data: dict[str, Any]) -> None:
+        self.write(sse.event(data))
+        await self.flush()
+
+    async def _stream(
+        self, model_name: str, runtime: ModelRuntime, prepared: PreparedPrompt
+    ) -> None:
+        self.set_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.set_header("Cache-Control", "no-cache")
+        self.set_header("X-Accel-Buffering", "no")
+        skeleton = Message(
+            id=new_id("msg_"),
+            model=model_name,
+            content=[],
+            stop_reason=None,
+            stop_sequence=None,
+            usage=Usage(input_tokens=prepared.input_tokens, output_tokens=0),
+        )
+        try:
+            await self._send({"type": "message_start", "message": skeleton.model_dump(mode="json")})
+            await self._send(
+                {
+                    "type": "content_block_start",
+                    "index": 0,
+                    "content_block": {"type": "text", "text": ""},
+                }
+            )
+            await self._send({"type": "ping"})
+            async for event in self.engine.generate(runtime, prepared):
+                if isinstance(event, TextPiece):
+                    await self._send(
+                        {
+                            "type": "content_block_delta",
+                            "index": 0,
+                            "delta": {"type": "text_delta", "text": event.text},
+                        }
+                    )
+                elif isinstance(event, Finished):
+                    await self._send({"type": "content_block_stop", "index": 0})
+                    await self._send(
+                        {
+                            "type": "message_delta",
+                            "delta": {
+                                "stop_reason": event.stop_reason,
+                                "stop_sequence": event.stop_sequence,
+                            },
+                            "usage": {
+                                "input_tokens": event.input_tokens,
+                                "output_tokens": event.output_tokens,
+                                "cache_read_input_tokens": event.cache_read_tokens,
+                            },
+                        }
+                    )
+                    await self._send({"type": "message_stop"})
+                elif isinstance(event, Failed):
+                    raise event.error
+        except tornado.iostream.StreamClosedError:
+            log.info("client closed the stream (request-id %s)", self.request_id)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            await self._stream_error(exc)
+        self.finish()
+
+    async def _stream_error(self, exc: Exception) -> None:
+        """Headers are gone: the error travels as an SSE `error` event."""
+        known = classify(exc)
+        if known is None:
+            log.error("generation failed (request-id %s)", self.request_id, exc_info=exc)
+            error_type, message = "api_error", internal_message(self.request_id)
+        else:
+            _, error_type, message = known
+        with contextlib.suppress(tornado.iostream.StreamClosedError):
+            await self._send(envelope(error_type, message))
+
+
+class NotFoundHandler(BaseHandler):
+    def prepare(self) -> None:
+        raise NotFoundError(f"not found: {self.request.method} {self.request.path}")

@@ -1,0 +1,190 @@
+"""Anthropic Messages API wire shapes (pydantic), for requests we accept and replies we send.
+
+Requests ignore fields we do not act on (Anthropic adds fields often; clients send them), but
+every field we do read is validated, and errors name the field path.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# ---- request content blocks ----------------------------------------------------------------
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class TextBlock(_Wire):
+    type: Literal["text"]
+    text: str = Field(description="The text.")
+
+
+class ImageBlock(_Wire):
+    type: Literal["image"]
+    source: dict[str, Any] = Field(description="base64, url or file source of the image.")
+
+
+class DocumentBlock(_Wire):
+    type: Literal["document"]
+    source: dict[str, Any] = Field(description="The document's source.")
+    title: str | None = None
+
+
+class ToolUseBlock(_Wire):
+    type: Literal["tool_use"]
+    id: str = Field(description="The tool call's id, referenced by the tool_result.")
+    name: str = Field(description="The tool that was called.")
+    input: dict[str, Any] = Field(description="Arguments of the call.")
+
+
+class ToolResultBlock(_Wire):
+    type: Literal["tool_result"]
+    tool_use_id: str = Field(description="The id of the tool_use this answers.")
+    content: str | list[TextBlock | ImageBlock | DocumentBlock] | None = None
+    is_error: bool = False
+
+
+class ThinkingBlock(_Wire):
+    type: Literal["thinking"]
+    thinking: str
+    signature: str | None = None
+
+
+class RedactedThinkingBlock(_Wire):
+    type: Literal["redacted_thinking"]
+    data: str
+
+
+ContentBlock = Annotated[
+    TextBlock
+    | ImageBlock
+    | DocumentBlock
+    | ToolUseBlock
+    | ToolResultBlock
+    | ThinkingBlock
+    | RedactedThinkingBlock,
+    Field(discriminator="type"),
+]
+
+
+class InputMessage(_Wire):
+    role: Literal["user", "assistant", "system"] = Field(
+        description="user or assistant (system is accepted mid-conversation, as Claude Code "
+        "sends it)."
+    )
+    content: str | list[ContentBlock] = Field(description="A string or a list of blocks.")
+
+
+class Tool(_Wire):
+    name: str = Field(min_length=1, max_length=128, description="Tool name.")
+    description: str = Field("", description="What the tool does, for the model.")
+    input_schema: dict[str, Any] = Field(
+        default_factory=lambda: {"type": "object"}, description="JSON schema of the input."
+    )
+
+
+class ToolChoice(_Wire):
+    type: Literal["auto", "any", "tool", "none"]
+    name: str | None = None
+    disable_parallel_tool_use: bool = False
+
+
+class ThinkingConfig(_Wire):
+    type: Literal["enabled", "disabled", "adaptive"]
+    budget_tokens: int | None = None
+
+
+class _PromptFields(_Wire):
+    model: str = Field(min_length=1, description="Requested model name; echoed back.")
+    messages: list[InputMessage] = Field(min_length=1, description="The conversation.")
+    system: str | list[TextBlock] | None = Field(None, description="System prompt.")
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    thinking: ThinkingConfig | None = None
+
+
+class MessagesRequest(_PromptFields):
+    max_tokens: int = Field(ge=1, description="Most tokens to generate (clamped to the context).")
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, ge=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=0)
+    stop_sequences: list[str] | None = None
+    stream: bool = False
+    metadata: dict[str, Any] | None = None
+
+
+class CountTokensRequest(_PromptFields):
+    pass
+
+
+# ---- replies -------------------------------------------------------------------------------
+
+
+class Usage(BaseModel):
+    input_tokens: int
+    output_tokens: int
+    cache_creation_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+
+
+class OutTextBlock(BaseModel):
+    type: Literal["text"] = "text"
+    text: str
+
+
+class OutToolUseBlock(BaseModel):
+    type: Literal["tool_use"] = "tool_use"
+    id: str
+    name: str
+    input: dict[str, Any]
+
+
+class OutThinkingBlock(BaseModel):
+    type: Literal["thinking"] = "thinking"
+    thinking: str
+    signature: str = ""
+
+
+OutBlock = OutTextBlock | OutToolUseBlock | OutThinkingBlock
+
+
+class Message(BaseModel):
+    id: str
+    type: Literal["message"] = "message"
+    role: Literal["assistant"] = "assistant"
+    model: str
+    content: list[OutBlock]
+    stop_reason: str | None
+    stop_sequence: str | None
+    usage: Usage
+
+
+class CountTokensResponse(BaseModel):
+    input_tokens: int
+
+
+class ModelInfo(BaseModel):
+    type: Literal["model"] = "model"
+    id: str
+    display_name: str
+    created_at: str
+
+
+class ModelList(BaseModel):
+    data: list[ModelInfo]
+    has_more: bool
+    first_id: str | None
+    last_id: str | None
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+
+
+class ErrorEnvelope(BaseModel):
+    type: Literal["error"] = "error"
+    error: ErrorDetail

@@ -1,0 +1,253 @@
+"""Pensieve's configuration: pydantic models and the one function that validates a file.
+
+`load_config_file` is the single validator: the daemon uses it at start and on every hot reload,
+`pensievectl validate` uses it offline. Errors name the key path (`server.port`) and the problem.
+
+This module must stay cheap to import (no tornado, no llama_cpp): `pensievectl` imports it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pensieved.errors import ConfigError, ConfigIssue
+from pensieved.paths import MAX_SOCKET_PATH_BYTES
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+class _Section(BaseModel):
+    # strict: "8080" is not a port; extra=forbid: a typo is an error, not a silent default.
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
+
+
+class ServerConfig(_Section):
+    host: str = Field("127.0.0.1", description="Address the HTTP API listens on.")
+    port: int = Field(8080, ge=0, le=65535, description="TCP port of the HTTP API (0: any free).")
+    max_concurrent_requests: int = Field(
+        8,
+        ge=1,
+        le=1024,
+        description="Requests admitted at once (running plus queued); beyond it: 529 overloaded.",
+    )
+    request_timeout_ms: int = Field(
+        600_000,
+        ge=1_000,
+        description="Longest time a request may wait in the queue plus generate, in ms.",
+    )
+    enable_cors: bool = Field(False, description="Answer CORS requests from `cors_origins`.")
+    cors_origins: list[str] = Field(
+        default_factory=lambda: ["http://localhost:*", "http://127.0.0.1:*"],
+        description="Origins allowed when CORS is on; `*` matches a port or a name part.",
+    )
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host names accepted in the Host header besides loopback ones "
+        "(DNS-rebinding protection).",
+    )
+    api_key: str | None = Field(
+        None, description="If set, API requests must send it as x-api-key or a Bearer token."
+    )
+    api_key_file: str | None = Field(
+        None, description="A file whose first line is the API key (instead of `api_key`)."
+    )
+    socket_path: str | None = Field(
+        None, description="Control socket path; null means the per-user runtime directory."
+    )
+    drain_timeout_ms: int = Field(
+        15_000,
+        ge=0,
+        le=600_000,
+        description="On SIGTERM, how long in-flight requests may run before they are ended.",
+    )
+    max_body_bytes: int = Field(
+        32 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 beyond)."
+    )
+    idle_connection_timeout_s: float = Field(
+        60.0, gt=0, description="Close a connection that sends nothing for this long."
+    )
+
+    @field_validator("socket_path")
+    @classmethod
+    def _socket_fits(cls, value: str | None) -> str | None:
+        if (
+            value is not None
+            and len(str(Path(value).expanduser()).encode()) > MAX_SOCKET_PATH_BYTES
+        ):
+            raise ValueError(
+                f"path is {len(value.encode())} bytes; a Unix socket path must be under "
+                f"{MAX_SOCKET_PATH_BYTES + 1} bytes (the macOS limit): choose a shorter path"
+            )
+        return value
+
+
+class LoggingConfig(_Section):
+    level: Literal["debug", "info", "warning", "error", "critical"] = Field(
+        "info", description="Minimum level of log records written."
+    )
+    format: Literal["text", "json"] = Field("text", description="Log line format.")
+    file: str | None = Field(None, description="Also append logs to this file (stderr always).")
+    log_prompts: bool = Field(
+        False, description="Debug aid: log prompts and completions (off: never logged)."
+    )
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+
+class ModelConfig(_Section):
+    model_path: str | None = Field(
+        None, description="GGUF model file; null means the bundled SmolLM2-135M-Instruct."
+    )
+    model_type: str = Field("gguf", description="Model file format; only `gguf` is supported.")
+    context_size: int = Field(
+        8192, ge=256, le=1_048_576, description="Context window in tokens (prompt + reply)."
+    )
+    gpu_layers: int = Field(
+        -1, ge=-1, description="Layers offloaded to the GPU (Metal): -1 all, 0 none."
+    )
+    threads: int | None = Field(
+        None, ge=1, le=512, description="CPU threads for generation; null: physical cores."
+    )
+    batch_size: int = Field(512, ge=16, le=8192, description="Prompt tokens evaluated per step.")
+    slots: int = Field(
+        4, ge=1, le=64, description="KV-cache slots: conversations kept warm at once."
+    )
+    max_output_tokens: int = Field(
+        8192,
+        ge=1,
+        description="Ceiling on `max_tokens` of one request (larger requests are clamped).",
+    )
+    aliases: dict[str, str] = Field(
+        default_factory=dict,
+        description="Requested model name patterns (fnmatch, e.g. `claude-haiku-*`) mapped "
+        "to GGUF files; names that match none use `model_path`.",
+    )
+
+    @field_validator("model_type")
+    @classmethod
+    def _gguf_only(cls, value: str) -> str:
+        if value.lower() != "gguf":
+            raise ValueError(f"unsupported model_type {value!r}: only 'gguf' is supported")
+        return value.lower()
+
+
+class Config(_Section):
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+
+
+def _cross_checks(config: Config) -> list[ConfigIssue]:
+    """Rules that span keys; reported under the key the user should change."""
+    issues = []
+    host = config.server.host
+    remote = host not in LOOPBACK_HOSTS and not host.startswith("127.")
+    if remote and not (config.server.api_key or config.server.api_key_file):
+        issues.append(
+            ConfigIssue(
+                "server.host",
+                f"{host!r} is reachable from other machines: set server.api_key "
+                "(or server.api_key_file) before binding beyond loopback",
+            )
+        )
+    return issues
+
+
+def _issues_from(error: ValidationError) -> list[ConfigIssue]:
+    issues = []
+    for item in error.errors(include_url=False):
+        path = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        issues.append(ConfigIssue(path=path, message=message))
+    return issues
+
+
+def parse_config(data: Any, source: str = "<config>") -> Config:
+    """Validate an already-decoded JSON value; raises ConfigError listing every problem."""
+    if not isinstance(data, dict):
+        raise ConfigError(source, [ConfigIssue("(top level)", "must be a JSON object")])
+    try:
+        config = Config.model_validate(data, strict=True)
+    except ValidationError as exc:
+        raise ConfigError(source, _issues_from(exc)) from None
+    issues = _cross_checks(config)
+    if issues:
+        raise ConfigError(source, issues)
+    return config
+
+
+def load_config_file(path: Path, *, missing_ok: bool = False) -> Config:
+    """Read and validate one config file: the single validator used everywhere.
+
+    `missing_ok` is for the default location only: no file there means all defaults.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        if missing_ok:
+            return Config()
+        raise ConfigError(str(path), [ConfigIssue("(file)", "no such file")]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(str(path), [ConfigIssue("(file)", f"cannot read: {exc}")]) from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        where = f"line {exc.lineno} column {exc.colno}"
+        raise ConfigError(str(path), [ConfigIssue("(json)", f"{exc.msg} at {where}")]) from None
+    return parse_config(data, source=str(path))
+
+
+def apply_overrides(config: Config, overrides: dict[str, Any]) -> Config:
+    """Apply dotted-key overrides (`{"server.port": 9000}`) and validate the result."""
+    data = config.model_dump()
+    for dotted, value in overrides.items():
+        section, key = dotted.split(".", 1)
+        data[section][key] = value
+    return parse_config(data, source="command line")
+
+
+def diff_configs(old: Config, new: Config) -> dict[str, tuple[Any, Any]]:
+    """Dotted key → (old, new) for every value that differs."""
+    changes: dict[str, tuple[Any, Any]] = {}
+    old_data, new_data = old.model_dump(), new.model_dump()
+    for section, values in new_data.items():
+        for key, value in values.items():
+            before = old_data[section][key]
+            if before != value:
+                changes[f"{section}.{key}"] = (before, value)
+    return changes
+
+
+def api_key(config: Config) -> str | None:
+    """The configured API key, read from `api_key_file` when that is used."""
+    if config.server.api_key:
+        return config.server.api_key
+    if config.server.api_key_file:
+        try:
+            text = Path(config.server.api_key_file).expanduser().read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(
+                "server.api_key_file", [ConfigIssue("server.api_key_file", f"cannot read: {exc}")]
+            ) from None
+        lines = text.strip().splitlines()
+        key = lines[0].strip() if lines else ""
+        if not key:
+            raise ConfigError(
+                "server.api_key_file", [ConfigIssue("server.api_key_file", "file is empty")]
+            )
+        return key
+    return None
+
+
+def default_config_json() -> str:
+    """The full default config as pretty JSON (for `pensievectl config generate`)."""
+    return json.dumps(Config().model_dump(), indent=2) + "\n"

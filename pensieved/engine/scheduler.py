@@ -1,0 +1,161 @@
+"""Slots, queueing and the bridge between worker threads and the event loop.
+
+Each request gets the free slot whose KV cache shares the longest prefix with its prompt (only
+the new suffix is evaluated), else the least recently used free slot. Requests that find no
+free slot wait in FIFO order. Generation runs on a worker thread; its events reach the event
+loop through a thread-safe hand-off, so the loop never blocks on llama.cpp.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+
+from pensieved.engine.generate import Cancelled, Slot, run_generation
+from pensieved.engine.model import LoadedModel
+from pensieved.engine.types import Event, Failed, Finished, PreparedPrompt
+from pensieved.errors import PensieveError, RequestTimeoutError
+
+log = logging.getLogger("pensieved.engine")
+
+
+def choose_slot(free: list[Slot], tokens: tuple[int, ...]) -> Slot:
+    """Longest shared prefix wins; ties and misses go to the least recently used slot."""
+    best = max(free, key=lambda slot: (slot.shared_prefix(tokens), -slot.last_used))
+    if best.shared_prefix(tokens) == 0:
+        best = min(free, key=lambda slot: slot.last_used)
+    return best
+
+
+class Scheduler:
+    def __init__(self, model: LoadedModel) -> None:
+        self.model = model
+        self.slots = [Slot(index, llm) for index, llm in enumerate(model.contexts)]
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._workers = ThreadPoolExecutor(
+            max_workers=len(self.slots), thread_name_prefix="pensieve-infer"
+        )
+        self.running = 0
+        self._promised = 0
+        self._active: set[tuple[threading.Event, asyncio.Queue[Event]]] = set()
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiters)
+
+    def _free_slots(self) -> list[Slot]:
+        return [slot for slot in self.slots if not slot.busy]
+
+    async def _acquire(self, tokens: tuple[int, ...]) -> Slot:
+        # FIFO: a newcomer may take a free slot only if nobody is waiting and no free slot
+        # has already been promised to a woken waiter.
+        if len(self._free_slots()) - self._promised <= 0 or self._waiters:
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            except BaseException:
+                if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                    self._promised -= 1
+                    self._wake_next()  # pass the promised slot on
+                else:
+                    with contextlib.suppress(ValueError):
+                        self._waiters.remove(waiter)
+                raise
+            self._promised -= 1
+        slot = choose_slot(self._free_slots(), tokens)
+        slot.busy = True
+        self.running += 1
+        return slot
+
+    def _wake_next(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self._promised += 1
+                waiter.set_result(None)
+                return
+
+    def _release(self, slot: Slot) -> None:
+        slot.busy = False
+        slot.last_used = time.monotonic()
+        self.running -= 1
+        self._wake_next()
+
+    async def stream(
+        self, prepared: PreparedPrompt, deadline: float | None = None
+    ) -> AsyncIterator[Event]:
+        """Run one generation; yields events. Closing the iterator early cancels it."""
+        loop = asyncio.get_running_loop()
+        try:
+            slot = await asyncio.wait_for(self._acquire(prepared.tokens), _remaining(deadline))
+        except TimeoutError:
+            raise RequestTimeoutError(_timeout_message()) from None
+        cancel = threading.Event()
+        events: asyncio.Queue[Event] = asyncio.Queue()
+
+        def emit(event: Event) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        def work() -> None:
+            try:
+                run_generation(self.model, slot, prepared, cancel, emit)
+            except Cancelled:
+                pass
+            except PensieveError as exc:
+                emit(Failed(exc))
+            except Exception as exc:
+                log.exception("generation failed")
+                emit(Failed(exc))
+            finally:
+                loop.call_soon_threadsafe(self._release, slot)
+
+        future = loop.run_in_executor(self._workers, work)
+        handle = (cancel, events)
+        self._active.add(handle)
+        try:
+            while True:
+                try:
+                    event = await asyncio.wait_for(events.get(), _remaining(deadline))
+                except TimeoutError:
+                    raise RequestTimeoutError(_timeout_message()) from None
+                yield event
+                if isinstance(event, Finished | Failed):
+                    break
+        finally:
+            self._active.discard(handle)
+            cancel.set()
+            # The slot is released by the worker itself; we only make sure it has stopped
+            # touching llama.cpp before this request is considered over.
+            await asyncio.shield(future)
+
+    def abort_all(self, error: PensieveError) -> None:
+        """End every running generation with `error` (used when a drain times out)."""
+        for cancel, events in list(self._active):
+            cancel.set()
+            events.put_nowait(Failed(error))
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_exception(error)
+
+    def close(self) -> None:
+        self._workers.shutdown(wait=True, cancel_futures=True)
+
+
+def _remaining(deadline: float | None) -> float | None:
+    if deadline is None:
+        return None
+    return max(0.0, deadline - time.monotonic())
+
+
+def _timeout_message() -> str:
+    return (
+        "request timed out (server.request_timeout_ms): it waited and ran longer than allowed; "
+        "retry, ask for fewer max_tokens, or raise the limit in the config"
+    )

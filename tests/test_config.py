@@ -1,0 +1,115 @@
+"""Config validation: every error names its key path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pensieved.config import Config, apply_overrides, diff_configs, load_config_file, parse_config
+from pensieved.errors import ConfigError
+
+
+def paths_of(exc: ConfigError) -> list[str]:
+    return [issue.path for issue in exc.issues]
+
+
+def test_original_design_file_loads_unchanged(tmp_path: Path) -> None:
+    original = {
+        "server": {
+            "host": "127.0.0.1",
+            "port": 8080,
+            "max_concurrent_requests": 4,
+            "request_timeout_ms": 300000,
+            "enable_cors": False,
+        },
+        "logging": {"level": "INFO", "format": "text", "file": None},
+        "model": {"model_path": None, "model_type": "gguf", "context_size": 4096, "gpu_layers": 0},
+    }
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(original))
+    config = load_config_file(path)
+    assert config.server.port == 8080
+    assert config.logging.level == "info"
+    assert config.model.context_size == 4096
+    assert config.model.model_path is None
+
+
+def test_defaults() -> None:
+    config = Config()
+    assert config.server.host == "127.0.0.1"
+    assert config.server.port == 8080
+    assert config.model.aliases == {}
+
+
+@pytest.mark.parametrize(
+    ("data", "path", "fragment"),
+    [
+        ({"server": {"port": "8080"}}, "server.port", "integer"),
+        ({"server": {"port": 70000}}, "server.port", "65535"),
+        ({"server": {"prot": 1}}, "server.prot", "unknown key"),
+        ({"bogus": {}}, "bogus", "unknown key"),
+        ({"model": {"context_size": 10}}, "model.context_size", "256"),
+        ({"model": {"gpu_layers": -5}}, "model.gpu_layers", "-1"),
+        ({"model": {"threads": 0}}, "model.threads", "1"),
+        ({"model": {"model_type": "onnx"}}, "model.model_type", "gguf"),
+        ({"model": {"aliases": {"claude-*": 3}}}, "model.aliases.claude-*", "string"),
+        ({"logging": {"level": "loud"}}, "logging.level", "debug"),
+        ({"server": {"enable_cors": "yes"}}, "server.enable_cors", "boolean"),
+        ({"server": {"max_concurrent_requests": 0}}, "server.max_concurrent_requests", "1"),
+        ({"server": {"socket_path": "/tmp/" + "x" * 200}}, "server.socket_path", "104"),
+        ({"server": {"host": "0.0.0.0"}}, "server.host", "api_key"),
+    ],
+)
+def test_errors_name_key_path(data: dict[str, object], path: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(data)
+    assert path in paths_of(info.value), info.value.issues
+    message = next(i.message for i in info.value.issues if i.path == path)
+    assert fragment in message or fragment in str(info.value)
+
+
+def test_all_errors_reported_at_once() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({"server": {"port": -1, "host": 5}, "model": {"context_size": "big"}})
+    assert {"server.port", "server.host", "model.context_size"} <= set(paths_of(info.value))
+
+
+def test_malformed_json_names_line(tmp_path: Path) -> None:
+    path = tmp_path / "c.json"
+    path.write_text('{\n  "server": {"port": 80,}\n}')
+    with pytest.raises(ConfigError) as info:
+        load_config_file(path)
+    assert info.value.issues[0].path == "(json)"
+    assert "line 2" in info.value.issues[0].message
+
+
+def test_top_level_must_be_object() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config([1, 2])
+    assert paths_of(info.value) == ["(top level)"]
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    assert load_config_file(tmp_path / "none.json", missing_ok=True) == Config()
+    with pytest.raises(ConfigError) as info:
+        load_config_file(tmp_path / "none.json")
+    assert "no such file" in str(info.value)
+
+
+def test_overrides_and_diff() -> None:
+    base = Config()
+    changed = apply_overrides(base, {"server.port": 9999, "logging.level": "debug"})
+    assert changed.server.port == 9999
+    assert diff_configs(base, changed) == {
+        "server.port": (8080, 9999),
+        "logging.level": ("info", "debug"),
+    }
+    with pytest.raises(ConfigError):
+        apply_overrides(base, {"server.port": 123456})
+
+
+def test_remote_host_allowed_with_key() -> None:
+    config = parse_config({"server": {"host": "0.0.0.0", "api_key": "secret"}})
+    assert config.server.host == "0.0.0.0"
