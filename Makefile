@@ -25,8 +25,8 @@ run: install
 	$(BIN)/pensieved $(ARGS)
 
 lint: install
-	$(BIN)/ruff check pensieved tests
-	$(BIN)/ruff format --check pensieved tests
+	$(BIN)/ruff check pensieved pensievectl tests
+	$(BIN)/ruff format --check pensieved pensievectl tests
 
 typecheck: install
 	$(BIN)/mypy

@@ -1,8 +1,9 @@
 """pensieved's process lifecycle: start, serve, drain on a signal, exit.
 
-The daemon never forks: launchd, systemd or `pensievectl start` supervise it. A model that
-fails to load does not stop the process: it serves 503s that say why until a config change
-fixes it, so a supervisor with KeepAlive does not crash-loop.
+The daemon never forks: launchd, systemd or `pensievectl start` supervise it. Neither a broken
+config file nor a model that fails to load stops the process: it answers on the control
+socket, serves 503s that say why, and recovers by itself when the file is fixed, so a
+supervisor with KeepAlive does not crash-loop.
 """
 
 from __future__ import annotations
@@ -10,23 +11,48 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import os
 import signal
 import socket
 import sys
 import time
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
+import psutil
 import tornado.httpserver
 import tornado.netutil
 
 from pensieved import __version__
+from pensieved.api import limits
 from pensieved.api.app import make_app
 from pensieved.cli import build_parser, overrides_from
 from pensieved.config import Config, apply_overrides, load_config_file
-from pensieved.engine.service import Engine
+from pensieved.control.server import make_control_app
+from pensieved.control.sockets import (
+    BoundSocket,
+    SocketInUseError,
+    SocketPathError,
+    bind_control_socket,
+    resolve_socket_path,
+)
+from pensieved.control.wire import (
+    HttpStatus,
+    Issue,
+    ModelStatus,
+    ProcessStatus,
+    ReloadResult,
+    RequestStatus,
+    StatusResponse,
+    StopResponse,
+    ValidateResponse,
+)
+from pensieved.engine.service import Engine, default_model_path
 from pensieved.errors import ConfigError, ModelLoadError
 from pensieved.logsetup import configure_logging
 from pensieved.paths import default_config_path
+from pensieved.reload import Reloader, watch_config, watch_model_files
 
 log = logging.getLogger("pensieved")
 
@@ -34,9 +60,10 @@ log = logging.getLogger("pensieved")
 class ExitCode(enum.IntEnum):
     OK = 0
     FAILURE = 1
-    CONFIG = 2  # the config (or a flag) is invalid at start
+    CONFIG = 2  # a command-line flag is invalid (a broken config file degrades instead)
     ALREADY_RUNNING = 3  # another daemon owns the control socket
     LISTEN = 4  # the HTTP address cannot be bound
+    SOCKET = 5  # the control socket cannot be created (path too long, foreign directory)
 
 
 class ListenError(Exception):
@@ -55,32 +82,194 @@ def bind_http(config: Config) -> list[socket.socket]:
 
 
 class Daemon:
-    def __init__(self, config: Config, config_path: Path, overrides: dict[str, object]) -> None:
+    def __init__(
+        self,
+        config: Config,
+        config_path: Path,
+        overrides: dict[str, object],
+        *,
+        control: BoundSocket,
+        missing_ok: bool = False,
+        config_error: str | None = None,
+    ) -> None:
         self.config = config
         self.config_path = config_path
         self.overrides = overrides
+        self.control = control
+        self.config_error = config_error
         self.engine = Engine(config)
+        if config_error is not None:
+            # Degraded: serve 503s that say why until the file is fixed (the watcher notices).
+            self.engine.state = "error"
+            self.engine.error = f"{config_error}\nfix the file: pensieved reloads it by itself"
+        self.reloader = Reloader(
+            self, config_path, overrides, missing_ok=missing_ok, listen_error=ListenError
+        )
         self.started_at = time.time()
         self._stop = asyncio.Event()
-        self._http: tornado.httpserver.HTTPServer | None = None
+        # The newest server is last; older ones linger after a rebind until their
+        # connections finish, and are closed on stop.
+        self._servers: list[tornado.httpserver.HTTPServer] = []
         self.http_sockets: list[socket.socket] = []
+        self.http_error: str | None = None
+        self._tasks: set[asyncio.Task[object]] = set()
+        self._process = psutil.Process()
+        self._process.cpu_percent(None)  # the first call only sets the baseline
 
-    # ---- start ------------------------------------------------------------------------------
+    # ---- HTTP listener ----------------------------------------------------------------------
 
-    def _start_http(self, config: Config) -> None:
-        sockets = bind_http(config)
+    def _serve(self, config: Config, sockets: list[socket.socket]) -> None:
         server = tornado.httpserver.HTTPServer(
             make_app(self.engine),
             idle_connection_timeout=config.server.idle_connection_timeout_s,
             body_timeout=config.server.idle_connection_timeout_s,
             max_body_size=config.server.max_body_bytes,
-            max_buffer_size=config.server.max_body_bytes,
+            # Bodies are streamed to the handlers (which apply the live limit), so the stream
+            # buffer holds only headers and one chunk at a time.
+            max_buffer_size=limits.STREAM_BUFFER_BYTES,
+            max_header_size=limits.HARD_MAX_HEADER_BYTES,
             xheaders=False,
         )
         server.add_sockets(sockets)
-        self._http, self.http_sockets = server, sockets
+        self._servers.append(server)
+        self.http_sockets = sockets
+        self.http_error = None
         address = sockets[0].getsockname()
         log.info("pensieved %s listening on http://%s:%d", __version__, address[0], address[1])
+
+    def _start_http(self, config: Config) -> None:
+        try:
+            self._serve(config, bind_http(config))
+        except ListenError as exc:
+            if self.config_error is None:
+                raise
+            # Degraded already: keep the control socket up rather than crash-loop.
+            self.http_error = str(exc)
+            log.error("%s", exc)
+
+    def rebind_http(self, config: Config) -> None:
+        """Bind the new address before closing the old one, so no connection is refused."""
+        old = self._servers[-1] if self.http_sockets else None
+        try:
+            sockets = bind_http(config)
+        except ListenError:
+            if old is None or config.server.port not in self._bound_ports():
+                raise
+            # Same port on an overlapping address (127.0.0.1 -> localhost): it cannot be
+            # bound twice, so close the old listener first and put it back on failure.
+            old.stop()
+            self.http_sockets = []
+            try:
+                sockets = bind_http(config)
+            except ListenError:
+                self._serve(self.config, bind_http(self.config))
+                raise
+        self._serve(config, sockets)
+        if old is not None:
+            old.stop()  # stops listening; its open connections finish their requests
+
+    def _bound_ports(self) -> set[int]:
+        return {int(s.getsockname()[1]) for s in self.http_sockets}
+
+    def update_http_limits(self, config: Config) -> None:
+        for server in self._servers:
+            params = server.conn_params
+            params.max_body_size = config.server.max_body_bytes
+            params.body_timeout = config.server.idle_connection_timeout_s
+            params.header_timeout = config.server.idle_connection_timeout_s
+            server.max_buffer_size = config.server.max_body_bytes
+
+    # ---- control operations -----------------------------------------------------------------
+
+    def status(self) -> StatusResponse:
+        info = self.engine.describe()
+        model = info["model"]
+        stats = self.engine.stats
+        with self._process.oneshot():
+            times = self._process.cpu_times()
+            process = ProcessStatus(
+                rss_bytes=self._process.memory_info().rss,
+                cpu_percent=self._process.cpu_percent(None),
+                cpu_time_s=times.user + times.system,
+                threads=self._process.num_threads(),
+            )
+        port = (
+            self.http_sockets[0].getsockname()[1] if self.http_sockets else self.config.server.port
+        )
+        url = None
+        if self.http_sockets:
+            host = self.http_sockets[0].getsockname()[0]
+            url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+        error = info["error"]
+        if self.http_error:
+            error = f"{error}; {self.http_error}" if error else self.http_error
+        return StatusResponse(
+            pid=os.getpid(),
+            version=__version__,
+            started_at=self.started_at,
+            uptime_s=time.time() - self.started_at,
+            state=self.engine.state,
+            error=error,
+            config_file=str(self.config_path),
+            config_error=self.config_error,
+            socket_path=str(self.control.path),
+            log_file=self.config.logging.file,
+            http=HttpStatus(
+                host=self.config.server.host, port=port, url=url, error=self.http_error
+            ),
+            model=ModelStatus(
+                name=model["name"],
+                path=model["path"],
+                size_bytes=model["size_bytes"],
+                context_size=model["context_size"],
+                gpu_layers=model["gpu_layers"],
+                threads=model["threads"],
+                slots=model["slots"],
+            )
+            if model
+            else None,
+            model_loading=self.reloader.model_loading
+            or (self._boot_model() if self.engine.state == "loading" else None),
+            aliases=info["aliases"],
+            process=process,
+            requests=RequestStatus(
+                served=stats.requests_served,
+                in_flight=stats.in_flight,
+                running=self.engine.running,
+                queued=self.engine.queued,
+                tokens_generated=stats.tokens_generated,
+                prompt_tokens=stats.prompt_tokens,
+                cache_read_tokens=stats.cache_read_tokens,
+            ),
+            last_reload=self.reloader.last,
+        )
+
+    def _boot_model(self) -> str | None:
+        path = default_model_path(self.config)
+        return str(path) if path else None
+
+    def stop_soon(self) -> StopResponse:
+        # After this reply is written: the drain keeps the control socket open until the end.
+        asyncio.get_running_loop().call_soon(self.request_stop)
+        return StopResponse(pid=os.getpid(), drain_timeout_ms=self.config.server.drain_timeout_ms)
+
+    async def reload(self, trigger: str) -> ReloadResult:
+        return await self.reloader.reload(trigger)
+
+    def validate(self, path: str) -> ValidateResponse:
+        try:
+            new = self.reloader.read(Path(path).expanduser())
+        except ConfigError as exc:
+            issues = [Issue(path=i.path, message=i.message) for i in exc.issues]
+            return ValidateResponse(valid=False, source=exc.source, issues=issues)
+        return ValidateResponse(valid=True, source=path, changes=self.reloader.plan(new).changes)
+
+    # ---- run --------------------------------------------------------------------------------
+
+    def _spawn(self, coro: Coroutine[Any, Any, object]) -> None:
+        task: asyncio.Task[object] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _load_models(self, config: Config) -> None:
         try:
@@ -96,22 +285,29 @@ class Daemon:
             log.info("stopping: draining in-flight requests")
             self._stop.set()
 
-    # ---- run --------------------------------------------------------------------------------
-
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
+        control = tornado.httpserver.HTTPServer(make_control_app(self))
+        control.add_socket(self.control.sock)
+        log.info("control socket: %s", self.control.path)
         self._start_http(self.config)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
-        loader = asyncio.create_task(self._load_models(self.config))
+        loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload("sighup")))
+        if self.config_error is None:
+            self._spawn(self._load_models(self.config))
+        self._spawn(watch_config(self.config_path, lambda: self.reload("watch"), self._stop))
+        self._spawn(watch_model_files(self.reloader, self._stop))
         await self._stop.wait()
-        loader.cancel()
+        for task in list(self._tasks):
+            task.cancel()
         await self._drain()
+        control.stop()
         return ExitCode.OK
 
     async def _drain(self) -> None:
-        if self._http is not None:
-            self._http.stop()  # no new connections
+        for server in self._servers:
+            server.stop()  # no new connections
         self.engine.start_draining()
         deadline = time.monotonic() + self.config.server.drain_timeout_ms / 1000
         while self.engine.stats.in_flight and time.monotonic() < deadline:
@@ -122,8 +318,8 @@ class Daemon:
             end = time.monotonic() + 5
             while self.engine.stats.in_flight and time.monotonic() < end:
                 await asyncio.sleep(0.05)
-        if self._http is not None:
-            await self._http.close_all_connections()
+        for server in self._servers:
+            await server.close_all_connections()
         await self.engine.close()
         log.info("stopped")
 
@@ -131,30 +327,67 @@ class Daemon:
 def load_startup_config(
     config_arg: str | None, overrides: dict[str, object]
 ) -> tuple[Config, Path]:
-    path = Path(config_arg).expanduser() if config_arg else default_config_path()
-    # Only the implicit default location may be absent; a named file must exist.
-    missing_ok = config_arg is None and path == default_config_path()
+    path, missing_ok = config_location(config_arg)
     config = load_config_file(path, missing_ok=missing_ok)
     if overrides:
         config = apply_overrides(config, overrides)
     return config, path
 
 
+def config_location(config_arg: str | None) -> tuple[Path, bool]:
+    """The config file, and whether it may be absent (only the implicit default may)."""
+    path = Path(config_arg).expanduser() if config_arg else default_config_path()
+    return path, config_arg is None and path == default_config_path()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     overrides = overrides_from(args)
+    path, missing_ok = config_location(args.config)
     try:
-        config, path = load_startup_config(args.config, overrides)
+        # Flags are checked alone first: a wrong flag is fatal, a wrong file only degrades.
+        fallback = apply_overrides(Config(), overrides) if overrides else Config()
     except ConfigError as exc:
         print(f"pensieved: {exc}", file=sys.stderr)
         return ExitCode.CONFIG
+    config_error: str | None = None
+    try:
+        config, _ = load_startup_config(args.config, overrides)
+    except ConfigError as exc:
+        config, config_error = fallback, str(exc)
     configure_logging(config.logging)
     log.info("config: %s", path)
+    if config_error is not None:
+        log.error("%s", config_error)
+        log.error("running degraded (HTTP answers 503) until %s is fixed", path)
+    flag = overrides.get("server.socket_path")
+    if config_error is None:
+        socket_path = resolve_socket_path(config.server.socket_path, None)
+    else:
+        socket_path = resolve_socket_path(flag if isinstance(flag, str) else None, path)
     try:
-        return asyncio.run(Daemon(config, path, overrides).run())
+        control = bind_control_socket(socket_path)
+    except SocketInUseError as exc:
+        log.error("%s", exc)
+        return ExitCode.ALREADY_RUNNING
+    except SocketPathError as exc:
+        log.error("%s", exc)
+        return ExitCode.SOCKET
+    try:
+        daemon = Daemon(
+            config,
+            path,
+            overrides,
+            control=control,
+            missing_ok=missing_ok,
+            config_error=config_error,
+        )
+        return asyncio.run(daemon.run())
     except ListenError as exc:
         log.error("%s", exc)
         return ExitCode.LISTEN
+    finally:
+        control.remove()
 
 
 if __name__ == "__main__":

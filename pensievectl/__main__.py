@@ -1,0 +1,3 @@
+from pensievectl.cli import main
+
+raise SystemExit(main())

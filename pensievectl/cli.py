@@ -1,0 +1,178 @@
+"""pensievectl's command line (also the source of its man page)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from collections.abc import Sequence
+
+from pensievectl.context import Context
+from pensievectl.errors import CtlError, ExitStatus, exit_status_for
+from pensieved import __version__
+
+DESCRIPTION = (
+    "Control pensieved, the local Anthropic Messages API server, over its Unix control socket, "
+    "and check its config file."
+)
+EPILOG = """\
+exit status:
+  0  success (status: running)
+  1  failure (validate: the config is invalid)
+  2  bad command line
+  3  pensieved is not running (no socket, or a stale one left by a killed daemon)
+  4  unknown: the socket cannot be used (permission denied, another user's, no answer)
+
+files:
+  config  --config, else $PENSIEVE_CONFIG, else the per-user config directory's
+          pensieve/config.json
+  socket  --socket, else server.socket_path in the config, else $PENSIEVE_SOCKET, else
+          the per-user runtime directory's pensieve/pensieved.sock
+"""
+
+
+def _has_service_module() -> bool:
+    # The `service` command comes from pensievectl/service.py when it is installed.
+    return importlib.util.find_spec("pensievectl.service") is not None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pensievectl",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"pensievectl {__version__}")
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        help="config file (default: $PENSIEVE_CONFIG, else the per-user default)",
+    )
+    parser.add_argument(
+        "--socket",
+        metavar="PATH",
+        help="control socket (default: server.socket_path from the config, else the per-user "
+        "runtime directory)",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    start = commands.add_parser(
+        "start",
+        help="start pensieved (through launchd/systemd if its service is installed) and wait "
+        "until the model is loaded",
+    )
+    start.add_argument(
+        "--timeout",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="give up waiting after this long (default: 300)",
+    )
+    start.add_argument(
+        "--log-file",
+        metavar="PATH",
+        help="where a spawned daemon's output goes (default: the per-user log directory's "
+        "pensieved.log)",
+    )
+
+    stop = commands.add_parser(
+        "stop", help="stop pensieved gracefully (in-flight requests finish) and wait until gone"
+    )
+    stop.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        help="how long to wait (default: the daemon's drain timeout plus 10 s)",
+    )
+
+    status = commands.add_parser(
+        "status", help="is pensieved running; its model, memory, requests and last reload"
+    )
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+
+    validate = commands.add_parser(
+        "validate",
+        help="validate a config file with the daemon's validator (and show what would change "
+        "in the running daemon)",
+    )
+    validate.add_argument("file", nargs="?", metavar="FILE", help="default: the config file")
+
+    reload = commands.add_parser("reload", help="make pensieved re-read its config file now")
+    reload.add_argument(
+        "--no-wait",
+        dest="wait",
+        action="store_false",
+        help="do not wait for a new model to finish loading",
+    )
+    reload.add_argument(
+        "--timeout",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="how long to wait for a new model (default: 600)",
+    )
+
+    config = commands.add_parser("config", help="show the effective config or write a default one")
+    config_commands = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    show = config_commands.add_parser(
+        "show", help="the effective config, each value with its source (default, file, flag)"
+    )
+    show.add_argument("--json", action="store_true", help="machine-readable output")
+    generate = config_commands.add_parser("generate", help="print (or write) the default config")
+    generate.add_argument("--output", metavar="FILE", help="write it to FILE instead of stdout")
+    generate.add_argument("--force", action="store_true", help="overwrite an existing FILE")
+
+    if _has_service_module():
+        from pensievectl import service
+
+        service.add_subparser(commands)
+    return parser
+
+
+def dispatch(args: argparse.Namespace, ctx: Context) -> int:
+    command = args.command
+    if command == "status":
+        from pensievectl.status import run_status
+
+        return run_status(ctx, args.json)
+    if command in ("start", "stop"):
+        from pensievectl import lifecycle
+        from pensievectl.supervisor import find_supervisor
+
+        if command == "start":
+            return lifecycle.run_start(
+                ctx, timeout=args.timeout, log_file=args.log_file, find_supervisor=find_supervisor
+            )
+        return lifecycle.run_stop(ctx, timeout=args.timeout, find_supervisor=find_supervisor)
+    from pensievectl import configcmds
+
+    if command == "validate":
+        return configcmds.run_validate(ctx, args.file)
+    if command == "reload":
+        return configcmds.run_reload(ctx, wait=args.wait, timeout=args.timeout)
+    if command == "config":
+        if args.config_command == "show":
+            return configcmds.run_config_show(ctx, args.json)
+        return configcmds.run_config_generate(ctx, args.output, args.force)
+    if command == "service":
+        from pensievectl import service
+
+        return int(service.run(args))
+    raise AssertionError(f"unhandled command {command}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    ctx = Context(config_arg=args.config, socket_arg=args.socket)
+    try:
+        return int(dispatch(args, ctx))
+    except CtlError as exc:
+        print(f"pensievectl: {exc}", file=sys.stderr)
+        return int(exit_status_for(exc))
+    except KeyboardInterrupt:
+        return int(ExitStatus.FAILURE)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,181 @@
+"""`validate`, `reload`, `config show` and `config generate`.
+
+Validation uses `pensieved.config.load_config_file`, the daemon's own validator; it is
+imported only here, so commands that do not validate never pay for pydantic.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from pensievectl.context import Context
+from pensievectl.errors import (
+    CtlError,
+    InvalidConfigError,
+    OutputExistsError,
+    ReloadFailedError,
+)
+from pensieved.control.sockets import probe
+
+
+def _show(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+_ACTIONS = {
+    "live": "applied at once",
+    "rebind": "new listener opened before the old one closes",
+    "model": "model loaded in the background, then switched",
+    "restart": "takes effect at the next start",
+}
+
+
+def format_changes(changes: list[dict[str, Any]]) -> list[str]:
+    return [
+        f"  {c['key']}: {_show(c['old'])} -> {_show(c['new'])}  ({_ACTIONS.get(c['action'], '')})"
+        for c in changes
+    ]
+
+
+def run_validate(ctx: Context, file: str | None) -> int:
+    from pensieved.config import load_config_file
+    from pensieved.errors import ConfigError
+
+    path = Path(file).expanduser().absolute() if file else ctx.config_path
+    missing_ok = file is None and ctx.config_may_be_missing
+    if missing_ok and not path.exists():
+        ctx.say(f"no config file at {path}: pensieved uses the defaults (that is valid)")
+    try:
+        load_config_file(path, missing_ok=missing_ok)
+    except ConfigError as exc:
+        raise InvalidConfigError(str(exc)) from None
+    if path.exists():
+        ctx.say(f"{path} is valid")
+    if probe(ctx.socket_path) != "live" or not path.exists():
+        return 0
+    try:
+        reply = ctx.client().validate(path)
+    except CtlError as exc:
+        ctx.note(f"(could not ask the running pensieved what would change: {exc})")
+        return 0
+    if not reply["valid"]:
+        # The daemon's flags apply on top of the file there and can make it invalid.
+        issues = "\n".join(f"  {i['path']}: {i['message']}" for i in reply["issues"])
+        raise InvalidConfigError(
+            f"with the running daemon's command-line flags on top, {reply['source']} is "
+            f"invalid:\n{issues}"
+        )
+    if reply["changes"]:
+        ctx.say("loading it into the running pensieved would change:")
+        for line in format_changes(reply["changes"]):
+            ctx.say(line)
+    else:
+        ctx.say("it matches the running pensieved's config: loading it changes nothing")
+    return 0
+
+
+def run_reload(ctx: Context, *, wait: bool, timeout: float) -> int:
+    client = ctx.client()
+    result = client.reload()
+    if not result["ok"]:
+        raise ReloadFailedError(
+            f"reload failed; pensieved keeps its running config:\n{result['error']}"
+        )
+    if result["changes"]:
+        ctx.say("reloaded: applied")
+        for line in format_changes(result["changes"]):
+            ctx.say(line)
+    else:
+        ctx.say("reloaded: nothing changed")
+    if not result.get("model_loading"):
+        return 0
+    if not wait:
+        ctx.say("the new model is loading in the background; the old one serves until then")
+        return 0
+    ctx.note("loading the new model; the old one keeps serving meanwhile...")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = client.status()
+        if not status.get("model_loading"):
+            last = status.get("last_reload") or {}
+            if last.get("ok") is False:
+                raise ReloadFailedError(f"the new model did not load: {last.get('error')}")
+            model = status.get("model") or {}
+            ctx.say(f"now serving {model.get('name')} ({model.get('path')})")
+            return 0
+        time.sleep(0.2)
+    ctx.say(f"the model is still loading after {timeout:g} s; check `pensievectl status`")
+    return 0
+
+
+def _sources(raw: Any, overrides: dict[str, Any], defaults: dict[str, Any]) -> dict[str, str]:
+    sources: dict[str, str] = {}
+    for section, values in defaults.items():
+        in_file = raw.get(section) if isinstance(raw, dict) else None
+        for key in values:
+            dotted = f"{section}.{key}"
+            if dotted in overrides:
+                sources[dotted] = "flag"
+            elif isinstance(in_file, dict) and key in in_file:
+                sources[dotted] = "file"
+            else:
+                sources[dotted] = "default"
+    return sources
+
+
+def run_config_show(ctx: Context, as_json: bool) -> int:
+    from pensieved.config import Config, apply_overrides, load_config_file
+    from pensieved.errors import ConfigError
+
+    path = ctx.config_path
+    overrides: dict[str, Any] = {}
+    if ctx.socket_arg:
+        overrides["server.socket_path"] = str(Path(ctx.socket_arg).expanduser())
+    try:
+        config = load_config_file(path, missing_ok=ctx.config_may_be_missing)
+        if overrides:
+            config = apply_overrides(config, overrides)
+    except ConfigError as exc:
+        raise InvalidConfigError(str(exc)) from None
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except OSError:
+        raw = {}
+    effective = config.model_dump()
+    sources = _sources(raw, overrides, Config().model_dump())
+    if as_json:
+        payload = {
+            "config_file": str(path),
+            "values": effective,
+            "sources": sources,
+        }
+        ctx.say(json.dumps(payload, indent=2))
+        return 0
+    exists = "" if path.exists() else " (absent: defaults)"
+    ctx.say(f"# effective config from {path}{exists}; source in brackets")
+    for section, values in effective.items():
+        fields = type(getattr(config, section)).model_fields
+        for key, value in values.items():
+            dotted = f"{section}.{key}"
+            description = fields[key].description or ""
+            ctx.say(f"{dotted} = {_show(value)}  [{sources[dotted]}]  # {description}")
+    return 0
+
+
+def run_config_generate(ctx: Context, output: str | None, force: bool) -> int:
+    from pensieved.config import default_config_json
+
+    text = default_config_json()
+    if output is None:
+        ctx.out.write(text)
+        return 0
+    path = Path(output).expanduser()
+    if path.exists() and not force:
+        raise OutputExistsError(f"{path} already exists: choose another path or pass --force")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    ctx.note(f"wrote the default config to {path}; `pensievectl config show` explains each key")
+    return 0

@@ -1,0 +1,124 @@
+"""The control API's JSON shapes (daemon side). `pensievectl` reads them as plain JSON.
+
+Field names here are a contract with `pensievectl` and with scripts using `status --json`:
+add fields freely, never rename or remove one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ChangeAction = Literal["live", "rebind", "model", "restart"]
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Change(_Wire):
+    key: str = Field(description="Dotted config key, e.g. `logging.level`.")
+    old: Any = Field(description="The running value.")
+    new: Any = Field(description="The value in the file.")
+    action: ChangeAction = Field(
+        description="How it is applied: `live` at once, `rebind` a new listener before the old "
+        "one closes, `model` a background model load, `restart` only at the next start."
+    )
+
+
+class ReloadResult(_Wire):
+    time: float = Field(description="Unix time when the reload ran.")
+    trigger: str = Field(description="What asked for it: `watch`, `sighup`, `control`, `model`.")
+    ok: bool = Field(description="False: nothing (or, for a model load, not the model) changed.")
+    error: str | None = Field(None, description="Why the reload failed, for the user.")
+    changes: list[Change] = Field(default_factory=list, description="What differed.")
+    model_loading: bool = Field(
+        False, description="A new model is loading in the background; the old one still serves."
+    )
+
+
+class Issue(_Wire):
+    path: str = Field(description="Dotted key path of the problem, or `(json)` / `(file)`.")
+    message: str = Field(description="What is wrong with it.")
+
+
+class ValidateRequest(_Wire):
+    path: str = Field(description="Absolute path of the config file to validate.")
+
+
+class ValidateResponse(_Wire):
+    valid: bool = Field(description="The file passes the daemon's validator.")
+    source: str = Field(description="The file that was validated.")
+    issues: list[Issue] = Field(default_factory=list, description="Every problem found.")
+    changes: list[Change] = Field(
+        default_factory=list, description="What loading it would change in the running daemon."
+    )
+
+
+class HttpStatus(_Wire):
+    host: str = Field(description="Configured listen address.")
+    port: int = Field(description="Bound port (the real one when the config says 0).")
+    url: str | None = Field(description="Base URL of the Messages API, null if not listening.")
+    error: str | None = Field(None, description="Why the HTTP listener is not up.")
+
+
+class ModelStatus(_Wire):
+    name: str = Field(description="Model name from the GGUF metadata.")
+    path: str = Field(description="The GGUF file.")
+    size_bytes: int = Field(description="File size.")
+    context_size: int = Field(description="Context window in tokens.")
+    gpu_layers: int = Field(description="Layers offloaded to the GPU (-1 all).")
+    threads: int = Field(description="CPU threads used.")
+    slots: int = Field(description="KV-cache slots.")
+
+
+class ProcessStatus(_Wire):
+    rss_bytes: int = Field(description="Resident memory.")
+    cpu_percent: float = Field(description="CPU use since the previous status call (or start).")
+    cpu_time_s: float = Field(description="User plus system CPU time since start.")
+    threads: int = Field(description="OS threads.")
+
+
+class RequestStatus(_Wire):
+    served: int = Field(description="Requests finished since start.")
+    in_flight: int = Field(description="Requests admitted and not finished (running + queued).")
+    running: int = Field(description="Generations running on a KV slot.")
+    queued: int = Field(description="Generations waiting for a slot.")
+    tokens_generated: int = Field(description="Output tokens since start.")
+    prompt_tokens: int = Field(description="Prompt tokens since start.")
+    cache_read_tokens: int = Field(description="Prompt tokens reused from the KV cache.")
+
+
+class StatusResponse(_Wire):
+    pid: int = Field(description="The daemon's process id.")
+    version: str = Field(description="pensieved version.")
+    started_at: float = Field(description="Unix time the daemon started.")
+    uptime_s: float = Field(description="Seconds since start.")
+    state: str = Field(
+        description="`ready`, `loading`, `no_model`, or `error` (degraded: see `error`)."
+    )
+    error: str | None = Field(description="Why the daemon is not serving, if it is not.")
+    config_file: str = Field(description="The config file the daemon reads and watches.")
+    config_error: str | None = Field(
+        description="The config file is invalid; the daemon runs on the last good (or default) "
+        "config until it is fixed."
+    )
+    socket_path: str = Field(description="This control socket.")
+    log_file: str | None = Field(description="`logging.file`, if set (stderr is always used).")
+    http: HttpStatus
+    model: ModelStatus | None = Field(description="The default model, once loaded.")
+    model_loading: str | None = Field(description="A model file being loaded in the background.")
+    aliases: dict[str, str] = Field(description="`model.aliases` in effect.")
+    process: ProcessStatus
+    requests: RequestStatus
+    last_reload: ReloadResult | None = Field(description="The most recent reload, if any.")
+
+
+class StopResponse(_Wire):
+    pid: int = Field(description="The process that is stopping.")
+    drain_timeout_ms: int = Field(description="How long in-flight requests may still run.")
+
+
+class ErrorResponse(_Wire):
+    error: str = Field(description="What went wrong and what to do.")
