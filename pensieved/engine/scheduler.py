@@ -1,9 +1,13 @@
 """Slots, queueing and the bridge between worker threads and the event loop.
 
 Each request gets the free slot whose KV cache shares the longest prefix with its prompt (only
-the new suffix is evaluated), else the least recently used free slot. Requests that find no
-free slot wait in FIFO order. Generation runs on a worker thread; its events reach the event
-loop through a thread-safe hand-off, so the loop never blocks on llama.cpp.
+the new suffix is evaluated) when that reuses at least as much as it throws away. Otherwise it
+takes an empty slot, else evicts the free slot that is cheapest to lose: GreedyDual-Size, where
+a slot's value is its cached token count (what re-reading it would cost) plus an inflation
+that grows with every eviction, so long conversations survive a stream of short side requests
+while stale caches still age out. Requests that find no free slot wait in FIFO order.
+Generation runs on a worker thread; its events reach the event loop through a thread-safe
+hand-off, so the loop never blocks on llama.cpp.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 from pensieved.engine.generate import Cancelled, Slot, run_generation
@@ -25,12 +29,26 @@ from pensieved.errors import PensieveError, RequestTimeoutError
 log = logging.getLogger("pensieved.engine")
 
 
-def choose_slot(free: list[Slot], tokens: tuple[int, ...]) -> Slot:
-    """Longest shared prefix wins; ties and misses go to the least recently used slot."""
-    best = max(free, key=lambda slot: (slot.shared_prefix(tokens), -slot.last_used))
-    if best.shared_prefix(tokens) == 0:
-        best = min(free, key=lambda slot: slot.last_used)
-    return best
+def choose_slot(
+    free: list[Slot], tokens: tuple[int, ...], value: Mapping[int, float] | None = None
+) -> Slot:
+    """The slot to run `tokens` on; `value` maps slot index to its eviction priority.
+
+    The longest shared prefix wins when it reuses at least as many tokens as it discards: a
+    chat template's common header (a handful of tokens) must not make a short side request
+    overwrite a long conversation. Otherwise an empty slot, else the lowest `value` (least
+    recently used when no values are given, or on ties).
+    """
+    shared = {slot.index: slot.shared_prefix(tokens) for slot in free}
+    best = max(free, key=lambda slot: (shared[slot.index], -slot.last_used))
+    reused = shared[best.index]
+    if reused > 0 and reused >= len(best.llm._input_ids) - reused:
+        return best
+    empty = [slot for slot in free if len(slot.llm._input_ids) == 0]
+    if empty:
+        return min(empty, key=lambda slot: slot.last_used)
+    values = value or {}
+    return min(free, key=lambda slot: (values.get(slot.index, 0.0), slot.last_used))
 
 
 class Scheduler:
@@ -44,6 +62,9 @@ class Scheduler:
         self.running = 0
         self._promised = 0
         self._active: set[tuple[threading.Event, asyncio.Queue[Event]]] = set()
+        # GreedyDual-Size state: each slot's value, and the inflation that ages them all.
+        self._value: dict[int, float] = {}
+        self._inflation = 0.0
 
     @property
     def queued(self) -> int:
@@ -69,7 +90,10 @@ class Scheduler:
                         self._waiters.remove(waiter)
                 raise
             self._promised -= 1
-        slot = choose_slot(self._free_slots(), tokens)
+        slot = choose_slot(self._free_slots(), tokens, self._value)
+        if slot.shared_prefix(tokens) < len(slot.llm._input_ids):
+            # Part of this slot's cache is overwritten: an eviction, which ages every other slot.
+            self._inflation = max(self._inflation, self._value.get(slot.index, 0.0))
         slot.busy = True
         self.running += 1
         return slot
@@ -85,6 +109,7 @@ class Scheduler:
     def _release(self, slot: Slot) -> None:
         slot.busy = False
         slot.last_used = time.monotonic()
+        self._value[slot.index] = self._inflation + len(slot.llm._input_ids)
         self.running -= 1
         self._wake_next()
 
