@@ -2,8 +2,8 @@
 
 argparse-manpage renders every subcommand and flag; the sections argparse knows nothing about
 (FILES, SIGNALS, EXIT STATUS, ENVIRONMENT, SEE ALSO) are added here. Exit statuses come from
-the programs' own IntEnums, so a new code without a description here fails the generation
-instead of going undocumented.
+the programs' own IntEnums (pensieved.daemon.ExitCode, pensievectl.errors.ExitStatus), so a new
+code without a description here fails the generation instead of going undocumented.
 
     python packaging/gen_man.py            # rewrite man/*
     python packaging/gen_man.py --check    # exit 1 if a committed page is stale
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import enum
-import importlib
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -119,13 +118,24 @@ PENSIEVED_EXIT_DOCS = {
     "OK": "Stopped cleanly after SIGTERM, SIGINT or `pensievectl stop`. launchd and systemd "
     "do not restart a clean exit.",
     "FAILURE": "An unexpected error; service managers restart the daemon after it.",
-    "CONFIG": "The config file or a command-line flag is invalid at start (also argparse's "
-    "usage errors).",
+    "CONFIG": "A command-line flag is invalid (also argparse's usage errors). A broken config "
+    "file does not stop the daemon: it runs degraded, answers 503 with the reason, and "
+    "recovers when the file is fixed.",
     "ALREADY_RUNNING": "Another pensieved already owns the control socket.",
     "LISTEN": "The HTTP address cannot be bound (the port is in use or not permitted).",
+    "SOCKET": "The control socket cannot be created (the path is too long, or its directory "
+    "belongs to someone else).",
 }
 
-PENSIEVECTL_EXTRA_EXIT_DOCS: dict[str, str] = {}
+PENSIEVECTL_EXIT_DOCS = {
+    "OK": "Success; for `status`, pensieved is running.",
+    "FAILURE": "The command failed; for `validate`, the config file is invalid.",
+    "USAGE": "Bad command line.",
+    "NOT_RUNNING": "pensieved is not running: no socket, or a stale one left by a killed "
+    "daemon (LSB status code 3).",
+    "UNKNOWN": "The state cannot be told: permission denied on the socket, another user's "
+    "socket, or no answer (LSB status code 4).",
+}
 
 
 def exit_status(codes: type[enum.IntEnum], docs: dict[str, str]) -> str:
@@ -170,47 +180,20 @@ def _pensieved_sections() -> list[tuple[str, str]]:
 
 
 def _pensievectl_parser() -> argparse.ArgumentParser:
-    cli = importlib.import_module("pensievectl.cli")
-    parser: argparse.ArgumentParser = cli.build_parser()
-    return parser
+    from pensievectl.cli import build_parser
 
-
-def _pensievectl_exit_codes() -> type[enum.IntEnum] | None:
-    """The IntEnum pensievectl's commands return, wherever the CLI module gets it from."""
-    cli = importlib.import_module("pensievectl.cli")
-    for value in vars(cli).values():
-        if (
-            isinstance(value, type)
-            and issubclass(value, enum.IntEnum)
-            and value is not enum.IntEnum
-            and value.__module__.startswith("pensievectl")
-        ):
-            return value
-    return None
+    return build_parser()
 
 
 def _pensievectl_sections() -> list[tuple[str, str]]:
-    sections = []
-    codes = _pensievectl_exit_codes()
-    if codes is not None:
-        docs = {code.name: _describe(code) for code in codes}
-        docs.update(PENSIEVECTL_EXTRA_EXIT_DOCS)
-        sections.append(("EXIT STATUS", exit_status(codes, docs)))
-    sections += [
+    from pensievectl.errors import ExitStatus
+
+    return [
+        ("EXIT STATUS", exit_status(ExitStatus, PENSIEVECTL_EXIT_DOCS)),
         ("ENVIRONMENT", ENVIRONMENT),
         ("FILES", FILES),
         ("SEE ALSO", "pensieved(8), launchctl(1), systemctl(1), brew(1)"),
     ]
-    return sections
-
-
-def _describe(code: enum.IntEnum) -> str:
-    # The enum's own member docs (a `description` attribute or docstring) if it has them,
-    # else the member name in words.
-    text = getattr(code, "description", None) or ""
-    if not text:
-        text = code.name.replace("_", " ").lower()
-    return str(text)
 
 
 PAGES = [
@@ -235,6 +218,9 @@ def render(page: Page) -> str:
     from pensieved import __version__
 
     parser = page.parser()
+    # The --help epilog (exit codes, files) would come out as a COMMENTS section repeating
+    # the EXIT STATUS and FILES sections added below.
+    parser.epilog = None
     man = Manpage(
         parser,
         _data={

@@ -405,6 +405,8 @@ def add_subparser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser
 
 
 def run(args: argparse.Namespace, ctx: Context | None = None) -> int:
+    from pensievectl.errors import ExitStatus
+
     ctx = ctx or Context()
     try:
         if args.service_command == "install":
@@ -413,5 +415,5 @@ def run(args: argparse.Namespace, ctx: Context | None = None) -> int:
             uninstall(ctx, args.dry_run)
     except ServiceError as exc:
         ctx.err.write(f"pensievectl service {args.service_command}: {exc}\n")
-        return 1
-    return 0
+        return ExitStatus.FAILURE
+    return ExitStatus.OK

@@ -1,0 +1,351 @@
+"""Packaging: the Homebrew formula, its generated resources, and the man pages.
+
+Tools these tests shell out to (ruby, man) are installed by `make packaging-deps`, which
+`make test` runs first; a test that cannot find one skips and says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from packaging.requirements import Requirement
+
+from pensieved import __version__
+from pensieved.config import Config, load_config_file
+
+REPO = Path(__file__).resolve().parents[1]
+FORMULA_PATH = REPO / "packaging" / "homebrew" / "pensieve.rb"
+FORMULA = FORMULA_PATH.read_text()
+BIN = Path(sys.executable).parent
+LCP_SDIST = Path("/tmp/lcp/llama_cpp_python-0.3.36.tar.gz")
+
+
+def load_script(name: str) -> Any:
+    spec = importlib.util.spec_from_file_location(name, REPO / "packaging" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+update_resources = load_script("update_resources")
+gen_man = load_script("gen_man")
+
+
+def ruby_block(source: str, opener: str) -> str:
+    """The text of a `... do` block up to its matching `end`, found by indentation."""
+    match = re.search(rf"^(?P<indent> *){re.escape(opener)}\n", source, re.M)
+    assert match, f"no `{opener}` in the formula"
+    indent = match.group("indent")
+    end = re.compile(rf"^{indent}end$", re.M).search(source, match.end())
+    assert end, f"`{opener}` is not closed"
+    return source[match.end() : end.start()]
+
+
+def heredoc(block: str) -> str:
+    match = re.search(r"<<~JSON\n(.*?)^\s*JSON$", block, re.S | re.M)
+    assert match, "no <<~JSON heredoc"
+    lines = match.group(1).splitlines()
+    margin = min(len(line) - len(line.lstrip()) for line in lines if line.strip())
+    return "\n".join(line[margin:] for line in lines) + "\n"
+
+
+# ---- the formula --------------------------------------------------------------------------------
+
+
+def test_formula_parses_with_ruby() -> None:
+    ruby = shutil.which("ruby")
+    if ruby is None:
+        pytest.skip("ruby is not installed (`make packaging-deps` installs Debian's ruby)")
+    done = subprocess.run(
+        [ruby, "-c", str(FORMULA_PATH)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "Syntax OK"
+    assert done.stderr == "", done.stderr  # no warnings either
+
+
+def test_formula_is_a_python_application() -> None:
+    assert "include Language::Python::Virtualenv" in FORMULA
+    assert re.search(r'^  depends_on "python@3\.1[2-9]"$', FORMULA, re.M)
+    assert re.search(r'^  depends_on "cmake" => :build\b', FORMULA, re.M)
+    assert "virtualenv_install_with_resources" in ruby_block(FORMULA, "def install")
+    assert re.search(r'^  license "MIT"$', FORMULA, re.M)
+
+
+def code_lines(block: str) -> str:
+    return "\n".join(line for line in block.splitlines() if not line.strip().startswith("#"))
+
+
+def test_formula_service_block() -> None:
+    service = code_lines(ruby_block(FORMULA, "service do"))
+    assert re.search(
+        r'run \[opt_bin/"pensieved", "--config", etc/"pensieve/config\.json"\]', service
+    )
+    # A clean exit (pensievectl stop) must not be restarted: never `keep_alive true`.
+    assert "keep_alive true" not in service
+    assert "keep_alive successful_exit: false" in service
+    assert "process_type :interactive" in service
+    assert re.search(r'log_path var/"log/pensieve\.log"', service)
+    assert re.search(r'error_log_path var/"log/pensieve\.log"', service)
+    assert re.search(r"working_dir var/", service)
+
+
+def test_post_install_config_is_valid_and_never_overwrites() -> None:
+    post_install = ruby_block(FORMULA, "def post_install")
+    assert "return if config.exist?" in post_install
+    assert post_install.index("return if config.exist?") < post_install.index("config.write")
+    config = Config.model_validate(json.loads(heredoc(post_install)))
+    # launchd's default ExitTimeOut is 20 s; the drain plus 5 s to end the rest must fit.
+    assert config.server.drain_timeout_ms / 1000 + 5 < 20
+    assert config.server.host == "127.0.0.1"
+
+
+def test_formula_test_config_is_valid(tmp_path: Path) -> None:
+    text = heredoc(ruby_block(FORMULA, "test do"))
+    text = text.replace("#{port}", "8123").replace("#{socket}", str(tmp_path / "ctl.sock"))
+    path = tmp_path / "config.json"
+    path.write_text(text)
+    config = load_config_file(path, missing_ok=False)
+    assert config.server.port == 8123
+
+
+def runtime_closure() -> dict[str, str]:
+    """{name: version} of everything pensieve needs at run time, from this environment."""
+    found: dict[str, str] = {}
+    pending = [Requirement(r) for r in update_resources.runtime_requirements()]
+    while pending:
+        req = pending.pop()
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            continue
+        name = update_resources.normalize(req.name)
+        if name in found:
+            continue
+        dist = importlib.metadata.distribution(req.name)
+        found[name] = dist.version
+        pending += [Requirement(r) for r in dist.requires or []]
+    return found
+
+
+def test_resources_are_the_locked_set() -> None:
+    resources = update_resources.parse_resources(FORMULA)
+    closure = runtime_closure()
+    expected = {n: v for n, v in closure.items() if n not in update_resources.HOMEBREW_FORMULAE}
+    assert set(resources) == set(expected)
+    for name, (url, sha256) in resources.items():
+        assert url.startswith("https://files.pythonhosted.org/packages/"), url
+        assert url.endswith(f"-{expected[name]}.tar.gz"), (name, url, expected[name])
+        assert re.fullmatch(r"[0-9a-f]{64}", sha256)
+    for formula in update_resources.HOMEBREW_FORMULAE.values():
+        assert f'depends_on "{formula}"' in FORMULA
+
+
+def test_llama_cpp_python_sha256_matches_the_sdist() -> None:
+    if not LCP_SDIST.exists():
+        pytest.skip(f"{LCP_SDIST} is not on this machine")
+    _, sha256 = update_resources.parse_resources(FORMULA)["llama-cpp-python"]
+    assert sha256 == hashlib.sha256(LCP_SDIST.read_bytes()).hexdigest()
+
+
+def test_sdist_is_picked_from_an_index_page() -> None:
+    page = {
+        "files": [
+            {"filename": "MarkupSafe-3.0.4-cp311-none-any.whl", "url": "w", "hashes": {}},
+            {"filename": "MarkupSafe-3.0.3.tar.gz", "url": "old", "hashes": {"sha256": "0"}},
+            {"filename": "markupsafe-3.0.4.tar.gz", "url": "new", "hashes": {"sha256": "1"}},
+        ]
+    }
+    resource = update_resources.sdist_from_index_page("MarkupSafe", "3.0.4", page)
+    assert (resource.name, resource.url, resource.sha256) == ("markupsafe", "new", "1")
+    with pytest.raises(LookupError, match="no sdist"):
+        update_resources.sdist_from_index_page("MarkupSafe", "9.9", page)
+
+
+def test_replace_resources_round_trips() -> None:
+    resources = [
+        update_resources.Resource(name, "1", f"https://x/{name}-1.tar.gz", "a" * 64)
+        for name in ("b", "a")
+    ]
+    updated = update_resources.replace_resources(FORMULA, sorted(resources))
+    assert list(update_resources.parse_resources(updated)) == ["a", "b"]
+    # Regenerating with what is there changes nothing.
+    current = [
+        update_resources.Resource(name, "", url, sha)
+        for name, (url, sha) in update_resources.parse_resources(FORMULA).items()
+    ]
+    assert update_resources.replace_resources(FORMULA, current) == FORMULA
+
+
+def test_locked_set_from_pip_report() -> None:
+    report = {"install": [{"metadata": {"name": "Jinja2", "version": "3.1.6"}}]}
+    assert update_resources.locked_set_from_report(report) == {"jinja2": "3.1.6"}
+
+
+# ---- man pages --------------------------------------------------------------------------------
+
+
+def pages() -> list[Any]:
+    return list(gen_man.PAGES)
+
+
+def require_parser(page: Any) -> None:
+    if page.name == "pensievectl" and importlib.util.find_spec("pensievectl.cli") is None:
+        pytest.skip("pensievectl/cli.py (issue 3) does not exist yet")
+
+
+@pytest.mark.parametrize("page", pages(), ids=lambda p: p.name)
+def test_committed_man_page_is_fresh(page: Any) -> None:
+    require_parser(page)
+    assert page.path.exists(), f"{page.path} is missing: run `make man`"
+    assert page.path.read_text() == gen_man.render(page), f"{page.path} is stale: `make man`"
+
+
+def all_option_strings(parser: argparse.ArgumentParser) -> tuple[set[str], set[str]]:
+    """Every long flag and every subcommand name, recursively."""
+    flags: set[str] = set()
+    commands: set[str] = set()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                commands.add(name)
+                sub_flags, sub_commands = all_option_strings(sub)
+                flags |= sub_flags
+                commands |= sub_commands
+        elif action.help != argparse.SUPPRESS:
+            flags |= {s for s in action.option_strings if s.startswith("--")}
+    return flags, commands
+
+
+@pytest.mark.parametrize("page", pages(), ids=lambda p: p.name)
+def test_man_page_documents_everything(page: Any) -> None:
+    require_parser(page)
+    text = page.path.read_text()
+    flags, commands = all_option_strings(page.parser())
+    for flag in flags - {"--help"}:
+        assert flag.replace("-", "\\-") in text, f"{flag} is not in {page.path.name}"
+    for command in commands:
+        assert re.search(rf"\b{re.escape(command)}\b", text), f"`{command}` missing"
+    for section in ("SYNOPSIS", "FILES", "EXIT STATUS", "SEE ALSO"):
+        assert f".SH {section}" in text
+    if page.name == "pensieved":
+        assert ".SH SIGNALS" in text
+        for sig in ("SIGTERM", "SIGHUP"):
+            assert sig in text
+    assert "config.json" in text and "pensieved.sock" in text
+
+
+@pytest.mark.parametrize("page", pages(), ids=lambda p: p.name)
+def test_man_renders_without_warnings(page: Any) -> None:
+    require_parser(page)
+    man = shutil.which("man")
+    if man is None or shutil.which("nroff") is None:
+        pytest.skip("man/groff are not installed (`make packaging-deps` installs them)")
+    env = {**os.environ, "MANWIDTH": "80", "MANPAGER": "cat", "PAGER": "cat", "LC_ALL": "C"}
+    done = subprocess.run(
+        [man, "--warnings", "-l", str(page.path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == "", done.stderr
+    assert page.name.upper() in done.stdout and "EXIT STATUS" in done.stdout
+
+
+def test_gen_man_refuses_undocumented_exit_codes() -> None:
+    class Codes(enum.IntEnum):
+        OK = 0
+        NEW = 9
+
+    with pytest.raises(SystemExit, match="NEW"):
+        gen_man.exit_status(Codes, {"OK": "fine"})
+
+
+# ---- the formula's `test do`, by hand against the installed package ---------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def get_health(port: int) -> dict[str, Any] | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
+            body = response.read()
+    except urllib.error.HTTPError as exc:  # 503 while no model is ready still has the body
+        body = exc.read()
+    except OSError:
+        return None
+    data: dict[str, Any] = json.loads(body)
+    return data
+
+
+def test_formula_test_procedure_by_hand(tmp_path: Path) -> None:
+    """The steps of the formula's `test do`, with its own config, against this install."""
+    pensieved, pensievectl = BIN / "pensieved", BIN / "pensievectl"
+    if not pensievectl.exists():
+        pytest.skip("pensievectl (issue 3) is not installed in this environment yet")
+    port = free_port()
+    # Homebrew's testpath is short; pytest's tmp_path can exceed the 103-byte socket limit.
+    socket_path = Path(tempfile.mkdtemp(prefix="pv-brew-", dir="/tmp")) / "ctl.sock"
+    config = heredoc(ruby_block(FORMULA, "test do"))
+    config = config.replace("#{port}", str(port)).replace("#{socket}", str(socket_path))
+    assert "#{" not in config, "the test config interpolates something this test does not know"
+    (tmp_path / "config.json").write_text(config)
+    log = (tmp_path / "pensieved.log").open("wb")
+    proc = subprocess.Popen(
+        [str(pensieved), "--config", str(tmp_path / "config.json")],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        health = None
+        deadline = time.monotonic() + 60
+        while health is None and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+            health = get_health(port)
+        log_text = (tmp_path / "pensieved.log").read_text(errors="replace")
+        assert health is not None, f"no /health answer:\n{log_text}"
+        assert health["version"] == __version__
+
+        ctl = [str(pensievectl), "--socket", str(socket_path)]
+        status = subprocess.run(
+            [*ctl, "status", "--json"], capture_output=True, text=True, timeout=30
+        )
+        assert status.returncode == 0, status.stderr
+        assert json.loads(status.stdout)["pid"] == proc.pid
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        assert not socket_path.exists()
+        stopped = subprocess.run([*ctl, "status"], capture_output=True, text=True, timeout=30)
+        assert stopped.returncode == 3, stopped.stdout + stopped.stderr
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+        shutil.rmtree(socket_path.parent, ignore_errors=True)

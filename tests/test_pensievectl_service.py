@@ -1,0 +1,389 @@
+"""`pensievectl service install|uninstall`: the files it writes and the commands it runs.
+
+The macOS path runs here on Linux through a fake runner: what matters is the plist launchd
+would read and the launchctl calls, both of which are plain data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import plistlib
+import shutil
+import stat
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from pensievectl import service
+from pensievectl.service import Context, RunResult, ServicePaths
+from pensieved.config import Config, load_config_file
+
+REPO = Path(__file__).resolve().parents[1]
+UID = 501
+DRAIN_S = Config().server.drain_timeout_ms / 1000
+# After the drain the daemon gives unfinished requests up to 5 s more to end (daemon._drain).
+WORST_CASE_STOP_S = DRAIN_S + 5
+
+
+class FakeRunner:
+    """Records commands; `launchctl print` reports the job as loaded or not."""
+
+    def __init__(self, loaded: bool = False, fail: str | None = None) -> None:
+        self.loaded = loaded
+        self.fail = fail
+        self.calls: list[list[str]] = []
+
+    def __call__(self, argv: Sequence[str]) -> RunResult:
+        argv = list(argv)
+        self.calls.append(argv)
+        if self.fail and self.fail in argv:
+            return RunResult(5, "", "Bootstrap failed: 5: Input/output error")
+        if argv[:2] == ["launchctl", "print"]:
+            return RunResult(0 if self.loaded else 113, "", "")
+        return RunResult(0)
+
+    def mutating(self) -> list[list[str]]:
+        return [c for c in self.calls if c[:2] != ["launchctl", "print"]]
+
+
+def make_program(tmp_path: Path) -> Path:
+    program = tmp_path / "venv dir" / "bin" / "pensieved"
+    program.parent.mkdir(parents=True)
+    program.write_text("#!/bin/sh\n")
+    program.chmod(program.stat().st_mode | stat.S_IXUSR)
+    return program
+
+
+def make_ctx(tmp_path: Path, platform: str, runner: FakeRunner) -> Context:
+    home = tmp_path / "home"
+    home.mkdir()
+    program = make_program(tmp_path)
+    if platform == "darwin":
+        config = home / "Library" / "Application Support" / "pensieve" / "config.json"
+    else:
+        config = home / ".config" / "pensieve" / "config.json"
+    return Context(
+        platform=platform,
+        home=home,
+        uid=UID,
+        env={},
+        runner=runner,
+        find_program=lambda: program,
+        default_config=lambda: config,
+        out=io.StringIO(),
+        err=io.StringIO(),
+    )
+
+
+def sample_paths(root: Path) -> ServicePaths:
+    return ServicePaths(
+        program=root / "bin" / "pensieved",
+        config=root / "Application Support" / "pensieve" / "config.json",
+        working_dir=root,
+        log=root / "Library" / "Logs" / "pensieve" / "pensieved.log",
+    )
+
+
+# ---- rendering ------------------------------------------------------------------------------
+
+
+def test_plist_has_the_required_keys(tmp_path: Path) -> None:
+    paths = sample_paths(tmp_path)
+    plist = plistlib.loads(service.render_plist(paths).encode())
+    assert plist["Label"] == "dev.pensieve.pensieved"
+    assert plist["ProgramArguments"] == [str(paths.program), "--config", str(paths.config)]
+    assert plist["RunAtLoad"] is True
+    # A clean exit (pensievectl stop) must stay stopped; a crash or error exit is restarted.
+    assert plist["KeepAlive"] == {"SuccessfulExit": False}
+    assert plist["ThrottleInterval"] >= 5
+    assert plist["ExitTimeOut"] > WORST_CASE_STOP_S
+    assert plist["ProcessType"] == "Interactive"
+    assert plist["WorkingDirectory"] == str(paths.working_dir)
+    assert plist["StandardOutPath"] == plist["StandardErrorPath"] == str(paths.log)
+    for key in ("WorkingDirectory", "StandardOutPath", "StandardErrorPath"):
+        assert Path(plist[key]).is_absolute()
+    assert all(Path(a).is_absolute() for a in plist["ProgramArguments"] if a != "--config")
+
+
+def test_plist_escapes_xml_in_paths(tmp_path: Path) -> None:
+    paths = sample_paths(tmp_path / "R&D <models> \"x\" 'y'")
+    plist = plistlib.loads(service.render_plist(paths).encode())
+    assert plist["ProgramArguments"][0] == str(paths.program)
+    assert plist["StandardErrorPath"] == str(paths.log)
+
+
+def test_relative_paths_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="absolute"):
+        ServicePaths(
+            program=Path("bin/pensieved"),
+            config=tmp_path / "c.json",
+            working_dir=tmp_path,
+            log=tmp_path / "l.log",
+        )
+
+
+def parse_unit(text: str) -> dict[str, dict[str, list[str]]]:
+    """A strict reading of a unit file: sections, and every key's values in order."""
+    sections: dict[str, dict[str, list[str]]] = {}
+    current: dict[str, list[str]] | None = None
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1], {})
+            continue
+        assert current is not None, f"setting outside a section: {line!r}"
+        key, sep, value = line.partition("=")
+        assert sep, f"not a key=value line: {line!r}"
+        current.setdefault(key, []).append(value)
+    return sections
+
+
+def test_systemd_unit_is_well_formed(tmp_path: Path) -> None:
+    paths = sample_paths(tmp_path)
+    unit = parse_unit(service.render_systemd_unit(paths))
+    assert set(unit) == {"Unit", "Service", "Install"}
+    svc = unit["Service"]
+    assert svc["Type"] == ["simple"]  # pensieved never forks
+    exec_start = svc["ExecStart"][0]
+    assert exec_start.startswith(str(paths.program))
+    # The config path has a space: it must arrive as one quoted word.
+    assert exec_start.endswith(f'--config "{paths.config}"')
+    assert svc["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    assert svc["Restart"] == ["on-failure"]
+    assert float(svc["TimeoutStopSec"][0]) > WORST_CASE_STOP_S
+    assert unit["Install"]["WantedBy"] == ["default.target"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "quoted"),
+    [
+        ("/usr/bin/pensieved", "/usr/bin/pensieved"),
+        ("/Users/a b/c.json", '"/Users/a b/c.json"'),
+        ("/tmp/100%/x", "/tmp/100%%/x"),
+        ('/tmp/q"uote', '"/tmp/q\\"uote"'),
+        ("/tmp/$HOME", '"/tmp/$$HOME"'),
+    ],
+)
+def test_systemd_quote(raw: str, quoted: str) -> None:
+    assert service.systemd_quote(raw) == quoted
+
+
+def man_path_with_our_pages(tmp_path: Path) -> Path:
+    """A MANPATH holding the committed pages, for the unit's Documentation= check."""
+    root = tmp_path / "man"
+    for page in (REPO / "man").glob("*.[0-9]"):
+        section_dir = root / f"man{page.suffix[1:]}"
+        section_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copy(page, section_dir / page.name)
+    return root
+
+
+def test_systemd_analyze_verify_accepts_the_unit(tmp_path: Path) -> None:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed: only the structural unit check ran")
+    pensieved = REPO / ".venv" / "bin" / "pensieved"
+    if not pensieved.exists():
+        pensieved = Path(shutil.which("pensieved") or "/nonexistent")
+    paths = ServicePaths(
+        program=pensieved,
+        config=tmp_path / "a dir" / "config.json",
+        working_dir=tmp_path,
+        log=tmp_path / "pensieved.log",
+    )
+    unit = tmp_path / "pensieved.service"
+    unit.write_text(service.render_systemd_unit(paths))
+    env = {"PATH": "/usr/bin:/bin", "MANPATH": str(man_path_with_our_pages(tmp_path))}
+    # System mode: --user needs a running user manager, which CI containers lack; the unit's
+    # syntax and settings are the same in both.
+    done = subprocess.run(
+        [analyze, "verify", str(unit)], capture_output=True, text=True, env=env, timeout=60
+    )
+    # Unknown keys and bad values are only warnings (exit 0), so the output must be empty too.
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip() == "" and done.stdout.strip() == "", done.stderr + done.stdout
+
+
+def test_packaging_templates_match_the_ones_pensievectl_renders() -> None:
+    launchd = REPO / "packaging" / "launchd" / "dev.pensieve.pensieved.plist.in"
+    systemd = REPO / "packaging" / "systemd" / "pensieved.service.in"
+    assert launchd.read_text() == service.PLIST_TEMPLATE
+    assert systemd.read_text() == service.SYSTEMD_TEMPLATE
+
+
+# ---- install / uninstall on macOS (fake launchctl) -------------------------------------------
+
+
+def test_macos_install_writes_the_agent_and_bootstraps_it(tmp_path: Path) -> None:
+    runner = FakeRunner()
+    ctx = make_ctx(tmp_path, "darwin", runner)
+    service.install(ctx)
+
+    plist_path = ctx.home / "Library" / "LaunchAgents" / "dev.pensieve.pensieved.plist"
+    plist = plistlib.loads(plist_path.read_bytes())
+    config = ctx.default_config()
+    assert plist["ProgramArguments"] == [str(ctx.find_program()), "--config", str(config)]
+    log = ctx.home / "Library" / "Logs" / "pensieve" / "pensieved.log"
+    assert plist["StandardErrorPath"] == str(log)
+    assert log.parent.is_dir()
+    assert plist["WorkingDirectory"] == str(ctx.home)
+    assert runner.mutating() == [
+        ["launchctl", "enable", f"gui/{UID}/dev.pensieve.pensieved"],
+        ["launchctl", "bootstrap", f"gui/{UID}", str(plist_path)],
+    ]
+    # The default config it created is one pensieved accepts.
+    assert load_config_file(config, missing_ok=False) == Config()
+    assert service.launch_agent_path(ctx.home) == plist_path
+
+
+def test_macos_install_keeps_an_existing_config(tmp_path: Path) -> None:
+    ctx = make_ctx(tmp_path, "darwin", FakeRunner())
+    config = ctx.default_config()
+    config.parent.mkdir(parents=True)
+    config.write_text(json.dumps({"server": {"port": 9000}}))
+    service.install(ctx)
+    assert json.loads(config.read_text()) == {"server": {"port": 9000}}
+
+
+def test_macos_install_with_explicit_config(tmp_path: Path) -> None:
+    ctx = make_ctx(tmp_path, "darwin", FakeRunner())
+    mine = tmp_path / "mine.json"
+    mine.write_text("{}")
+    service.install(ctx, config=str(mine))
+    plist = plistlib.loads(ctx.plist_path().read_bytes())
+    assert plist["ProgramArguments"][1:] == ["--config", str(mine)]
+
+
+def test_macos_reinstall_unloads_the_old_job_first(tmp_path: Path) -> None:
+    runner = FakeRunner(loaded=True)
+    ctx = make_ctx(tmp_path, "darwin", runner)
+    service.install(ctx)
+    verbs = [c[1] for c in runner.mutating()]
+    assert verbs == ["bootout", "enable", "bootstrap"]
+
+
+def test_macos_dry_run_changes_nothing(tmp_path: Path) -> None:
+    runner = FakeRunner()
+    ctx = make_ctx(tmp_path, "darwin", runner)
+    service.install(ctx, dry_run=True)
+    assert runner.mutating() == []
+    assert not ctx.plist_path().exists()
+    assert not ctx.default_config().exists()
+    out = ctx.out.getvalue()  # type: ignore[attr-defined]
+    assert "<key>Label</key>" in out
+    assert f"would run: launchctl bootstrap gui/{UID} {ctx.plist_path()}" in out
+
+
+def test_macos_install_refuses_next_to_a_homebrew_service(tmp_path: Path) -> None:
+    runner = FakeRunner()
+    ctx = make_ctx(tmp_path, "darwin", runner)
+    brew_plist = ctx.plist_path("homebrew.mxcl.pensieve")
+    brew_plist.parent.mkdir(parents=True)
+    brew_plist.write_text("")
+    args = argparse.Namespace(service_command="install", dry_run=False, config=None)
+    assert service.run(args, ctx) == 1
+    assert "brew services" in ctx.err.getvalue()  # type: ignore[attr-defined]
+    assert not ctx.plist_path().exists()
+    assert runner.mutating() == []
+
+
+def test_macos_install_reports_a_failing_launchctl(tmp_path: Path) -> None:
+    ctx = make_ctx(tmp_path, "darwin", FakeRunner(fail="bootstrap"))
+    args = argparse.Namespace(service_command="install", dry_run=False, config=None)
+    assert service.run(args, ctx) == 1
+    err = ctx.err.getvalue()  # type: ignore[attr-defined]
+    assert "launchctl bootstrap" in err and "Input/output error" in err
+
+
+def test_macos_uninstall_boots_out_and_removes(tmp_path: Path) -> None:
+    runner = FakeRunner(loaded=True)
+    ctx = make_ctx(tmp_path, "darwin", runner)
+    service.install(ctx)
+    runner.calls.clear()
+    service.uninstall(ctx)
+    assert runner.mutating() == [["launchctl", "bootout", f"gui/{UID}/dev.pensieve.pensieved"]]
+    assert not ctx.plist_path().exists()
+    assert ctx.default_config().exists()  # the user's config stays
+
+
+def test_macos_uninstall_when_not_installed(tmp_path: Path) -> None:
+    runner = FakeRunner(loaded=False)
+    ctx = make_ctx(tmp_path, "darwin", runner)
+    args = argparse.Namespace(service_command="uninstall", dry_run=False)
+    assert service.run(args, ctx) == 0
+    assert "no LaunchAgent" in ctx.out.getvalue()  # type: ignore[attr-defined]
+    assert runner.mutating() == []
+
+
+# ---- install / uninstall on Linux (fake systemctl) -------------------------------------------
+
+
+def test_linux_install_writes_a_user_unit_and_enables_it(tmp_path: Path) -> None:
+    runner = FakeRunner()
+    ctx = make_ctx(tmp_path, "linux", runner)
+    ctx.env["XDG_CONFIG_HOME"] = str(tmp_path / "xdg")
+    service.install(ctx)
+    unit_path = tmp_path / "xdg" / "systemd" / "user" / "pensieved.service"
+    unit = parse_unit(unit_path.read_text())
+    program = ctx.find_program()
+    assert program is not None
+    # The program's directory has a space ("venv dir"), so it is quoted.
+    assert unit["Service"]["ExecStart"] == [f'"{program}" --config {ctx.default_config()}']
+    assert runner.calls == [
+        ["systemctl", "--user", "daemon-reload"],
+        ["systemctl", "--user", "enable", "--now", "pensieved.service"],
+    ]
+    assert ctx.default_config().exists()
+
+
+def test_linux_uninstall(tmp_path: Path) -> None:
+    runner = FakeRunner()
+    ctx = make_ctx(tmp_path, "linux", runner)
+    service.install(ctx)
+    runner.calls.clear()
+    service.uninstall(ctx)
+    assert not ctx.unit_path().exists()
+    assert runner.calls == [
+        ["systemctl", "--user", "disable", "--now", "pensieved.service"],
+        ["systemctl", "--user", "daemon-reload"],
+    ]
+
+
+def test_unsupported_platform(tmp_path: Path) -> None:
+    ctx = make_ctx(tmp_path, "win32", FakeRunner())
+    args = argparse.Namespace(service_command="install", dry_run=False, config=None)
+    assert service.run(args, ctx) == 1
+    assert "win32" in ctx.err.getvalue()  # type: ignore[attr-defined]
+
+
+def test_missing_pensieved_is_explained(tmp_path: Path) -> None:
+    ctx = make_ctx(tmp_path, "linux", FakeRunner())
+    ctx.find_program = lambda: None
+    args = argparse.Namespace(service_command="install", dry_run=False, config=None)
+    assert service.run(args, ctx) == 1
+    assert "cannot find the pensieved executable" in ctx.err.getvalue()  # type: ignore[attr-defined]
+
+
+# ---- the command line -------------------------------------------------------------------------
+
+
+def test_subparser_wiring(tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser(prog="pensievectl")
+    parser.add_argument("--config")
+    commands = parser.add_subparsers(dest="command", required=True)
+    service.add_subparser(commands)
+    args = parser.parse_args(["service", "install", "--dry-run"])
+    assert args.service_command == "install" and args.dry_run is True
+    assert args.service_run is service.run
+    runner = FakeRunner()
+    ctx = make_ctx(tmp_path, "linux", runner)
+    assert args.service_run(args, ctx) == 0
+    assert runner.calls == []
+    with pytest.raises(SystemExit):
+        parser.parse_args(["service"])  # an action is required
