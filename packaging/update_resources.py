@@ -8,8 +8,10 @@ llama-cpp-python gets Metal on Apple Silicon. Packages Homebrew ships as formula
 
     .venv/bin/python packaging/update_resources.py            # rewrite the formula
     .venv/bin/python packaging/update_resources.py --check    # exit 1 if it is out of date
-    .venv/bin/python packaging/update_resources.py --sdist dist/pensieve-0.1.0.tar.gz
-        # also set the formula's own sha256 (and version in its url) from a built sdist
+    .venv/bin/python packaging/update_resources.py --sdist dist/pensieve-0.1.0.tar.gz \\
+        [--url file://$PWD/dist/pensieve-0.1.0.tar.gz]
+        # also set the formula's own sha256 (and url) from a built sdist: at release time,
+        # or for a local tap
 
 The sdist URLs and sha256s come from PyPI's simple index (PEP 691 JSON), which is what pip
 reads too; pass --index-url for a mirror.
@@ -150,11 +152,13 @@ def parse_resources(formula: str) -> dict[str, tuple[str, str]]:
     return {name: (url, sha) for name, url, sha in found}
 
 
-def set_source(formula: str, sdist: Path) -> str:
-    """Point the formula's own url at this version and its sha256 at this sdist."""
+def set_source(formula: str, sdist: Path, url: str | None = None) -> str:
+    """Point the formula's own url at this version (or at `url`) and its sha256 at `sdist`."""
     version = tomllib.loads(PYPROJECT.read_text())["project"]["version"]
     digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
     head, sep, rest = formula.partition(BEGIN)
+    if url:
+        head = re.sub(r'(\n  url ")[^"]+(")', rf"\g<1>{url}\g<2>", head, count=1)
     head = re.sub(r"pensieve-[0-9][^\"/]*\.tar\.gz", f"pensieve-{version}.tar.gz", head, count=1)
     head = re.sub(r'(\n  sha256 ")[0-9a-f]{64}(")', rf"\g<1>{digest}\g<2>", head, count=1)
     return head + sep + rest
@@ -166,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     cli.add_argument("--index-url", default=DEFAULT_INDEX, help="a PEP 691 simple index")
     cli.add_argument("--python", default=sys.executable, help="the interpreter pip resolves for")
     cli.add_argument("--sdist", type=Path, help="pensieve's own sdist, for the formula's sha256")
+    cli.add_argument(
+        "--url", help="with --sdist: where the formula downloads it (e.g. file:///.../dist/...)"
+    )
     args = cli.parse_args(argv)
 
     locked = resolve(runtime_requirements(), args.python)
@@ -176,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f'the formula needs `depends_on "{formula_name}"`', file=sys.stderr)
             return 1
     if args.sdist:
-        updated = set_source(updated, args.sdist)
+        updated = set_source(updated, args.sdist, args.url)
     if args.check:
         if updated != formula:
             print(f"{FORMULA.relative_to(REPO)} is out of date: run {__file__}", file=sys.stderr)

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -194,6 +195,25 @@ def test_replace_resources_round_trips() -> None:
         for name, (url, sha) in update_resources.parse_resources(FORMULA).items()
     ]
     assert update_resources.replace_resources(FORMULA, current) == FORMULA
+
+
+def test_set_source_points_the_formula_at_an_sdist(tmp_path: Path) -> None:
+    sdist = tmp_path / "pensieve-0.1.0.tar.gz"
+    sdist.write_bytes(b"sdist bytes")
+    url = f"file://{sdist}"
+    updated = update_resources.set_source(FORMULA, sdist, url)
+    assert f'\n  url "{url}"\n' in updated
+    assert f'\n  sha256 "{hashlib.sha256(b"sdist bytes").hexdigest()}"\n' in updated
+    # Only the formula's own url/sha256 change, never a resource's.
+    assert update_resources.parse_resources(updated) == update_resources.parse_resources(FORMULA)
+
+
+def test_wheel_ships_the_man_pages() -> None:
+    data_files = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "data-files"
+    ]
+    for page in gen_man.PAGES:
+        assert data_files[f"share/man/man{page.section}"] == [f"man/{page.path.name}"]
 
 
 def test_locked_set_from_pip_report() -> None:
