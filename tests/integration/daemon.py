@@ -119,3 +119,120 @@ def start_daemon(
     if wait:
         daemon.wait_ready(want_status=want_status)
     return daemon
+
+
+@dataclass
+class RawResponse:
+    status: int
+    headers: dict[str, str]  # lower-cased names
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def raw_http(
+    port: int,
+    method: str,
+    path: str,
+    headers: dict[str, str] | list[tuple[str, str]] | None = None,
+    body: bytes | None = None,
+    *,
+    host: str | None = "127.0.0.1",
+    timeout: float = 60.0,
+) -> RawResponse:
+    """One HTTP request with exactly the headers given (Host included, or none at all).
+
+    The SDK and httpx normalise what they send; attacks need the offending bytes verbatim.
+    """
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+        if host is not None:
+            conn.putheader("Host", host)
+        items = list(headers.items()) if isinstance(headers, dict) else list(headers or [])
+        if body is not None and not any(k.lower() == "content-length" for k, _ in items):
+            items.append(("Content-Length", str(len(body))))
+        for name, value in items:
+            conn.putheader(name, value)
+        conn.endheaders(body)
+        response = conn.getresponse()
+        data = response.read()
+        return RawResponse(response.status, {k.lower(): v for k, v in response.getheaders()}, data)
+    finally:
+        conn.close()
+
+
+# ---- pensievectl and control-socket helpers (issue 3) ---------------------------------------
+
+
+def run_ctl(
+    *args: str,
+    config: Path | None = None,
+    socket_path: str | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 300.0,
+) -> subprocess.CompletedProcess[str]:
+    """Run the real `pensievectl` in a subprocess (as a user would)."""
+    argv = [sys.executable, "-m", "pensievectl"]
+    if config is not None:
+        argv += ["--config", str(config)]
+    if socket_path is not None:
+        argv += ["--socket", socket_path]
+    run_env = dict(env or os.environ)
+    run_env.pop("PENSIEVE_CONFIG", None)
+    return subprocess.run(
+        [*argv, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env=run_env,
+        check=False,
+    )
+
+
+def write_config(path: Path, data: dict[str, Any]) -> None:
+    """Replace a config file the way editors do: write a temporary file, rename it over."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def ctl_status(config: Path) -> dict[str, Any]:
+    result = run_ctl("status", "--json", config=config, timeout=30)
+    data: dict[str, Any] = json.loads(result.stdout)
+    return data
+
+
+def wait_for(predicate: Any, timeout: float, interval: float = 0.05) -> float:
+    """Seconds until `predicate()` is true; raises AssertionError after `timeout`."""
+    started = time.monotonic()
+    while True:
+        if predicate():
+            return time.monotonic() - started
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(interval)
+
+
+def control_status(socket_path: str, timeout: float = 5.0) -> dict[str, Any]:
+    """GET /v1/status on the control socket directly (fast: no subprocess)."""
+    import http.client
+
+    class _Conn(http.client.HTTPConnection):
+        def connect(self) -> None:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(timeout)
+            s.connect(socket_path)
+            self.sock = s
+
+    conn = _Conn("localhost", timeout=timeout)
+    try:
+        conn.request("GET", "/v1/status")
+        data: dict[str, Any] = json.loads(conn.getresponse().read())
+    finally:
+        conn.close()
+    return data
