@@ -387,3 +387,28 @@ def test_subparser_wiring(tmp_path: Path) -> None:
     assert runner.calls == []
     with pytest.raises(SystemExit):
         parser.parse_args(["service"])  # an action is required
+
+
+# ---- agreement with `pensievectl start/stop` (pensievectl/supervisor.py) -----------------------
+
+
+@pytest.mark.parametrize("platform", ["darwin", "linux"])
+def test_supervisor_finds_the_installed_service_and_a_clean_stop_sticks(
+    tmp_path: Path, platform: str
+) -> None:
+    from pensievectl import supervisor
+
+    runner = FakeRunner()
+    ctx = make_ctx(tmp_path, platform, runner)
+    service.install(ctx)
+
+    def supervisor_runner(argv: Sequence[str]) -> supervisor.RunResult:
+        result = runner(argv)
+        return supervisor.RunResult(result.returncode, result.stdout, result.stderr)
+
+    found = supervisor.find_supervisor(
+        runner=supervisor_runner, home=ctx.home, uid=UID, platform=platform, environ=ctx.env
+    )
+    assert found is not None, "pensievectl start/stop would not see the installed service"
+    # `pensievectl stop` makes pensieved exit 0; the service must not bring it back.
+    assert found.restarts_clean_exit is False
