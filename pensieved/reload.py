@@ -57,10 +57,13 @@ def action_for(key: str) -> ChangeAction:
 def model_key(config: Config) -> tuple[object, ...]:
     """Everything that decides which model objects must exist (what `Engine.load` builds)."""
     m = config.model
-    targets = sorted(str(Path(t).expanduser()) for t in m.aliases.values())
+    default = default_model_path(config)
+    files = {Path(t).expanduser() for t in m.aliases.values()}
+    if default is not None:
+        files.add(default)
     return (
-        default_model_path(config),
-        tuple(targets),
+        default,
+        tuple(sorted(str(f) for f in files)),
         m.context_size,
         m.gpu_layers,
         m.threads,
