@@ -9,12 +9,13 @@ import logging
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+import tornado.http1connection
 import tornado.iostream
 import tornado.web
 from pydantic import BaseModel, ValidationError
 
 from pensieved import __version__
-from pensieved.api import sse
+from pensieved.api import limits, security, sse
 from pensieved.api.convert import new_id, to_generation_request
 from pensieved.api.errors import STATUS_TYPES, classify, envelope, internal_message
 from pensieved.api.models import (
@@ -50,10 +51,21 @@ def validation_message(error: ValidationError) -> str:
     return "; ".join(problems)
 
 
+@tornado.web.stream_request_body
 class BaseHandler(tornado.web.RequestHandler):
-    """Request ids, error envelopes, and the hooks every API request passes through."""
+    """Request ids, error envelopes, and the checks every API request passes through.
+
+    The body is streamed in (`data_received`) so that Host, Origin, API key and size checks run
+    in `prepare`, before any of it is buffered. Read it with `parse_body`: `request.body` is
+    filled in only then.
+    """
 
     request_id: str
+    _cors: dict[str, str] | None = None
+    _body_limit: int = 0
+    _body_size: int = 0
+    _body_refused: bool = False
+    _chunks: list[bytes] | None = None
 
     def initialize(self, engine: Engine) -> None:
         self.engine = engine
@@ -64,6 +76,53 @@ class BaseHandler(tornado.web.RequestHandler):
             self.request_id = new_id("req_")
         self.set_header("request-id", self.request_id)
         self.set_header("Content-Type", "application/json")
+        # An allowed page must be able to read our errors too, so CORS headers survive clear().
+        for name, value in (self._cors or {}).items():
+            self.set_header(name, value)
+
+    def prepare(self) -> None:
+        # The config is hot-reloaded: always check against the one in force now.
+        config = self.engine.config
+        headers = self.request.headers
+        security.check_host(headers.get("Host"), config)
+        self._cors = security.cors_headers(headers.get("Origin"), config)
+        for name, value in self._cors.items():
+            self.set_header(name, value)
+        start_line = len(self.request.method or "") + len(self.request.uri or "") + 10
+        limits.check_headers(headers.get_all(), start_line)
+        if self.request.method != "OPTIONS":  # a preflight never carries credentials
+            security.check_api_key(self.request.path, headers, config)
+        self._body_limit = config.server.max_body_bytes
+        self._body_refused = not limits.check_declared_body(
+            headers.get("Content-Length"), self._body_limit
+        )
+        # Tornado enforces this while reading; beyond the limit (and within the drain
+        # allowance) data_received discards the body and parse_body answers 413.
+        connection = self.request.connection
+        if isinstance(connection, tornado.http1connection.HTTP1Connection):
+            connection.set_max_body_size(self._body_limit + limits.BODY_DRAIN_ALLOWANCE)
+
+    def data_received(self, chunk: bytes) -> None:
+        self._body_size += len(chunk)
+        if self._body_refused or self._body_size > self._body_limit:
+            self._body_refused, self._chunks = True, None
+            return
+        if self._chunks is None:
+            self._chunks = []
+        self._chunks.append(chunk)
+
+    def options(self, *args: str) -> None:
+        """CORS preflight: `prepare` has already refused foreign origins and hosts."""
+        origin = self.request.headers.get("Origin")
+        if origin is not None and self.request.headers.get("Access-Control-Request-Method"):
+            for name, value in security.preflight_headers(
+                self.request.headers, self.engine.config
+            ).items():
+                self.set_header(name, value)
+        self.set_header("Allow", security.ALLOWED_METHODS)
+        self.clear_header("Content-Type")
+        self.set_status(204)
+        self.finish()
 
     def write_json(self, data: dict[str, Any] | BaseModel, status: int = 200) -> None:
         if isinstance(data, BaseModel):
@@ -103,12 +162,13 @@ class BaseHandler(tornado.web.RequestHandler):
             )
 
     def parse_body(self, model: type[M]) -> M:
-        try:
-            data = json.loads(self.request.body or b"")
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InvalidRequestError(f"request body is not valid JSON: {exc}") from None
+        if self._body_refused:
+            raise limits.body_too_large(self._body_size, self._body_limit)
+        self.request.body = b"".join(self._chunks or ())
+        data = limits.decode_json(self.request.body)
         if not isinstance(data, dict):
             raise InvalidRequestError("request body must be a JSON object")
+        limits.check_request_shape(data)
         try:
             return model.model_validate(data)
         except ValidationError as exc:
@@ -327,4 +387,5 @@ class MessagesHandler(BaseHandler):
 
 class NotFoundHandler(BaseHandler):
     def prepare(self) -> None:
+        super().prepare()  # a foreign Host or Origin hears 403, not whether a path exists
         raise NotFoundError(f"not found: {self.request.method} {self.request.path}")
