@@ -13,7 +13,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _best_of(argv: list[str], runs: int = 3) -> tuple[float, subprocess.CompletedProcess[str]]:
+def _best_of(argv: list[str], runs: int = 5) -> tuple[float, subprocess.CompletedProcess[str]]:
     # Best of a few: the machine is shared, and a single slow run says little.
     best, last = float("inf"), None
     env = dict(os.environ)
