@@ -61,7 +61,7 @@ class Scheduler:
         )
         self.running = 0
         self._promised = 0
-        self._active: set[tuple[threading.Event, asyncio.Queue[Event]]] = set()
+        self._active: set[tuple[threading.Event, asyncio.Queue[Event | None]]] = set()
         # GreedyDual-Size state: each slot's value, and the inflation that ages them all.
         self._value: dict[int, float] = {}
         self._inflation = 0.0
@@ -123,7 +123,9 @@ class Scheduler:
         except TimeoutError:
             raise RequestTimeoutError(_timeout_message()) from None
         cancel = threading.Event()
-        events: asyncio.Queue[Event] = asyncio.Queue()
+        # None in the queue means the deadline passed (the loop's clock is time.monotonic). One
+        # timer per request instead of a wait_for per token, which wraps each get in a new task.
+        events: asyncio.Queue[Event | None] = asyncio.Queue()
 
         def emit(event: Event) -> None:
             loop.call_soon_threadsafe(events.put_nowait, event)
@@ -144,16 +146,18 @@ class Scheduler:
         future = loop.run_in_executor(self._workers, work)
         handle = (cancel, events)
         self._active.add(handle)
+        timer = None if deadline is None else loop.call_at(deadline, events.put_nowait, None)
         try:
             while True:
-                try:
-                    event = await asyncio.wait_for(events.get(), _remaining(deadline))
-                except TimeoutError:
-                    raise RequestTimeoutError(_timeout_message()) from None
+                event = await events.get()
+                if event is None:
+                    raise RequestTimeoutError(_timeout_message())
                 yield event
                 if isinstance(event, Finished | Failed):
                     break
         finally:
+            if timer is not None:
+                timer.cancel()
             self._active.discard(handle)
             cancel.set()
             # The slot is released by the worker itself; we only make sure it has stopped
