@@ -1,0 +1,222 @@
+"""Command line of the benchmark: start the targets, run the workloads, write the report."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from pensieved.bench.report import ratios, table
+from pensieved.bench.targets import (
+    InProcess,
+    ServerProcess,
+    find_llama_server,
+    start_llama_server,
+    start_pensieved,
+)
+from pensieved.bench.workloads import run_concurrency, run_decode, run_ttft
+from pensieved.paths import bundled_model_path
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m pensieved.bench",
+        description="Benchmark pensieved against llama-server and in-process llama-cpp-python.",
+    )
+    parser.add_argument("--model", help="GGUF file (default: the bundled model)")
+    parser.add_argument("--llama-server", help="llama-server binary (default: search)")
+    parser.add_argument("--no-llama-server", action="store_true", help="skip that column")
+    parser.add_argument("--threads", type=int, help="CPU threads for every target")
+    parser.add_argument("--slots", type=int, default=4, help="KV slots (parallel sequences)")
+    parser.add_argument("--context-size", type=int, default=8192, help="tokens per slot")
+    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--reps", type=int, default=5, help="repetitions per measurement")
+    parser.add_argument("--decode-tokens", type=int, default=256)
+    parser.add_argument("--prefix-tokens", type=int, default=4500, help="shared system prompt")
+    parser.add_argument("--turns", type=int, default=3, help="turns of the warm conversation")
+    parser.add_argument("--concurrent-tokens", type=int, default=128)
+    parser.add_argument("--clients", default="1,2,4", help="concurrent client counts")
+    parser.add_argument("--startups", type=int, default=3, help="process starts to time")
+    parser.add_argument(
+        "--quick", action="store_true", help="a tiny run to check the benchmark itself works"
+    )
+    parser.add_argument("--output", default="bench/results.json", help="JSON report path")
+    parser.add_argument("--markdown", help="table path (default: next to --output, .md)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.reps, args.decode_tokens, args.prefix_tokens = 1, 16, 300
+        args.turns, args.concurrent_tokens, args.clients, args.startups = 2, 8, "1,2", 1
+        args.slots, args.context_size = 2, 2048
+    return args
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "logical_cpus": psutil.cpu_count(logical=True),
+        "physical_cpus": psutil.cpu_count(logical=False),
+        "memory_bytes": psutil.virtual_memory().total,
+        "python": sys.version.split()[0],
+        "llama_cpp_python": importlib.metadata.version("llama-cpp-python"),
+        "load_average_at_start": list(os.getloadavg()),
+    }
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    model = Path(args.model).expanduser() if args.model else bundled_model_path()
+    if model is None or not model.is_file():
+        print("no model: pass --model PATH or install the bundled model", file=sys.stderr)
+        return 2
+    threads = args.threads or psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    settings = {
+        "threads": threads,
+        "slots": args.slots,
+        "context_size": args.context_size,
+        "batch_size": args.batch_size,
+    }
+    report: dict[str, Any] = {
+        "generated_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "model": {"path": str(model), "size_bytes": model.stat().st_size},
+        "settings": {**settings, "reps": args.reps, "quick": args.quick},
+        "notes": [],
+    }
+    binary, why = (None, "skipped (--no-llama-server)")
+    if not args.no_llama_server:
+        binary, why = find_llama_server(args.llama_server)
+    report["llama_server"] = {"binary": str(binary) if binary else None, "status": why}
+    if binary is None:
+        log(f"llama-server column skipped: {why}")
+        report["notes"].append(f"llama-server column skipped: {why}")
+
+    servers: list[ServerProcess] = []
+    inprocess: InProcess | None = None
+    try:
+        startup: dict[str, list[float]] = {"pensieved": [], "llama-server": []}
+        idle_rss: dict[str, int] = {}
+        for i in range(args.startups):
+            last = i == args.startups - 1
+            started = start_pensieved(model, **settings)
+            startup["pensieved"].append(started.ready_s)
+            idle_rss["pensieved"] = started.rss()
+            if last:
+                servers.append(started)
+            else:
+                started.stop()
+            if binary is not None:
+                other = start_llama_server(binary, model, **settings)
+                startup["llama-server"].append(other.ready_s)
+                idle_rss["llama-server"] = other.rss()
+                if last:
+                    servers.append(other)
+                else:
+                    other.stop()
+            log(f"start-up {i}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in startup.items() if v))
+        inprocess = InProcess(
+            model,
+            threads=threads,
+            context_size=args.context_size,
+            batch_size=args.batch_size,
+        )
+        count = inprocess_token_counter(inprocess)
+
+        report["decode"] = run_decode(
+            servers, inprocess, tokens=args.decode_tokens, reps=args.reps, log=log
+        )
+        report["ttft"] = run_ttft(
+            servers,
+            inprocess,
+            prefix_tokens=args.prefix_tokens,
+            turns=args.turns,
+            reps=args.reps,
+            count=count,
+            log=log,
+        )
+        report["concurrency"] = run_concurrency(
+            servers,
+            client_counts=[int(c) for c in args.clients.split(",")],
+            tokens=args.concurrent_tokens,
+            reps=args.reps,
+            log=log,
+        )
+        report["memory"] = memory_report(servers, idle_rss, model, args)
+        report["startup_s"] = {
+            name: (sorted(v)[len(v) // 2] if v else None) for name, v in startup.items()
+        }
+        report["startup_runs"] = startup
+    finally:
+        for server in servers:
+            server.stop()
+        if inprocess is not None:
+            inprocess.close()
+    report["machine"]["load_average_at_end"] = list(os.getloadavg())
+    report["ratios"] = ratios(report)
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2) + "\n")
+    markdown = Path(args.markdown) if args.markdown else output.with_suffix(".md")
+    text = table(report)
+    markdown.write_text(text)
+    print(text)
+    log(f"wrote {output} and {markdown}")
+    return 0
+
+
+def inprocess_token_counter(inprocess: InProcess) -> Any:
+    def count(text: str) -> int:
+        return len(inprocess.llm.tokenize(text.encode(), add_bos=False, special=False))
+
+    return count
+
+
+def memory_report(
+    servers: list[ServerProcess], idle_rss: dict[str, int], model: Path, args: argparse.Namespace
+) -> dict[str, Any]:
+    result: dict[str, Any] = {"model_file_bytes": model.stat().st_size}
+    for server in servers:
+        result[server.name] = {
+            "rss_idle_after_load_bytes": idle_rss.get(server.name),
+            "rss_peak_under_load_bytes": server.peak_rss or None,
+            "rss_idle_after_bench_bytes": server.rss(),
+        }
+    kv = kv_bytes_per_slot(model, args.context_size)
+    result["kv_bytes_per_slot"] = kv
+    result["kv_bytes_total"] = kv * args.slots if kv else None
+    return result
+
+
+def kv_bytes_per_slot(model: Path, context_size: int) -> int:
+    """f16 K and V for `context_size` tokens, from the GGUF's shape metadata."""
+    from pensieved.engine.model import LoadedModel, ModelSettings
+
+    loaded = LoadedModel(ModelSettings(model, context_size, 0, 1, 64, 1))
+    try:
+        return loaded.kv_bytes_per_slot()
+    finally:
+        loaded.close()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,343 @@
+"""The things the benchmark measures: pensieved and llama-server over HTTP, llama-cpp-python
+in-process, and a streaming Messages client that timestamps every event.
+
+The client is stdlib `http.client`, not an SDK: the SDKs' own per-event cost would blur the
+comparison, and both servers speak the same `/v1/messages` SSE.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+LLAMA_CPP_SOURCES = Path("/tmp/lcp/llama_cpp_python-0.3.36/vendor/llama.cpp")
+DEFAULT_BUILD_DIR = Path("/work/llama-server-build")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class StreamResult:
+    """One streamed request: when each text delta arrived, relative to sending it."""
+
+    ttft_s: float  # first text delta, or the end of the message when it had no text
+    delta_times: list[float]
+    output_tokens: int
+    input_tokens: int
+    cache_read_tokens: int
+    total_s: float
+    text: str = ""
+
+
+def stream_message(port: int, body: dict[str, Any], timeout: float = 900) -> StreamResult:
+    """POST a streamed /v1/messages request and timestamp its SSE events."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    payload = json.dumps({**body, "stream": True}).encode()
+    started = time.perf_counter()
+    conn.request(
+        "POST",
+        "/v1/messages",
+        body=payload,
+        headers={"content-type": "application/json", "anthropic-version": "2023-06-01"},
+    )
+    response = conn.getresponse()
+    if response.status != 200:
+        raise RuntimeError(f"HTTP {response.status}: {response.read()[:500]!r}")
+    deltas: list[float] = []
+    parts: list[str] = []
+    usage: dict[str, Any] = {}
+    end: float | None = None
+    for raw in response:
+        if not raw.startswith(b"data:"):
+            continue
+        event = json.loads(raw[5:])
+        kind = event.get("type")
+        if kind == "content_block_delta":
+            text = event.get("delta", {}).get("text", "")
+            if text:
+                deltas.append(time.perf_counter() - started)
+                parts.append(text)
+        elif kind == "message_start":
+            usage.update(event.get("message", {}).get("usage") or {})
+        elif kind == "message_delta":
+            usage.update({k: v for k, v in (event.get("usage") or {}).items() if v is not None})
+        elif kind == "message_stop":
+            end = time.perf_counter() - started
+            break
+        elif kind == "error":
+            raise RuntimeError(f"stream error: {event}")
+    conn.close()
+    total = end if end is not None else time.perf_counter() - started
+    return StreamResult(
+        ttft_s=deltas[0] if deltas else total,
+        delta_times=deltas,
+        output_tokens=int(usage.get("output_tokens") or len(deltas)),
+        input_tokens=int(usage.get("input_tokens") or 0),
+        cache_read_tokens=int(usage.get("cache_read_input_tokens") or 0),
+        total_s=total,
+        text="".join(parts),
+    )
+
+
+@dataclass
+class ServerProcess:
+    """A server under test, started by the benchmark and always stopped by it."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+    ready_s: float = 0.0
+    peak_rss: int = 0
+    workdir: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def rss(self) -> int:
+        try:
+            return int(psutil.Process(self.proc.pid).memory_info().rss)
+        except psutil.Error:
+            return 0
+
+    def sample_rss(self) -> int:
+        value = self.rss()
+        self.peak_rss = max(self.peak_rss, value)
+        return value
+
+    def wait_ready(self, started: float, timeout: float = 300) -> None:
+        deadline = started + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited early:\n{self.log_tail()}")
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
+                conn.request("GET", "/health")
+                status = conn.getresponse().status
+                conn.close()
+                if status == 200:
+                    self.ready_s = time.monotonic() - started
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.name} not ready after {timeout}s:\n{self.log_tail()}")
+
+    def log_tail(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-3000:]
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def start_pensieved(
+    model: Path, *, threads: int, slots: int, context_size: int, batch_size: int
+) -> ServerProcess:
+    workdir = Path(tempfile.mkdtemp(prefix="pensieve-bench-"))
+    port = free_port()
+    config = {
+        "server": {
+            "port": port,
+            "socket_path": str(workdir / "ctl.sock"),
+            "max_concurrent_requests": 64,
+            "request_timeout_ms": 3_600_000,
+        },
+        "logging": {"level": "warning"},
+        "model": {
+            "model_path": str(model),
+            "threads": threads,
+            "slots": slots,
+            "context_size": context_size,
+            "batch_size": batch_size,
+            "max_output_tokens": context_size,
+        },
+    }
+    config_path = workdir / "config.json"
+    config_path.write_text(json.dumps(config))
+    log_path = workdir / "pensieved.log"
+    env = {k: v for k, v in os.environ.items() if k != "PENSIEVE_CONFIG"}
+    started = time.monotonic()
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pensieved", "--config", str(config_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    server = ServerProcess("pensieved", proc, port, log_path, workdir=workdir)
+    try:
+        server.wait_ready(started)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+def find_llama_server(explicit: str | None) -> tuple[Path | None, str]:
+    """The llama-server binary to compare against, or None and why not."""
+    if explicit:
+        path = Path(explicit).expanduser()
+        if path.is_file() and os.access(path, os.X_OK):
+            return path, f"given: {path}"
+        return None, f"--llama-server {explicit} is not an executable file"
+    built = DEFAULT_BUILD_DIR / "build" / "bin" / "llama-server"
+    if built.is_file():
+        return built, f"built from {LLAMA_CPP_SOURCES}"
+    on_path = shutil.which("llama-server")
+    if on_path:
+        return Path(on_path), f"found on PATH: {on_path} (may not match llama-cpp-python's build)"
+    return None, (
+        f"llama-server not found: build it from the llama.cpp sources that llama-cpp-python "
+        f"carries ({LLAMA_CPP_SOURCES}) with `cmake -B {DEFAULT_BUILD_DIR}/build "
+        f"-DLLAMA_CURL=OFF && cmake --build {DEFAULT_BUILD_DIR}/build --target llama-server`, "
+        f"or pass --llama-server PATH"
+    )
+
+
+def start_llama_server(
+    binary: Path, model: Path, *, threads: int, slots: int, context_size: int, batch_size: int
+) -> ServerProcess:
+    workdir = Path(tempfile.mkdtemp(prefix="llama-server-bench-"))
+    port = free_port()
+    log_path = workdir / "llama-server.log"
+    args = [
+        str(binary),
+        "--model",
+        str(model),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--threads",
+        str(threads),
+        "--threads-batch",
+        str(threads),
+        "--parallel",
+        str(slots),
+        # Not unified: every slot gets the same context pensieved gives each of its slots.
+        "--no-kv-unified",
+        "--ctx-size",
+        str(context_size * slots),
+        "--batch-size",
+        str(batch_size),
+        "--ubatch-size",
+        str(batch_size),
+        "--flash-attn",
+        "off",  # llama-cpp-python's default; keeps the kernels the same on both sides
+        "--jinja",
+        "--no-webui",
+    ]
+    started = time.monotonic()
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+    server = ServerProcess("llama-server", proc, port, log_path, workdir=workdir)
+    try:
+        server.wait_ready(started)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+class InProcess:
+    """llama-cpp-python called directly: the floor any Python server on it can reach."""
+
+    def __init__(self, model: Path, *, threads: int, context_size: int, batch_size: int) -> None:
+        import llama_cpp
+
+        started = time.monotonic()
+        # Any: llama-cpp-python's annotations are partial; this is a thin timing harness.
+        self.llm: Any = llama_cpp.Llama(
+            model_path=str(model),
+            n_ctx=context_size,
+            n_batch=batch_size,
+            n_ubatch=batch_size,
+            n_threads=threads,
+            n_threads_batch=threads,
+            verbose=False,
+        )
+        self.load_s = time.monotonic() - started
+
+    def chat_stream(self, messages: list[dict[str, str]], max_tokens: int) -> StreamResult:
+        """The high-level `create_chat_completion(stream=True)` most scripts would use."""
+        self.llm.reset()
+        started = time.perf_counter()
+        deltas: list[float] = []
+        parts: list[str] = []
+        for chunk in self.llm.create_chat_completion(
+            messages=messages, max_tokens=max_tokens, temperature=0.0, stream=True
+        ):
+            text = chunk["choices"][0]["delta"].get("content")
+            if text:
+                deltas.append(time.perf_counter() - started)
+                parts.append(text)
+        total = time.perf_counter() - started
+        return StreamResult(
+            ttft_s=deltas[0] if deltas else total,
+            delta_times=deltas,
+            output_tokens=len(deltas),
+            input_tokens=0,
+            cache_read_tokens=0,
+            total_s=total,
+            text="".join(parts),
+        )
+
+    def raw_decode(self, prompt: str, tokens: int) -> float:
+        """Seconds per token of a bare eval/sample loop, no text handling at all."""
+        llm = self.llm
+        llm.reset()
+        llm.eval(llm.tokenize(prompt.encode(), add_bos=True, special=True))
+        token = llm.sample(temp=0.0)
+        started = time.perf_counter()
+        for _ in range(tokens):
+            llm.eval([token])
+            token = llm.sample(temp=0.0)
+        return (time.perf_counter() - started) / tokens
+
+    def eval_suffix_s(self, cached: int, new: int, repeats: int = 3) -> float:
+        """Time to evaluate `new` tokens after `cached` ones and sample: a warm turn's floor.
+
+        Token identities do not change the cost, so any tokens of the right count will do.
+        """
+        llm = self.llm
+        llm.reset()
+        filler = llm.tokenize(b"The quick brown fox jumps over the lazy dog. ", add_bos=False)
+        prefix = (filler * (cached // len(filler) + 1))[:cached]
+        suffix = (filler * (new // len(filler) + 1))[:new]
+        llm.eval(prefix)
+        times = []
+        for _ in range(repeats):
+            llm.n_tokens = cached
+            started = time.perf_counter()
+            llm.eval(suffix)
+            llm.sample(temp=0.0)
+            times.append(time.perf_counter() - started)
+        return sorted(times)[len(times) // 2]
+
+    def close(self) -> None:
+        self.llm.close()
