@@ -52,20 +52,21 @@ class LoadedModel:
             )
         self.size_bytes = path.stat().st_size
         self.contexts: list[Any] = []
+        kwargs: dict[str, Any] = {
+            "model_path": str(path),
+            "n_ctx": settings.context_size,
+            "n_batch": settings.batch_size,
+            "n_ubatch": settings.batch_size,
+            "n_gpu_layers": settings.gpu_layers,
+            "n_threads": settings.effective_threads,
+            "n_threads_batch": settings.effective_threads,
+            "verbose": False,
+        }
         try:
-            for _ in range(settings.slots):
-                self.contexts.append(
-                    llama_cpp.Llama(
-                        model_path=str(path),
-                        n_ctx=settings.context_size,
-                        n_batch=settings.batch_size,
-                        n_ubatch=settings.batch_size,
-                        n_gpu_layers=settings.gpu_layers,
-                        n_threads=settings.effective_threads,
-                        n_threads_batch=settings.effective_threads,
-                        verbose=False,
-                    )
-                )
+            first = llama_cpp.Llama(**kwargs)
+            self.contexts.append(first)
+            for _ in range(settings.slots - 1):
+                self.contexts.append(_context_on(first._model, kwargs))
         except (ValueError, RuntimeError, OSError) as exc:
             self.close()
             raise ModelLoadError(f"cannot load model {path}: {exc}") from exc
@@ -145,6 +146,43 @@ class LoadedModel:
         return self.n_ctx * layers * 2 * kv_heads * (embd // heads) * 2
 
     def close(self) -> None:
-        for ctx in self.contexts:
+        # Borrowers first: the first context owns the llama_model the others run on.
+        for ctx in reversed(self.contexts):
             ctx.close()
         self.contexts.clear()
+
+
+class _LentModel:
+    """A llama_model lent to a further context: everything delegates, closing does nothing."""
+
+    def __init__(self, model: Any) -> None:
+        self._model = model
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+    def close(self) -> None:
+        pass
+
+
+_lend_lock = threading.Lock()
+
+
+def _context_on(model: Any, kwargs: dict[str, Any]) -> Any:
+    """A further `Llama` (own context, KV cache and batch) on an already loaded llama_model.
+
+    `Llama` always loads its own model, and each load keeps its own copy of the weights that
+    llama.cpp repacks for the CPU kernels (and its own GPU copy), about the model's size per
+    slot. llama.cpp supports many contexts on one model, so the load step is swapped for the
+    loaded model while this one `Llama` is built.
+    """
+    import llama_cpp
+    from llama_cpp import _internals
+
+    with _lend_lock:
+        original = _internals.LlamaModel
+        _internals.LlamaModel = lambda **_: _LentModel(model)  # type: ignore[assignment,misc]
+        try:
+            return llama_cpp.Llama(**kwargs)
+        finally:
+            _internals.LlamaModel = original  # type: ignore[misc]

@@ -35,6 +35,11 @@ def stopped(daemon: Daemon) -> None:
     assert code == 0, f"pensieved exited {code}:\n{daemon.log_text()}"
 
 
+def patient(daemon: Daemon) -> httpx.Client:
+    # Generation on a loaded 2-core machine can crawl; the tests compare times, never cap them.
+    return httpx.Client(base_url=daemon.base_url, timeout=600)
+
+
 def body(messages: list[dict[str, Any]], max_tokens: int, **extra: Any) -> dict[str, Any]:
     return {
         "model": MAIN,
@@ -56,7 +61,7 @@ def test_interleaved_conversations_stay_warm_with_side_requests(tmp: Path) -> No
     # the worst case, where a side request could evict a conversation.
     daemon = start_daemon(tmp, {"model": {"slots": 3, "context_size": 2048}})
     try:
-        with daemon.http() as http:
+        with patient(daemon) as http:
 
             def ask(model: str, system: str, messages: list[dict[str, Any]]) -> dict[str, Any]:
                 r = http.post(
@@ -106,14 +111,18 @@ def test_queueing_beyond_free_slots_and_529_beyond_the_limit(tmp: Path) -> None:
         tmp, {"model": {"slots": 1, "context_size": 2048}, "server": {"max_concurrent_requests": 2}}
     )
     try:
-        with daemon.http() as http, daemon.http() as other:
-            long = body([{"role": "user", "content": ENDLESS}], 200, stream=True)
+        with patient(daemon) as http, patient(daemon) as other:
+            long = body([{"role": "user", "content": ENDLESS}], 100, stream=True)
             queued_result: dict[str, Any] = {}
 
             def queued() -> None:
-                started = time.monotonic()
-                r = other.post("/v1/messages", json=body([{"role": "user", "content": "Hi"}], 4))
-                queued_result.update(status=r.status_code, waited=time.monotonic() - started)
+                try:
+                    r = other.post(
+                        "/v1/messages", json=body([{"role": "user", "content": "Hi"}], 4)
+                    )
+                    queued_result.update(status=r.status_code)
+                except httpx.HTTPError as exc:
+                    queued_result.update(error=repr(exc))
 
             with http.stream("POST", "/v1/messages", json=long) as running:
                 assert running.status_code == 200
@@ -127,7 +136,7 @@ def test_queueing_beyond_free_slots_and_529_beyond_the_limit(tmp: Path) -> None:
                 while http.get("/health").json()["in_flight"] < 2:
                     assert time.monotonic() < deadline, "the second request never arrived"
                     time.sleep(0.02)
-                assert "status" not in queued_result, "the second request should be waiting"
+                assert not queued_result, "the second request should be waiting"
                 rejected = httpx.post(
                     daemon.base_url + "/v1/messages",
                     json=body([{"role": "user", "content": "Hi"}], 4),
@@ -139,8 +148,8 @@ def test_queueing_beyond_free_slots_and_529_beyond_the_limit(tmp: Path) -> None:
                 # Drain the running stream so the queued request gets the slot.
                 types = [event["type"] for event in events]
                 assert types[-1] == "message_stop"
-            waiter.join(120)
-            assert queued_result["status"] == 200
+            waiter.join(600)
+            assert queued_result.get("status") == 200, queued_result
             assert http.get("/health").json()["in_flight"] == 0
     finally:
         stopped(daemon)
@@ -169,7 +178,7 @@ def test_disconnect_frees_the_slot_for_the_next_request(tmp: Path) -> None:
     endless = body([{"role": "user", "content": ENDLESS}], 2000)
     short = body([{"role": "user", "content": "Say hi."}], 1)
     try:
-        with daemon.http() as http:
+        with patient(daemon) as http:
             # Reference: the decode rate of the same generation, measured over its first
             # tokens (later tokens attend to a longer context and are slower, so
             # extrapolating from these underestimates what the abandoned request would take).
@@ -215,7 +224,7 @@ def test_request_timeout_ends_requests_with_a_clear_error(tmp: Path) -> None:
     )
     endless = body([{"role": "user", "content": ENDLESS}], 2000)
     try:
-        with daemon.http() as http:
+        with patient(daemon) as http:
             started = time.monotonic()
             r = http.post("/v1/messages", json=endless)
             elapsed = time.monotonic() - started
