@@ -75,6 +75,11 @@ class ChatTemplateError(PensieveError):
     """The model has no usable chat template, or the template rejected the conversation."""
 
 
+class GrammarError(PensieveError):
+    """llama.cpp refused a constraining grammar Pensieve built (a bug in Pensieve, not the
+    client's fault; schemas it cannot express are loosened before this can happen)."""
+
+
 class OverloadedError(PensieveError):
     """Too many requests are running or queued (529)."""
 

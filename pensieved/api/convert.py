@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from typing import Any
 
 from pensieved.api.models import (
     ContentBlock,
@@ -21,9 +22,10 @@ from pensieved.engine.types import (
     GenerationRequest,
     Sampling,
     ToolCall,
+    ToolChoice,
     ToolSpec,
 )
-from pensieved.errors import UnsupportedContentError
+from pensieved.errors import InvalidRequestError, UnsupportedContentError
 
 # Claude Code puts per-session client metadata first in `system`; it is no instruction, and
 # keeping it would make every session's prompt prefix differ (no KV reuse across sessions).
@@ -117,6 +119,33 @@ def to_engine_tools(request: _PromptFields) -> tuple[ToolSpec, ...]:
     )
 
 
+def to_engine_tool_choice(request: _PromptFields) -> ToolChoice:
+    choice = request.tool_choice
+    if choice is None:
+        return ToolChoice()
+    names = [t.name for t in request.tools or ()]
+    if choice.type in ("any", "tool") and not names:
+        raise InvalidRequestError(
+            f"tool_choice.type: '{choice.type}' requires `tools` with at least one tool"
+        )
+    if choice.type == "tool":
+        if not choice.name:
+            raise InvalidRequestError("tool_choice.name: required when tool_choice.type is 'tool'")
+        if choice.name not in names:
+            raise InvalidRequestError(
+                f"tool_choice.name: tool '{choice.name}' is not among the request's tools"
+            )
+    # Forced calls are one call: a small model told "call a tool" otherwise keeps calling.
+    parallel = choice.type == "auto" and not choice.disable_parallel_tool_use
+    return ToolChoice(mode=choice.type, name=choice.name, parallel=parallel)
+
+
+def output_schema(request: _PromptFields) -> dict[str, Any] | None:
+    fmt = request.output_config.format if request.output_config else None
+    fmt = fmt or request.output_format
+    return fmt.schema_ if fmt is not None else None
+
+
 def to_generation_request(
     request: _PromptFields,
     *,
@@ -137,6 +166,9 @@ def to_generation_request(
         sampling=sampling,
         stop_sequences=tuple(stop_sequences or ()),
         tools=to_engine_tools(request),
+        tool_choice=to_engine_tool_choice(request),
+        output_schema=output_schema(request),
+        thinking=request.thinking is not None and request.thinking.type != "disabled",
     )
 
 

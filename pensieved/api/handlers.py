@@ -25,11 +25,11 @@ from pensieved.api.models import (
     MessagesRequest,
     ModelInfo,
     ModelList,
-    OutTextBlock,
     Usage,
 )
+from pensieved.api.replies import ReplyBuilder
 from pensieved.engine.service import Engine, ModelRuntime
-from pensieved.engine.types import Failed, Finished, PreparedPrompt, TextPiece
+from pensieved.engine.types import Failed, Finished, PreparedPrompt
 from pensieved.errors import InvalidRequestError, NotFoundError, PensieveError
 
 log = logging.getLogger("pensieved.api")
@@ -285,20 +285,21 @@ class MessagesHandler(BaseHandler):
     async def _complete(
         self, model_name: str, runtime: ModelRuntime, prepared: PreparedPrompt
     ) -> None:
-        parts: list[str] = []
+        reply = ReplyBuilder()
         finished: Finished | None = None
         async for event in self.engine.generate(runtime, prepared):
-            if isinstance(event, TextPiece):
-                parts.append(event.text)
-            elif isinstance(event, Finished):
+            if isinstance(event, Finished):
                 finished = event
             elif isinstance(event, Failed):
                 raise event.error
+            else:
+                reply.feed(event)
         assert finished is not None
+        reply.finish()
         message = Message(
             id=new_id("msg_"),
             model=model_name,
-            content=[OutTextBlock(text="".join(parts))],
+            content=reply.blocks,
             stop_reason=finished.stop_reason,
             stop_sequence=finished.stop_sequence,
             usage=Usage(
@@ -327,27 +328,12 @@ class MessagesHandler(BaseHandler):
             stop_sequence=None,
             usage=Usage(input_tokens=prepared.input_tokens, output_tokens=0),
         )
+        reply = ReplyBuilder()
         try:
             await self._send({"type": "message_start", "message": skeleton.model_dump(mode="json")})
-            await self._send(
-                {
-                    "type": "content_block_start",
-                    "index": 0,
-                    "content_block": {"type": "text", "text": ""},
-                }
-            )
-            await self._send({"type": "ping"})
             async for event in self.engine.generate(runtime, prepared):
-                if isinstance(event, TextPiece):
-                    await self._send(
-                        {
-                            "type": "content_block_delta",
-                            "index": 0,
-                            "delta": {"type": "text_delta", "text": event.text},
-                        }
-                    )
-                elif isinstance(event, Finished):
-                    await self._send({"type": "content_block_stop", "index": 0})
+                if isinstance(event, Finished):
+                    await self._send_blocks(reply.finish())
                     await self._send(
                         {
                             "type": "message_delta",
@@ -365,6 +351,8 @@ class MessagesHandler(BaseHandler):
                     await self._send({"type": "message_stop"})
                 elif isinstance(event, Failed):
                     raise event.error
+                else:
+                    await self._send_blocks(reply.feed(event))
         except tornado.iostream.StreamClosedError:
             log.info("client closed the stream (request-id %s)", self.request_id)
         except asyncio.CancelledError:
@@ -372,6 +360,16 @@ class MessagesHandler(BaseHandler):
         except Exception as exc:
             await self._stream_error(exc)
         self.finish()
+
+    _pinged = False
+
+    async def _send_blocks(self, payloads: list[dict[str, Any]]) -> None:
+        for payload in payloads:
+            await self._send(payload)
+            if not self._pinged and payload["type"] == "content_block_start":
+                # Anthropic's order: the first block opens, then a ping.
+                self._pinged = True
+                await self._send({"type": "ping"})
 
     async def _stream_error(self, exc: Exception) -> None:
         """Headers are gone: the error travels as an SSE `error` event."""

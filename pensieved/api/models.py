@@ -87,14 +87,37 @@ class Tool(_Wire):
 
 
 class ToolChoice(_Wire):
-    type: Literal["auto", "any", "tool", "none"]
-    name: str | None = None
-    disable_parallel_tool_use: bool = False
+    type: Literal["auto", "any", "tool", "none"] = Field(
+        description="auto: the model decides; any: it must call some tool; tool: it must call "
+        "the tool `name`; none: it must not call a tool."
+    )
+    name: str | None = Field(None, description="The tool to call, for type `tool`.")
+    disable_parallel_tool_use: bool = Field(
+        False, description="At most one tool call in the reply."
+    )
 
 
 class ThinkingConfig(_Wire):
-    type: Literal["enabled", "disabled", "adaptive"]
-    budget_tokens: int | None = None
+    type: Literal["enabled", "disabled", "adaptive"] = Field(
+        description="enabled/adaptive: return `<think>` reasoning as thinking blocks; "
+        "disabled: leave it out."
+    )
+    budget_tokens: int | None = Field(
+        None, description="Accepted; the reasoning shares max_tokens with the answer."
+    )
+
+
+class OutputFormat(_Wire):
+    type: Literal["json_schema"] = Field(description="Only JSON-schema output is defined.")
+    schema_: dict[str, Any] = Field(
+        alias="schema", description="The JSON schema the reply's text must satisfy."
+    )
+
+
+class OutputConfig(_Wire):
+    format: OutputFormat | None = Field(
+        None, description="Structured output: the reply is JSON valid against the schema."
+    )
 
 
 class _PromptFields(_Wire):
@@ -104,6 +127,12 @@ class _PromptFields(_Wire):
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
     thinking: ThinkingConfig | None = None
+    output_config: OutputConfig | None = Field(
+        None, description="Output options; `format` asks for structured JSON output."
+    )
+    output_format: OutputFormat | None = Field(
+        None, description="The structured-outputs beta's earlier spelling of output_config.format."
+    )
 
 
 class MessagesRequest(_PromptFields):

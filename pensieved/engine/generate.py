@@ -7,7 +7,9 @@ that went away frees its slot within one step.
 
 from __future__ import annotations
 
+import ctypes
 import random
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -16,7 +18,28 @@ from typing import Any
 
 from pensieved.engine.model import LoadedModel
 from pensieved.engine.textstream import TextStream
-from pensieved.engine.types import Event, Finished, PreparedPrompt, StopReason, TextPiece
+from pensieved.engine.thinking import ThinkSplitter
+from pensieved.engine.tools import (
+    TOOL_CALL_OPEN,
+    ParsedCallDelta,
+    ParsedCallEnd,
+    ParsedCallStart,
+    ParsedText,
+    ToolCallParser,
+)
+from pensieved.engine.types import (
+    Event,
+    Finished,
+    PreparedPrompt,
+    Sampling,
+    StopReason,
+    TextPiece,
+    ThinkingPiece,
+    ToolCallDelta,
+    ToolCallEnd,
+    ToolCallStart,
+)
+from pensieved.errors import GrammarError
 
 
 class Cancelled(Exception):
@@ -77,16 +100,10 @@ def run_generation(
 
     sampling = prepared.request.sampling
     llm.set_seed(sampling.seed if sampling.seed is not None else random.getrandbits(31))
-    llm._sampler = llm._init_sampler(
-        top_k=sampling.top_k,
-        top_p=sampling.top_p,
-        min_p=0.0,
-        typical_p=1.0,
-        temp=sampling.temperature,
-    )
-    text = TextStream(prepared.request.stop_sequences)
-    stop_reason: StopReason = "max_tokens"
-    stop_sequence: str | None = None
+    llm._sampler = build_sampler(llm, sampling, prepared.grammar, lazy=prepared.grammar_lazy)
+    # Bytes to text: decoding only; stop sequences apply later, to visible text alone.
+    decoder = TextStream()
+    router = OutputRouter(prepared, emit)
     output = 0
     try:
         while output < prepared.max_tokens:
@@ -95,14 +112,10 @@ def run_generation(
             with model.compute_lock:
                 token = llm.sample()
             if model.is_end_of_generation(token):
-                stop_reason = "end_turn"
+                router.end_of_turn()
                 break
             output += 1
-            piece = text.feed(model.token_bytes(token))
-            if piece.text:
-                emit(TextPiece(piece.text))
-            if piece.stop_sequence is not None:
-                stop_reason, stop_sequence = "stop_sequence", piece.stop_sequence
+            if router.feed(decoder.feed(model.token_bytes(token)).text):
                 break
             if output >= prepared.max_tokens:
                 break
@@ -110,19 +123,164 @@ def run_generation(
                 llm.eval([token])
     finally:
         llm._sampler = None
-    if stop_sequence is None:
-        tail = text.finish()
-        if tail:
-            emit(TextPiece(tail))
+    router.feed(decoder.finish())
+    router.finish()
     stats.output_tokens = output
     stats.generate_s = time.perf_counter() - started - stats.prompt_eval_s
     emit(
         Finished(
-            stop_reason=stop_reason,
-            stop_sequence=stop_sequence,
+            stop_reason=router.stop_reason,
+            stop_sequence=router.stop_sequence,
             input_tokens=len(tokens),
             output_tokens=output,
             cache_read_tokens=reused,
         )
     )
     return stats
+
+
+def build_sampler(llm: Any, sampling: Sampling, grammar: str | None, *, lazy: bool) -> Any:
+    """The sampler chain of `Llama._init_sampler`, with an optional (lazy) grammar first."""
+    import importlib
+
+    # llama-cpp-python has partial annotations; treat its sampler API as untyped.
+    internals: Any = importlib.import_module("llama_cpp._internals")
+    llama_cpp: Any = importlib.import_module("llama_cpp.llama_cpp")
+
+    sampler = internals.LlamaSampler()
+    if grammar:
+        vocab = llm._model.vocab
+        if lazy:
+            patterns = (ctypes.c_char_p * 1)(re.escape(TOOL_CALL_OPEN).encode())
+            tokens = (llama_cpp.llama_token * 0)()
+            pointer = llama_cpp.llama_sampler_init_grammar_lazy_patterns(
+                vocab, grammar.encode(), b"root", patterns, 1, tokens, 0
+            )
+        else:
+            pointer = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
+        if not pointer:
+            sampler.close()
+            raise GrammarError("llama.cpp rejected the output grammar")
+        llama_cpp.llama_sampler_chain_add(sampler.sampler, pointer)
+    if sampling.temperature == 0.0:
+        sampler.add_greedy()
+    else:
+        sampler.add_top_k(sampling.top_k)
+        sampler.add_top_p(sampling.top_p, 1)
+        sampler.add_min_p(0.0, 1)
+        sampler.add_temp(sampling.temperature)
+        sampler.add_dist(llm._seed)
+    return sampler
+
+
+class OutputRouter:
+    """Generated text in, events out: reasoning, visible text, tool calls; decides the stop.
+
+    Order matters: `<think>` blocks are split off first, tool calls next, and stop sequences
+    are matched in the visible text only, so a stop sequence can never cut a tool call apart.
+    """
+
+    def __init__(self, prepared: PreparedPrompt, emit: Callable[[Event], None]) -> None:
+        request = prepared.request
+        self._emit = emit
+        self._stops = request.stop_sequences
+        self._visible = TextStream(self._stops)
+        self._think = ThinkSplitter(start_open=prepared.thinking_open)
+        self._show_thinking = request.thinking
+        self._no_tools = request.tool_choice.mode == "none"
+        self._parallel = request.tool_choice.parallel
+        self._parser: ToolCallParser | None = None
+        if request.tools and request.output_schema is None:
+            names = () if self._no_tools else tuple(t.name for t in request.tools)
+            self._parser = ToolCallParser(names)
+        self.stop_reason: StopReason = "max_tokens"
+        self.stop_sequence: str | None = None
+        self.done = False
+        self._dropped = False
+        self._after_call = False
+
+    def feed(self, text: str) -> bool:
+        """Route `text`; True when generation should stop here."""
+        if self.done or not text:
+            return self.done
+        for thinking, piece in self._think.feed(text):
+            self._route(thinking, piece)
+            if self.done:
+                break
+        return self.done
+
+    def _route(self, thinking: bool, piece: str) -> None:
+        if thinking:
+            if self._show_thinking:
+                self._emit(ThinkingPiece(piece))
+            return
+        if self._parser is None:
+            self._text(piece)
+            return
+        for parsed in self._parser.feed(piece):
+            self._parsed(parsed)
+            if self.done:
+                return
+        if self._no_tools and self._parser.in_call:
+            # tool_choice none: the reply ends where the model tried to call a tool.
+            self._flush_visible()
+            self._stop("end_turn")
+
+    def _parsed(self, parsed: object) -> None:
+        if isinstance(parsed, ParsedText):
+            self._text(parsed.text)
+        elif isinstance(parsed, ParsedCallStart):
+            self._flush_visible()
+            self._emit(ToolCallStart(parsed.name))
+        elif isinstance(parsed, ParsedCallDelta):
+            self._emit(ToolCallDelta(parsed.partial_json))
+        elif isinstance(parsed, ParsedCallEnd):
+            self._emit(ToolCallEnd(parsed.input, parsed.complete))
+            self._after_call = True
+            if parsed.complete and not self._parallel:
+                self._stop("tool_use")
+
+    def _text(self, text: str) -> None:
+        if self._after_call:
+            # The line breaks between and after calls would be whitespace-only text blocks.
+            text = text.lstrip()
+            if not text:
+                return
+            self._after_call = False
+        out = self._visible.feed(text.encode())
+        if out.text:
+            self._emit(TextPiece(out.text))
+        if out.stop_sequence is not None:
+            self.stop_sequence = out.stop_sequence
+            self._stop("stop_sequence")
+
+    def _flush_visible(self) -> None:
+        tail = self._visible.finish()
+        if tail:
+            self._emit(TextPiece(tail))
+        self._visible = TextStream(self._stops)
+
+    def _stop(self, reason: StopReason) -> None:
+        """Stop here and show nothing more (stop sequence, finished call, refused call)."""
+        self.stop_reason = reason
+        self.done = True
+        self._dropped = True
+
+    def end_of_turn(self) -> None:
+        self.stop_reason = "end_turn"
+        self.done = True
+
+    def finish(self) -> None:
+        """Release held text and close a tool call the output ended inside of."""
+        if not self._dropped:
+            for thinking, piece in self._think.finish():
+                self._route(thinking, piece)
+        parser = self._parser
+        if not self._dropped and parser is not None and not (self._no_tools and parser.in_call):
+            for parsed in parser.finish():
+                self._parsed(parsed)
+        if not self._dropped:
+            self._flush_visible()
+        calls = self._parser.calls if self._parser is not None else 0
+        if self.stop_reason == "end_turn" and calls and not self._no_tools:
+            self.stop_reason = "tool_use"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import jinja2
 import jinja2.sandbox
 
+from pensieved.engine.tools import TOOL_CALL_OPEN, to_generic_messages
 from pensieved.engine.types import ChatMessage, ToolSpec
 from pensieved.errors import ChatTemplateError
 
@@ -33,7 +35,9 @@ def _raise(message: str) -> None:
 
 
 def _tojson(value: Any, indent: int | None = None, **_: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, indent=indent)
+    # Sorted keys: tool schemas and call arguments render the same on every turn, whatever
+    # order the client sent them in, so consecutive prompts share their prefix.
+    return json.dumps(value, ensure_ascii=False, indent=indent, sort_keys=True)
 
 
 @lru_cache(maxsize=8)
@@ -89,8 +93,12 @@ def render_text(
     bos_text: str,
     eos_text: str,
     tools: Sequence[ToolSpec] = (),
+    extra: dict[str, Any] | None = None,
 ) -> tuple[str, list[str]]:
-    """Render to text with content markers; returns (rendered, original content strings)."""
+    """Render to text with content markers; returns (rendered, original content strings).
+
+    `extra` adds template variables (e.g. `enable_thinking`, which Qwen3's template reads).
+    """
     if not template_source:
         raise ChatTemplateError(
             "the model has no chat template in its GGUF metadata (tokenizer.chat_template), "
@@ -102,6 +110,7 @@ def render_text(
         "add_generation_prompt": True,
         "bos_token": bos_text,
         "eos_token": eos_text,
+        **(extra or {}),
     }
     if tools:
         context["tools"] = [
@@ -139,3 +148,93 @@ def tokenize_rendered(
         position = match.end()
     tokens += tokenize(rendered[position:], True, False)
     return tokens
+
+
+# ---- what a template can take --------------------------------------------------------------
+
+_PROBE = "pensieve-probe-7f3a"
+
+
+@dataclass(frozen=True)
+class TemplateCaps:
+    """What a chat template accepts, found by rendering small probe conversations."""
+
+    tools: bool  # renders `tools` and speaks the `<tool_call>` syntax our parser reads
+    system_mid: bool  # renders a system message after the conversation has started
+
+
+def _renders(source: str, messages: list[ChatMessage], **kwargs: Any) -> str | None:
+    try:
+        rendered, contents = render_text(source, messages, bos_text="", eos_text="", **kwargs)
+    except ChatTemplateError:
+        return None
+    return _MARK_RE.sub(lambda m: contents[int(m.group(1))], rendered)
+
+
+@lru_cache(maxsize=8)
+def template_caps(source: str | None) -> TemplateCaps:
+    if not source:
+        return TemplateCaps(tools=False, system_mid=False)
+    tool = ToolSpec(name=_PROBE, description="probe", parameters={"type": "object"})
+    with_tools = _renders(source, [ChatMessage("user", "hi")], tools=[tool])
+    # Templates that take tools in another syntax (Llama 3.1's bare JSON, Mistral's
+    # [TOOL_CALLS]) get our generic format instead, which our parser and grammar speak.
+    tools = with_tools is not None and _PROBE in with_tools and TOOL_CALL_OPEN in source
+    mid = _renders(
+        source,
+        [
+            ChatMessage("user", "a"),
+            ChatMessage("assistant", "b"),
+            ChatMessage("system", _PROBE),
+            ChatMessage("user", "c"),
+        ],
+    )
+    return TemplateCaps(tools=tools, system_mid=mid is not None and _PROBE in mid)
+
+
+SYSTEM_NOTE = "[System message]"
+
+
+def _merge_mid_system(messages: Sequence[ChatMessage]) -> list[ChatMessage]:
+    """Fold system messages after the first turn into the next user turn, clearly marked."""
+    out: list[ChatMessage] = []
+    pending: list[str] = []
+    for index, message in enumerate(messages):
+        if message.role == "system" and index > 0:
+            pending.append(f"{SYSTEM_NOTE}\n{message.content}")
+            continue
+        if pending and message.role == "user":
+            message = ChatMessage("user", "\n\n".join([*pending, message.content]))
+            pending = []
+        out.append(message)
+    if pending:  # system text after the last user turn: a user turn of its own
+        if out and out[-1].role == "user":
+            joined = "\n\n".join([out[-1].content, *pending])
+            out[-1] = ChatMessage("user", joined)
+        else:
+            out.append(ChatMessage("user", "\n\n".join(pending)))
+    return out
+
+
+def conversation_for_template(
+    caps: TemplateCaps,
+    messages: Sequence[ChatMessage],
+    tools: Sequence[ToolSpec],
+) -> tuple[list[ChatMessage], tuple[ToolSpec, ...]]:
+    """The messages and tools to hand the template, in a form it accepts.
+
+    Returns the tools the template itself should render (empty when they were folded into
+    the system message in our generic format).
+    """
+    template_tools: tuple[ToolSpec, ...] = ()
+    has_tool_history = any(m.tool_calls or m.role == "tool" for m in messages)
+    if caps.tools:
+        out = list(messages)
+        template_tools = tuple(tools)
+    elif tools or has_tool_history:
+        out = to_generic_messages(messages, tools)
+    else:
+        out = list(messages)
+    if not caps.system_mid and any(m.role == "system" for m in out[1:]):
+        out = _merge_mid_system(out)
+    return out, template_tools

@@ -17,9 +17,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pensieved.config import Config
+from pensieved.engine.grammar import grammar_parses, loosest_grammar, request_grammar
 from pensieved.engine.model import LoadedModel, ModelSettings
-from pensieved.engine.prompt import render_text, tokenize_rendered
+from pensieved.engine.prompt import (
+    conversation_for_template,
+    render_text,
+    template_caps,
+    tokenize_rendered,
+)
 from pensieved.engine.scheduler import Scheduler
+from pensieved.engine.thinking import prompt_opens_thinking
 from pensieved.engine.types import Event, Finished, GenerationRequest, PreparedPrompt
 from pensieved.errors import (
     ModelLoadError,
@@ -175,20 +182,42 @@ class Engine:
         )
 
     def _render_tokens(self, model: LoadedModel, request: GenerationRequest) -> list[int]:
+        return self._render(model, request)[0]
+
+    def _render(self, model: LoadedModel, request: GenerationRequest) -> tuple[list[int], bool]:
+        """Prompt tokens, and whether the prompt ends inside a `<think>` block."""
+        caps = template_caps(model.chat_template)
+        messages, template_tools = conversation_for_template(caps, request.messages, request.tools)
         rendered, contents = render_text(
             model.chat_template,
-            request.messages,
+            messages,
             bos_text=model.bos_text,
             eos_text=model.eos_text,
-            tools=request.tools,
+            tools=template_tools,
+            extra={"enable_thinking": request.thinking},
         )
-        return tokenize_rendered(
+        tokens = tokenize_rendered(
             rendered,
             contents,
             lambda text, special, add_bos: model.tokenize(text, special=special, add_bos=add_bos),
             add_bos=model.add_bos,
             bos_text=model.bos_text,
         )
+        return tokens, prompt_opens_thinking(rendered)
+
+    def _grammar(self, model: LoadedModel, request: GenerationRequest) -> tuple[str | None, bool]:
+        grammar, lazy = request_grammar(request)
+        if grammar is not None and not grammar_parses(model.contexts[0]._model.vocab, grammar):
+            log.warning("llama.cpp refused the schema grammar; enforcing the JSON shape only")
+            grammar = loosest_grammar(request)
+        return grammar, lazy
+
+    def _prepare_sync(
+        self, model: LoadedModel, request: GenerationRequest
+    ) -> tuple[list[int], bool, str | None, bool]:
+        tokens, thinking_open = self._render(model, request)
+        grammar, lazy = self._grammar(model, request)
+        return tokens, thinking_open, grammar, lazy
 
     async def count_tokens(self, name: str, request: GenerationRequest) -> int:
         runtime = self.runtime_for(name)
@@ -201,12 +230,22 @@ class Engine:
         """Render, tokenize and fit the prompt; raises PromptTooLongError if it cannot fit."""
         runtime = self.runtime_for(name)
         model = runtime.model
-        tokens = await asyncio.to_thread(self._render_tokens, model, request)
+        tokens, thinking_open, grammar, lazy = await asyncio.to_thread(
+            self._prepare_sync, model, request
+        )
         room = model.n_ctx - len(tokens)
         if room < 1:
             raise PromptTooLongError(len(tokens), model.n_ctx - 1)
         max_tokens = min(request.max_tokens, room, self.config.model.max_output_tokens)
-        return runtime, PreparedPrompt(request, tuple(tokens), max_tokens)
+        prepared = PreparedPrompt(
+            request,
+            tuple(tokens),
+            max_tokens,
+            grammar=grammar,
+            grammar_lazy=lazy,
+            thinking_open=thinking_open,
+        )
+        return runtime, prepared
 
     def admit(self) -> None:
         """Count a request in, or refuse it at once when the server is full."""

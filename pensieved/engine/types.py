@@ -42,6 +42,18 @@ class ToolSpec:
     parameters: dict[str, Any]
 
 
+ToolChoiceMode = Literal["auto", "any", "tool", "none"]
+
+
+@dataclass(frozen=True)
+class ToolChoice:
+    """auto: the model decides; any: some tool; tool: the one named; none: no tool call."""
+
+    mode: ToolChoiceMode = "auto"
+    name: str | None = None
+    parallel: bool = True  # several calls in one reply
+
+
 @dataclass(frozen=True)
 class Sampling:
     temperature: float = 1.0
@@ -57,6 +69,11 @@ class GenerationRequest:
     sampling: Sampling = field(default_factory=Sampling)
     stop_sequences: tuple[str, ...] = ()
     tools: tuple[ToolSpec, ...] = ()
+    tool_choice: ToolChoice = field(default_factory=ToolChoice)
+    # A JSON schema the reply must satisfy (structured output); None: free text.
+    output_schema: dict[str, Any] | None = None
+    # Return `<think>` reasoning as thinking events (True) or drop it (False).
+    thinking: bool = False
 
 
 @dataclass(frozen=True)
@@ -66,6 +83,9 @@ class PreparedPrompt:
     request: GenerationRequest
     tokens: tuple[int, ...]
     max_tokens: int  # after clamping to the context and the configured ceiling
+    grammar: str | None = None  # GBNF constraining the output
+    grammar_lazy: bool = False  # the grammar applies from the first `<tool_call>` on
+    thinking_open: bool = False  # the prompt ends inside a `<think>` block
 
     @property
     def input_tokens(self) -> int:
@@ -77,6 +97,35 @@ class TextPiece:
     """Text the client may see now (never part of a possible stop sequence, never half a char)."""
 
     text: str
+
+
+@dataclass(frozen=True)
+class ThinkingPiece:
+    """Reasoning text (from `<think>` blocks), when the request enabled thinking."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class ToolCallStart:
+    """The model began a call of tool `name`; its arguments follow as deltas."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class ToolCallDelta:
+    """A fragment of the arguments JSON; the fragments of one call concatenate to it."""
+
+    partial_json: str
+
+
+@dataclass(frozen=True)
+class ToolCallEnd:
+    """The call is over; `input` is its parsed arguments (`complete` False: cut short)."""
+
+    input: dict[str, Any]
+    complete: bool = True
 
 
 @dataclass(frozen=True)
@@ -95,4 +144,4 @@ class Failed:
     error: Exception
 
 
-Event = TextPiece | Finished | Failed
+Event = TextPiece | ThinkingPiece | ToolCallStart | ToolCallDelta | ToolCallEnd | Finished | Failed

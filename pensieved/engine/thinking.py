@@ -1,0 +1,97 @@
+"""Separating `<think>` reasoning from the answer, for models that reason in those tags.
+
+Qwen3, QwQ, DeepSeek-R1 distills and similar models write `<think>...</think>` before their
+answer (some chat templates open the tag in the generation prompt already). A model that never
+writes the tag passes through untouched, so this runs for every model at no cost.
+"""
+
+from __future__ import annotations
+
+THINK_OPEN = "<think>"
+THINK_CLOSE = "</think>"
+
+
+def prompt_opens_thinking(rendered_prompt: str) -> bool:
+    """Whether the generation prompt ends inside a `<think>` block the template opened."""
+    tail = rendered_prompt.rstrip()
+    return tail.endswith(THINK_OPEN)
+
+
+def _held_prefix(text: str, marker: str) -> int:
+    for length in range(min(len(marker) - 1, len(text)), 0, -1):
+        if text.endswith(marker[:length]):
+            return length
+    return 0
+
+
+class ThinkSplitter:
+    """Feed generated text; get (is_thinking, text) pieces back as soon as they are decided."""
+
+    def __init__(self, *, start_open: bool = False) -> None:
+        self._state = "thinking" if start_open else "start"  # start | thinking | after | text
+        self._buffer = ""
+        self._fresh = True  # nothing of the reasoning seen yet
+
+    def feed(self, text: str) -> list[tuple[bool, str]]:
+        self._buffer += text
+        out: list[tuple[bool, str]] = []
+        while True:
+            state, size = self._state, len(self._buffer)
+            self._step(out)
+            if (self._state, len(self._buffer)) == (state, size):
+                return [(thinking, piece) for thinking, piece in out if piece]
+
+    def _step(self, out: list[tuple[bool, str]]) -> None:
+        if self._state == "start":
+            stripped = self._buffer.lstrip()
+            if stripped.startswith(THINK_OPEN):
+                self._buffer = stripped[len(THINK_OPEN) :].lstrip("\n")
+                self._state = "thinking"
+            elif stripped and not THINK_OPEN.startswith(stripped):
+                self._state = "text"
+        elif self._state == "thinking":
+            if self._fresh:  # the line break after `<think>` is layout too
+                self._buffer = self._buffer.lstrip("\n")
+                if not self._buffer:
+                    return
+                self._fresh = False
+            at = self._buffer.find(THINK_CLOSE)
+            if at >= 0:
+                out.append((True, self._buffer[:at].rstrip("\n")))
+                self._buffer = self._buffer[at + len(THINK_CLOSE) :]
+                self._state = "after"
+                return
+            # Held: a possible start of `</think>` and the line breaks before it, which are
+            # layout around the tag, not reasoning.
+            keep = _held_prefix(self._buffer, THINK_CLOSE)
+            cut = len(self._buffer) - keep
+            cut -= _trailing_newlines(self._buffer[:cut])
+            if cut > 0:
+                out.append((True, self._buffer[:cut]))
+                self._buffer = self._buffer[cut:]
+        elif self._state == "after":
+            # The blank lines between `</think>` and the answer belong to neither.
+            stripped = self._buffer.lstrip()
+            if stripped:
+                self._buffer = stripped
+                self._state = "text"
+            else:
+                self._buffer = ""
+        elif self._state == "text" and self._buffer:
+            out.append((False, self._buffer))
+            self._buffer = ""
+
+    def finish(self) -> list[tuple[bool, str]]:
+        """The output ended: whatever is held goes out (reasoning cut short stays reasoning)."""
+        text, self._buffer = self._buffer, ""
+        if not text:
+            return []
+        if self._state == "thinking":
+            return [(True, text.rstrip("\n"))] if text.strip() else []
+        if self._state == "after":
+            return []
+        return [(False, text)]
+
+
+def _trailing_newlines(text: str) -> int:
+    return len(text) - len(text.rstrip("\n"))
