@@ -205,9 +205,10 @@ def find_llama_server(explicit: str | None) -> tuple[Path | None, str]:
         if path.is_file() and os.access(path, os.X_OK):
             return path, f"given: {path}"
         return None, f"--llama-server {explicit} is not an executable file"
-    built = DEFAULT_BUILD_DIR / "build" / "bin" / "llama-server"
-    if built.is_file():
-        return built, f"built from {LLAMA_CPP_SOURCES}"
+    for build in ("build", "build-prebuilt"):
+        built = DEFAULT_BUILD_DIR / build / "bin" / "llama-server"
+        if built.is_file():
+            return built, f"built from {LLAMA_CPP_SOURCES}: {built}"
     on_path = shutil.which("llama-server")
     if on_path:
         return Path(on_path), f"found on PATH: {on_path} (may not match llama-cpp-python's build)"
