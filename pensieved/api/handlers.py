@@ -165,6 +165,13 @@ class BaseHandler(tornado.web.RequestHandler):
         if self._body_refused:
             raise limits.body_too_large(self._body_size, self._body_limit)
         self.request.body = b"".join(self._chunks or ())
+        if self.engine.config.logging.log_prompts:
+            # Opt-in debug aid; otherwise no prompt text ever reaches the log.
+            log.info(
+                "request body (logging.log_prompts, request-id %s): %s",
+                self.request_id,
+                self.request.body[:100_000].decode("utf-8", "replace"),
+            )
         data = limits.decode_json(self.request.body)
         if not isinstance(data, dict):
             raise InvalidRequestError("request body must be a JSON object")

@@ -489,3 +489,20 @@ def test_logs_hold_neither_keys_nor_prompts(guarded: Daemon) -> None:
     assert "pensieved.access" in text or "DEBUG" in text, "debug logging should be on"
     for secret in (KEY, ROTATED_KEY, "wrong-key-canary-5521", PROMPT_CANARY):
         assert secret not in text, f"{secret!r} leaked into the log"
+
+
+def test_log_prompts_is_the_only_way_prompts_reach_the_log(tmp_path: Path) -> None:
+    d = start_daemon(tmp_path, {"logging": {"log_prompts": True}})
+    try:
+        body = json.dumps(
+            {
+                "model": "m",
+                "max_tokens": 1,
+                "messages": [{"role": "user", "content": PROMPT_CANARY}],
+            }
+        ).encode()
+        assert raw_http(d.port, "POST", "/v1/messages", JSON, body).status == 200
+        time.sleep(0.2)
+        assert PROMPT_CANARY in d.log_text()
+    finally:
+        assert d.stop() == 0
