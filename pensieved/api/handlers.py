@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -29,10 +30,12 @@ from pensieved.api.models import (
 )
 from pensieved.api.replies import ReplyBuilder
 from pensieved.engine.service import Engine, ModelRuntime
-from pensieved.engine.types import Failed, Finished, PreparedPrompt
+from pensieved.engine.types import Failed, Finished, PreparedPrompt, PromptCached
 from pensieved.errors import InvalidRequestError, NotFoundError, PensieveError
 
 log = logging.getLogger("pensieved.api")
+# How often a running request checks that its client is still connected.
+DISCONNECT_POLL_S = 0.2
 access_log = logging.getLogger("pensieved.access")
 
 M = TypeVar("M", bound=BaseModel)
@@ -258,6 +261,16 @@ class CountTokensHandler(BaseHandler):
         self.write_json(CountTokensResponse(input_tokens=count))
 
 
+def _usage(prompt_tokens: int, cached: int, output_tokens: int) -> Usage:
+    """Anthropic's accounting: `input_tokens` excludes the tokens read from the cache, so
+    `input_tokens + cache_read_input_tokens` is the whole prompt (what count_tokens says)."""
+    return Usage(
+        input_tokens=prompt_tokens - cached,
+        output_tokens=output_tokens,
+        cache_read_input_tokens=cached,
+    )
+
+
 class MessagesHandler(BaseHandler):
     """POST /v1/messages, streaming or not. A closed connection cancels the generation."""
 
@@ -282,12 +295,39 @@ class MessagesHandler(BaseHandler):
         try:
             run = self._stream if body.stream else self._complete
             self._task = asyncio.ensure_future(run(body.model, runtime, prepared))
+            watcher = asyncio.ensure_future(self._watch_disconnect(self._task))
             try:
                 await self._task
             except asyncio.CancelledError:
                 log.info("client went away; generation cancelled (request-id %s)", self.request_id)
+            finally:
+                watcher.cancel()
         finally:
             self.engine.done()
+
+    async def _watch_disconnect(self, task: asyncio.Task[None]) -> None:
+        """Cancel `task` as soon as the client hangs up.
+
+        Tornado learns of a closed connection only when a write fails, and nothing is written
+        while a long prompt is evaluated (or a non-streamed reply generated); peeking at the
+        socket sees the EOF at once and consumes nothing a pipelining client sent.
+        """
+        stream = self.request.connection.stream  # type: ignore[union-attr]
+        while not task.done():
+            await asyncio.sleep(DISCONNECT_POLL_S)
+            sock = stream.socket
+            if sock is None or stream.closed():
+                task.cancel()
+                return
+            try:
+                peeked = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                peeked = b""
+            if not peeked:
+                task.cancel()
+                return
 
     async def _complete(
         self, model_name: str, runtime: ModelRuntime, prepared: PreparedPrompt
@@ -299,7 +339,7 @@ class MessagesHandler(BaseHandler):
                 finished = event
             elif isinstance(event, Failed):
                 raise event.error
-            else:
+            elif not isinstance(event, PromptCached):
                 reply.feed(event)
         assert finished is not None
         reply.finish()
@@ -309,11 +349,7 @@ class MessagesHandler(BaseHandler):
             content=reply.blocks,
             stop_reason=finished.stop_reason,
             stop_sequence=finished.stop_sequence,
-            usage=Usage(
-                input_tokens=finished.input_tokens,
-                output_tokens=finished.output_tokens,
-                cache_read_input_tokens=finished.cache_read_tokens,
-            ),
+            usage=_usage(prepared.input_tokens, finished.cache_read_tokens, finished.output_tokens),
         )
         self.write_json(message)
 
@@ -327,20 +363,28 @@ class MessagesHandler(BaseHandler):
         self.set_header("Content-Type", "text/event-stream; charset=utf-8")
         self.set_header("Cache-Control", "no-cache")
         self.set_header("X-Accel-Buffering", "no")
-        skeleton = Message(
-            id=new_id("msg_"),
-            model=model_name,
-            content=[],
-            stop_reason=None,
-            stop_sequence=None,
-            usage=Usage(input_tokens=prepared.input_tokens, output_tokens=0),
-        )
         reply = ReplyBuilder()
         try:
-            await self._send({"type": "message_start", "message": skeleton.model_dump(mode="json")})
             async for event in self.engine.generate(runtime, prepared):
-                if isinstance(event, Finished):
+                if isinstance(event, PromptCached):
+                    # Sent once a slot is known, so the usage split into cached and new
+                    # prompt tokens is already right in message_start.
+                    usage = _usage(prepared.input_tokens, event.cache_read_tokens, 0)
+                    skeleton = Message(
+                        id=new_id("msg_"),
+                        model=model_name,
+                        content=[],
+                        stop_reason=None,
+                        stop_sequence=None,
+                        usage=usage,
+                    )
+                    start = {"type": "message_start", "message": skeleton.model_dump(mode="json")}
+                    await self._send(start)
+                elif isinstance(event, Finished):
                     await self._send_blocks(reply.finish())
+                    usage = _usage(
+                        prepared.input_tokens, event.cache_read_tokens, event.output_tokens
+                    )
                     await self._send(
                         {
                             "type": "message_delta",
@@ -348,11 +392,7 @@ class MessagesHandler(BaseHandler):
                                 "stop_reason": event.stop_reason,
                                 "stop_sequence": event.stop_sequence,
                             },
-                            "usage": {
-                                "input_tokens": event.input_tokens,
-                                "output_tokens": event.output_tokens,
-                                "cache_read_input_tokens": event.cache_read_tokens,
-                            },
+                            "usage": usage.model_dump(mode="json"),
                         }
                     )
                     await self._send({"type": "message_stop"})
@@ -365,6 +405,8 @@ class MessagesHandler(BaseHandler):
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            if not self._headers_written:
+                raise  # nothing sent yet (e.g. timed out in the queue): a plain HTTP error
             await self._stream_error(exc)
         self.finish()
 

@@ -31,6 +31,7 @@ from pensieved.engine.types import (
     Event,
     Finished,
     PreparedPrompt,
+    PromptCached,
     Sampling,
     StopReason,
     TextPiece,
@@ -89,6 +90,7 @@ def run_generation(
     # Reuse the cached prefix; keep at least one token to evaluate so logits are fresh.
     reused = min(slot.shared_prefix(tokens), len(tokens) - 1)
     llm.n_tokens = reused
+    emit(PromptCached(reused))
     pending = list(tokens[reused:])
     step = model.settings.batch_size
     for start in range(0, len(pending), step):

@@ -129,10 +129,20 @@ class ToolCallEnd:
 
 
 @dataclass(frozen=True)
+class PromptCached:
+    """The prompt has a slot: `cache_read_tokens` of it are reused from the KV cache.
+
+    Sent once, before prompt evaluation, so a stream's `message_start` can report the split.
+    """
+
+    cache_read_tokens: int
+
+
+@dataclass(frozen=True)
 class Finished:
     stop_reason: StopReason
     stop_sequence: str | None
-    input_tokens: int
+    input_tokens: int  # the whole prompt, cached part included
     output_tokens: int
     cache_read_tokens: int
 
@@ -144,4 +154,13 @@ class Failed:
     error: Exception
 
 
-Event = TextPiece | ThinkingPiece | ToolCallStart | ToolCallDelta | ToolCallEnd | Finished | Failed
+Event = (
+    PromptCached
+    | TextPiece
+    | ThinkingPiece
+    | ToolCallStart
+    | ToolCallDelta
+    | ToolCallEnd
+    | Finished
+    | Failed
+)

@@ -236,3 +236,11 @@ def control_status(socket_path: str, timeout: float = 5.0) -> dict[str, Any]:
     finally:
         conn.close()
     return data
+
+
+def prompt_tokens(usage: Any) -> int:
+    """The whole prompt's size from a usage object or dict: Anthropic's `input_tokens` leaves
+    out the tokens read from the cache."""
+    if isinstance(usage, dict):
+        return int(usage["input_tokens"]) + int(usage.get("cache_read_input_tokens") or 0)
+    return int(usage.input_tokens) + int(usage.cache_read_input_tokens or 0)

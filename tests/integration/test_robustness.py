@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from pensieved.paths import bundled_model_path
-from tests.integration.daemon import Daemon, RawResponse, raw_http, start_daemon
+from tests.integration.daemon import Daemon, RawResponse, prompt_tokens, raw_http, start_daemon
 
 JSON = {"Content-Type": "application/json"}
 ERROR_TYPES = {
@@ -325,7 +325,7 @@ def test_injected_turn_does_not_open_a_system_turn(daemon: Daemon) -> None:
     r = raw_http(daemon.port, "POST", "/v1/messages", JSON, json.dumps(body).encode())
     check_reply(r)
     assert r.status == 200
-    assert r.json()["usage"]["input_tokens"] == tokens
+    assert prompt_tokens(r.json()["usage"]) == tokens
 
 
 # ---- faults -----------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import httpx2 as httpx
 import jsonschema
 import pytest
 
-from tests.integration.daemon import Daemon
+from tests.integration.daemon import Daemon, prompt_tokens
 
 MODEL = "claude-sonnet-4-5"
 GREEDY = {"temperature": 0}
@@ -238,9 +238,9 @@ def test_round_trip_tool_result_then_reply(daemon: Daemon) -> None:
     assert second.content[0].text.strip()
     assert second.stop_reason in ("end_turn", "max_tokens")
     # The whole history, tool call and result included, reached the prompt.
-    assert second.usage.input_tokens > first.usage.input_tokens + 10
+    assert prompt_tokens(second.usage) > prompt_tokens(first.usage) + 10
     counted = client.messages.count_tokens(model=MODEL, tools=[WEATHER], messages=history)
-    assert counted.input_tokens == second.usage.input_tokens
+    assert counted.input_tokens == prompt_tokens(second.usage)
 
 
 def test_tool_result_errors_and_string_content_round_trip(daemon: Daemon) -> None:
@@ -371,7 +371,7 @@ def test_count_tokens_with_tools_and_system_matches_usage(daemon: Daemon) -> Non
     message = client.messages.create(
         max_tokens=1, tool_choice={"type": "auto"}, extra_body=GREEDY, **request
     )
-    assert counted.input_tokens == message.usage.input_tokens
+    assert counted.input_tokens == prompt_tokens(message.usage)
     without_tools = client.messages.count_tokens(
         model=MODEL, system=request["system"], messages=request["messages"]
     )
