@@ -8,6 +8,7 @@ This module must stay cheap to import (no tornado, no llama_cpp): `pensievectl` 
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -17,7 +18,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pensieved.errors import ConfigError, ConfigIssue
 from pensieved.paths import MAX_SOCKET_PATH_BYTES
 
-LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+
+def is_loopback_name(name: str) -> bool:
+    """True for `localhost` and loopback addresses; `127.0.0.1.example.com` is not one."""
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 class _Section(BaseModel):
@@ -148,8 +157,7 @@ def _cross_checks(config: Config) -> list[ConfigIssue]:
     """Rules that span keys; reported under the key the user should change."""
     issues = []
     host = config.server.host
-    remote = host not in LOOPBACK_HOSTS and not host.startswith("127.")
-    if remote and not (config.server.api_key or config.server.api_key_file):
+    if not is_loopback_name(host) and not (config.server.api_key or config.server.api_key_file):
         issues.append(
             ConfigIssue(
                 "server.host",

@@ -177,7 +177,6 @@ class Daemon:
             params.max_body_size = config.server.max_body_bytes
             params.body_timeout = config.server.idle_connection_timeout_s
             params.header_timeout = config.server.idle_connection_timeout_s
-            server.max_buffer_size = config.server.max_body_bytes
 
     # ---- control operations -----------------------------------------------------------------
 

@@ -113,3 +113,11 @@ def test_overrides_and_diff() -> None:
 def test_remote_host_allowed_with_key() -> None:
     config = parse_config({"server": {"host": "0.0.0.0", "api_key": "secret"}})
     assert config.server.host == "0.0.0.0"
+
+
+def test_loopback_lookalike_host_needs_a_key() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({"server": {"host": "127.0.0.1.example.com"}})
+    assert paths_of(info.value) == ["server.host"]
+    assert parse_config({"server": {"host": "127.0.0.2"}}).server.host == "127.0.0.2"
+    assert parse_config({"server": {"host": "::1"}}).server.host == "::1"

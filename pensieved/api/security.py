@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import logging
 import os
 import re
@@ -29,7 +28,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from pensieved.config import Config
+from pensieved.config import Config, is_loopback_name
 from pensieved.config import api_key as configured_api_key
 from pensieved.errors import AuthenticationError, ConfigError, PermissionDeniedError
 
@@ -65,15 +64,6 @@ def host_name(host_header: str) -> str:
         host = name
     # "localhost." is the same name as "localhost" (a fully qualified name).
     return host[:-1] if host.endswith(".") else host
-
-
-def is_loopback_name(name: str) -> bool:
-    if name == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
 
 
 def check_host(host_header: str | None, config: Config) -> None:
