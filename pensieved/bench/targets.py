@@ -181,21 +181,8 @@ def start_pensieved(
     config_path.write_text(json.dumps(config))
     log_path = workdir / "pensieved.log"
     env = {k: v for k, v in os.environ.items() if k != "PENSIEVE_CONFIG"}
-    started = time.monotonic()
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "pensieved", "--config", str(config_path)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-    server = ServerProcess("pensieved", proc, port, log_path, workdir=workdir)
-    try:
-        server.wait_ready(started)
-    except BaseException:
-        server.stop()
-        raise
-    return server
+    args = [sys.executable, "-m", "pensieved", "--config", str(config_path)]
+    return _launch("pensieved", args, port, log_path, workdir, env)
 
 
 def find_llama_server(explicit: str | None) -> tuple[Path | None, str]:
@@ -253,10 +240,22 @@ def start_llama_server(
         "--jinja",
         "--no-webui",
     ]
+    return _launch("llama-server", args, port, log_path, workdir)
+
+
+def _launch(
+    name: str,
+    args: list[str],
+    port: int,
+    log_path: Path,
+    workdir: Path,
+    env: dict[str, str] | None = None,
+) -> ServerProcess:
+    """Start a server and wait until it answers; never leaves a half-started one behind."""
     started = time.monotonic()
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
-    server = ServerProcess("llama-server", proc, port, log_path, workdir=workdir)
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+    server = ServerProcess(name, proc, port, log_path, workdir=workdir)
     try:
         server.wait_ready(started)
     except BaseException:
