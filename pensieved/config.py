@@ -125,6 +125,11 @@ class ModelConfig(_Section):
         None, ge=1, le=512, description="CPU threads for generation; null: physical cores."
     )
     batch_size: int = Field(512, ge=16, le=8192, description="Prompt tokens evaluated per step.")
+    mmap: bool = Field(
+        False,
+        description="Memory-map the weights instead of reading them in: loads faster, but "
+        "replacing the file in place while the daemon runs crashes it (SIGBUS).",
+    )
     slots: int = Field(
         4, ge=1, le=64, description="KV-cache slots: conversations kept warm at once."
     )

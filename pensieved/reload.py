@@ -40,6 +40,7 @@ _MODEL_KEYS = frozenset(
         "model.threads",
         "model.batch_size",
         "model.slots",
+        "model.mmap",
     }
 )
 
@@ -69,6 +70,7 @@ def model_key(config: Config) -> tuple[object, ...]:
         m.threads,
         m.batch_size,
         m.slots,
+        m.mmap,
     )
 
 

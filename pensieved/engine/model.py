@@ -32,6 +32,7 @@ class ModelSettings:
     threads: int | None
     batch_size: int
     slots: int
+    mmap: bool = False
 
     @property
     def effective_threads(self) -> int:
@@ -60,6 +61,7 @@ class LoadedModel:
             "n_gpu_layers": settings.gpu_layers,
             "n_threads": settings.effective_threads,
             "n_threads_batch": settings.effective_threads,
+            "use_mmap": settings.mmap,
             "verbose": False,
         }
         try:

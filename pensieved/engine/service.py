@@ -52,6 +52,7 @@ def settings_for(config: Config, path: Path) -> ModelSettings:
         threads=m.threads,
         batch_size=m.batch_size,
         slots=m.slots,
+        mmap=m.mmap,
     )
 
 
