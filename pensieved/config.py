@@ -76,6 +76,13 @@ class ServerConfig(_Section):
     max_body_bytes: int = Field(
         32 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 beyond)."
     )
+    keepalive_ping_s: float = Field(
+        5.0,
+        gt=0,
+        le=300,
+        description="While a stream has nothing to send (a long prompt is being evaluated), "
+        "send an SSE ping this often so clients and proxies keep waiting.",
+    )
     idle_connection_timeout_s: float = Field(
         60.0, gt=0, description="Close a connection that sends nothing for this long."
     )

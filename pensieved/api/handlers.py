@@ -30,7 +30,7 @@ from pensieved.api.models import (
 )
 from pensieved.api.replies import ReplyBuilder
 from pensieved.engine.service import Engine, ModelRuntime
-from pensieved.engine.types import Failed, Finished, PreparedPrompt, PromptCached
+from pensieved.engine.types import Failed, Finished, Heartbeat, PreparedPrompt, PromptCached
 from pensieved.errors import InvalidRequestError, NotFoundError, PensieveError
 
 log = logging.getLogger("pensieved.api")
@@ -339,7 +339,7 @@ class MessagesHandler(BaseHandler):
                 finished = event
             elif isinstance(event, Failed):
                 raise event.error
-            elif not isinstance(event, PromptCached):
+            elif not isinstance(event, PromptCached | Heartbeat):
                 reply.feed(event)
         assert finished is not None
         reply.finish()
@@ -366,7 +366,9 @@ class MessagesHandler(BaseHandler):
         reply = ReplyBuilder()
         try:
             async for event in self.engine.generate(runtime, prepared):
-                if isinstance(event, PromptCached):
+                if isinstance(event, Heartbeat):
+                    await self._send({"type": "ping"})
+                elif isinstance(event, PromptCached):
                     # Sent once a slot is known, so the usage split into cached and new
                     # prompt tokens is already right in message_start.
                     usage = _usage(prepared.input_tokens, event.cache_read_tokens, 0)

@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from pensieved.engine.generate import Cancelled, Slot, run_generation
 from pensieved.engine.model import LoadedModel
-from pensieved.engine.types import Event, Failed, Finished, PreparedPrompt
+from pensieved.engine.types import Event, Failed, Finished, Heartbeat, PreparedPrompt
 from pensieved.errors import PensieveError, RequestTimeoutError
 
 log = logging.getLogger("pensieved.engine")
@@ -114,9 +114,12 @@ class Scheduler:
         self._wake_next()
 
     async def stream(
-        self, prepared: PreparedPrompt, deadline: float | None = None
+        self, prepared: PreparedPrompt, deadline: float | None = None, heartbeat_s: float = 5.0
     ) -> AsyncIterator[Event]:
-        """Run one generation; yields events. Closing the iterator early cancels it."""
+        """Run one generation; yields events. Closing the iterator early cancels it.
+
+        After `heartbeat_s` without an event, a Heartbeat is yielded (and again every period).
+        """
         loop = asyncio.get_running_loop()
         try:
             slot = await asyncio.wait_for(self._acquire(prepared.tokens), _remaining(deadline))
@@ -147,15 +150,30 @@ class Scheduler:
         handle = (cancel, events)
         self._active.add(handle)
         timer = None if deadline is None else loop.call_at(deadline, events.put_nowait, None)
+        last_event = time.monotonic()
+        heartbeat: asyncio.TimerHandle | None = None
+
+        def beat() -> None:
+            # Streams stay silent while a long prompt is evaluated; a heartbeat lets the API
+            # layer send keep-alive pings so clients and proxies do not give up on us.
+            nonlocal heartbeat
+            if time.monotonic() - last_event >= heartbeat_s:
+                events.put_nowait(Heartbeat())
+            heartbeat = loop.call_later(heartbeat_s, beat)
+
+        heartbeat = loop.call_later(heartbeat_s, beat)
         try:
             while True:
                 event = await events.get()
                 if event is None:
                     raise RequestTimeoutError(_timeout_message())
+                last_event = time.monotonic()
                 yield event
                 if isinstance(event, Finished | Failed):
                     break
         finally:
+            if heartbeat is not None:
+                heartbeat.cancel()
             if timer is not None:
                 timer.cancel()
             self._active.discard(handle)

@@ -268,7 +268,9 @@ class Engine:
     ) -> AsyncIterator[Event]:
         timeout_s = self.config.server.request_timeout_ms / 1000
         deadline = time.monotonic() + timeout_s
-        async for event in runtime.scheduler.stream(prepared, deadline):
+        async for event in runtime.scheduler.stream(
+            prepared, deadline, heartbeat_s=self.config.server.keepalive_ping_s
+        ):
             if isinstance(event, Finished):
                 self.stats.tokens_generated += event.output_tokens
                 self.stats.prompt_tokens += event.input_tokens

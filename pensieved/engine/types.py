@@ -139,6 +139,11 @@ class PromptCached:
 
 
 @dataclass(frozen=True)
+class Heartbeat:
+    """Nothing new for a while (a long prompt is being evaluated), but the request is alive."""
+
+
+@dataclass(frozen=True)
 class Finished:
     stop_reason: StopReason
     stop_sequence: str | None
@@ -156,6 +161,7 @@ class Failed:
 
 Event = (
     PromptCached
+    | Heartbeat
     | TextPiece
     | ThinkingPiece
     | ToolCallStart

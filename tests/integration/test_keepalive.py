@@ -1,0 +1,35 @@
+"""A stream that has nothing to say yet (long prompt evaluation) sends keep-alive pings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.integration.daemon import start_daemon
+
+
+def test_pings_while_a_long_prompt_is_evaluated(tmp_path: Path) -> None:
+    d = start_daemon(tmp_path, {"server": {"keepalive_ping_s": 0.05}, "model": {"slots": 1}})
+    try:
+        words = " ".join(f"item{n}" for n in range(400))  # over 1,000 prompt tokens
+        body = {
+            "model": "m",
+            "max_tokens": 3,
+            "stream": True,
+            "messages": [{"role": "user", "content": f"Summarise: {words}"}],
+        }
+        with d.http() as http:
+            r = http.post("/v1/messages", json=body)
+        assert r.status_code == 200
+        events = [
+            json.loads(line.removeprefix("data: "))
+            for line in r.text.splitlines()
+            if line.startswith("data: ")
+        ]
+        names = [e["type"] for e in events]
+        assert names[0] == "message_start" and names[-1] == "message_stop"
+        first_block = names.index("content_block_start")
+        assert "ping" in names[1:first_block], names
+        assert events[0]["message"]["usage"]["input_tokens"] > 1000
+    finally:
+        assert d.stop() == 0
