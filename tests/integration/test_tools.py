@@ -16,7 +16,7 @@ import pytest
 
 from tests.integration.daemon import Daemon, prompt_tokens
 
-MODEL = "claude-sonnet-4-5"
+MODEL = "claude-sonnet-4-6"
 GREEDY = {"temperature": 0}
 
 CREATE_EVENT: dict[str, Any] = {
