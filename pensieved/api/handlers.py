@@ -197,6 +197,10 @@ class RootHandler(BaseHandler):
 
 
 class HealthHandler(BaseHandler):
+    def _key_required(self) -> bool:
+        server = self.engine.config.server
+        return bool(server.api_key or server.api_key_file)
+
     def get(self) -> None:
         info = self.engine.describe()
         model = info["model"] or {}
@@ -206,7 +210,8 @@ class HealthHandler(BaseHandler):
                 "status": "ok" if ready else self.engine.state,
                 "error": info["error"],
                 "model": model.get("name"),
-                "model_path": model.get("path"),
+                # /health needs no key; with a key configured, file paths are not for strangers.
+                "model_path": None if self._key_required() else model.get("path"),
                 "context_size": model.get("context_size"),
                 "version": __version__,
                 "in_flight": self.engine.stats.in_flight,

@@ -299,7 +299,9 @@ def test_every_api_path_needs_the_key_but_probes_do_not(guarded: Daemon) -> None
     ]:
         r = raw_http(guarded.port, method, path, JSON, BODY if method == "POST" else None)
         assert_error(r, 401, "authentication_error")
-    assert raw_http(guarded.port, "GET", "/health").status == 200
+    health = raw_http(guarded.port, "GET", "/health")
+    assert health.status == 200
+    assert health.json()["model_path"] is None, "no file paths for callers without the key"
     assert raw_http(guarded.port, "GET", "/").status == 200
     assert raw_http(guarded.port, "HEAD", "/").status == 200
 
