@@ -21,9 +21,6 @@ from pensieved.engine.textstream import TextStream
 from pensieved.engine.thinking import ThinkSplitter
 from pensieved.engine.tools import (
     TOOL_CALL_OPEN,
-    ParsedCallDelta,
-    ParsedCallEnd,
-    ParsedCallStart,
     ParsedText,
     ToolCallParser,
 )
@@ -231,13 +228,13 @@ class OutputRouter:
     def _parsed(self, parsed: object) -> None:
         if isinstance(parsed, ParsedText):
             self._text(parsed.text)
-        elif isinstance(parsed, ParsedCallStart):
+        elif isinstance(parsed, ToolCallStart):
             self._flush_visible()
-            self._emit(ToolCallStart(parsed.name))
-        elif isinstance(parsed, ParsedCallDelta):
-            self._emit(ToolCallDelta(parsed.partial_json))
-        elif isinstance(parsed, ParsedCallEnd):
-            self._emit(ToolCallEnd(parsed.input, parsed.complete))
+            self._emit(parsed)
+        elif isinstance(parsed, ToolCallDelta):
+            self._emit(parsed)
+        elif isinstance(parsed, ToolCallEnd):
+            self._emit(parsed)
             self._after_call = True
             if parsed.complete and not self._parallel:
                 self._stop("tool_use")

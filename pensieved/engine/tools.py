@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pensieved.engine.types import ChatMessage, ToolSpec
+from pensieved.engine.types import ChatMessage, ToolCallDelta, ToolCallEnd, ToolCallStart, ToolSpec
 
 TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_CLOSE = "</tool_call>"
@@ -108,26 +108,13 @@ def to_generic_messages(
 
 @dataclass(frozen=True)
 class ParsedText:
+    """Model text outside any tool call (stop sequences are applied to it afterwards)."""
+
     text: str
 
 
-@dataclass(frozen=True)
-class ParsedCallStart:
-    name: str
-
-
-@dataclass(frozen=True)
-class ParsedCallDelta:
-    partial_json: str
-
-
-@dataclass(frozen=True)
-class ParsedCallEnd:
-    input: dict[str, Any]
-    complete: bool  # False: the output ended inside the call; input is a best-effort repair
-
-
-Parsed = ParsedText | ParsedCallStart | ParsedCallDelta | ParsedCallEnd
+# Calls come out as the engine's own events; text is not yet checked for stop sequences.
+Parsed = ParsedText | ToolCallStart | ToolCallDelta | ToolCallEnd
 
 _HEADER = re.compile(
     r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|input|parameters)"\s*:\s*'
@@ -213,7 +200,7 @@ class ToolCallParser:
                     self._state = "args"
                     self._args, self._depth, self._in_string, self._escaped = "", 0, False, False
                     self._started_args = False
-                    out.append(ParsedCallStart(name))
+                    out.append(ToolCallStart(name))
                     return
                 self._state = "raw"
                 return
@@ -275,7 +262,7 @@ class ToolCallParser:
         if chunk:
             self._args += chunk
             self._raw += chunk
-            out.append(ParsedCallDelta(chunk))
+            out.append(ToolCallDelta(chunk))
         self._buffer = text[end:] if end is not None else ""
         if end is not None:
             self._state = "tail"
@@ -300,9 +287,9 @@ class ToolCallParser:
             return [ParsedText(whole)]
         self.calls += 1
         encoded = json.dumps(args, ensure_ascii=False)
-        return [ParsedCallStart(name), ParsedCallDelta(encoded), ParsedCallEnd(args, True)]
+        return [ToolCallStart(name), ToolCallDelta(encoded), ToolCallEnd(args, True)]
 
-    def _end(self, *, complete: bool) -> ParsedCallEnd:
+    def _end(self, *, complete: bool) -> ToolCallEnd:
         value: Any = None
         try:
             value = json.loads(self._args) if self._args else {}
@@ -311,7 +298,7 @@ class ToolCallParser:
             complete = False
         if not isinstance(value, dict):
             value, complete = {}, False
-        return ParsedCallEnd(value, complete)
+        return ToolCallEnd(value, complete)
 
     def finish(self) -> list[Parsed]:
         """The output ended: release held text, close a call cut short."""

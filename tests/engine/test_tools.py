@@ -15,9 +15,6 @@ from pensieved.engine.prompt import (
 )
 from pensieved.engine.tools import (
     TOOL_CALL_OPEN,
-    ParsedCallDelta,
-    ParsedCallEnd,
-    ParsedCallStart,
     ParsedText,
     ToolCallParser,
     render_call,
@@ -25,7 +22,14 @@ from pensieved.engine.tools import (
     to_generic_messages,
     tools_system_text,
 )
-from pensieved.engine.types import ChatMessage, ToolCall, ToolSpec
+from pensieved.engine.types import (
+    ChatMessage,
+    ToolCall,
+    ToolCallDelta,
+    ToolCallEnd,
+    ToolCallStart,
+    ToolSpec,
+)
 
 WEATHER = ToolSpec(
     "get_weather",
@@ -47,7 +51,7 @@ def texts(events: list) -> str:
 
 
 def args_json(events: list) -> str:
-    return "".join(e.partial_json for e in events if isinstance(e, ParsedCallDelta))
+    return "".join(e.partial_json for e in events if isinstance(e, ToolCallDelta))
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 7, 1000])
@@ -56,10 +60,10 @@ def test_well_formed_call_after_text(chunk: int) -> None:
     text = "Let me check.\n" + render_call("get_weather", args)
     events = parse(text, chunk=chunk)
     assert texts(events) == "Let me check.\n"
-    starts = [e for e in events if isinstance(e, ParsedCallStart)]
-    ends = [e for e in events if isinstance(e, ParsedCallEnd)]
+    starts = [e for e in events if isinstance(e, ToolCallStart)]
+    ends = [e for e in events if isinstance(e, ToolCallEnd)]
     assert [s.name for s in starts] == ["get_weather"]
-    assert ends == [ParsedCallEnd(args, True)]
+    assert ends == [ToolCallEnd(args, True)]
     assert json.loads(args_json(events)) == args
 
 
@@ -69,7 +73,7 @@ def test_several_calls_and_compact_spacing() -> None:
         '<tool_call>\n{"name": "get_weather", "arguments": {"city": "B"}}\n</tool_call>'
     )
     events = parse(text, chunk=2)
-    ends = [e.input for e in events if isinstance(e, ParsedCallEnd)]
+    ends = [e.input for e in events if isinstance(e, ToolCallEnd)]
     assert ends == [{"city": "A"}, {"city": "B"}]
     assert texts(events).strip() == ""
 
@@ -77,14 +81,14 @@ def test_several_calls_and_compact_spacing() -> None:
 def test_text_that_only_looks_like_a_tag_is_released() -> None:
     events = parse("a <tool_c and <tool> and <tool_cal")
     assert texts(events) == "a <tool_c and <tool> and <tool_cal"
-    assert not any(isinstance(e, ParsedCallStart) for e in events)
+    assert not any(isinstance(e, ToolCallStart) for e in events)
 
 
 def test_partial_call_at_end_is_repaired_and_marked_incomplete() -> None:
     events = parse('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Par')
-    assert isinstance(events[0], ParsedCallStart)
+    assert isinstance(events[0], ToolCallStart)
     end = events[-1]
-    assert end == ParsedCallEnd({"city": "Par"}, complete=False)
+    assert end == ToolCallEnd({"city": "Par"}, complete=False)
 
 
 def test_call_cut_before_the_name_is_returned_as_text() -> None:
@@ -104,21 +108,21 @@ def test_call_cut_before_the_name_is_returned_as_text() -> None:
 def test_malformed_calls_become_text(body: str) -> None:
     text = f"x {TOOL_CALL_OPEN}{body}</tool_call> y"
     events = parse(text, chunk=4)
-    assert not any(isinstance(e, ParsedCallEnd) for e in events)
+    assert not any(isinstance(e, ToolCallEnd) for e in events)
     assert texts(events) == text
 
 
 def test_other_key_orders_are_parsed_whole() -> None:
     text = '<tool_call>{"arguments": {"city": "Rome"}, "name": "get_weather"}</tool_call>'
     events = parse(text)
-    assert [type(e) for e in events] == [ParsedCallStart, ParsedCallDelta, ParsedCallEnd]
+    assert [type(e) for e in events] == [ToolCallStart, ToolCallDelta, ToolCallEnd]
     assert json.loads(args_json(events)) == {"city": "Rome"}
 
 
 def test_arguments_given_as_a_json_string() -> None:
     text = '<tool_call>{"name": "get_weather", "arguments": "{\\"city\\": \\"Oslo\\"}"}</tool_call>'
     events = parse(text)
-    assert events[-1] == ParsedCallEnd({"city": "Oslo"}, True)
+    assert events[-1] == ToolCallEnd({"city": "Oslo"}, True)
 
 
 def test_repair_partial_json() -> None:
@@ -164,7 +168,7 @@ def test_generic_format_round_trips_history() -> None:
     assert out[3].content.endswith("Thanks, and tomorrow?")
     # What the model reads for its own earlier call is what the parser understands.
     events = parse(render_call("get_weather", {"city": "Paris"}))
-    assert events[-1] == ParsedCallEnd({"city": "Paris"}, True)
+    assert events[-1] == ToolCallEnd({"city": "Paris"}, True)
 
 
 # ---- templates -------------------------------------------------------------------------
