@@ -294,7 +294,7 @@ class Daemon:
             loop.add_signal_handler(sig, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload("sighup")))
         if self.config_error is None:
-            self._spawn(self._load_models(self.config))
+            self.reloader.begin_model_load(self._load_models(self.config))
         self._spawn(watch_config(self.config_path, lambda: self.reload("watch"), self._stop))
         self._spawn(watch_model_files(self.reloader, self._stop))
         await self._stop.wait()
@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("running degraded (HTTP answers 503) until %s is fixed", path)
     flag = overrides.get("server.socket_path")
     if config_error is None:
-        socket_path = resolve_socket_path(config.server.socket_path, None)
+        socket_path = resolve_socket_path(config.server.socket_path, path)
     else:
         socket_path = resolve_socket_path(flag if isinstance(flag, str) else None, path)
     try:

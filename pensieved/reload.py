@@ -16,10 +16,10 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from pensieved.config import Config, apply_overrides, diff_configs, load_config_file
 from pensieved.control.wire import Change, ChangeAction, ReloadResult
@@ -212,6 +212,14 @@ class Reloader:
                 self.last = self.last.model_copy(update={"model_loading": False})
         finally:
             self.model_loading = None
+
+    def begin_model_load(self, load: Coroutine[Any, Any, None]) -> None:
+        """Run a model load that later reloads wait for (the daemon's first load at start).
+
+        Without this a reload during the first load would start a second, concurrent load
+        of the same files, and one of the two copies would never be freed.
+        """
+        self._model_task = asyncio.create_task(load)
 
     async def wait_model_loaded(self) -> None:
         if self._model_task is not None:

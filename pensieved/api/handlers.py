@@ -295,18 +295,25 @@ class MessagesHandler(BaseHandler):
             top_k=body.top_k,
             stop_sequences=body.stop_sequences,
         )
-        runtime, prepared = await self.engine.prepare(body.model, request)
+        # Counted from before tokenizing: a drain waits for it, and a full server says so
+        # before spending any work on it.
         self.engine.admit()
         try:
-            run = self._stream if body.stream else self._complete
-            self._task = asyncio.ensure_future(run(body.model, runtime, prepared))
-            watcher = asyncio.ensure_future(self._watch_disconnect(self._task))
+            runtime, prepared = await self.engine.prepare(body.model, request)
             try:
-                await self._task
-            except asyncio.CancelledError:
-                log.info("client went away; generation cancelled (request-id %s)", self.request_id)
+                run = self._stream if body.stream else self._complete
+                self._task = asyncio.ensure_future(run(body.model, runtime, prepared))
+                watcher = asyncio.ensure_future(self._watch_disconnect(self._task))
+                try:
+                    await self._task
+                except asyncio.CancelledError:
+                    log.info(
+                        "client went away; generation cancelled (request-id %s)", self.request_id
+                    )
+                finally:
+                    watcher.cancel()
             finally:
-                watcher.cancel()
+                self.engine.release(runtime)
         finally:
             self.engine.done()
 

@@ -146,7 +146,9 @@ def bind_control_socket(path: Path, backlog: int = 16) -> BoundSocket:
             f"{path} exists and is not a socket: move it away or set server.socket_path"
         )
     if state == "stale":
-        os.unlink(path)
+        # Another daemon starting at the same moment may have removed it already.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     # The umask makes bind() create the file 0600 already: there is no moment where another
     # user could open it; the chmod after is for umasks that are stricter still.
@@ -155,6 +157,11 @@ def bind_control_socket(path: Path, backlog: int = 16) -> BoundSocket:
         sock.bind(str(path))
     except OSError as exc:
         sock.close()
+        if exc.errno == errno.EADDRINUSE:  # lost a race with a daemon starting alongside
+            raise SocketInUseError(
+                f"another pensieved just took the control socket {path}: see it with "
+                "`pensievectl status`"
+            ) from exc
         raise SocketPathError(f"cannot create the control socket {path}: {exc}") from exc
     finally:
         os.umask(old_umask)

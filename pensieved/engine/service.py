@@ -68,6 +68,13 @@ class ModelRuntime:
 
     model: LoadedModel
     scheduler: Scheduler
+    # Requests holding this runtime, from prompt preparation to the end of generation: a
+    # replaced model is freed only when none is left (see Engine._retire).
+    users: int = 0
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.users or self.scheduler.running or self.scheduler.queued)
 
     def close(self) -> None:
         self.scheduler.close()
@@ -155,7 +162,7 @@ class Engine:
     async def _retire(self, runtimes: list[ModelRuntime]) -> None:
         """Free replaced models once the requests that started on them are done."""
         for runtime in runtimes:
-            while runtime.scheduler.running or runtime.scheduler.queued:
+            while runtime.busy:
                 await asyncio.sleep(0.1)
             await asyncio.to_thread(runtime.close)
             log.info("released model %s", runtime.model.settings.path.name)
@@ -222,21 +229,34 @@ class Engine:
 
     async def count_tokens(self, name: str, request: GenerationRequest) -> int:
         runtime = self.runtime_for(name)
-        tokens = await asyncio.to_thread(self._render_tokens, runtime.model, request)
+        runtime.users += 1
+        try:
+            tokens = await asyncio.to_thread(self._render_tokens, runtime.model, request)
+        finally:
+            runtime.users -= 1
         return len(tokens)
 
     async def prepare(
         self, name: str, request: GenerationRequest
     ) -> tuple[ModelRuntime, PreparedPrompt]:
-        """Render, tokenize and fit the prompt; raises PromptTooLongError if it cannot fit."""
+        """Render, tokenize and fit the prompt; raises PromptTooLongError if it cannot fit.
+
+        The returned runtime is held for the caller: hand it back with `release` when the
+        request is over, so a reload does not free the model under it.
+        """
         runtime = self.runtime_for(name)
         model = runtime.model
-        tokens, thinking_open, grammar, lazy = await asyncio.to_thread(
-            self._prepare_sync, model, request
-        )
-        room = model.n_ctx - len(tokens)
-        if room < 1:
-            raise PromptTooLongError(len(tokens), model.n_ctx - 1)
+        runtime.users += 1
+        try:
+            tokens, thinking_open, grammar, lazy = await asyncio.to_thread(
+                self._prepare_sync, model, request
+            )
+            room = model.n_ctx - len(tokens)
+            if room < 1:
+                raise PromptTooLongError(len(tokens), model.n_ctx - 1)
+        except BaseException:
+            runtime.users -= 1
+            raise
         max_tokens = min(request.max_tokens, room, self.config.model.max_output_tokens)
         prepared = PreparedPrompt(
             request,
@@ -258,6 +278,9 @@ class Engine:
                 retry_after_s=1,
             )
         self.stats.in_flight += 1
+
+    def release(self, runtime: ModelRuntime) -> None:
+        runtime.users -= 1
 
     def done(self) -> None:
         self.stats.in_flight -= 1
