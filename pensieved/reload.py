@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
@@ -105,6 +106,7 @@ class ReloadTarget(Protocol):
     config: Config
     config_error: str | None
     engine: Engine
+    http_sockets: list[socket.socket]  # empty: no HTTP listener (its address was busy)
 
     def rebind_http(self, config: Config) -> None:
         """Listen per `config` (new listener first); raise ListenError on failure."""
@@ -165,7 +167,8 @@ class Reloader:
         if self._model_task is not None and not self._model_task.done():
             await asyncio.wait([self._model_task])
         plan = self.plan(new)
-        if plan.rebind:
+        # Also when nothing listens: a degraded start may have found its address busy.
+        if plan.rebind or not self.target.http_sockets:
             try:
                 self.target.rebind_http(new)
             except self.listen_error as exc:
