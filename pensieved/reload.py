@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 from pensieved.config import Config, apply_overrides, diff_configs, load_config_file
 from pensieved.control.wire import Change, ChangeAction, ReloadResult
-from pensieved.engine.service import Engine, default_model_path
+from pensieved.engine.service import Engine, default_model_path, wanted_models
 from pensieved.errors import ConfigError, ModelLoadError
 from pensieved.logsetup import configure_logging
 
@@ -58,21 +58,8 @@ def action_for(key: str) -> ChangeAction:
 
 def model_key(config: Config) -> tuple[object, ...]:
     """Everything that decides which model objects must exist (what `Engine.load` builds)."""
-    m = config.model
-    default = default_model_path(config)
-    files = {Path(t).expanduser() for t in m.aliases.values()}
-    if default is not None:
-        files.add(default)
-    return (
-        default,
-        tuple(sorted(str(f) for f in files)),
-        m.context_size,
-        m.gpu_layers,
-        m.threads,
-        m.batch_size,
-        m.slots,
-        m.mmap,
-    )
+    wanted = wanted_models(config)
+    return (default_model_path(config), tuple(sorted(wanted.items(), key=lambda i: str(i[0]))))
 
 
 @dataclass

@@ -62,6 +62,13 @@ def default_model_path(config: Config) -> Path | None:
     return bundled_model_path()
 
 
+def wanted_models(config: Config) -> dict[Path, ModelSettings]:
+    """Every model file `config` asks for (default and alias targets), with its settings."""
+    paths = [default_model_path(config)]
+    paths += [Path(target).expanduser() for target in config.model.aliases.values()]
+    return {path: settings_for(config, path) for path in paths if path is not None}
+
+
 @dataclass
 class ModelRuntime:
     """A loaded model and its scheduler; shared by every name that maps to the same file."""
@@ -124,13 +131,8 @@ class Engine:
         current models stay and the error is raised (and recorded in `self.error`).
         """
         old = self._models
-        wanted: dict[Path, ModelSettings] = {}
         default_path = default_model_path(config)
-        if default_path is not None:
-            wanted[default_path] = settings_for(config, default_path)
-        for target in config.model.aliases.values():
-            path = Path(target).expanduser()
-            wanted[path] = settings_for(config, path)
+        wanted = wanted_models(config)
         by_path: dict[Path, ModelRuntime] = {}
         try:
             for path, settings in wanted.items():
