@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -244,3 +245,10 @@ def prompt_tokens(usage: Any) -> int:
     if isinstance(usage, dict):
         return int(usage["input_tokens"]) + int(usage.get("cache_read_input_tokens") or 0)
     return int(usage.input_tokens) + int(usage.cache_read_input_tokens or 0)
+
+
+def sse_events(lines: Iterable[str]) -> Iterator[dict[str, Any]]:
+    """The JSON payloads of an SSE stream, from its lines (a response's iter_lines or text)."""
+    for line in lines:
+        if line.startswith("data: "):
+            yield json.loads(line.removeprefix("data: "))

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from tests.integration.daemon import start_daemon
+from tests.integration.daemon import sse_events, start_daemon
 
 
 def test_pings_while_a_long_prompt_is_evaluated(tmp_path: Path) -> None:
@@ -21,11 +20,7 @@ def test_pings_while_a_long_prompt_is_evaluated(tmp_path: Path) -> None:
         with d.http() as http:
             r = http.post("/v1/messages", json=body)
         assert r.status_code == 200
-        events = [
-            json.loads(line.removeprefix("data: "))
-            for line in r.text.splitlines()
-            if line.startswith("data: ")
-        ]
+        events = list(sse_events(r.text.splitlines()))
         names = [e["type"] for e in events]
         assert names[0] == "message_start" and names[-1] == "message_stop"
         first_block = names.index("content_block_start")

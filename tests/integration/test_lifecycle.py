@@ -23,6 +23,7 @@ from tests.integration.daemon import (
     free_port,
     run_ctl,
     short_socket_path,
+    sse_events,
     start_daemon,
     wait_for,
 )
@@ -37,12 +38,10 @@ def _stream_in_thread(d: Daemon, max_tokens: int) -> tuple[threading.Thread, lis
     def run() -> None:
         body = {"model": "m", "max_tokens": max_tokens, "stream": True, "messages": STORY}
         with httpx.stream("POST", d.base_url + "/v1/messages", json=body, timeout=900) as r:
-            for line in r.iter_lines():
-                if line.startswith("data: "):
-                    event = json.loads(line[6:])
-                    events.append(event)
-                    if event["type"] == "content_block_delta":
-                        first_delta.set()
+            for event in sse_events(r.iter_lines()):
+                events.append(event)
+                if event["type"] == "content_block_delta":
+                    first_delta.set()
 
     thread = threading.Thread(target=run)
     thread.start()

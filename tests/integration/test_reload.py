@@ -16,6 +16,7 @@ from tests.integration.daemon import (
     control_status,
     free_port,
     run_ctl,
+    sse_events,
     start_daemon,
     wait_for,
     write_config,
@@ -134,14 +135,12 @@ def test_model_switch_while_a_stream_is_in_flight(tmp_path: Path) -> None:
             "messages": [{"role": "user", "content": "Write a long story about a dragon."}],
         }
         with httpx.stream("POST", d.base_url + "/v1/messages", json=body, timeout=900) as r:
-            for line in r.iter_lines():
-                if line.startswith("data: "):
-                    event = json.loads(line[6:])
-                    events.append(event)
-                    if event["type"] == "content_block_delta":
-                        first_delta.set()
-                    if event["type"] == "message_stop":
-                        stop_seen_at.append(time.monotonic())
+            for event in sse_events(r.iter_lines()):
+                events.append(event)
+                if event["type"] == "content_block_delta":
+                    first_delta.set()
+                if event["type"] == "message_stop":
+                    stop_seen_at.append(time.monotonic())
 
     thread = threading.Thread(target=stream)
     try:

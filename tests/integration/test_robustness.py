@@ -22,7 +22,14 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from pensieved.paths import bundled_model_path
-from tests.integration.daemon import Daemon, RawResponse, prompt_tokens, raw_http, start_daemon
+from tests.integration.daemon import (
+    Daemon,
+    RawResponse,
+    prompt_tokens,
+    raw_http,
+    sse_events,
+    start_daemon,
+)
 
 JSON = {"Content-Type": "application/json"}
 ERROR_TYPES = {
@@ -41,11 +48,7 @@ def check_reply(r: RawResponse) -> None:
     """A valid message, a complete SSE stream, or a 4xx Anthropic error envelope."""
     assert r.status < 500, (r.status, r.body[:500])
     if r.status == 200 and r.headers.get("content-type", "").startswith("text/event-stream"):
-        events = [
-            json.loads(line[len("data: ") :])
-            for line in r.body.decode().splitlines()
-            if line.startswith("data: ")
-        ]
+        events = list(sse_events(r.body.decode().splitlines()))
         assert events[0]["type"] == "message_start"
         assert events[-1]["type"] == "message_stop", events[-3:]
         assert not [e for e in events if e["type"] == "error"], events

@@ -7,17 +7,15 @@ with a reference measured in the same test.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx2 as httpx
 import pytest
 
-from tests.integration.daemon import Daemon, prompt_tokens, start_daemon
+from tests.integration.daemon import Daemon, prompt_tokens, sse_events, start_daemon
 
 MAIN = "claude-sonnet-4-5"
 SIDE = "claude-haiku-4-5"
@@ -48,12 +46,6 @@ def body(messages: list[dict[str, Any]], max_tokens: int, **extra: Any) -> dict[
         "messages": messages,
         **extra,
     }
-
-
-def sse_events(response: httpx.Response) -> Iterator[dict[str, Any]]:
-    for line in response.iter_lines():
-        if line.startswith("data: "):
-            yield json.loads(line[6:])
 
 
 def test_interleaved_conversations_stay_warm_with_side_requests(tmp: Path) -> None:
@@ -126,7 +118,7 @@ def test_queueing_beyond_free_slots_and_529_beyond_the_limit(tmp: Path) -> None:
 
             with http.stream("POST", "/v1/messages", json=long) as running:
                 assert running.status_code == 200
-                events = sse_events(running)
+                events = sse_events(running.iter_lines())
                 for event in events:
                     if event["type"] == "content_block_delta":
                         break  # the only slot is now generating
@@ -162,7 +154,7 @@ def time_to_first_text(http: httpx.Client, request: dict[str, Any]) -> tuple[flo
     output = 0
     with http.stream("POST", "/v1/messages", json={**request, "stream": True}) as r:
         assert r.status_code == 200
-        for event in sse_events(r):
+        for event in sse_events(r.iter_lines()):
             if event["type"] == "content_block_delta" and first is None:
                 first = time.monotonic() - started
             if event["type"] == "message_delta":
@@ -191,7 +183,7 @@ def test_disconnect_frees_the_slot_for_the_next_request(tmp: Path) -> None:
 
             seen = 0
             with http.stream("POST", "/v1/messages", json={**endless, "stream": True}) as r:
-                for event in sse_events(r):
+                for event in sse_events(r.iter_lines()):
                     if event["type"] == "content_block_delta":
                         seen += 1
                         if seen == 20:
@@ -236,7 +228,7 @@ def test_request_timeout_ends_requests_with_a_clear_error(tmp: Path) -> None:
 
             # Streaming: headers are already sent, so the error arrives as an SSE event.
             with http.stream("POST", "/v1/messages", json={**endless, "stream": True}) as s:
-                events = list(sse_events(s))
+                events = list(sse_events(s.iter_lines()))
             assert events[-1]["type"] == "error", events[-3:]
             assert events[-1]["error"]["type"] == "timeout_error"
 
