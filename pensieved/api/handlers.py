@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import socket
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -222,8 +223,6 @@ class HealthHandler(BaseHandler):
 
 def _created_at(path: str | None) -> str:
     try:
-        import os
-
         stamp = os.stat(path).st_mtime if path else 0.0
     except OSError:
         stamp = 0.0
