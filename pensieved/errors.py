@@ -80,6 +80,11 @@ class GrammarError(PensieveError):
     client's fault; schemas it cannot express are loosened before this can happen)."""
 
 
+class EngineError(PensieveError):
+    """llama.cpp failed while evaluating a batch (out of memory, a backend error); the
+    traceback is in the log, and the slots involved start cold on their next request."""
+
+
 class OverloadedError(PensieveError):
     """Too many requests are running or queued (529)."""
 

@@ -18,6 +18,7 @@ _MAP: tuple[tuple[type[Exception], int, str], ...] = (
     (e.RequestTimeoutError, 504, "timeout_error"),
     (e.OverloadedError, 529, "overloaded_error"),
     (e.ChatTemplateError, 500, "api_error"),
+    (e.EngineError, 500, "api_error"),
     (e.ModelLoadError, 503, "api_error"),
 )
 

@@ -1,8 +1,8 @@
-"""The token loop: evaluate the prompt on a slot, sample, stream text, stop.
+"""One request's generation: its slot, prompt, sampler, and what its tokens turn into.
 
-Runs on a worker thread, never on the event loop. Every decode step takes the model's compute
-lock, so concurrent requests interleave step by step, and checks the cancel flag, so a client
-that went away frees its slot within one step.
+A `Generation` is driven by the batcher's thread (see `batcher.py`), which decodes all running
+generations of a model together. Here is what is particular to one request: which prompt tokens
+still need evaluating, sampling its next token, and routing the text to events.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from pensieved.engine.tools import (
 )
 from pensieved.engine.types import (
     Event,
+    Failed,
     Finished,
     PreparedPrompt,
     PromptCached,
@@ -40,24 +41,17 @@ from pensieved.engine.types import (
 from pensieved.errors import GrammarError
 
 
-class Cancelled(Exception):
-    """The request was abandoned (client gone, timeout, shutdown) mid-generation."""
-
-
 @dataclass
 class Slot:
-    """One llama.cpp context and what its KV cache holds."""
+    """One KV sequence of the model's context and the tokens it holds."""
 
     index: int
-    llm: Any
+    tokens: list[int] = field(default_factory=list)
     last_used: float = field(default_factory=time.monotonic)
     busy: bool = False
 
-    def cached_tokens(self) -> list[int]:
-        return [int(t) for t in self.llm._input_ids]
-
     def shared_prefix(self, tokens: tuple[int, ...]) -> int:
-        cached = self.llm._input_ids
+        cached = self.tokens
         n = min(len(cached), len(tokens))
         i = 0
         while i < n and cached[i] == tokens[i]:
@@ -65,80 +59,117 @@ class Slot:
         return i
 
 
-@dataclass
-class GenerationStats:
-    prompt_eval_s: float = 0.0
-    generate_s: float = 0.0
-    output_tokens: int = 0
+class Generation:
+    """A request on its slot. Only the batcher's thread calls its methods after `begin`."""
 
+    def __init__(
+        self,
+        slot: Slot,
+        prepared: PreparedPrompt,
+        cancel: threading.Event,
+        emit: Callable[[Event], None],
+        on_done: Callable[[], None],
+    ) -> None:
+        self.slot = slot
+        self.prepared = prepared
+        self.cancel = cancel
+        self.emit = emit
+        self.on_done = on_done
+        self.reused = 0
+        self.evaluated = 0  # prompt tokens in the KV cache, the reused ones included
+        self.next_token: int | None = None  # sampled, to be decoded in the next batch
+        self.output = 0
+        self.sampler: Any = None
+        self._router: OutputRouter | None = None
+        self._decoder = TextStream()
+        self._ended = False
 
-def run_generation(
-    model: LoadedModel,
-    slot: Slot,
-    prepared: PreparedPrompt,
-    cancel: threading.Event,
-    emit: Callable[[Event], None],
-) -> GenerationStats:
-    """Generate on `slot`; emits TextPiece events then one Finished. Raises Cancelled."""
-    llm = slot.llm
-    tokens = prepared.tokens
-    stats = GenerationStats()
-    started = time.perf_counter()
-    # Reuse the cached prefix; keep at least one token to evaluate so logits are fresh.
-    reused = min(slot.shared_prefix(tokens), len(tokens) - 1)
-    llm.n_tokens = reused
-    emit(PromptCached(reused))
-    pending = list(tokens[reused:])
-    step = model.settings.batch_size
-    for start in range(0, len(pending), step):
-        if cancel.is_set():
-            raise Cancelled
-        with model.compute_lock:
-            llm.eval(pending[start : start + step])
-    stats.prompt_eval_s = time.perf_counter() - started
+    @property
+    def seq(self) -> int:
+        return self.slot.index
 
-    sampling = prepared.request.sampling
-    llm.set_seed(sampling.seed if sampling.seed is not None else random.getrandbits(31))
-    llm._sampler = build_sampler(llm, sampling, prepared.grammar, lazy=prepared.grammar_lazy)
-    # Bytes to text: decoding only; stop sequences apply later, to visible text alone.
-    decoder = TextStream()
-    router = OutputRouter(prepared, emit)
-    output = 0
-    try:
-        while output < prepared.max_tokens:
-            if cancel.is_set():
-                raise Cancelled
-            with model.compute_lock:
-                token = llm.sample()
-            if model.is_end_of_generation(token):
-                router.end_of_turn()
-                break
-            output += 1
-            if router.feed(decoder.feed(model.token_bytes(token)).text):
-                break
-            if output >= prepared.max_tokens:
-                break
-            with model.compute_lock:
-                llm.eval([token])
-    finally:
-        llm._sampler = None
-    router.feed(decoder.finish())
-    router.finish()
-    stats.output_tokens = output
-    stats.generate_s = time.perf_counter() - started - stats.prompt_eval_s
-    emit(
-        Finished(
-            stop_reason=router.stop_reason,
-            stop_sequence=router.stop_sequence,
-            input_tokens=len(tokens),
-            output_tokens=output,
-            cache_read_tokens=reused,
+    @property
+    def position(self) -> int:
+        """Where the next token goes in this slot's sequence."""
+        return len(self.slot.tokens)
+
+    @property
+    def prompt_left(self) -> int:
+        return len(self.prepared.tokens) - self.evaluated
+
+    def begin(self, model: LoadedModel) -> None:
+        """Trim the slot to the reused prefix and get ready to sample. May raise."""
+        tokens = self.prepared.tokens
+        # Reuse the cached prefix; keep at least one token to evaluate so logits are fresh.
+        self.reused = min(self.slot.shared_prefix(tokens), len(tokens) - 1)
+        model.forget(self.seq, self.reused)
+        del self.slot.tokens[self.reused :]
+        self.evaluated = self.reused
+        self.emit(PromptCached(self.reused))
+        sampling = self.prepared.request.sampling
+        seed = sampling.seed if sampling.seed is not None else random.getrandbits(31)
+        self.sampler = build_sampler(
+            model.vocab, sampling, self.prepared.grammar, lazy=self.prepared.grammar_lazy, seed=seed
         )
-    )
-    return stats
+        self._router = OutputRouter(self.prepared, self.emit)
+
+    def take_prompt(self, budget: int) -> tuple[int, ...]:
+        """The next at most `budget` prompt tokens to evaluate (counted as evaluated)."""
+        start = self.evaluated
+        chunk = self.prepared.tokens[start : start + budget]
+        self.evaluated += len(chunk)
+        return chunk
+
+    def accept(self, model: LoadedModel, token: int) -> bool:
+        """Take a sampled token; True when the generation is over."""
+        router = self._router
+        assert router is not None
+        if model.is_end_of_generation(token):
+            router.end_of_turn()
+            return True
+        self.output += 1
+        if router.feed(self._decoder.feed(model.token_bytes(token)).text):
+            return True
+        if self.output >= self.prepared.max_tokens:
+            return True
+        self.next_token = token
+        return False
+
+    def finish(self) -> None:
+        """The normal end: release held text and report the stop and usage."""
+        router = self._router
+        assert router is not None
+        router.feed(self._decoder.finish())
+        router.finish()
+        self.emit(
+            Finished(
+                stop_reason=router.stop_reason,
+                stop_sequence=router.stop_sequence,
+                input_tokens=len(self.prepared.tokens),
+                output_tokens=self.output,
+                cache_read_tokens=self.reused,
+            )
+        )
+        self.end()
+
+    def fail(self, error: Exception) -> None:
+        self.emit(Failed(error))
+        self.end()
+
+    def end(self) -> None:
+        """Free the sampler and hand the slot back; safe to call more than once."""
+        if self._ended:
+            return
+        self._ended = True
+        if self.sampler is not None:
+            self.sampler.close()
+            self.sampler = None
+        self.on_done()
 
 
-def build_sampler(llm: Any, sampling: Sampling, grammar: str | None, *, lazy: bool) -> Any:
+def build_sampler(
+    vocab: Any, sampling: Sampling, grammar: str | None, *, lazy: bool, seed: int
+) -> Any:
     """The sampler chain of `Llama._init_sampler`, with an optional (lazy) grammar first."""
     import importlib
 
@@ -148,7 +179,6 @@ def build_sampler(llm: Any, sampling: Sampling, grammar: str | None, *, lazy: bo
 
     sampler = internals.LlamaSampler()
     if grammar:
-        vocab = llm._model.vocab
         if lazy:
             patterns = (ctypes.c_char_p * 1)(re.escape(TOOL_CALL_OPEN).encode())
             tokens = (llama_cpp.llama_token * 0)()
@@ -168,7 +198,7 @@ def build_sampler(llm: Any, sampling: Sampling, grammar: str | None, *, lazy: bo
         sampler.add_top_p(sampling.top_p, 1)
         sampler.add_min_p(0.0, 1)
         sampler.add_temp(sampling.temperature)
-        sampler.add_dist(llm._seed)
+        sampler.add_dist(seed)
     return sampler
 
 

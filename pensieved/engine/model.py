@@ -1,8 +1,8 @@
 """Loading a GGUF model with llama-cpp-python, and what we need to know about it.
 
-A `LoadedModel` owns one llama.cpp context per KV slot. Weights are memory-mapped, so the
-contexts share them; each context has its own KV cache, so several conversations stay warm.
-Nothing outside `pensieved.engine` touches llama_cpp.
+A `LoadedModel` owns the weights and one llama.cpp context with a KV sequence per slot, so
+several conversations stay warm and are decoded together. Nothing outside `pensieved.engine`
+touches llama_cpp.
 """
 
 from __future__ import annotations
@@ -42,9 +42,18 @@ class ModelSettings:
 
 
 class LoadedModel:
-    def __init__(self, settings: ModelSettings) -> None:
-        import llama_cpp  # deferred: importing it loads the native library
+    """One llama_model and one llama.cpp context holding a KV sequence per slot.
 
+    A single context decodes every slot's next token in one batch (llama-server's continuous
+    batching), and its scratch buffers are allocated once, not once per slot. The KV cache is
+    split per sequence (not unified), so each slot has `context_size` cells of its own.
+    """
+
+    def __init__(self, settings: ModelSettings) -> None:
+        import llama_cpp
+        from llama_cpp import _internals
+
+        _init_backend()
         self.settings = settings
         path = settings.path
         if not path.is_file():
@@ -52,40 +61,50 @@ class LoadedModel:
                 f"model file not found: {path}; set model.model_path in the config to a GGUF file"
             )
         self.size_bytes = path.stat().st_size
-        self.contexts: list[Any] = []
-        kwargs: dict[str, Any] = {
-            "model_path": str(path),
-            "n_ctx": settings.context_size,
-            "n_batch": settings.batch_size,
-            "n_ubatch": settings.batch_size,
-            "n_gpu_layers": settings.gpu_layers,
-            "n_threads": settings.effective_threads,
-            "n_threads_batch": settings.effective_threads,
-            "use_mmap": settings.mmap,
-            "verbose": False,
-        }
+        model_params = llama_cpp.llama_model_default_params()
+        model_params.n_gpu_layers = settings.gpu_layers
+        # Read in, not mapped, unless asked: a mapped file that is replaced in place under a
+        # running daemon takes the process down with SIGBUS.
+        model_params.load_mode = (
+            llama_cpp.LLAMA_LOAD_MODE_MMAP if settings.mmap else llama_cpp.LLAMA_LOAD_MODE_NONE
+        )
+        ctx_params = llama_cpp.llama_context_default_params()
+        ctx_params.n_ctx = settings.context_size * settings.slots
+        ctx_params.n_seq_max = settings.slots
+        ctx_params.kv_unified = False
+        ctx_params.n_batch = settings.batch_size
+        ctx_params.n_ubatch = settings.batch_size
+        ctx_params.n_threads = settings.effective_threads
+        ctx_params.n_threads_batch = settings.effective_threads
+        ctx_params.no_perf = True
+        self._model: Any = None
+        self._context: Any = None
         try:
-            first = llama_cpp.Llama(**kwargs)
-            self.contexts.append(first)
-            for _ in range(settings.slots - 1):
-                self.contexts.append(_context_on(first._model, kwargs))
+            self._model = _internals.LlamaModel(
+                path_model=str(path), params=model_params, verbose=False
+            )
+            self._context = _internals.LlamaContext(
+                model=self._model, params=ctx_params, verbose=False
+            )
         except (ValueError, RuntimeError, OSError) as exc:
             self.close()
             raise ModelLoadError(f"cannot load model {path}: {exc}") from exc
-        first = self.contexts[0]
-        self.metadata: dict[str, str] = dict(first.metadata)
+        self.ctx: Any = self._context.ctx
+        self.memory: Any = self._context.memory
+        self.vocab: Any = self._model.vocab
+        self.metadata: dict[str, str] = dict(self._model.metadata())
         self.chat_template: str | None = self.metadata.get("tokenizer.chat_template")
-        self.n_ctx: int = first.n_ctx()
-        self.n_ctx_train: int = first._model.n_ctx_train()
-        self.bos_id: int = first.token_bos()
-        self.eos_id: int = first.token_eos()
-        self.add_bos: bool = bool(first._model.add_bos_token())
+        self.slots: int = settings.slots
+        # Per slot: what one conversation may hold, prompt and reply together.
+        self.n_ctx: int = int(llama_cpp.llama_n_ctx_seq(self.ctx))
+        self.n_batch: int = settings.batch_size
+        self.n_ctx_train: int = self._model.n_ctx_train()
+        self.bos_id: int = self._model.token_bos()
+        self.eos_id: int = self._model.token_eos()
+        self.add_bos: bool = bool(self._model.add_bos_token())
         self.bos_text = self._piece(self.bos_id)
         self.eos_text = self._piece(self.eos_id)
         self.name = path.stem
-        # One decode at a time across this model's contexts: on a CPU, two concurrent decodes
-        # only fight for the same cores; interleaving per step keeps every stream moving.
-        self.compute_lock = threading.Lock()
         self._pieces: dict[int, bytes] = {}
         if self.n_ctx > self.n_ctx_train:
             log.warning(
@@ -103,7 +122,7 @@ class LoadedModel:
     def _to_piece(self, token: int, *, special: bool) -> bytes:
         import llama_cpp
 
-        vocab = self.contexts[0]._model.vocab
+        vocab = self.vocab
         buf = ctypes.create_string_buffer(64)
         n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
         if n < 0:  # the piece is longer than the buffer: -n is the size it needs
@@ -114,9 +133,7 @@ class LoadedModel:
     def tokenize(self, text: str, *, special: bool, add_bos: bool = False) -> list[int]:
         if not text and not add_bos:
             return []
-        return list(
-            self.contexts[0].tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
-        )
+        return list(self._model.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special))
 
     def token_bytes(self, token: int) -> bytes:
         """The text bytes of a generated token (control tokens render as nothing)."""
@@ -129,7 +146,7 @@ class LoadedModel:
     def is_end_of_generation(self, token: int) -> bool:
         import llama_cpp
 
-        return bool(llama_cpp.llama_vocab_is_eog(self.contexts[0]._model.vocab, token))
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
 
     @property
     def training_context_exceeded(self) -> bool:
@@ -147,44 +164,32 @@ class LoadedModel:
             return 0
         return self.n_ctx * layers * 2 * kv_heads * (embd // heads) * 2
 
-    def close(self) -> None:
-        # Borrowers first: the first context owns the llama_model the others run on.
-        for ctx in reversed(self.contexts):
-            ctx.close()
-        self.contexts.clear()
+    def forget(self, seq: int, keep: int) -> None:
+        """Drop sequence `seq`'s KV cells from position `keep` on."""
+        import llama_cpp
 
-
-class _LentModel:
-    """A llama_model lent to a further context: everything delegates, closing does nothing."""
-
-    def __init__(self, model: Any) -> None:
-        self._model = model
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._model, name)
+        llama_cpp.llama_memory_seq_rm(self.memory, seq, keep, -1)
 
     def close(self) -> None:
-        pass
+        # The context before the model it runs on.
+        if self._context is not None:
+            self._context.close()
+            self._context = None
+        if self._model is not None:
+            self._model.close()
+            self._model = None
 
 
-_lend_lock = threading.Lock()
+_backend_lock = threading.Lock()
+_backend_ready = False
 
 
-def _context_on(model: Any, kwargs: dict[str, Any]) -> Any:
-    """A further `Llama` (own context, KV cache and batch) on an already loaded llama_model.
-
-    `Llama` always loads its own model, and each load keeps its own copy of the weights that
-    llama.cpp repacks for the CPU kernels (and its own GPU copy), about the model's size per
-    slot. llama.cpp supports many contexts on one model, so the load step is swapped for the
-    loaded model while this one `Llama` is built.
-    """
+def _init_backend() -> None:
+    """llama.cpp's process-wide setup, once (what `Llama` does on first use)."""
+    global _backend_ready
     import llama_cpp
-    from llama_cpp import _internals
 
-    with _lend_lock:
-        original = _internals.LlamaModel
-        _internals.LlamaModel = lambda **_: _LentModel(model)  # type: ignore[assignment,misc]
-        try:
-            return llama_cpp.Llama(**kwargs)
-        finally:
-            _internals.LlamaModel = original  # type: ignore[misc]
+    with _backend_lock:
+        if not _backend_ready:
+            llama_cpp.llama_backend_init()
+            _backend_ready = True

@@ -6,8 +6,8 @@ takes an empty slot, else evicts the free slot that is cheapest to lose: GreedyD
 a slot's value is its cached token count (what re-reading it would cost) plus an inflation
 that grows with every eviction, so long conversations survive a stream of short side requests
 while stale caches still age out. Requests that find no free slot wait in FIFO order.
-Generation runs on a worker thread; its events reach the event loop through a thread-safe
-hand-off, so the loop never blocks on llama.cpp.
+Generation runs on the model's batcher thread (see `batcher.py`); its events reach the event
+loop through a thread-safe hand-off, so the loop never blocks on llama.cpp.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
 
-from pensieved.engine.generate import Cancelled, Slot, run_generation
+from pensieved.engine.batcher import Batcher, Runner
+from pensieved.engine.generate import Generation, Slot
 from pensieved.engine.model import LoadedModel
 from pensieved.engine.types import Event, Failed, Finished, Heartbeat, PreparedPrompt
 from pensieved.errors import PensieveError, RequestTimeoutError
@@ -42,23 +43,27 @@ def choose_slot(
     shared = {slot.index: slot.shared_prefix(tokens) for slot in free}
     best = max(free, key=lambda slot: (shared[slot.index], -slot.last_used))
     reused = shared[best.index]
-    if reused > 0 and reused >= len(best.llm._input_ids) - reused:
+    if reused > 0 and reused >= len(best.tokens) - reused:
         return best
-    empty = [slot for slot in free if len(slot.llm._input_ids) == 0]
+    empty = [slot for slot in free if not slot.tokens]
     if empty:
         return min(empty, key=lambda slot: slot.last_used)
     values = value or {}
     return min(free, key=lambda slot: (values.get(slot.index, 0.0), slot.last_used))
 
 
+class HasSlots(Protocol):
+    slots: int
+
+
 class Scheduler:
-    def __init__(self, model: LoadedModel) -> None:
-        self.model = model
-        self.slots = [Slot(index, llm) for index, llm in enumerate(model.contexts)]
+    def __init__(self, model: HasSlots, runner: Runner | None = None) -> None:
+        self.slots = [Slot(index) for index in range(model.slots)]
+        if runner is None:
+            assert isinstance(model, LoadedModel)
+            runner = Batcher(model)
+        self._runner = runner
         self._waiters: deque[asyncio.Future[None]] = deque()
-        self._workers = ThreadPoolExecutor(
-            max_workers=len(self.slots), thread_name_prefix="pensieve-infer"
-        )
         self.running = 0
         self._promised = 0
         self._active: set[tuple[threading.Event, asyncio.Queue[Event | None]]] = set()
@@ -91,7 +96,7 @@ class Scheduler:
                 raise
             self._promised -= 1
         slot = choose_slot(self._free_slots(), tokens, self._value)
-        if slot.shared_prefix(tokens) < len(slot.llm._input_ids):
+        if slot.shared_prefix(tokens) < len(slot.tokens):
             # Part of this slot's cache is overwritten: an eviction, which ages every other slot.
             self._inflation = max(self._inflation, self._value.get(slot.index, 0.0))
         slot.busy = True
@@ -109,7 +114,7 @@ class Scheduler:
     def _release(self, slot: Slot) -> None:
         slot.busy = False
         slot.last_used = time.monotonic()
-        self._value[slot.index] = self._inflation + len(slot.llm._input_ids)
+        self._value[slot.index] = self._inflation + len(slot.tokens)
         self.running -= 1
         self._wake_next()
 
@@ -133,20 +138,18 @@ class Scheduler:
         def emit(event: Event) -> None:
             loop.call_soon_threadsafe(events.put_nowait, event)
 
-        def work() -> None:
-            try:
-                run_generation(self.model, slot, prepared, cancel, emit)
-            except Cancelled:
-                pass
-            except PensieveError as exc:
-                emit(Failed(exc))
-            except Exception as exc:
-                log.exception("generation failed")
-                emit(Failed(exc))
-            finally:
-                loop.call_soon_threadsafe(self._release, slot)
+        stopped: asyncio.Future[None] = loop.create_future()
 
-        future = loop.run_in_executor(self._workers, work)
+        def stop() -> None:
+            self._release(slot)
+            if not stopped.done():
+                stopped.set_result(None)
+
+        def on_done() -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
+                loop.call_soon_threadsafe(stop)
+
+        self._runner.submit(Generation(slot, prepared, cancel, emit, on_done))
         handle = (cancel, events)
         self._active.add(handle)
         timer = None if deadline is None else loop.call_at(deadline, events.put_nowait, None)
@@ -178,9 +181,9 @@ class Scheduler:
                 timer.cancel()
             self._active.discard(handle)
             cancel.set()
-            # The slot is released by the worker itself; we only make sure it has stopped
-            # touching llama.cpp before this request is considered over.
-            await asyncio.shield(future)
+            # The batcher releases the slot once it has stopped touching this sequence; the
+            # request is over only then.
+            await asyncio.shield(stopped)
 
     def abort_all(self, error: PensieveError) -> None:
         """End every running generation with `error` (used when a drain times out)."""
@@ -192,7 +195,7 @@ class Scheduler:
                 waiter.set_exception(error)
 
     def close(self) -> None:
-        self._workers.shutdown(wait=True, cancel_futures=True)
+        self._runner.close()
 
 
 def _remaining(deadline: float | None) -> float | None:

@@ -217,7 +217,7 @@ class Engine:
 
     def _grammar(self, model: LoadedModel, request: GenerationRequest) -> tuple[str | None, bool]:
         grammar, lazy = request_grammar(request)
-        if grammar is not None and not grammar_parses(model.contexts[0]._model.vocab, grammar):
+        if grammar is not None and not grammar_parses(model.vocab, grammar):
             log.warning("llama.cpp refused the schema grammar; enforcing the JSON shape only")
             grammar = loosest_grammar(request)
         return grammar, lazy
@@ -330,7 +330,7 @@ class Engine:
                 "training_context": model.n_ctx_train,
                 "gpu_layers": model.settings.gpu_layers,
                 "threads": model.settings.effective_threads,
-                "slots": len(model.contexts),
+                "slots": model.slots,
                 "kv_bytes_per_slot": model.kv_bytes_per_slot(),
                 "warnings": (
                     [f"context_size {model.n_ctx} exceeds the training context {model.n_ctx_train}"]

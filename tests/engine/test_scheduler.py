@@ -3,17 +3,12 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from pensieved.engine.generate import Slot
+from pensieved.engine.generate import Generation, Slot
 from pensieved.engine.scheduler import Scheduler, choose_slot
 
 
-@dataclass
-class FakeLlama:
-    _input_ids: list[int] = field(default_factory=list)
-
-
 def slot(index: int, cached: list[int], last_used: float) -> Slot:
-    return Slot(index=index, llm=FakeLlama(cached), last_used=last_used)
+    return Slot(index=index, tokens=list(cached), last_used=last_used)
 
 
 def test_longest_prefix_wins() -> None:
@@ -60,7 +55,20 @@ def test_a_branching_prompt_keeps_its_slot_when_it_reuses_more_than_it_drops() -
 
 @dataclass
 class FakeModel:
-    contexts: list[FakeLlama]
+    slots: int
+
+
+@dataclass
+class FakeRunner:
+    """Takes generations and never runs them: these tests drive `_acquire`/`_release`."""
+
+    submitted: list[Generation] = field(default_factory=list)
+
+    def submit(self, generation: Generation) -> None:
+        self.submitted.append(generation)
+
+    def close(self) -> None:
+        pass
 
 
 def run_turns(scheduler: Scheduler, prompts: list[list[int]]) -> list[tuple[int, int]]:
@@ -72,7 +80,7 @@ def run_turns(scheduler: Scheduler, prompts: list[list[int]]) -> list[tuple[int,
             tokens = tuple(prompt)
             chosen = await scheduler._acquire(tokens)
             placed.append((chosen.index, chosen.shared_prefix(tokens)))
-            chosen.llm._input_ids = list(prompt)
+            chosen.tokens = list(prompt)
             scheduler._release(chosen)
         return placed
 
@@ -80,8 +88,7 @@ def run_turns(scheduler: Scheduler, prompts: list[list[int]]) -> list[tuple[int,
 
 
 def scheduler_with(slots: int) -> Scheduler:
-    model = FakeModel([FakeLlama() for _ in range(slots)])
-    return Scheduler(model)  # type: ignore[arg-type]
+    return Scheduler(FakeModel(slots), FakeRunner())
 
 
 def test_interleaved_conversations_and_side_requests_stay_warm() -> None:

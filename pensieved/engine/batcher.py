@@ -1,0 +1,194 @@
+"""Continuous batching: one thread per model decodes every running generation together.
+
+Each step builds one llama_batch: the next token of every generation that is producing output,
+then as many prompt tokens of generations still reading their prompt as fit in `batch_size`
+(oldest request first). One `llama_decode` evaluates them all, each on its own KV sequence;
+then every generation that got logits samples its next token at its index in the batch. On a
+CPU the weights are read once per step instead of once per stream, which is where the
+aggregate throughput of several clients comes from.
+
+Cancellation is checked before every step, so a client that went away frees its slot within
+one step. The thread never touches the event loop: generations report through their `emit`
+and `on_done` callbacks, which the scheduler makes thread-safe.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from typing import Any, Protocol
+
+from pensieved.engine.generate import Generation
+from pensieved.engine.model import LoadedModel
+from pensieved.errors import EngineError
+
+log = logging.getLogger("pensieved.engine")
+
+
+class Runner(Protocol):
+    """What the scheduler hands generations to."""
+
+    def submit(self, generation: Generation) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Batcher:
+    def __init__(self, model: LoadedModel) -> None:
+        import llama_cpp
+
+        self._model = model
+        self._capacity = model.n_batch
+        self._batch: Any = llama_cpp.llama_batch_init(self._capacity, 0, 1)
+        self._inbox: deque[Generation] = deque()
+        self._active: list[Generation] = []
+        self._wakeup = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(
+            target=self._run, name=f"pensieve-decode-{model.name}", daemon=True
+        )
+        self._thread.start()
+
+    def submit(self, generation: Generation) -> None:
+        with self._wakeup:
+            self._inbox.append(generation)
+            self._wakeup.notify()
+
+    def close(self) -> None:
+        """Stop the thread; generations still running end as if cancelled."""
+        import llama_cpp
+
+        with self._wakeup:
+            self._stopping = True
+            self._wakeup.notify()
+        self._thread.join()
+        if self._batch is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+
+    # ---- the decode thread ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._wakeup:
+                while not self._inbox and not self._active and not self._stopping:
+                    self._wakeup.wait()
+                if self._stopping:
+                    leftovers = [*self._active, *self._inbox]
+                    self._active.clear()
+                    self._inbox.clear()
+                    break
+                arrivals = list(self._inbox)
+                self._inbox.clear()
+            for generation in arrivals:
+                self._begin(generation)
+            try:
+                self._step()
+            except Exception as exc:
+                log.exception("decode step failed")
+                for generation in self._active:
+                    self._reset_slot(generation)
+                    generation.fail(exc)
+                self._active.clear()
+        for generation in leftovers:
+            generation.end()
+
+    def _begin(self, generation: Generation) -> None:
+        if generation.cancel.is_set():
+            generation.end()
+            return
+        try:
+            generation.begin(self._model)
+        except Exception as exc:
+            if not isinstance(exc, EngineError):
+                log.exception("generation could not start")
+            generation.fail(exc)
+            return
+        self._active.append(generation)
+
+    def _step(self) -> None:
+        running = []
+        for generation in self._active:
+            if generation.cancel.is_set():
+                generation.end()
+            else:
+                running.append(generation)
+        self._active = running
+        if not running:
+            return
+        # (generation, batch index of its logits or -1, tokens it added to its sequence)
+        plan: list[tuple[Generation, int, list[int]]] = []
+        n = 0
+        for generation in running:
+            token = generation.next_token
+            if token is not None and generation.prompt_left == 0:
+                self._put(n, token, generation.position, generation.seq, logits=True)
+                plan.append((generation, n, [token]))
+                n += 1
+        for generation in running:
+            if generation.next_token is not None or generation.prompt_left == 0:
+                continue
+            if n >= self._capacity:
+                break
+            start = generation.position
+            chunk = generation.take_prompt(self._capacity - n)
+            for offset, token in enumerate(chunk):
+                self._put(n + offset, token, start + offset, generation.seq, logits=False)
+            n += len(chunk)
+            last = -1
+            if generation.prompt_left == 0:
+                last = n - 1
+                self._batch.logits[last] = 1
+            plan.append((generation, last, list(chunk)))
+        self._decode(n)
+        for generation, _, added in plan:
+            generation.slot.tokens.extend(added)
+        self._sample(plan)
+
+    def _put(self, i: int, token: int, position: int, seq: int, *, logits: bool) -> None:
+        batch = self._batch
+        batch.token[i] = token
+        batch.pos[i] = position
+        batch.n_seq_id[i] = 1
+        batch.seq_id[i][0] = seq
+        batch.logits[i] = logits
+
+    def _decode(self, n: int) -> None:
+        import llama_cpp
+
+        self._batch.n_tokens = n
+        status = llama_cpp.llama_decode(self._model.ctx, self._batch)
+        if status != 0:
+            # 1: no room in the KV cache (prompts are fitted to a slot, so this is a bug);
+            # 2: aborted; below 0: a backend error. The batch's sequences are in doubt.
+            raise EngineError(
+                f"the model failed to evaluate this request (llama_decode status {status}); "
+                "retry it, and see the pensieved log if it happens again"
+            )
+
+    def _sample(self, plan: list[tuple[Generation, int, list[int]]]) -> None:
+        import llama_cpp
+
+        for generation, index, _ in plan:
+            if index < 0:
+                continue
+            generation.next_token = None
+            try:
+                token = llama_cpp.llama_sampler_sample(
+                    generation.sampler.sampler, self._model.ctx, index
+                )
+                over = generation.accept(self._model, token)
+                if over:
+                    generation.finish()
+            except Exception as exc:
+                log.exception("sampling failed")
+                generation.fail(exc)
+                over = True
+            if over:
+                self._active.remove(generation)
+
+    def _reset_slot(self, generation: Generation) -> None:
+        """Forget a sequence whose KV state is in doubt after a failed decode."""
+        self._model.forget(generation.seq, 0)
+        generation.slot.tokens.clear()
