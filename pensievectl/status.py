@@ -43,6 +43,33 @@ def describe_reload(result: dict[str, Any] | None) -> str:
     return f"{when} ({result['trigger']}) FAILED: {result['error']}"
 
 
+def _cache_rows(model: dict[str, Any]) -> list[tuple[str, str]]:
+    """KV memory and slot contents; decode batching and its Python overhead."""
+    rows = []
+    per_slot = model.get("kv_bytes_per_slot")
+    if per_slot:
+        cached = ", ".join(str(n) for n in model.get("cached_tokens", []))
+        rows.append(
+            (
+                "kv cache",
+                f"{human_bytes(per_slot)} per slot, {human_bytes(per_slot * model['slots'])} "
+                f"in all; tokens cached per slot: {cached}",
+            )
+        )
+    decode = model.get("decode")
+    if decode and decode["steps"]:
+        steps = decode["steps"]
+        rows.append(
+            (
+                "decoding",
+                f"{steps} batches, {decode['tokens'] / steps:.1f} tokens each; "
+                f"{decode['llama_s'] / steps * 1000:.1f} ms in llama.cpp and "
+                f"{decode['python_s'] / steps * 1e6:.0f} us in Python per batch",
+            )
+        )
+    return rows
+
+
 def format_status(s: dict[str, Any]) -> str:
     state = s["state"]
     serving = "serving" if state == "ready" else f"NOT serving ({state})"
@@ -69,6 +96,7 @@ def format_status(s: dict[str, Any]) -> str:
                 f"{model['threads']} threads, {model['slots']} slots",
             )
         )
+        rows += _cache_rows(model)
     else:
         rows.append(("model", "none loaded"))
     if s.get("model_loading"):

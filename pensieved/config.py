@@ -132,6 +132,11 @@ class ModelConfig(_Section):
         None, ge=1, le=512, description="CPU threads for generation; null: physical cores."
     )
     batch_size: int = Field(512, ge=16, le=8192, description="Prompt tokens evaluated per step.")
+    flash_attention: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Flash attention: less memory for long contexts and usually faster; "
+        "`auto` uses it where the backend supports it (Metal and CPU do).",
+    )
     mmap: bool = Field(
         False,
         description="Memory-map the weights instead of reading them in: loads faster, but "
@@ -139,6 +144,17 @@ class ModelConfig(_Section):
     )
     slots: int = Field(
         4, ge=1, le=64, description="KV-cache slots: conversations kept warm at once."
+    )
+    prefix_cache_mb: int = Field(
+        2048,
+        ge=0,
+        description="Disk space (MB, in the cache directory) for KV caches saved when a "
+        "model is unloaded, so the first request after a restart or reload is warm; 0: off.",
+    )
+    prefix_cache_dir: str | None = Field(
+        None,
+        description="Where saved KV caches go; null: the per-user cache directory's "
+        "pensieve/kv (~/Library/Caches on macOS, ~/.cache on Linux).",
     )
     max_output_tokens: int = Field(
         8192,

@@ -38,6 +38,7 @@ from pensieved.control.sockets import (
     resolve_socket_path,
 )
 from pensieved.control.wire import (
+    DecodeStatus,
     HttpStatus,
     Issue,
     ModelStatus,
@@ -224,6 +225,9 @@ class Daemon:
                 gpu_layers=model["gpu_layers"],
                 threads=model["threads"],
                 slots=model["slots"],
+                kv_bytes_per_slot=model["kv_bytes_per_slot"],
+                cached_tokens=model["cached_tokens"],
+                decode=DecodeStatus(**model["decode"]),
             )
             if model
             else None,

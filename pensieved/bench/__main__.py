@@ -40,7 +40,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--slots", type=int, default=4, help="KV slots (parallel sequences)")
     parser.add_argument("--context-size", type=int, default=8192, help="tokens per slot")
     parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument(
+        "--flash-attention", choices=["auto", "on", "off"], default="auto", help="every target"
+    )
     parser.add_argument("--reps", type=int, default=5, help="repetitions per measurement")
+    parser.add_argument(
+        "--decode-reps",
+        type=int,
+        default=9,
+        help="repetitions of the decode measurement (a few seconds each, and the noisiest)",
+    )
     parser.add_argument("--decode-tokens", type=int, default=256)
     parser.add_argument("--prefix-tokens", type=int, default=4500, help="shared system prompt")
     parser.add_argument("--turns", type=int, default=3, help="turns of the warm conversation")
@@ -54,7 +63,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--markdown", help="table path (default: next to --output, .md)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.reps, args.decode_tokens, args.prefix_tokens = 1, 16, 300
+        args.reps, args.decode_reps, args.decode_tokens, args.prefix_tokens = 1, 1, 16, 300
         args.turns, args.concurrent_tokens, args.clients, args.startups = 2, 8, "1,2", 1
         args.slots, args.context_size = 2, 2048
     return args
@@ -95,12 +104,18 @@ def main(argv: list[str] | None = None) -> int:
         "slots": args.slots,
         "context_size": args.context_size,
         "batch_size": args.batch_size,
+        "flash_attention": args.flash_attention,
     }
     report: dict[str, Any] = {
         "generated_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": machine(),
         "model": {"path": str(model), "size_bytes": model.stat().st_size},
-        "settings": {**settings, "reps": args.reps, "quick": args.quick},
+        "settings": {
+            **settings,
+            "reps": args.reps,
+            "decode_reps": args.decode_reps,
+            "quick": args.quick,
+        },
         "notes": [],
     }
     binary, why = (None, "skipped (--no-llama-server)")
@@ -139,11 +154,12 @@ def main(argv: list[str] | None = None) -> int:
             threads=threads,
             context_size=args.context_size,
             batch_size=args.batch_size,
+            flash_attention=args.flash_attention,
         )
         count = inprocess_token_counter(inprocess)
 
         report["decode"] = run_decode(
-            servers, inprocess, tokens=args.decode_tokens, reps=args.reps, log=log
+            servers, inprocess, tokens=args.decode_tokens, reps=args.decode_reps, log=log
         )
         report["ttft"] = run_ttft(
             servers,

@@ -126,8 +126,9 @@ def table(report: dict[str, Any]) -> str:
         f"load average {_f((m.get('load_average_at_start') or [None])[0], 1)} at start, "
         f"{_f((m.get('load_average_at_end') or [None])[0], 1)} at end.",
         f"Model {report.get('model', {}).get('path', '').rsplit('/', 1)[-1]}; threads "
-        f"{s.get('threads')}, {s.get('slots')} slots x {s.get('context_size')} tokens; "
-        f"medians of {s.get('reps')} runs. llama-server: "
+        f"{s.get('threads')}, {s.get('slots')} slots x {s.get('context_size')} tokens, "
+        f"flash attention {s.get('flash_attention', 'off')}; medians of {s.get('reps')} runs "
+        f"({s.get('decode_reps', s.get('reps'))} for decode). llama-server: "
         f"{report.get('llama_server', {}).get('status')}.",
         "",
         "## Goals (ratios against references measured in the same run)",

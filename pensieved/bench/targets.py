@@ -156,7 +156,13 @@ class ServerProcess:
 
 
 def start_pensieved(
-    model: Path, *, threads: int, slots: int, context_size: int, batch_size: int
+    model: Path,
+    *,
+    threads: int,
+    slots: int,
+    context_size: int,
+    batch_size: int,
+    flash_attention: str,
 ) -> ServerProcess:
     workdir = Path(tempfile.mkdtemp(prefix="pensieve-bench-"))
     port = free_port()
@@ -174,7 +180,10 @@ def start_pensieved(
             "slots": slots,
             "context_size": context_size,
             "batch_size": batch_size,
+            "flash_attention": flash_attention,
             "max_output_tokens": context_size,
+            # Cold means cold: no KV caches saved by an earlier run.
+            "prefix_cache_mb": 0,
         },
     }
     config_path = workdir / "config.json"
@@ -208,7 +217,14 @@ def find_llama_server(explicit: str | None) -> tuple[Path | None, str]:
 
 
 def start_llama_server(
-    binary: Path, model: Path, *, threads: int, slots: int, context_size: int, batch_size: int
+    binary: Path,
+    model: Path,
+    *,
+    threads: int,
+    slots: int,
+    context_size: int,
+    batch_size: int,
+    flash_attention: str,
 ) -> ServerProcess:
     workdir = Path(tempfile.mkdtemp(prefix="llama-server-bench-"))
     port = free_port()
@@ -236,7 +252,7 @@ def start_llama_server(
         "--ubatch-size",
         str(batch_size),
         "--flash-attn",
-        "off",  # llama-cpp-python's default; keeps the kernels the same on both sides
+        flash_attention,  # the same on every side, so the attention kernels match
         "--jinja",
         "--no-webui",
     ]
@@ -267,7 +283,9 @@ def _launch(
 class InProcess:
     """llama-cpp-python called directly: the floor any Python server on it can reach."""
 
-    def __init__(self, model: Path, *, threads: int, context_size: int, batch_size: int) -> None:
+    def __init__(
+        self, model: Path, *, threads: int, context_size: int, batch_size: int, flash_attention: str
+    ) -> None:
         import llama_cpp
 
         started = time.monotonic()
@@ -279,6 +297,8 @@ class InProcess:
             n_ubatch=batch_size,
             n_threads=threads,
             n_threads_batch=threads,
+            # `Llama` takes on/off only; auto resolves to on for CPU and Metal.
+            flash_attn=flash_attention != "off",
             verbose=False,
         )
         self.load_s = time.monotonic() - started

@@ -247,7 +247,8 @@ def run_ttft(
             if not pairs:
                 continue
             cached = int(statistics.median(c for _, c in pairs))
-            new = int(statistics.median(i - c for i, c in pairs))
+            # Anthropic's usage: input_tokens are the uncached ones, the prompt is both.
+            new = int(statistics.median(i for i, _ in pairs))
             floors[kind] = {
                 "cached_tokens": cached,
                 "new_tokens": new,
@@ -255,7 +256,7 @@ def run_ttft(
             }
         pairs = pensieve.get("cold", [])
         if pairs:
-            n = int(statistics.median(i for i, _ in pairs))
+            n = int(statistics.median(i + c for i, c in pairs))
             floors["cold"] = {
                 "cached_tokens": 0,
                 "new_tokens": n,

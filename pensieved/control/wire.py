@@ -63,6 +63,15 @@ class HttpStatus(_Wire):
     error: str | None = Field(None, description="Why the HTTP listener is not up.")
 
 
+class DecodeStatus(_Wire):
+    steps: int = Field(description="Batches decoded since the model was loaded.")
+    tokens: int = Field(description="Tokens in those batches (prompt and generated).")
+    llama_s: float = Field(description="Seconds spent in llama.cpp's decode.")
+    python_s: float = Field(
+        description="Seconds of Python work around it: batches, sampling, text, events."
+    )
+
+
 class ModelStatus(_Wire):
     name: str = Field(description="Model name from the GGUF metadata.")
     path: str = Field(description="The GGUF file.")
@@ -71,6 +80,11 @@ class ModelStatus(_Wire):
     gpu_layers: int = Field(description="Layers offloaded to the GPU (-1 all).")
     threads: int = Field(description="CPU threads used.")
     slots: int = Field(description="KV-cache slots.")
+    kv_bytes_per_slot: int = Field(
+        description="Memory of one slot's KV cache (f16 K and V for the full context)."
+    )
+    cached_tokens: list[int] = Field(description="Tokens each slot's KV cache holds now.")
+    decode: DecodeStatus
 
 
 class ProcessStatus(_Wire):

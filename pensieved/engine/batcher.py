@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pensieved.engine.generate import Generation
@@ -26,8 +28,20 @@ from pensieved.errors import EngineError
 log = logging.getLogger("pensieved.engine")
 
 
+@dataclass
+class DecodeStats:
+    """Counters of the decode thread, for `status` and for measuring the Python overhead."""
+
+    steps: int = 0
+    tokens: int = 0  # batch entries: prompt tokens plus generated ones
+    llama_s: float = 0.0  # inside llama_decode
+    python_s: float = 0.0  # the rest of each step: batch building, sampling, text, events
+
+
 class Runner(Protocol):
     """What the scheduler hands generations to."""
+
+    stats: DecodeStats
 
     def submit(self, generation: Generation) -> None: ...
 
@@ -45,6 +59,7 @@ class Batcher:
         self._active: list[Generation] = []
         self._wakeup = threading.Condition()
         self._stopping = False
+        self.stats = DecodeStats()
         self._thread = threading.Thread(
             target=self._run, name=f"pensieve-decode-{model.name}", daemon=True
         )
@@ -108,6 +123,7 @@ class Batcher:
         self._active.append(generation)
 
     def _step(self) -> None:
+        started = time.perf_counter()
         running = []
         for generation in self._active:
             if generation.cancel.is_set():
@@ -141,10 +157,18 @@ class Batcher:
                 last = n - 1
                 self._batch.logits[last] = 1
             plan.append((generation, last, list(chunk)))
+        before = time.perf_counter()
         self._decode(n)
+        after = time.perf_counter()
         for generation, _, added in plan:
             generation.slot.tokens.extend(added)
+            generation.decoded = True
         self._sample(plan)
+        stats = self.stats
+        stats.steps += 1
+        stats.tokens += n
+        stats.llama_s += after - before
+        stats.python_s += time.perf_counter() - after + before - started
 
     def _put(self, i: int, token: int, position: int, seq: int, *, logits: bool) -> None:
         batch = self._batch

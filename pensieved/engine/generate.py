@@ -12,7 +12,7 @@ import random
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +59,22 @@ class Slot:
         return i
 
 
+# Copying another slot's KV stream costs about as much as evaluating a few dozen tokens on a
+# laptop CPU; below this many tokens gained, evaluating them is cheaper than the copy.
+FORK_MIN_TOKENS = 256
+
+
+def best_donor(slot: Slot, peers: Sequence[Slot], tokens: tuple[int, ...]) -> tuple[Slot, int]:
+    """The slot sharing the longest prefix with `tokens` (`slot` itself on ties)."""
+    best, shared = slot, slot.shared_prefix(tokens)
+    for peer in peers:
+        if peer is not slot:
+            n = peer.shared_prefix(tokens)
+            if n > shared:
+                best, shared = peer, n
+    return best, shared
+
+
 class Generation:
     """A request on its slot. Only the batcher's thread calls its methods after `begin`."""
 
@@ -69,8 +85,10 @@ class Generation:
         cancel: threading.Event,
         emit: Callable[[Event], None],
         on_done: Callable[[], None],
+        peers: Sequence[Slot] = (),
     ) -> None:
         self.slot = slot
+        self.peers = peers
         self.prepared = prepared
         self.cancel = cancel
         self.emit = emit
@@ -83,6 +101,11 @@ class Generation:
         self._router: OutputRouter | None = None
         self._decoder = TextStream()
         self._ended = False
+        self._model: LoadedModel | None = None
+        # A copied KV stream only lands at the next decode: until one ran, the copy is unsafe
+        # to keep (see `end`).
+        self.forked = False
+        self.decoded = False
 
     @property
     def seq(self) -> int:
@@ -98,8 +121,19 @@ class Generation:
         return len(self.prepared.tokens) - self.evaluated
 
     def begin(self, model: LoadedModel) -> None:
-        """Trim the slot to the reused prefix and get ready to sample. May raise."""
+        """Trim the slot to the reused prefix and get ready to sample. May raise.
+
+        When another slot (busy or not) holds a much longer prefix of this prompt, such as the
+        system prompt and tools of a second agent session or a subagent, its KV stream is
+        copied here first, so both share the work already done and neither loses its cache.
+        """
+        self._model = model
         tokens = self.prepared.tokens
+        donor, shared = best_donor(self.slot, self.peers, tokens)
+        if donor is not self.slot and shared - self.slot.shared_prefix(tokens) >= FORK_MIN_TOKENS:
+            model.copy_sequence(donor.index, self.seq)
+            self.slot.tokens = donor.tokens[:shared]
+            self.forked = True
         # Reuse the cached prefix; keep at least one token to evaluate so logits are fresh.
         self.reused = min(self.slot.shared_prefix(tokens), len(tokens) - 1)
         model.forget(self.seq, self.reused)
@@ -161,6 +195,9 @@ class Generation:
         if self._ended:
             return
         self._ended = True
+        if self.forked and not self.decoded and self._model is not None:
+            self._model.forget(self.seq, 0)
+            self.slot.tokens.clear()
         if self.sampler is not None:
             self.sampler.close()
             self.sampler = None

@@ -33,6 +33,7 @@ class ModelSettings:
     batch_size: int
     slots: int
     mmap: bool = False
+    flash_attention: str = "auto"  # auto, on, off
 
     @property
     def effective_threads(self) -> int:
@@ -77,6 +78,10 @@ class LoadedModel:
         ctx_params.n_threads = settings.effective_threads
         ctx_params.n_threads_batch = settings.effective_threads
         ctx_params.no_perf = True
+        ctx_params.flash_attn_type = {
+            "on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+            "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+        }.get(settings.flash_attention, llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO)
         self._model: Any = None
         self._context: Any = None
         try:
@@ -169,6 +174,13 @@ class LoadedModel:
         import llama_cpp
 
         llama_cpp.llama_memory_seq_rm(self.memory, seq, keep, -1)
+
+    def copy_sequence(self, source: int, target: int) -> None:
+        """Make sequence `target` a copy of sequence `source` (the data moves at next decode)."""
+        import llama_cpp
+
+        # Sequences live in separate KV streams, which llama.cpp copies whole (p0 = p1 = -1).
+        llama_cpp.llama_memory_seq_cp(self.memory, source, target, -1, -1)
 
     def close(self) -> None:
         # The context before the model it runs on.

@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from typing import Protocol
 
-from pensieved.engine.batcher import Batcher, Runner
+from pensieved.engine.batcher import Batcher, DecodeStats, Runner
 from pensieved.engine.generate import Generation, Slot
 from pensieved.engine.model import LoadedModel
 from pensieved.engine.types import Event, Failed, Finished, Heartbeat, PreparedPrompt
@@ -70,6 +70,17 @@ class Scheduler:
         # GreedyDual-Size state: each slot's value, and the inflation that ages them all.
         self._value: dict[int, float] = {}
         self._inflation = 0.0
+
+    def adopt_cached(self, restored: int) -> None:
+        """Value slots that were filled from disk like slots filled by a request."""
+        if restored:
+            for slot in self.slots:
+                if slot.tokens:
+                    self._value[slot.index] = float(len(slot.tokens))
+
+    @property
+    def decode_stats(self) -> DecodeStats:
+        return self._runner.stats
 
     @property
     def queued(self) -> int:
@@ -149,7 +160,7 @@ class Scheduler:
             with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
                 loop.call_soon_threadsafe(stop)
 
-        self._runner.submit(Generation(slot, prepared, cancel, emit, on_done))
+        self._runner.submit(Generation(slot, prepared, cancel, emit, on_done, self.slots))
         handle = (cancel, events)
         self._active.add(handle)
         timer = None if deadline is None else loop.call_at(deadline, events.put_nowait, None)

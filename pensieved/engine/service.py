@@ -8,6 +8,7 @@ work finishes on the model it began with.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import fnmatch
 import logging
 import time
@@ -19,6 +20,7 @@ from typing import Any, Literal
 from pensieved.config import Config
 from pensieved.engine.grammar import grammar_parses, loosest_grammar, request_grammar
 from pensieved.engine.model import LoadedModel, ModelSettings
+from pensieved.engine.persist import PrefixStore
 from pensieved.engine.prompt import (
     conversation_for_template,
     render_text,
@@ -36,7 +38,7 @@ from pensieved.errors import (
     PromptTooLongError,
     ShuttingDownError,
 )
-from pensieved.paths import bundled_model_path
+from pensieved.paths import bundled_model_path, cache_dir
 
 log = logging.getLogger("pensieved.engine")
 
@@ -53,6 +55,7 @@ def settings_for(config: Config, path: Path) -> ModelSettings:
         batch_size=m.batch_size,
         slots=m.slots,
         mmap=m.mmap,
+        flash_attention=m.flash_attention,
     )
 
 
@@ -83,9 +86,32 @@ class ModelRuntime:
     def busy(self) -> bool:
         return bool(self.users or self.scheduler.running or self.scheduler.queued)
 
-    def close(self) -> None:
+    def close(self, store: PrefixStore | None = None) -> None:
+        """Stop the scheduler, save the warm slots to `store`, free the model."""
         self.scheduler.close()
+        if store is not None:
+            try:
+                store.save(self.model, self.scheduler.slots)
+            except Exception:  # a cache that cannot be written must not block a stop
+                log.exception("saving KV caches failed")
         self.model.close()
+
+
+def prefix_store_for(config: Config) -> PrefixStore:
+    folder = config.model.prefix_cache_dir
+    directory = Path(folder).expanduser() if folder else cache_dir() / "kv"
+    return PrefixStore(directory, config.model.prefix_cache_mb * 1_000_000)
+
+
+def _load_runtime(settings: ModelSettings, store: PrefixStore) -> ModelRuntime:
+    """Load a model, start its scheduler and read back its saved KV caches (a thread's job)."""
+    model = LoadedModel(settings)
+    runtime = ModelRuntime(model, Scheduler(model))
+    try:
+        runtime.scheduler.adopt_cached(store.restore(model, runtime.scheduler.slots))
+    except Exception:
+        log.exception("reading saved KV caches failed; starting cold")
+    return runtime
 
 
 @dataclass
@@ -142,8 +168,9 @@ class Engine:
                     continue
                 log.info("loading model %s (context %d)", path, settings.context_size)
                 started = time.monotonic()
-                model = await asyncio.to_thread(LoadedModel, settings)
-                by_path[path] = ModelRuntime(model, Scheduler(model))
+                by_path[path] = await asyncio.to_thread(
+                    _load_runtime, settings, prefix_store_for(config)
+                )
                 log.info("model %s loaded in %.1fs", path.name, time.monotonic() - started)
         except ModelLoadError as exc:
             for path, runtime in by_path.items():
@@ -166,7 +193,7 @@ class Engine:
         for runtime in runtimes:
             while runtime.busy:
                 await asyncio.sleep(0.1)
-            await asyncio.to_thread(runtime.close)
+            await asyncio.to_thread(runtime.close, prefix_store_for(self.config))
             log.info("released model %s", runtime.model.settings.path.name)
 
     def apply_live_settings(self, config: Config) -> None:
@@ -319,9 +346,11 @@ class Engine:
 
     def describe(self) -> dict[str, Any]:
         """Model facts for /health and `status`."""
-        model = self.default_model
+        runtime = self._models.default
         info: dict[str, Any] = {"state": self.state, "error": self.error, "model": None}
-        if model is not None:
+        if runtime is not None:
+            model = runtime.model
+            scheduler = runtime.scheduler
             info["model"] = {
                 "name": model.name,
                 "path": str(model.settings.path),
@@ -332,6 +361,8 @@ class Engine:
                 "threads": model.settings.effective_threads,
                 "slots": model.slots,
                 "kv_bytes_per_slot": model.kv_bytes_per_slot(),
+                "cached_tokens": [len(slot.tokens) for slot in scheduler.slots],
+                "decode": dataclasses.asdict(scheduler.decode_stats),
                 "warnings": (
                     [f"context_size {model.n_ctx} exceeds the training context {model.n_ctx_train}"]
                     if model.training_context_exceeded
@@ -352,7 +383,7 @@ class Engine:
     async def close(self) -> None:
         models, self._models = self._models, _Models(self.config, None, {})
         for runtime in models.by_path.values():
-            await asyncio.to_thread(runtime.close)
+            await asyncio.to_thread(runtime.close, prefix_store_for(self.config))
 
 
 __all__ = ["Engine", "ModelRuntime", "PensieveError"]

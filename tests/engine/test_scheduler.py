@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
+from pensieved.engine.batcher import DecodeStats
 from pensieved.engine.generate import Generation, Slot
 from pensieved.engine.scheduler import Scheduler, choose_slot
 
@@ -63,6 +64,7 @@ class FakeRunner:
     """Takes generations and never runs them: these tests drive `_acquire`/`_release`."""
 
     submitted: list[Generation] = field(default_factory=list)
+    stats: DecodeStats = field(default_factory=DecodeStats)
 
     def submit(self, generation: Generation) -> None:
         self.submitted.append(generation)

@@ -96,7 +96,11 @@ def start_daemon(
     tmp.mkdir(parents=True, exist_ok=True)
     port = free_port()
     sock = short_socket_path(tmp)
-    data: dict[str, Any] = {"server": {}, "model": {"context_size": 2048, "slots": 2}}
+    data: dict[str, Any] = {
+        "server": {},
+        # Saved KV caches stay with the test, never in the user's cache directory.
+        "model": {"context_size": 2048, "slots": 2, "prefix_cache_dir": str(tmp / "kv")},
+    }
     for section, values in (config or {}).items():
         data.setdefault(section, {}).update(values)
     data["server"].setdefault("port", port)

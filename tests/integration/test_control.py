@@ -64,6 +64,9 @@ def test_start_status_second_daemon_stop(tmp_path: Path) -> None:
         model = status["model"]
         assert model["path"].endswith(".gguf") and model["size_bytes"] > 1_000_000
         assert model["context_size"] == 2048 and model["gpu_layers"] == -1
+        # SmolLM2-135M: 30 layers x 3 KV heads x 64 dims, K and V in f16, 2,048 tokens.
+        assert model["kv_bytes_per_slot"] == 2048 * 30 * 2 * 3 * 64 * 2
+        assert model["cached_tokens"] == [0, 0]
         assert status["process"]["rss_bytes"] > 10_000_000
         assert "cpu_percent" in status["process"]
         for key in ("served", "in_flight", "queued", "tokens_generated"):
@@ -80,6 +83,13 @@ def test_start_status_second_daemon_stop(tmp_path: Path) -> None:
         after = json.loads(run_ctl("status", "--json", config=config).stdout)
         assert after["requests"]["served"] == 1
         assert after["requests"]["tokens_generated"] >= 1
+        assert sorted(after["model"]["cached_tokens"])[0] == 0  # the other slot is untouched
+        assert max(after["model"]["cached_tokens"]) >= after["requests"]["prompt_tokens"]
+        decode = after["model"]["decode"]
+        assert decode["steps"] >= after["requests"]["tokens_generated"]
+        assert decode["llama_s"] > 0 and decode["python_s"] > 0
+        human = run_ctl("status", config=config).stdout
+        assert "kv cache:" in human and "decoding:" in human
 
         # permissions: 0700 directory, 0600 socket
         assert stat.S_IMODE(os.stat(Path(sock).parent).st_mode) == 0o700

@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import cast
+
+import pytest
+
+from pensieved.engine.generate import Slot
+from pensieved.engine.model import LoadedModel, ModelSettings
+from pensieved.engine.persist import MAGIC, PrefixStore, _read, _write, model_key
+
+
+def test_a_saved_slot_reads_back_exactly(tmp_path: Path) -> None:
+    path = tmp_path / "k" / "slot-0.kv"
+    state = bytes(range(256)) * 10
+    _write(path, Slot(0, tokens=[5, 6, 7]), memoryview(state))
+    tokens, read = _read(path)
+    assert tokens == [5, 6, 7]
+    assert bytes(read) == state
+    assert not list(tmp_path.glob("k/*.partial"))
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda data: b"NOT-PENSIEVE\n" + data[len(MAGIC) :],  # foreign file
+        lambda data: data[:-10],  # cut short while being copied
+        lambda data: data + b"extra",  # sizes disagree with the header
+        lambda data: data[: len(MAGIC) + 5],  # header cut
+    ],
+)
+def test_damaged_files_are_refused(tmp_path: Path, damage: object) -> None:
+    path = tmp_path / "slot-0.kv"
+    _write(path, Slot(0, tokens=[1, 2]), memoryview(b"x" * 100))
+    path.write_bytes(damage(path.read_bytes()))  # type: ignore[operator]
+    with pytest.raises(ValueError):
+        _read(path)
+
+
+def test_pruning_deletes_the_oldest_models_first(tmp_path: Path) -> None:
+    store = PrefixStore(tmp_path, budget_bytes=2500)
+    for i, name in enumerate(["old", "middle", "new"]):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "slot-0.kv").write_bytes(b"x" * 1000)
+        os.utime(folder, (1000 + i, 1000 + i))
+    store._prune(keep=tmp_path / "new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["middle", "new"]
+
+
+@dataclass
+class FakeModel:
+    settings: ModelSettings
+    n_ctx: int
+
+
+def key_of(settings: ModelSettings, n_ctx: int = 2048) -> str:
+    return model_key(cast(LoadedModel, FakeModel(settings, n_ctx)))
+
+
+def test_the_key_changes_with_the_model_file_and_its_settings(tmp_path: Path) -> None:
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"weights")
+    settings = ModelSettings(model, 2048, 0, None, 512, 2)
+    key = key_of(settings)
+    assert key == key_of(settings)
+    # Threads, slots and batch size do not change what a KV state means.
+    assert key == key_of(replace(settings, threads=3, slots=4, batch_size=64))
+    assert key != key_of(settings, n_ctx=4096)
+    assert key != key_of(replace(settings, gpu_layers=-1))
+    assert key != key_of(replace(settings, flash_attention="off"))
+    os.utime(model, ns=(1, 1))
+    assert key != key_of(settings)
+
+
+def test_a_disabled_store_writes_nothing(tmp_path: Path) -> None:
+    store = PrefixStore(tmp_path / "kv", budget_bytes=0)
+    model = cast(LoadedModel, object())
+    assert store.save(model, [Slot(0, tokens=list(range(5000)))]) == 0
+    assert store.restore(model, [Slot(0)]) == 0
+    assert not (tmp_path / "kv").exists()
