@@ -194,14 +194,33 @@ class LoadedModel:
 
 _backend_lock = threading.Lock()
 _backend_ready = False
+_llama_log = logging.getLogger("pensieved.llama")
+# ggml's log levels: 3 warning, 4 error, 5 continues the previous line; the rest (info,
+# debug: hundreds of lines per context) stays out of our log.
+_FORWARDED = {3: logging.WARNING, 4: logging.ERROR}
+_log_callback: Any = None
+_last_level = 0
+
+
+def _forward_llama_log(level: int, text: bytes, _user_data: Any) -> None:
+    global _last_level
+    if level != 5:
+        _last_level = level
+    forwarded = _FORWARDED.get(_last_level)
+    message = text.decode("utf-8", errors="replace").strip()
+    if forwarded is not None and message:
+        _llama_log.log(forwarded, "%s", message)
 
 
 def _init_backend() -> None:
-    """llama.cpp's process-wide setup, once (what `Llama` does on first use)."""
-    global _backend_ready
+    """llama.cpp's process-wide setup, once (what `Llama` does on first use), and its log
+    routed into ours: llama-cpp-python's own handler prints everything to stderr."""
+    global _backend_ready, _log_callback
     import llama_cpp
 
     with _backend_lock:
         if not _backend_ready:
+            _log_callback = llama_cpp.llama_log_callback(_forward_llama_log)
+            llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
             llama_cpp.llama_backend_init()
             _backend_ready = True
