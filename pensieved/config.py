@@ -146,7 +146,7 @@ class ModelConfig(_Section):
         4, ge=1, le=64, description="KV-cache slots: conversations kept warm at once."
     )
     prefix_cache_mb: int = Field(
-        2048,
+        4096,
         ge=0,
         description="Disk space (MB, in the cache directory) for KV caches saved when a "
         "model is unloaded, so the first request after a restart or reload is warm; 0: off.",

@@ -67,8 +67,11 @@ class Batcher:
 
     def submit(self, generation: Generation) -> None:
         with self._wakeup:
-            self._inbox.append(generation)
-            self._wakeup.notify()
+            if not self._stopping:
+                self._inbox.append(generation)
+                self._wakeup.notify()
+                return
+        generation.end()  # the model is being unloaded: nothing will run it
 
     def close(self) -> None:
         """Stop the thread; generations still running end as if cancelled."""
@@ -96,12 +99,14 @@ class Batcher:
                     break
                 arrivals = list(self._inbox)
                 self._inbox.clear()
-            for generation in arrivals:
-                self._begin(generation)
             try:
+                for generation in arrivals:
+                    self._begin(generation)
                 self._step()
             except Exception as exc:
-                log.exception("decode step failed")
+                # A bug, not a decode failure (those end only their own batch's requests):
+                # end everything running, so no slot stays taken, and keep serving.
+                log.exception("decode loop failed")
                 for generation in self._active:
                     self._reset_slot(generation)
                     generation.fail(exc)
@@ -136,14 +141,18 @@ class Batcher:
         # (generation, batch index of its logits or -1, tokens it added to its sequence)
         plan: list[tuple[Generation, int, list[int]]] = []
         n = 0
-        for generation in running:
+        # Generated tokens first, starting one stream further along each step: with more
+        # streams than batch room (more slots than batch_size) none waits for long. Prompt
+        # chunks then fill the rest in arrival order, so the oldest prompt finishes first.
+        turn = self.stats.steps % len(running)
+        for generation in running[turn:] + running[:turn]:
             token = generation.next_token
-            if token is not None and generation.prompt_left == 0:
+            if token is not None and n < self._capacity:
                 self._put(n, token, generation.position, generation.seq, logits=True)
                 plan.append((generation, n, [token]))
                 n += 1
         for generation in running:
-            if generation.next_token is not None or generation.prompt_left == 0:
+            if generation.next_token is not None:
                 continue
             if n >= self._capacity:
                 break
@@ -158,7 +167,15 @@ class Batcher:
                 self._batch.logits[last] = 1
             plan.append((generation, last, list(chunk)))
         before = time.perf_counter()
-        self._decode(n)
+        try:
+            self._decode(n)
+        except EngineError as exc:
+            log.error("%s", exc)
+            for generation, _, _ in plan:
+                self._reset_slot(generation)
+                generation.fail(exc)
+                self._active.remove(generation)
+            return
         after = time.perf_counter()
         for generation, _, added in plan:
             generation.slot.tokens.extend(added)

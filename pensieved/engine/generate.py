@@ -59,8 +59,9 @@ class Slot:
         return i
 
 
-# Copying another slot's KV stream costs about as much as evaluating a few dozen tokens on a
-# laptop CPU; below this many tokens gained, evaluating them is cheaper than the copy.
+# A copy moves the donor's whole KV stream (all `context_size` cells, whatever it holds) at
+# the start of the next decode step, which every stream waits for; below this many tokens
+# gained, evaluating them is cheaper.
 FORK_MIN_TOKENS = 256
 
 
@@ -135,8 +136,8 @@ class Generation:
             self.slot.tokens = donor.tokens[:shared]
             self.forked = True
         # Reuse the cached prefix; keep at least one token to evaluate so logits are fresh.
-        self.reused = min(self.slot.shared_prefix(tokens), len(tokens) - 1)
-        model.forget(self.seq, self.reused)
+        wanted = max(0, min(self.slot.shared_prefix(tokens), len(tokens) - 1))
+        self.reused = model.forget(self.seq, wanted)
         del self.slot.tokens[self.reused :]
         self.evaluated = self.reused
         self.emit(PromptCached(self.reused))
@@ -187,8 +188,10 @@ class Generation:
         self.end()
 
     def fail(self, error: Exception) -> None:
-        self.emit(Failed(error))
-        self.end()
+        try:
+            self.emit(Failed(error))
+        finally:
+            self.end()
 
     def end(self) -> None:
         """Free the sampler and hand the slot back; safe to call more than once."""

@@ -61,7 +61,11 @@ class LoadedModel:
             raise ModelLoadError(
                 f"model file not found: {path}; set model.model_path in the config to a GGUF file"
             )
-        self.size_bytes = path.stat().st_size
+        stat = path.stat()
+        self.size_bytes = stat.st_size
+        # What the weights were read from: saved KV caches are filed under this, not under
+        # whatever the path holds when they are saved (the file may be replaced meanwhile).
+        self.file_identity = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = settings.gpu_layers
         # Read in, not mapped, unless asked: a mapped file that is replaced in place under a
@@ -104,6 +108,8 @@ class LoadedModel:
         self.n_ctx: int = int(llama_cpp.llama_n_ctx_seq(self.ctx))
         self.n_batch: int = settings.batch_size
         self.n_ctx_train: int = self._model.n_ctx_train()
+        # Sliding-window attention: a sequence's saved state keeps only the window.
+        self.sliding_window: int = int(llama_cpp.llama_model_n_swa(self._model.model))
         self.bos_id: int = self._model.token_bos()
         self.eos_id: int = self._model.token_eos()
         self.add_bos: bool = bool(self._model.add_bos_token())
@@ -169,11 +175,17 @@ class LoadedModel:
             return 0
         return self.n_ctx * layers * 2 * kv_heads * (embd // heads) * 2
 
-    def forget(self, seq: int, keep: int) -> None:
-        """Drop sequence `seq`'s KV cells from position `keep` on."""
+    def forget(self, seq: int, keep: int) -> int:
+        """Drop sequence `seq`'s KV cells from position `keep` on; the positions kept.
+
+        Recurrent and hybrid models cannot cut a sequence in the middle: theirs is cleared.
+        """
         import llama_cpp
 
-        llama_cpp.llama_memory_seq_rm(self.memory, seq, keep, -1)
+        if keep > 0 and llama_cpp.llama_memory_seq_rm(self.memory, seq, keep, -1):
+            return keep
+        llama_cpp.llama_memory_seq_rm(self.memory, seq, -1, -1)
+        return 0
 
     def copy_sequence(self, source: int, target: int) -> None:
         """Make sequence `target` a copy of sequence `source` (the data moves at next decode)."""

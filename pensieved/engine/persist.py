@@ -2,9 +2,9 @@
 
 An agent's prompt starts with thousands of tokens of system prompt and tools; evaluating them
 again after every daemon restart or model reload takes minutes on a laptop CPU. When a model is
-unloaded, its longest, most recently used slots are written (tokens and KV state) under the
-cache directory; when the same model is loaded again with the same settings, they are read back
-into its slots, and the router reuses them like any warm slot.
+unloaded, its most recently used slots (of at least MIN_TOKENS) are written, tokens and KV
+state, under the cache directory; when the same model is loaded again with the same settings,
+they are read back into its slots, and the router reuses them like any warm slot.
 
 Each model's files live in a directory named by a key over everything that makes a KV state
 valid: the model file (path, size, modification time), the settings that shape its context,
@@ -38,18 +38,28 @@ MIN_TOKENS = 512
 
 def model_key(model: LoadedModel) -> str:
     settings = model.settings
-    stat = settings.path.stat()
+    path, size, mtime_ns = model.file_identity
     parts = {
-        "path": str(settings.path.resolve()),
-        "size": stat.st_size,
-        "mtime_ns": stat.st_mtime_ns,
+        "path": path,
+        "size": size,
+        "mtime_ns": mtime_ns,
         "context": model.n_ctx,
+        "slots": settings.slots,  # a saved state records the context's sequence count
         "gpu_layers": settings.gpu_layers,
         "flash_attention": settings.flash_attention,  # changes the V cache layout
         "llama_cpp_python": importlib.metadata.version("llama-cpp-python"),
     }
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
     return f"{settings.path.stem}-{digest[:16]}"
+
+
+def persistable(model: LoadedModel) -> bool:
+    """Whether a slot's saved state is good for reuse of any prefix of it.
+
+    Sliding-window models save only the cells the last position attends to, so a restored
+    state could not be trimmed to a shorter prefix; their caches are not saved.
+    """
+    return model.sliding_window <= 0
 
 
 class PrefixStore:
@@ -66,15 +76,11 @@ class PrefixStore:
 
         Only call with no generation running on `model`.
         """
-        if not self.enabled:
+        if not self.enabled or not persistable(model):
             return 0
         import llama_cpp
 
-        try:
-            target = self.directory / model_key(model)
-        except OSError as exc:  # the model file is gone: nothing to key the states on
-            log.warning("not saving KV caches: %s", exc)
-            return 0
+        target = self.directory / model_key(model)
         keep = sorted(
             (slot for slot in slots if len(slot.tokens) >= MIN_TOKENS),
             key=lambda slot: slot.last_used,
@@ -86,6 +92,13 @@ class PrefixStore:
         for slot in keep:
             size = int(llama_cpp.llama_state_seq_get_size(model.ctx, slot.index))
             if used + size > self.budget_bytes:
+                log.info(
+                    "not saving slot %d's KV cache (%d tokens, %.0f MB): over "
+                    "model.prefix_cache_mb; raise it to keep this cache across restarts",
+                    slot.index,
+                    len(slot.tokens),
+                    size / 1e6,
+                )
                 continue
             buffer = (ctypes.c_uint8 * size)()
             got = int(llama_cpp.llama_state_seq_get_data(model.ctx, buffer, size, slot.index))
@@ -112,7 +125,7 @@ class PrefixStore:
 
     def restore(self, model: LoadedModel, slots: Sequence[Slot]) -> int:
         """Read saved states into empty slots; the count restored. Bad files are deleted."""
-        if not self.enabled:
+        if not self.enabled or not persistable(model):
             return 0
         import llama_cpp
 
@@ -135,7 +148,9 @@ class PrefixStore:
                 path.unlink(missing_ok=True)
                 continue
             buffer = (ctypes.c_uint8 * len(state)).from_buffer(state)
-            if not llama_cpp.llama_state_seq_set_data(model.ctx, buffer, len(state), slot.index):
+            loaded = llama_cpp.llama_state_seq_set_data(model.ctx, buffer, len(state), slot.index)
+            last = llama_cpp.llama_memory_seq_pos_max(model.memory, slot.index)
+            if not loaded or last + 1 != len(tokens):
                 log.warning("llama.cpp refused saved KV cache %s; deleting it", path)
                 model.forget(slot.index, 0)
                 path.unlink(missing_ok=True)

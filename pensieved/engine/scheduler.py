@@ -147,7 +147,8 @@ class Scheduler:
         events: asyncio.Queue[Event | None] = asyncio.Queue()
 
         def emit(event: Event) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, event)
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is listening
+                loop.call_soon_threadsafe(events.put_nowait, event)
 
         stopped: asyncio.Future[None] = loop.create_future()
 

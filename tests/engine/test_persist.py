@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import cast
 
 import pytest
@@ -54,10 +55,13 @@ def test_pruning_deletes_the_oldest_models_first(tmp_path: Path) -> None:
 class FakeModel:
     settings: ModelSettings
     n_ctx: int
+    file_identity: tuple[str, int, int]
 
 
 def key_of(settings: ModelSettings, n_ctx: int = 2048) -> str:
-    return model_key(cast(LoadedModel, FakeModel(settings, n_ctx)))
+    stat = settings.path.stat()
+    identity = (str(settings.path), stat.st_size, stat.st_mtime_ns)
+    return model_key(cast(LoadedModel, FakeModel(settings, n_ctx, identity)))
 
 
 def test_the_key_changes_with_the_model_file_and_its_settings(tmp_path: Path) -> None:
@@ -66,8 +70,9 @@ def test_the_key_changes_with_the_model_file_and_its_settings(tmp_path: Path) ->
     settings = ModelSettings(model, 2048, 0, None, 512, 2)
     key = key_of(settings)
     assert key == key_of(settings)
-    # Threads, slots and batch size do not change what a KV state means.
-    assert key == key_of(replace(settings, threads=3, slots=4, batch_size=64))
+    # Threads and batch size do not change what a KV state means.
+    assert key == key_of(replace(settings, threads=3, batch_size=64))
+    assert key != key_of(replace(settings, slots=4))
     assert key != key_of(settings, n_ctx=4096)
     assert key != key_of(replace(settings, gpu_layers=-1))
     assert key != key_of(replace(settings, flash_attention="off"))
@@ -77,7 +82,15 @@ def test_the_key_changes_with_the_model_file_and_its_settings(tmp_path: Path) ->
 
 def test_a_disabled_store_writes_nothing(tmp_path: Path) -> None:
     store = PrefixStore(tmp_path / "kv", budget_bytes=0)
-    model = cast(LoadedModel, object())
+    model = cast(LoadedModel, SimpleNamespace(sliding_window=0))
     assert store.save(model, [Slot(0, tokens=list(range(5000)))]) == 0
     assert store.restore(model, [Slot(0)]) == 0
+    assert not (tmp_path / "kv").exists()
+
+
+def test_sliding_window_models_are_not_saved(tmp_path: Path) -> None:
+    # Their saved state keeps only the attention window: no prefix of it could be reused.
+    store = PrefixStore(tmp_path / "kv", budget_bytes=10**9)
+    model = cast(LoadedModel, SimpleNamespace(sliding_window=4096))
+    assert store.save(model, [Slot(0, tokens=list(range(5000)))]) == 0
     assert not (tmp_path / "kv").exists()
