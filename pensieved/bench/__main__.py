@@ -54,6 +54,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prefix-tokens", type=int, default=4500, help="shared system prompt")
     parser.add_argument("--turns", type=int, default=3, help="turns of the warm conversation")
     parser.add_argument("--concurrent-tokens", type=int, default=128)
+    parser.add_argument(
+        "--concurrency-reps", type=int, default=5, help="repetitions of each concurrent round"
+    )
     parser.add_argument("--clients", default="1,2,4", help="concurrent client counts")
     parser.add_argument("--startups", type=int, default=3, help="process starts to time")
     parser.add_argument(
@@ -64,6 +67,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.reps, args.decode_reps, args.decode_tokens, args.prefix_tokens = 1, 1, 16, 300
+        args.concurrency_reps = 1
         args.turns, args.concurrent_tokens, args.clients, args.startups = 2, 8, "1,2", 1
         args.slots, args.context_size = 2, 2048
     return args
@@ -114,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             **settings,
             "reps": args.reps,
             "decode_reps": args.decode_reps,
+            "concurrency_reps": args.concurrency_reps,
             "quick": args.quick,
         },
         "notes": [],
@@ -174,10 +179,11 @@ def main(argv: list[str] | None = None) -> int:
             servers,
             client_counts=[int(c) for c in args.clients.split(",")],
             tokens=args.concurrent_tokens,
-            reps=args.reps,
+            reps=args.concurrency_reps,
             log=log,
         )
         report["memory"] = memory_report(servers, idle_rss, model, args)
+        report["pensieved_decode_stats"] = decode_stats(servers)
         report["startup_s"] = {
             name: (sorted(v)[len(v) // 2] if v else None) for name, v in startup.items()
         }
@@ -198,6 +204,25 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     log(f"wrote {output} and {markdown}")
     return 0
+
+
+def decode_stats(servers: list[ServerProcess]) -> dict[str, Any] | None:
+    """pensieved's own account of its decode loop (from `status`): time in llama.cpp and in
+    Python per batch, over everything the benchmark ran."""
+    from pensievectl.client import ControlClient
+
+    for server in servers:
+        if server.name == "pensieved" and server.workdir is not None:
+            status = ControlClient(server.workdir / "ctl.sock").status()
+            decode: dict[str, Any] = status["model"]["decode"]
+            steps = decode["steps"] or 1
+            return {
+                **decode,
+                "llama_ms_per_batch": decode["llama_s"] / steps * 1000,
+                "python_us_per_batch": decode["python_s"] / steps * 1e6,
+                "tokens_per_batch": decode["tokens"] / steps,
+            }
+    return None
 
 
 def inprocess_token_counter(inprocess: InProcess) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from typing import Any
 
 MB = 1024 * 1024
@@ -21,6 +22,13 @@ def _get(data: dict[str, Any], *path: str) -> Any:
     return data
 
 
+def _paired(runs: dict[str, list[float]]) -> float | None:
+    ours, theirs = runs.get("pensieved") or [], runs.get("llama-server") or []
+    if not ours or len(ours) != len(theirs):
+        return None
+    return statistics.median(a / b for a, b in zip(ours, theirs, strict=True))
+
+
 def ratios(report: dict[str, Any]) -> dict[str, Any]:
     rates = _get(report, "decode", "tokens_per_s") or {}
     ttft = _get(report, "ttft", "ttft_s") or {}
@@ -28,6 +36,9 @@ def ratios(report: dict[str, Any]) -> dict[str, Any]:
     pv, ls = ttft.get("pensieved", {}), ttft.get("llama-server", {})
     out: dict[str, Any] = {
         "decode_vs_llama_server": _div(rates.get("pensieved"), rates.get("llama-server")),
+        # Each repetition runs both back to back: the median of those pairs' ratios is less
+        # sensitive to the machine's speed drifting between repetitions.
+        "decode_vs_llama_server_paired": _paired(_get(report, "decode", "runs") or {}),
         "decode_vs_llama_cpp_python_chat": _div(
             rates.get("pensieved"), rates.get("llama-cpp-python chat")
         ),
@@ -128,7 +139,8 @@ def table(report: dict[str, Any]) -> str:
         f"Model {report.get('model', {}).get('path', '').rsplit('/', 1)[-1]}; threads "
         f"{s.get('threads')}, {s.get('slots')} slots x {s.get('context_size')} tokens, "
         f"flash attention {s.get('flash_attention', 'off')}; medians of {s.get('reps')} runs "
-        f"({s.get('decode_reps', s.get('reps'))} for decode). llama-server: "
+        f"({s.get('decode_reps', s.get('reps'))} for decode, "
+        f"{s.get('concurrency_reps', s.get('reps'))} for concurrency). llama-server: "
         f"{report.get('llama_server', {}).get('status')}.",
         "",
         "## Goals (ratios against references measured in the same run)",
@@ -182,10 +194,17 @@ def table(report: dict[str, Any]) -> str:
         f"| start to ready (s) | {_f(startup.get('pensieved'))} | "
         f"{_f(startup.get('llama-server'))} | |"
     )
+    decode = report.get("pensieved_decode_stats") or {}
     lines += [
         "",
-        f"Python per-token overhead over the bare eval/sample loop: "
-        f"{_f(r.get('python_overhead_ms_per_token'), 2, ' ms')}. "
+        f"Decode rate, median of per-repetition ratios: "
+        f"{_f(r.get('decode_vs_llama_server_paired'))} x llama-server. "
+        f"pensieved's decode loop over the whole run: {decode.get('steps', 'n/a')} batches, "
+        f"{_f(decode.get('tokens_per_batch'), 1)} tokens each, "
+        f"{_f(decode.get('llama_ms_per_batch'), 2)} ms in llama.cpp and "
+        f"{_f(decode.get('python_us_per_batch'), 0)} us in Python per batch. "
+        f"Rate difference against the bare in-process eval/sample loop: "
+        f"{_f(r.get('python_overhead_ms_per_token'), 2, ' ms')} per token. "
         f"Model file {_f((memory.get('model_file_bytes') or 0) / MB, 0)} MB, KV cache "
         f"{_f((memory.get('kv_bytes_total') or 0) / MB, 0)} MB for all slots.",
     ]
