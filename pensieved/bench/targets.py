@@ -233,11 +233,11 @@ def start_llama_server(binary: Path, model: Path, settings: Settings) -> ServerP
         str(port),
         "--threads",
         str(settings.threads),
-        "--settings.threads-batch",
+        "--threads-batch",
         str(settings.threads),
         "--parallel",
         str(settings.slots),
-        # Not unified: every slot gets the same context pensieved gives each of its settings.slots.
+        # Not unified: every slot gets the same context pensieved gives each of its slots.
         "--no-kv-unified",
         "--ctx-size",
         str(settings.context_size * settings.slots),

@@ -72,6 +72,7 @@ class Batcher:
                 self._wakeup.notify()
                 return
         generation.end()  # the model is being unloaded: nothing will run it
+        generation.flush()
 
     def close(self) -> None:
         """Stop the thread; generations still running end as if cancelled."""
@@ -99,6 +100,7 @@ class Batcher:
                     break
                 arrivals = list(self._inbox)
                 self._inbox.clear()
+            touched = arrivals + self._active
             try:
                 for generation in arrivals:
                     self._begin(generation)
@@ -111,8 +113,10 @@ class Batcher:
                     self._reset_slot(generation)
                     generation.fail(exc)
                 self._active.clear()
+            _flush(touched)
         for generation in leftovers:
             generation.end()
+        _flush(leftovers)
 
     def _begin(self, generation: Generation) -> None:
         if generation.cancel.is_set():
@@ -138,34 +142,42 @@ class Batcher:
         self._active = running
         if not running:
             return
+        # What each generation adds this step: its sampled token, or a chunk of its prompt.
+        # Generated tokens come first (when there are more streams than batch room, which
+        # ones wait rotates); prompt chunks fill the rest in arrival order, so the oldest
+        # prompt finishes first.
+        room = self._capacity
+        decoding = [g for g in running if g.next_token is not None]
+        if len(decoding) > room:
+            turn = self.stats.steps % len(decoding)
+            decoding = (decoding[turn:] + decoding[:turn])[:room]
+        adds: list[tuple[Generation, tuple[int, ...], bool]] = [
+            (g, (g.next_token,), True) for g in decoding if g.next_token is not None
+        ]
+        room -= len(adds)
+        for generation in running:
+            if room <= 0:
+                break
+            if generation.next_token is None:
+                chunk = generation.take_prompt(room)
+                room -= len(chunk)
+                adds.append((generation, chunk, generation.prompt_left == 0))
+        # In sequence order: with a KV stream per slot, llama.cpp evaluates in one pass only
+        # runs of consecutive, increasing sequence ids; any other order costs extra passes.
+        adds.sort(key=lambda add: add[0].seq)
         # (generation, batch index of its logits or -1, tokens it added to its sequence)
         plan: list[tuple[Generation, int, list[int]]] = []
         n = 0
-        # Generated tokens first, starting one stream further along each step: with more
-        # streams than batch room (more slots than batch_size) none waits for long. Prompt
-        # chunks then fill the rest in arrival order, so the oldest prompt finishes first.
-        turn = self.stats.steps % len(running)
-        for generation in running[turn:] + running[:turn]:
-            token = generation.next_token
-            if token is not None and n < self._capacity:
-                self._put(n, token, generation.position, generation.seq, logits=True)
-                plan.append((generation, n, [token]))
-                n += 1
-        for generation in running:
-            if generation.next_token is not None:
-                continue
-            if n >= self._capacity:
-                break
+        for generation, tokens, wants_logits in adds:
             start = generation.position
-            chunk = generation.take_prompt(self._capacity - n)
-            for offset, token in enumerate(chunk):
+            for offset, token in enumerate(tokens):
                 self._put(n + offset, token, start + offset, generation.seq, logits=False)
-            n += len(chunk)
+            n += len(tokens)
             last = -1
-            if generation.prompt_left == 0:
+            if wants_logits:
                 last = n - 1
                 self._batch.logits[last] = 1
-            plan.append((generation, last, list(chunk)))
+            plan.append((generation, last, list(tokens)))
         before = time.perf_counter()
         try:
             self._decode(n)
@@ -233,3 +245,9 @@ class Batcher:
         """Forget a sequence whose KV state is in doubt after a failed decode."""
         self._model.forget(generation.seq, 0)
         generation.slot.tokens.clear()
+
+
+def _flush(generations: list[Generation]) -> None:
+    """Hand the events of a step over, once per listener (requests share their scheduler's)."""
+    for flush in {generation.flush for generation in generations}:
+        flush()

@@ -88,9 +88,13 @@ class Generation:
         emit: Callable[[Event], None],
         on_done: Callable[[], None],
         peers: Sequence[Slot] = (),
+        flush: Callable[[], None] = lambda: None,
     ) -> None:
         self.slot = slot
         self.peers = peers
+        # Hands what `emit` and `on_done` queued to the listener; the batcher calls it once
+        # per step, after the step's events are out.
+        self.flush = flush
         self.prepared = prepared
         self.cancel = cancel
         self.emit = emit

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Protocol
 
 from pensieved.engine.batcher import Batcher, DecodeStats, Runner
@@ -52,6 +53,38 @@ def choose_slot(
     return min(free, key=lambda slot: (values.get(slot.index, 0.0), slot.last_used))
 
 
+class Outbox:
+    """Hands events from the batcher's thread to the event loop, once per decode step.
+
+    One wake-up of the loop per step instead of one per token and stream: where llama.cpp's
+    threads use every core, each wake-up pre-empts one of them, and its partner then spins at
+    the next barrier until it is back.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._items: list[tuple[asyncio.AbstractEventLoop, Callable[[], None]]] = []
+
+    def post(self, loop: asyncio.AbstractEventLoop, call: Callable[[], None]) -> None:
+        with self._lock:
+            self._items.append((loop, call))
+
+    def flush(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+        by_loop: dict[asyncio.AbstractEventLoop, list[Callable[[], None]]] = {}
+        for loop, call in items:
+            by_loop.setdefault(loop, []).append(call)
+        for loop, calls in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is listening
+                loop.call_soon_threadsafe(_run_all, calls)
+
+
+def _run_all(calls: list[Callable[[], None]]) -> None:
+    for call in calls:
+        call()
+
+
 class HasSlots(Protocol):
     slots: int
 
@@ -63,6 +96,7 @@ class Scheduler:
             assert isinstance(model, LoadedModel)
             runner = Batcher(model)
         self._runner = runner
+        self._outbox = Outbox()
         self._waiters: deque[asyncio.Future[None]] = deque()
         self.running = 0
         self._promised = 0
@@ -146,9 +180,10 @@ class Scheduler:
         # timer per request instead of a wait_for per token, which wraps each get in a new task.
         events: asyncio.Queue[Event | None] = asyncio.Queue()
 
+        outbox = self._outbox
+
         def emit(event: Event) -> None:
-            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is listening
-                loop.call_soon_threadsafe(events.put_nowait, event)
+            outbox.post(loop, functools.partial(events.put_nowait, event))
 
         stopped: asyncio.Future[None] = loop.create_future()
 
@@ -158,10 +193,11 @@ class Scheduler:
                 stopped.set_result(None)
 
         def on_done() -> None:
-            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
-                loop.call_soon_threadsafe(stop)
+            outbox.post(loop, stop)
 
-        self._runner.submit(Generation(slot, prepared, cancel, emit, on_done, self.slots))
+        self._runner.submit(
+            Generation(slot, prepared, cancel, emit, on_done, self.slots, outbox.flush)
+        )
         handle = (cancel, events)
         self._active.add(handle)
         timer = None if deadline is None else loop.call_at(deadline, events.put_nowait, None)
