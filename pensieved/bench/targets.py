@@ -223,7 +223,13 @@ def start_llama_server(binary: Path, model: Path, settings: Settings) -> ServerP
     workdir = Path(tempfile.mkdtemp(prefix="llama-server-bench-"))
     port = free_port()
     log_path = workdir / "llama-server.log"
-    args = [
+    args = llama_server_args(binary, model, port, settings)
+    return _launch("llama-server", args, port, log_path, workdir)
+
+
+def llama_server_args(binary: Path, model: Path, port: int, settings: Settings) -> list[str]:
+    """llama-server doing the same work as pensieved with `settings`."""
+    return [
         str(binary),
         "--model",
         str(model),
@@ -250,7 +256,6 @@ def start_llama_server(binary: Path, model: Path, settings: Settings) -> ServerP
         "--jinja",
         "--no-webui",
     ]
-    return _launch("llama-server", args, port, log_path, workdir)
 
 
 def _launch(

@@ -142,29 +142,7 @@ class Batcher:
         self._active = running
         if not running:
             return
-        # What each generation adds this step: its sampled token, or a chunk of its prompt.
-        # Generated tokens come first (when there are more streams than batch room, which
-        # ones wait rotates); prompt chunks fill the rest in arrival order, so the oldest
-        # prompt finishes first.
-        room = self._capacity
-        decoding = [g for g in running if g.next_token is not None]
-        if len(decoding) > room:
-            turn = self.stats.steps % len(decoding)
-            decoding = (decoding[turn:] + decoding[:turn])[:room]
-        adds: list[tuple[Generation, tuple[int, ...], bool]] = [
-            (g, (g.next_token,), True) for g in decoding if g.next_token is not None
-        ]
-        room -= len(adds)
-        for generation in running:
-            if room <= 0:
-                break
-            if generation.next_token is None:
-                chunk = generation.take_prompt(room)
-                room -= len(chunk)
-                adds.append((generation, chunk, generation.prompt_left == 0))
-        # In sequence order: with a KV stream per slot, llama.cpp evaluates in one pass only
-        # runs of consecutive, increasing sequence ids; any other order costs extra passes.
-        adds.sort(key=lambda add: add[0].seq)
+        adds = plan_step(running, self._capacity, self.stats.steps)
         # (generation, batch index of its logits or -1, tokens it added to its sequence)
         plan: list[tuple[Generation, int, list[int]]] = []
         n = 0
@@ -251,3 +229,34 @@ def _flush(generations: list[Generation]) -> None:
     """Hand the events of a step over, once per listener (requests share their scheduler's)."""
     for flush in {generation.flush for generation in generations}:
         flush()
+
+
+def plan_step(
+    running: list[Generation], capacity: int, step: int
+) -> list[tuple[Generation, tuple[int, ...], bool]]:
+    """What each generation adds to this step's batch, and whether it wants logits back.
+
+    Sampled tokens come first (when there are more streams than batch room, which ones wait
+    rotates with `step`); prompt chunks fill the rest in arrival order, so the oldest prompt
+    finishes first. The result is in sequence order: with a KV stream per slot, llama.cpp
+    evaluates only runs of consecutive, increasing sequence ids in one pass, and any other
+    order costs extra passes (a 4-stream step took 1.4 times as long).
+    """
+    room = capacity
+    decoding = [g for g in running if g.next_token is not None]
+    if len(decoding) > room:
+        turn = step % len(decoding)
+        decoding = (decoding[turn:] + decoding[:turn])[:room]
+    adds: list[tuple[Generation, tuple[int, ...], bool]] = [
+        (g, (g.next_token,), True) for g in decoding if g.next_token is not None
+    ]
+    room -= len(adds)
+    for generation in running:
+        if room <= 0:
+            break
+        if generation.next_token is None:
+            chunk = generation.take_prompt(room)
+            room -= len(chunk)
+            adds.append((generation, chunk, generation.prompt_left == 0))
+    adds.sort(key=lambda add: add[0].seq)
+    return adds

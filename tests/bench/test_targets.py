@@ -1,0 +1,23 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+from pensieved.bench.targets import Settings, llama_server_args
+
+
+def test_llama_server_gets_the_same_work_as_pensieved() -> None:
+    settings = Settings(threads=3, slots=4, context_size=8192, batch_size=256, flash_attention="on")
+    args = llama_server_args(Path("/bin/llama-server"), Path("/m.gguf"), 8123, settings)
+
+    def value(flag: str) -> str:
+        return args[args.index(flag) + 1]
+
+    assert args[0] == "/bin/llama-server"
+    assert value("--model") == "/m.gguf" and value("--port") == "8123"
+    assert value("--threads") == value("--threads-batch") == "3"
+    assert value("--parallel") == "4"
+    # One KV stream per slot, each with pensieved's per-slot context.
+    assert "--no-kv-unified" in args
+    assert value("--ctx-size") == str(4 * 8192)
+    assert value("--batch-size") == value("--ubatch-size") == "256"
+    assert value("--flash-attn") == "on"
