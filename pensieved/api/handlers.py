@@ -375,10 +375,17 @@ class MessagesHandler(BaseHandler):
         self.set_header("Cache-Control", "no-cache")
         self.set_header("X-Accel-Buffering", "no")
         reply = ReplyBuilder()
+        started = False
         try:
             async for event in self.engine.generate(runtime, prepared):
                 if isinstance(event, Heartbeat):
-                    await self._send({"type": "ping"})
+                    if started:
+                        await self._send({"type": "ping"})
+                    else:
+                        # Still waiting for a slot: Anthropic's stream opens with
+                        # message_start, so only an SSE comment keeps the connection alive.
+                        self.write(b": waiting for a slot\n\n")
+                        await self.flush()
                 elif isinstance(event, PromptCached):
                     # Sent once a slot is known, so the usage split into cached and new
                     # prompt tokens is already right in message_start.
@@ -393,6 +400,7 @@ class MessagesHandler(BaseHandler):
                     )
                     start = {"type": "message_start", "message": skeleton.model_dump(mode="json")}
                     await self._send(start)
+                    started = True
                 elif isinstance(event, Finished):
                     await self._send_blocks(reply.finish())
                     usage = _usage(

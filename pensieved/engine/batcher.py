@@ -104,6 +104,9 @@ class Batcher:
             try:
                 for generation in arrivals:
                     self._begin(generation)
+                # PromptCached out now, not after a prompt chunk that may take seconds: the
+                # stream's message_start waits for it.
+                _flush(arrivals)
                 self._step()
             except Exception as exc:
                 # A bug, not a decode failure (those end only their own batch's requests):

@@ -1,4 +1,4 @@
-"""Slots, queueing and the bridge between worker threads and the event loop.
+"""Slots, queueing and the bridge between the batcher thread and the event loop.
 
 Each request gets the free slot whose KV cache shares the longest prefix with its prompt (only
 the new suffix is evaluated) when that reuses at least as much as it throws away. Otherwise it

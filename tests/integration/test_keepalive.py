@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 from tests.integration.daemon import sse_events, start_daemon
@@ -26,5 +28,37 @@ def test_pings_while_a_long_prompt_is_evaluated(tmp_path: Path) -> None:
         first_block = names.index("content_block_start")
         assert "ping" in names[1:first_block], names
         assert events[0]["message"]["usage"]["input_tokens"] > 1000
+    finally:
+        assert d.stop() == 0
+
+
+def test_a_stream_waiting_to_start_sends_comments_then_opens_with_message_start(
+    tmp_path: Path,
+) -> None:
+    # A new request starts between two decode steps; while another request's long prompt is
+    # evaluated, a step takes a while, and its stream may not open (message_start) before
+    # then. Keep-alives must not come first as `ping` events.
+    d = start_daemon(tmp_path, {"server": {"keepalive_ping_s": 0.05}, "model": {"slots": 2}})
+    try:
+        words = " ".join(f"item{n}" for n in range(400))  # over 1,000 prompt tokens
+        long_prompt = {
+            "model": "m",
+            "max_tokens": 3,
+            "messages": [{"role": "user", "content": f"Summarise: {words}"}],
+        }
+        short = {**long_prompt, "stream": True, "messages": [{"role": "user", "content": "Hi"}]}
+        with d.http() as first, d.http() as second:
+            holder = threading.Thread(
+                target=first.post, args=("/v1/messages",), kwargs={"json": long_prompt}
+            )
+            holder.start()
+            time.sleep(0.3)  # the long prompt is being evaluated
+            r = second.post("/v1/messages", json=short)
+            holder.join()
+        assert r.status_code == 200
+        lines = r.text.splitlines()
+        assert lines[0].startswith(":"), lines[:3]  # kept alive, as an SSE comment
+        names = [e["type"] for e in sse_events(lines)]
+        assert names[0] == "message_start" and names[-1] == "message_stop", names
     finally:
         assert d.stop() == 0
