@@ -8,17 +8,19 @@ from pathlib import Path
 
 from tests.integration.daemon import sse_events, start_daemon
 
+WORDS = " ".join(f"item{n}" for n in range(400))
+# Over 1,000 prompt tokens: several decode steps of evaluation before the first token.
+LONG_PROMPT = {
+    "model": "m",
+    "max_tokens": 3,
+    "messages": [{"role": "user", "content": f"Summarise: {WORDS}"}],
+}
+
 
 def test_pings_while_a_long_prompt_is_evaluated(tmp_path: Path) -> None:
     d = start_daemon(tmp_path, {"server": {"keepalive_ping_s": 0.05}, "model": {"slots": 1}})
     try:
-        words = " ".join(f"item{n}" for n in range(400))  # over 1,000 prompt tokens
-        body = {
-            "model": "m",
-            "max_tokens": 3,
-            "stream": True,
-            "messages": [{"role": "user", "content": f"Summarise: {words}"}],
-        }
+        body = {**LONG_PROMPT, "stream": True}
         with d.http() as http:
             r = http.post("/v1/messages", json=body)
         assert r.status_code == 200
@@ -40,12 +42,7 @@ def test_a_stream_waiting_to_start_sends_comments_then_opens_with_message_start(
     # then. Keep-alives must not come first as `ping` events.
     d = start_daemon(tmp_path, {"server": {"keepalive_ping_s": 0.05}, "model": {"slots": 2}})
     try:
-        words = " ".join(f"item{n}" for n in range(400))  # over 1,000 prompt tokens
-        long_prompt = {
-            "model": "m",
-            "max_tokens": 3,
-            "messages": [{"role": "user", "content": f"Summarise: {words}"}],
-        }
+        long_prompt = LONG_PROMPT
         short = {**long_prompt, "stream": True, "messages": [{"role": "user", "content": "Hi"}]}
         with d.http() as first, d.http() as second:
             holder = threading.Thread(
