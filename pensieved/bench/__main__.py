@@ -12,6 +12,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -138,23 +139,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         startup: dict[str, list[float]] = {"pensieved": [], "llama-server": []}
         idle_rss: dict[str, int] = {}
+        starters: list[Callable[[], ServerProcess]] = [lambda: start_pensieved(model, settings)]
+        if binary is not None:
+            starters.append(lambda: start_llama_server(binary, model, settings))
         for i in range(args.startups):
-            last = i == args.startups - 1
-            started = start_pensieved(model, settings)
-            startup["pensieved"].append(started.ready_s)
-            idle_rss["pensieved"] = started.rss()
-            if last:
-                servers.append(started)
-            else:
-                started.stop()
-            if binary is not None:
-                other = start_llama_server(binary, model, settings)
-                startup["llama-server"].append(other.ready_s)
-                idle_rss["llama-server"] = other.rss()
-                if last:
-                    servers.append(other)
+            for start in starters:
+                started = start()
+                startup[started.name].append(started.ready_s)
+                idle_rss[started.name] = started.rss()
+                if i == args.startups - 1:
+                    servers.append(started)  # the last start-up stays up for the workloads
                 else:
-                    other.stop()
+                    started.stop()
             log(f"start-up {i}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in startup.items() if v))
         inprocess = InProcess(
             model,

@@ -147,18 +147,15 @@ class Batcher:
             return
         adds = plan_step(running, self._capacity, self.stats.steps)
         # (generation, batch index of its logits or -1, tokens it added to its sequence)
-        plan: list[tuple[Generation, int, list[int]]] = []
+        plan: list[tuple[Generation, int, tuple[int, ...]]] = []
         n = 0
         for generation, tokens, wants_logits in adds:
-            start = generation.position
+            start, final = generation.position, len(tokens) - 1
             for offset, token in enumerate(tokens):
-                self._put(n + offset, token, start + offset, generation.seq, logits=False)
+                logits = wants_logits and offset == final
+                self._put(n + offset, token, start + offset, generation.seq, logits=logits)
             n += len(tokens)
-            last = -1
-            if wants_logits:
-                last = n - 1
-                self._batch.logits[last] = 1
-            plan.append((generation, last, list(tokens)))
+            plan.append((generation, n - 1 if wants_logits else -1, tokens))
         before = time.perf_counter()
         try:
             self._decode(n)
@@ -201,7 +198,7 @@ class Batcher:
                 "retry it, and see the pensieved log if it happens again"
             )
 
-    def _sample(self, plan: list[tuple[Generation, int, list[int]]]) -> None:
+    def _sample(self, plan: list[tuple[Generation, int, tuple[int, ...]]]) -> None:
         import llama_cpp
 
         for generation, index, _ in plan:

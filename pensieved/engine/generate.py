@@ -136,12 +136,14 @@ class Generation:
         self._model = model
         tokens = self.prepared.tokens
         donor, shared = best_donor(self.slot, self.peers, tokens)
-        if donor is not self.slot and shared - self.slot.shared_prefix(tokens) >= FORK_MIN_TOKENS:
+        own = shared if donor is self.slot else self.slot.shared_prefix(tokens)
+        if shared - own >= FORK_MIN_TOKENS:
             model.copy_sequence(donor.index, self.seq)
             self.slot.tokens = donor.tokens[:shared]
             self.forked = True
+            own = shared
         # Reuse the cached prefix; keep at least one token to evaluate so logits are fresh.
-        wanted = max(0, min(self.slot.shared_prefix(tokens), len(tokens) - 1))
+        wanted = max(0, min(own, len(tokens) - 1))
         self.reused = model.forget(self.seq, wanted)
         del self.slot.tokens[self.reused :]
         self.evaluated = self.reused
