@@ -20,11 +20,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Protocol
 
-from pensieved.engine.batcher import Batcher, DecodeStats, Runner
+from pensieved.engine.batcher import DecodeStats, Runner
 from pensieved.engine.generate import Generation, Slot
-from pensieved.engine.model import LoadedModel
 from pensieved.engine.types import Event, Failed, Finished, Heartbeat, PreparedPrompt
 from pensieved.errors import PensieveError, RequestTimeoutError
 
@@ -85,16 +83,9 @@ def _run_all(calls: list[Callable[[], None]]) -> None:
         call()
 
 
-class HasSlots(Protocol):
-    slots: int
-
-
 class Scheduler:
-    def __init__(self, model: HasSlots, runner: Runner | None = None) -> None:
-        self.slots = [Slot(index) for index in range(model.slots)]
-        if runner is None:
-            assert isinstance(model, LoadedModel)
-            runner = Batcher(model)
+    def __init__(self, slots: int, runner: Runner) -> None:
+        self.slots = [Slot(index) for index in range(slots)]
         self._runner = runner
         self._outbox = Outbox()
         self._waiters: deque[asyncio.Future[None]] = deque()
@@ -105,12 +96,11 @@ class Scheduler:
         self._value: dict[int, float] = {}
         self._inflation = 0.0
 
-    def adopt_cached(self, restored: int) -> None:
+    def adopt_cached(self) -> None:
         """Value slots that were filled from disk like slots filled by a request."""
-        if restored:
-            for slot in self.slots:
-                if slot.tokens:
-                    self._value[slot.index] = float(len(slot.tokens))
+        for slot in self.slots:
+            if slot.tokens:
+                self._value[slot.index] = float(len(slot.tokens))
 
     @property
     def decode_stats(self) -> DecodeStats:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pensieved.config import Config
+from pensieved.engine.batcher import Batcher
 from pensieved.engine.grammar import grammar_parses, loosest_grammar, request_grammar
 from pensieved.engine.model import LoadedModel, ModelSettings
 from pensieved.engine.persist import PrefixStore
@@ -106,9 +107,10 @@ def prefix_store_for(config: Config) -> PrefixStore:
 def _load_runtime(settings: ModelSettings, store: PrefixStore) -> ModelRuntime:
     """Load a model, start its scheduler and read back its saved KV caches (a thread's job)."""
     model = LoadedModel(settings)
-    runtime = ModelRuntime(model, Scheduler(model))
+    runtime = ModelRuntime(model, Scheduler(model.slots, Batcher(model)))
     try:
-        runtime.scheduler.adopt_cached(store.restore(model, runtime.scheduler.slots))
+        store.restore(model, runtime.scheduler.slots)
+        runtime.scheduler.adopt_cached()
     except Exception:
         log.exception("reading saved KV caches failed; starting cold")
     return runtime

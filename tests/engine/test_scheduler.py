@@ -55,11 +55,6 @@ def test_a_branching_prompt_keeps_its_slot_when_it_reuses_more_than_it_drops() -
 
 
 @dataclass
-class FakeModel:
-    slots: int
-
-
-@dataclass
 class FakeRunner:
     """Takes generations and never runs them: these tests drive `_acquire`/`_release`."""
 
@@ -90,7 +85,7 @@ def run_turns(scheduler: Scheduler, prompts: list[list[int]]) -> list[tuple[int,
 
 
 def scheduler_with(slots: int) -> Scheduler:
-    return Scheduler(FakeModel(slots), FakeRunner())
+    return Scheduler(slots, FakeRunner())
 
 
 def test_interleaved_conversations_and_side_requests_stay_warm() -> None:
