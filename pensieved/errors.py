@@ -111,3 +111,8 @@ class PermissionDeniedError(PensieveError):
 
 class RequestTooLargeError(PensieveError):
     """Body or structure beyond the configured limits (413)."""
+
+
+class LlamaBuildError(ModelLoadError):
+    """The installed llama.cpp dies on this CPU: it was built for instructions the machine
+    traps (AMX on Intel Xeons). Only a rebuild helps; no model can be loaded meanwhile."""

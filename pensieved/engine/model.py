@@ -17,6 +17,7 @@ from typing import Any
 
 import psutil
 
+from pensieved.engine import selftest
 from pensieved.errors import ModelLoadError
 
 log = logging.getLogger("pensieved.engine")
@@ -51,6 +52,9 @@ class LoadedModel:
     """
 
     def __init__(self, settings: ModelSettings) -> None:
+        # A build that dies on this CPU is found in a child first: a load error, not a
+        # daemon killed by SIGILL on its first request.
+        selftest.ensure_runnable()
         import llama_cpp
         from llama_cpp import _internals
 
