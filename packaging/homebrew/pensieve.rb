@@ -91,13 +91,25 @@ class Pensieve < Formula
 
   def install
     # Bottles must run on any CPU of their architecture, not just the build machine's.
-    ENV["CMAKE_ARGS"] = "-DGGML_NATIVE=OFF"
+    cmake_args = ["-DGGML_NATIVE=OFF"]
+    if OS.linux? && Hardware::CPU.intel?
+      # Built from source, the compiler shim adds -march=native all the same; on a Xeon with
+      # AMX that compiles llama.cpp's tile kernels, which die with SIGILL in its worker threads.
+      amx_off = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+      cmake_args += ["-DCMAKE_C_FLAGS='#{amx_off}'", "-DCMAKE_CXX_FLAGS='#{amx_off}'"]
+    end
+    ENV["CMAKE_ARGS"] = cmake_args.join(" ")
     # Installs every resource, then pensieve itself; links bin/pensieved, bin/pensievectl and
     # the man pages the wheel ships under share/man.
     virtualenv_install_with_resources
   end
 
   def post_install
+    # A batched decode in a child process: a llama.cpp that dies on this CPU is told here, not
+    # by the service's first request (pensieved would then serve 503 with the same advice).
+    unless quiet_system libexec/"bin/python", "-m", "pensieved.engine.selftest"
+      opoo "llama.cpp as built cannot run on this CPU; `pensievectl status` says why"
+    end
     (var/"log").mkpath
     (var/"pensieve").mkpath
     (etc/"pensieve").mkpath
@@ -151,6 +163,10 @@ class Pensieve < Formula
   end
 
   test do
+    # llama.cpp as built runs a batched decode on this CPU (a child dies with SIGILL if not).
+    assert_match "pensieve-selftest: ok",
+                 shell_output("#{libexec}/bin/python -m pensieved.engine.selftest")
+
     port = free_port
     socket = testpath/"ctl.sock"
     # No model: the daemon serves 503 with the reason, which is enough to prove it runs.
