@@ -3,8 +3,9 @@
 `make install` runs this with the virtualenv's python, before `pip install -e .`. It installs
 the llama-cpp-python version pinned in pyproject.toml and runs pensieved's self-test (a
 batched decode in a child process, pensieved/engine/selftest.py). A build that kills the
-child with a signal was compiled for instructions this machine traps (on Intel Xeons: AMX, in
-llama.cpp's worker threads), so it is rebuilt with portable flags and checked again.
+child with a signal (SIGILL, SIGSEGV) was compiled for instructions this machine traps (on
+Intel Xeons: AMX, in llama.cpp's worker threads), so it is rebuilt with portable flags and
+checked again. On a CPU with AMX-INT8 the native build is known to die and is not tried.
 
 Builds are never taken from pip's wheel cache: its key is the download URL and the
 interpreter, not CMAKE_ARGS, so it would hand back the build that just died. Every wheel that

@@ -2,9 +2,10 @@
 
 A llama.cpp compiled with the build machine's every instruction set can still execute
 instructions the process may not: on Xeons with AMX, llama.cpp's tile kernels run in worker
-threads without the tile permission the kernel wants, and the whole process dies with SIGILL
-on the first prompt batch of a few dozen tokens. No Python code can catch that, so the decode
-runs in a child and the way the child ended is the verdict.
+threads without the tile set-up the kernel wants, and the whole process dies on the first
+prompt batch of more than one token (SIGILL, or SIGSEGV where the CPU raises a general
+protection fault on `ldtilecfg`, as on the VMs this was found on). No Python code can catch
+that, so the decode runs in a child and the way the child ended is the verdict.
 
 The child decodes a few hundred tokens through a model written here (llama architecture,
 8-bit quantized random weights, no vocabulary: token ids go in directly), so the check needs

@@ -1,7 +1,8 @@
 """A llama.cpp that dies on this CPU: the daemon stays up, says so and what to do.
 
 The real pensieved and pensievectl, with the self-test's switch that makes its child die with
-SIGILL as a native AMX build does on the first batch (on an AMX Xeon, the real one does).
+SIGILL as a native AMX build does on its first batch (SIGILL or SIGSEGV, by machine), so that
+this runs on any CPU.
 """
 
 from __future__ import annotations
