@@ -265,6 +265,45 @@ def test_locked_set_from_pip_report() -> None:
     assert update_resources.locked_set_from_report(report) == {"jinja2": "3.1.6"}
 
 
+# ---- the Makefile's install step ---------------------------------------------------------------
+
+
+def test_make_install_puts_llama_cpp_in_through_the_checked_installer(tmp_path: Path) -> None:
+    make = shutil.which("make")
+    if make is None:
+        pytest.skip("make is not installed")
+    venv = tmp_path / "venv"
+    done = subprocess.run(
+        [make, "-n", "-B", f"VENV={venv}", "install"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    installer = lines.index(f"{venv}/bin/python packaging/llama_install.py")
+    editable = next(i for i, line in enumerate(lines) if "pip install --quiet -e" in line)
+    assert installer < editable  # so pip finds llama-cpp-python satisfied, never builds it
+    # The stamp is remade when the install logic or the check it runs changes.
+    database = subprocess.run(
+        [make, "-p", "-n", f"VENV={venv}", "install"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+    rule = next(
+        line for line in database.splitlines() if line.startswith(f"{venv}/.installed-stamp:")
+    )
+    for prerequisite in (
+        "pyproject.toml",
+        "packaging/llama_install.py",
+        "pensieved/engine/selftest.py",
+    ):
+        assert prerequisite in rule.split(), rule
+
+
 # ---- man pages --------------------------------------------------------------------------------
 
 
