@@ -10,9 +10,10 @@ checked again. On a CPU with AMX-INT8 the native build is known to die and is no
 Builds are never taken from pip's wheel cache: its key is the download URL and the
 interpreter, not CMAKE_ARGS, so it would hand back the build that just died. Every wheel that
 passed is kept in a wheelhouse under the user's cache directory, keyed by llama-cpp-python's
-version, the CPU (model and flags), the interpreter and the build flags; a fresh clone on the
-same machine installs from there instead of compiling for half an hour, and checks it again
-before trusting it. A build that died is remembered there too, and never built again.
+version, the CPU (model and flags), the interpreter and the build flags: a fresh clone on the
+same machine installs from there instead of compiling again (10-20 minutes on 2 cores), and
+checks it again before trusting it. A build that died is remembered there too, and never built
+again.
 
 Stdlib only: it runs before anything else is installed. Exit status 0 when the installed
 llama-cpp-python runs here, 1 otherwise (the message says why and what to do).
@@ -113,7 +114,7 @@ def variants(user_args: str, machine: str) -> list[Variant]:
 
 
 def predicts_trap(cpu: str, user_args: str) -> bool:
-    """Whether the build as configured is known to die here before trying it (30 minutes).
+    """Whether the build as configured is known to die here, without building it to find out.
 
     -march=native on a CPU with AMX-INT8 compiles llama.cpp's AMX kernels, which trap; a user
     who set CMAKE_ARGS that mention AMX or GGML_NATIVE has decided for themselves.
