@@ -32,6 +32,7 @@ _FATAL = re.compile(r"Fatal Python error: ([A-Za-z -]+)")
 # systemd's own line in the unit's journal: "Main process exited, code=killed, status=9/KILL".
 _SYSTEMD = re.compile(r"Main process exited, code=(?:killed|dumped), status=(\d+)/")
 LOG_TAIL_LINES = 15
+REPORT_LINES = 40
 _MAX_LOG_BYTES = 256 * 1024
 
 
@@ -164,7 +165,25 @@ def examine(
         work = activity.get("work")
         if isinstance(work, list):
             death.work = [w for w in work if isinstance(w, dict)]
-    death.log_tail = [line for line in log_text.rstrip().splitlines() if line.strip()][
-        -LOG_TAIL_LINES:
-    ]
+    death.log_tail = log_tail(log_text)
     return death
+
+
+def log_tail(text: str) -> list[str]:
+    """The last lines of a log; with a fatal-signal report, the lines that led to it and the
+    report itself, the crashing thread's traceback kept first when it is long."""
+    lines = [line for line in text.rstrip().splitlines() if line.strip()]
+    starts = [i for i, line in enumerate(lines) if _FATAL.search(line)]
+    if not starts:
+        return lines[-LOG_TAIL_LINES:]
+    start = starts[-1]
+    before = lines[max(0, start - 5) : start]
+    report = lines[start:]
+    if len(report) > REPORT_LINES:
+        current = next((i for i, line in enumerate(report) if "Current thread" in line), None)
+        kept = report[:1]
+        if current is not None:
+            kept += report[current : current + REPORT_LINES - 2]
+        left = len(report) - len(kept)
+        report = [*kept, f"... ({left} more lines of the report in the log)"]
+    return before + report
