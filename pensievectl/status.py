@@ -10,7 +10,15 @@ from typing import Any
 from pensievectl.context import Context
 from pensievectl.errors import CtlError, ExitStatus, exit_status_for
 from pensieved.activity import read_activity
-from pensieved.postmortem import Death, describe_work, examine
+from pensieved.postmortem import (
+    Death,
+    describe_work,
+    examine,
+    journal_until_exit,
+    log_tail,
+    signal_from_log,
+    signal_name,
+)
 from pensieved.runrecord import RunRecord, activity_path
 
 
@@ -18,11 +26,34 @@ def examine_dead(record: RunRecord, exit_status: int | None = None) -> Death:
     """How the daemon of a record left behind died (see `pensieved.postmortem`)."""
     log_text = None
     if record.log_path is None and record.supervisor == "systemd":
-        from pensievectl.supervisor import journal_text
-
-        log_text = journal_text()
+        log_text = _journal()
     activity = read_activity(activity_path(Path(record.config_path)))
     return examine(record, activity, exit_status=exit_status, log_text=log_text)
+
+
+def _journal() -> str | None:
+    from pensievectl.supervisor import journal_text
+
+    text = journal_text()
+    return journal_until_exit(text) if text is not None else None
+
+
+def _fill_in_from_journal(previous: dict[str, Any]) -> None:
+    """A predecessor under systemd logged to the journal, which the daemon does not read:
+    find its signal and last lines there."""
+    if previous.get("supervisor") != "systemd" or previous.get("log_file"):
+        return
+    if previous.get("signal") is not None or previous.get("exit_code") is not None:
+        return
+    text = _journal()
+    if not text:
+        return
+    number = signal_from_log(text)
+    if number is not None:
+        previous["signal"], previous["signal_name"] = number, signal_name(number)
+        previous["cause"] = f"died by signal {number} ({signal_name(number)})"
+    previous["log_tail"] = log_tail(text)
+    previous["log_file"] = "journalctl --user -u pensieved"
 
 
 def _previous_exit_rows(previous: dict[str, Any]) -> list[tuple[str, str]]:
@@ -197,6 +228,8 @@ def run_status(ctx: Context, as_json: bool) -> int:
             )
         # LSB: 3 not running, 4 unknown.
         return int(code if code in (ExitStatus.NOT_RUNNING, ExitStatus.UNKNOWN) else 4)
+    if status.get("previous_exit"):
+        _fill_in_from_journal(status["previous_exit"])
     if as_json:
         extra = {"found_by": location.found_by, "config_file_problem": location.config_problem}
         ctx.say(json.dumps({"running": True, **status, **extra}, indent=2))

@@ -476,7 +476,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         return ExitCode.ALREADY_RUNNING
     if death is not None:
-        log.warning("the previous daemon for this config: %s", death.describe())
+        log.warning(
+            "the previous pensieved for this config did not exit cleanly: %s (`pensievectl "
+            "status` shows its last log lines)",
+            death.summary(),
+        )
     flag = overrides.get("server.socket_path")
     if config_error is None:
         socket_path = resolve_socket_path(config.server.socket_path, path)

@@ -80,6 +80,7 @@ class Death:
     pid: int
     started_at: float
     log_path: str | None
+    supervisor: str | None = None  # "systemd": its log is the unit's journal
     signal: int | None = None  # the fatal signal, when known
     exit_code: int | None = None  # an exit status other than a signal, when known
     work: list[dict[str, Any]] = field(default_factory=list)  # what was running
@@ -95,6 +96,12 @@ class Death:
             "ended without a clean exit (no fatal-signal report in its log: it was killed "
             "with SIGKILL, for example by the out-of-memory killer, or its log is elsewhere)"
         )
+
+    def summary(self) -> str:
+        """One line, without log lines: for the successor's own log, where a copy of the
+        crash report would be taken for the successor's own by a later post-mortem."""
+        work = "; ".join(describe_work(item, live=False) for item in self.work)
+        return f"pid {self.pid} {self.cause}" + (f", running {work}" if work else "")
 
     def describe(self) -> str:
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started_at))
@@ -122,6 +129,7 @@ class Death:
             "work": self.work,
             "log_file": self.log_path,
             "log_tail": self.log_tail,
+            "supervisor": self.supervisor,
         }
 
 
@@ -154,7 +162,12 @@ def examine(
     """
     if log_text is None:
         log_text = read_log_slice(record.log_path, record.log_offset, log_end)
-    death = Death(pid=record.pid, started_at=record.started_at, log_path=record.log_path)
+    death = Death(
+        pid=record.pid,
+        started_at=record.started_at,
+        log_path=record.log_path,
+        supervisor=record.supervisor,
+    )
     if exit_status is not None and exit_status < 0:
         death.signal = -exit_status
     elif exit_status is not None:
@@ -167,6 +180,16 @@ def examine(
             death.work = [w for w in work if isinstance(w, dict)]
     death.log_tail = log_tail(log_text)
     return death
+
+
+def journal_until_exit(text: str) -> str:
+    """A unit's journal up to systemd's line about the last death (a restarted successor's
+    lines follow it)."""
+    matches = list(_SYSTEMD.finditer(text))
+    if not matches:
+        return text
+    end = text.find("\n", matches[-1].end())
+    return text if end < 0 else text[: end + 1]
 
 
 def log_tail(text: str) -> list[str]:

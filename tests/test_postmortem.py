@@ -88,6 +88,9 @@ def test_the_running_requests_are_named(tmp_path: Path) -> None:
     assert "req_abc: POST /v1/messages model=m stream=true max_tokens=64: generating" in text
     assert f"Last lines of its log ({log}):" in text
     assert "Fatal Python error: Segmentation fault" in text
+    summary = death.summary()
+    assert summary.startswith("pid 4242 died by signal 11 (SIGSEGV), running req_abc: POST")
+    assert signal_from_log(summary) is None  # a successor logging it does not fake a crash
     # another process's activity (a successor's) is not this death's
     assert examine(_record(log), {"pid": 1, "work": work}).work == []
     assert death.to_dict()["signal_name"] == "SIGSEGV"

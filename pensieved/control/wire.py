@@ -122,6 +122,9 @@ class PreviousExit(_Wire):
     work: list[WorkItem] = Field(description="What it was doing when it died.")
     log_file: str | None = Field(description="Its log file, if its output went to a file.")
     log_tail: list[str] = Field(description="The last lines it wrote to that log.")
+    supervisor: str | None = Field(
+        None, description="`systemd` or `launchd` when one of them had started it."
+    )
 
 
 class StatusResponse(_Wire):

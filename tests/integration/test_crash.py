@@ -112,7 +112,10 @@ def test_sigsegv_during_a_request_is_reported_by_status_and_start(tmp_path: Path
         assert [w["id"] for w in previous["work"]] == request_id
         # only the dead daemon's own lines, ending with faulthandler's report, not the new one's
         tail = "\n".join(previous["log_tail"])
-        assert "most recent call first" in tail and "previous daemon for this config" not in tail
+        assert "most recent call first" in tail and "did not exit cleanly" not in tail
+        # the new daemon's log says so in one line, without a copy of the report
+        assert f"pid {pid} died by signal 11 (SIGSEGV), running {request_id[0]}" in log.read_text()
+        assert log.read_text().count("Fatal Python error") == 1
         assert previous["log_tail"][-1].startswith(("Extension modules: ", "... ("))
         human = run_ctl("status", config=config).stdout
         assert f"previous run: pid {pid}" in human and "died by signal 11 (SIGSEGV)" in human
