@@ -417,8 +417,7 @@ def _record_run(
     """Write this daemon's run record and open its activity file (best effort)."""
     activity = Activity()
     try:
-        activity.open(activity_path(config_path))
-        write_record(
+        write_record(  # creates the private directory the activity file goes to
             RunRecord(
                 pid=os.getpid(),
                 config_path=str(config_path),
@@ -436,6 +435,11 @@ def _record_run(
             "the config file's server.socket_path",
             exc,
         )
+        return activity
+    try:
+        activity.open(activity_path(config_path))
+    except OSError as exc:
+        log.warning("cannot keep the activity file (%s): a crash will not name its requests", exc)
     return activity
 
 

@@ -8,13 +8,15 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import psutil
+import pytest
 
-from pensieved.runrecord import read_record
+from pensieved.runrecord import activity_path, read_record, record_path
 from tests.integration.daemon import (
     REPO,
     control_status,
@@ -61,13 +63,22 @@ def _kill_all(config: Path) -> None:
         proc.kill()
 
 
-def test_a_broken_config_file_does_not_lose_the_daemon(tmp_path: Path) -> None:
+def test_a_broken_config_file_does_not_lose_the_daemon(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A runtime directory of its own, created by this daemon: the very first start.
+    runtime = Path(tempfile.mkdtemp(prefix="pvr-", dir="/tmp"))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
     config, data = _config(tmp_path)
     sock = data["server"]["socket_path"]
     started = run_ctl("start", "--log-file", str(tmp_path / "d.log"), config=config)
     assert started.returncode == 0, started.stderr
     try:
         pid = control_status(sock)["pid"]
+        record = read_record(config)
+        assert record is not None and record.pid == pid and record.socket_path == sock
+        assert record_path(config).parent == runtime / "pensieve" / "run"
+        assert activity_path(config).exists()
         # a missing brace: the file's socket_path cannot be read any more
         good = json.dumps(data, indent=2)
         _write(config, good[:-2])
