@@ -78,8 +78,11 @@ class Activity:
 
     def begin(self, work_id: str, what: str, phase: str) -> None:
         now = time.time()
-        # Model names come from clients: bounded, so one request cannot crowd out the rest.
-        self.entries[work_id] = WorkEntry(work_id, what[:300], phase, now, now)
+        # Model names come from clients: bounded, so one request cannot crowd out the rest,
+        # and printable, so `pensievectl status` never writes a client's escape sequences
+        # to a terminal.
+        shown = "".join(c if c.isprintable() else "?" for c in what[:300])
+        self.entries[work_id] = WorkEntry(work_id, shown, phase, now, now)
         self._flush()
 
     def phase(self, work_id: str, phase: str) -> None:
@@ -110,6 +113,14 @@ class Activity:
     def _flush(self) -> None:
         if self._map is None:
             return
+        try:
+            self._write()
+        except (OSError, ValueError, TypeError):
+            # Best effort: the record must never fail a request. Stop mirroring.
+            self.close(remove=False)
+
+    def _write(self) -> None:
+        assert self._map is not None
         head = json.dumps({"pid": os.getpid(), "updated": time.time()}, separators=(",", ":"))
         budget = HALF - 4 - len(head) - 64
         kept: list[bytes] = []

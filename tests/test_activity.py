@@ -88,5 +88,7 @@ def test_too_much_work_keeps_the_newest_and_counts_the_rest(tmp_path: Path) -> N
         assert len(json.dumps(data, separators=(",", ":"))) < HALF
         # model names from clients are cut short
         assert len(data["work"][-1]["what"]) == 300
+        activity.begin("req_esc", "POST /v1/messages model=\x1b]0;owned\x07\n", "queued")
+        assert activity.entries["req_esc"].what == "POST /v1/messages model=?]0;owned??"
     finally:
         activity.close(remove=True)

@@ -329,8 +329,8 @@ class MessagesHandler(BaseHandler):
             finally:
                 self.engine.release(runtime)
         finally:
-            self.activity.end(self.request_id)
             self.engine.done()
+            self.activity.end(self.request_id)
 
     def _track(self, event: object, prepared: PreparedPrompt) -> None:
         """Phase changes for the activity record: a few per request, never per token."""
