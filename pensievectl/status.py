@@ -220,6 +220,12 @@ def run_status(ctx: Context, as_json: bool) -> int:
             ctx.note(str(exc))
             if death is not None:
                 ctx.note(death.describe())
+            if location.config_problem and location.found_by == "default":
+                ctx.note(
+                    f"({ctx.config_path} cannot be read, so neither can its server.socket_path: "
+                    f"{location.config_problem}; no running daemon has recorded itself for "
+                    "that file, so the default socket was tried)"
+                )
         if location.orphan is not None:
             ctx.note(
                 f"pensieved (pid {location.orphan.pid}) still runs for {ctx.config_path} but "

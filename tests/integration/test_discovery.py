@@ -143,6 +143,7 @@ def test_a_broken_config_file_does_not_lose_the_daemon(
         assert read_record(config) is None
         after = run_ctl("status", config=config)
         assert after.returncode == 3
+        assert "cannot be read, so neither can its server.socket_path: (json)" in after.stderr
     finally:
         _kill_all(config)
 
