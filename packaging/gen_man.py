@@ -76,6 +76,15 @@ FILES = tagged(
             "--socket or $PENSIEVE_SOCKET choose another; the path must fit in 103 bytes.",
         ),
         (
+            path_tag("$XDG_RUNTIME_DIR/pensieve/run/"),
+            "Run records (same runtime directory as the socket): each running pensieved "
+            "writes its pid, control socket and log file there under a name derived from its "
+            "config file's path, with a small activity file naming the requests in flight, and "
+            "removes both when it exits. pensievectl finds the daemon through them when the "
+            "config file does not parse; a record left by a daemon that died tells `status` "
+            "and `start` which signal ended it and what it was doing.",
+        ),
+        (
             path_tag("~/Library/Logs/pensieve/pensieved.log"),
             "The log of the LaunchAgent written by `pensievectl service install` on macOS. "
             "pensieved itself logs to standard error (and to logging.file when set); under "
@@ -117,11 +126,14 @@ PENSIEVED_SIGNALS = tagged(
 PENSIEVED_EXIT_DOCS = {
     "OK": "Stopped cleanly after SIGTERM, SIGINT or `pensievectl stop`. launchd and systemd "
     "do not restart a clean exit.",
-    "FAILURE": "An unexpected error; service managers restart the daemon after it.",
+    "FAILURE": "An unexpected error; service managers restart the daemon after it. A fatal "
+    "signal (a crash in llama.cpp) ends it with that signal instead, after faulthandler has "
+    "written every thread's traceback to standard error.",
     "CONFIG": "A command-line flag is invalid (also argparse's usage errors). A broken config "
     "file does not stop the daemon: it runs degraded, answers 503 with the reason, and "
     "recovers when the file is fixed.",
-    "ALREADY_RUNNING": "Another pensieved already owns the control socket.",
+    "ALREADY_RUNNING": "Another pensieved already owns the control socket, or already serves "
+    "the same config file.",
     "LISTEN": "The HTTP address cannot be bound (the port is in use or not permitted).",
     "SOCKET": "The control socket cannot be created (the path is too long, or its directory "
     "belongs to someone else).",
@@ -132,7 +144,8 @@ PENSIEVECTL_EXIT_DOCS = {
     "FAILURE": "The command failed; for `validate`, the config file is invalid.",
     "USAGE": "Bad command line.",
     "NOT_RUNNING": "pensieved is not running: no socket, or a stale one left by a killed "
-    "daemon (LSB status code 3).",
+    "daemon (LSB status code 3). When it died (a signal, a kill), `status` says which "
+    "signal, what it was running and its last log lines.",
     "UNKNOWN": "The state cannot be told: permission denied on the socket, another user's "
     "socket, or no answer (LSB status code 4).",
 }

@@ -20,14 +20,17 @@ exit status:
   0  success (status: running)
   1  failure (validate: the config is invalid)
   2  bad command line
-  3  pensieved is not running (no socket, or a stale one left by a killed daemon)
+  3  pensieved is not running (no socket, or a stale one left by a killed daemon; if it
+     died, status says by which signal and what it was running)
   4  unknown: the socket cannot be used (permission denied, another user's, no answer)
 
 files:
   config  --config, else $PENSIEVE_CONFIG, else the per-user config directory's
           pensieve/config.json
   socket  --socket, else server.socket_path in the config, else $PENSIEVE_SOCKET, else
-          the per-user runtime directory's pensieve/pensieved.sock
+          the per-user runtime directory's pensieve/pensieved.sock; when the config does
+          not parse (or nothing answers at its socket), the socket recorded by the daemon
+          that serves that config (pensieve/run/ in the runtime directory)
 """
 
 

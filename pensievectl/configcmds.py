@@ -14,6 +14,7 @@ from typing import Any
 from pensievectl.context import Context
 from pensievectl.errors import (
     CtlError,
+    ExitStatus,
     InvalidConfigError,
     OutputExistsError,
     ReloadFailedError,
@@ -40,6 +41,23 @@ def format_changes(changes: list[dict[str, Any]]) -> list[str]:
     ]
 
 
+def _running_daemon(ctx: Context) -> dict[str, Any] | None:
+    """The daemon serving this config file, if one answers."""
+    if probe(ctx.socket_path) != "live":
+        return None
+    try:
+        return ctx.client().status()
+    except CtlError:
+        return None
+
+
+def _keeps_running(status: dict[str, Any]) -> str:
+    return (
+        f"pensieved (pid {status['pid']}) keeps serving on its last good config, and applies "
+        "the file by itself once it is fixed (`pensievectl status` shows what it sees)"
+    )
+
+
 def run_validate(ctx: Context, file: str | None) -> int:
     from pensieved.config import load_config_file
     from pensieved.errors import ConfigError
@@ -51,7 +69,14 @@ def run_validate(ctx: Context, file: str | None) -> int:
     try:
         load_config_file(path, missing_ok=missing_ok)
     except ConfigError as exc:
-        raise InvalidConfigError(str(exc)) from None
+        message = str(exc)
+        status = _running_daemon(ctx) if file is None or path == ctx.config_path else None
+        if status is not None:
+            message += (
+                "\nwhat loading it would change in the running daemon cannot be shown until "
+                f"it validates; {_keeps_running(status)}"
+            )
+        raise InvalidConfigError(message) from None
     if path.exists():
         ctx.say(f"{path} is valid")
     if probe(ctx.socket_path) != "live" or not path.exists():
@@ -82,7 +107,8 @@ def run_reload(ctx: Context, *, wait: bool, timeout: float) -> int:
     result = client.reload()
     if not result["ok"]:
         raise ReloadFailedError(
-            f"reload failed; pensieved keeps its running config:\n{result['error']}"
+            f"reload failed; pensieved keeps its running config, and applies the file by "
+            f"itself once it is fixed (`pensievectl validate` checks it):\n{result['error']}"
         )
     if result["changes"]:
         ctx.say("reloaded: applied")
@@ -139,7 +165,7 @@ def run_config_show(ctx: Context, as_json: bool) -> int:
         if overrides:
             config = apply_overrides(config, overrides)
     except ConfigError as exc:
-        raise InvalidConfigError(str(exc)) from None
+        return _show_running_instead(ctx, str(exc), as_json)
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except OSError:
@@ -163,6 +189,44 @@ def run_config_show(ctx: Context, as_json: bool) -> int:
             description = fields[key].description or ""
             ctx.say(f"{dotted} = {_show(value)}  [{sources[dotted]}]  # {description}")
     return 0
+
+
+def _show_running_instead(ctx: Context, file_error: str, as_json: bool) -> int:
+    """The file does not validate: show the config the running daemon uses instead."""
+    from pensieved.config import Config
+
+    if probe(ctx.socket_path) != "live":
+        raise InvalidConfigError(
+            f"{file_error}\nno pensieved is running for it, so there is no config in force to "
+            "show instead; `pensievectl validate` lists the errors"
+        )
+    running = ctx.client().request("GET", "/v1/config")
+    flags = set(running["flags"])
+    if as_json:
+        payload = {
+            "config_file": str(ctx.config_path),
+            "file_error": file_error,
+            "running": running,
+        }
+        ctx.say(json.dumps(payload, indent=2))
+    else:
+        ctx.say(
+            f"# {ctx.config_path} is invalid, so its effective config cannot be shown; this is "
+            "the config the running pensieved uses (its last good read of the file, flags on "
+            "top); source in brackets"
+        )
+        for section, values in running["values"].items():
+            fields = type(getattr(Config(), section)).model_fields
+            for key, value in values.items():
+                dotted = f"{section}.{key}"
+                source = "flag" if dotted in flags else "running"
+                description = fields[key].description if key in fields else ""
+                ctx.say(f"{dotted} = {_show(value)}  [{source}]  # {description or ''}")
+    ctx.note(
+        f"pensievectl: {file_error}\nthe running daemon keeps the config shown above until "
+        "the file is fixed"
+    )
+    return int(ExitStatus.FAILURE)
 
 
 def run_config_generate(ctx: Context, output: str | None, force: bool) -> int:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TextIO
 
 from pensievectl.client import ControlClient
-from pensieved.control.sockets import resolve_socket_path
+from pensievectl.discovery import Location, locate
 from pensieved.paths import default_config_path
 
 
@@ -18,6 +18,7 @@ class Context:
     socket_arg: str | None = None
     out: TextIO = field(default_factory=lambda: sys.stdout)
     err: TextIO = field(default_factory=lambda: sys.stderr)
+    _location: Location | None = field(default=None, init=False, repr=False)
 
     @property
     def config_path(self) -> Path:
@@ -32,8 +33,20 @@ class Context:
         return self.config_arg is None and self.config_path == default_config_path().absolute()
 
     @property
+    def location(self) -> Location:
+        """Where the daemon for this config file is (looked up once; see `relocate`)."""
+        if self._location is None:
+            self._location = locate(self.config_path, self.socket_arg)
+        return self._location
+
+    def relocate(self) -> Location:
+        """Look again: a daemon may have started or stopped since."""
+        self._location = None
+        return self.location
+
+    @property
     def socket_path(self) -> Path:
-        return resolve_socket_path(self.socket_arg, self.config_path)
+        return self.location.socket_path
 
     def client(self, timeout: float = 10.0) -> ControlClient:
         return ControlClient(self.socket_path, timeout=timeout)

@@ -18,10 +18,11 @@ from pensievectl.errors import (
     StartError,
     StopError,
 )
-from pensievectl.status import human_bytes, human_duration
+from pensievectl.status import examine_dead, human_bytes, human_duration
 from pensievectl.supervisor import Supervisor
 from pensieved.control.sockets import probe
 from pensieved.paths import log_dir
+from pensieved.runrecord import LockTimeoutError, RunRecord, read_record, start_lock
 
 # pensieved's own exit status when another daemon holds the socket (daemon.ExitCode).
 _DAEMON_ALREADY_RUNNING = 3
@@ -31,14 +32,6 @@ SupervisorFinder = Callable[[], Supervisor | None]
 
 def default_log_path() -> Path:
     return log_dir() / "pensieved.log"
-
-
-def _log_tail(path: Path, lines: int = 12) -> str:
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.rstrip().splitlines()[-lines:])
 
 
 def _daemon_command(ctx: Context) -> list[str]:
@@ -106,6 +99,29 @@ def _loading_message(status: dict[str, Any], started: float) -> str:
     return f"loading model {Path(path).name}{size}... {elapsed}"
 
 
+def _spawned_death(
+    ctx: Context,
+    process: subprocess.Popen[bytes],
+    log_path: Path | None,
+    log_offset: int,
+    spawned_at: float,
+) -> str:
+    """What `start` can say about a daemon it spawned that died before it was ready."""
+    record = read_record(ctx.config_path)
+    if record is None or record.pid != process.pid:
+        # It died before it wrote its record: what we know is our own.
+        record = RunRecord(
+            pid=process.pid,
+            config_path=str(ctx.config_path.resolve()),
+            socket_path=str(ctx.socket_path),
+            started_at=spawned_at,
+            version="",
+            log_path=str(log_path) if log_path else None,
+            log_offset=log_offset,
+        )
+    return examine_dead(record, exit_status=process.returncode).describe()
+
+
 def wait_until_serving(
     ctx: Context,
     *,
@@ -113,10 +129,12 @@ def wait_until_serving(
     process: subprocess.Popen[bytes] | None,
     log_path: Path | None,
     describe_log: str,
+    log_offset: int = 0,
 ) -> dict[str, Any]:
     """Poll the control socket until the model is loaded; raise StartError with the reason."""
     client = ctx.client(timeout=5.0)
     progress = _Progress(ctx)
+    began = time.time()
     started = time.monotonic()
     deadline = started + timeout
     progress.show(f"starting pensieved (socket {ctx.socket_path})...", force=True)
@@ -124,12 +142,15 @@ def wait_until_serving(
         while True:
             if process is not None and process.poll() is not None:
                 if process.returncode == _DAEMON_ALREADY_RUNNING:
-                    process = None  # lost a race to another start: wait for that one
+                    # Another daemon took this socket or config first: wait for that one.
+                    process = None
+                    ctx.relocate()
+                    client = ctx.client(timeout=5.0)
                     continue
-                tail = _log_tail(log_path) if log_path else ""
                 raise StartError(
-                    f"pensieved exited with status {process.returncode} before it was ready:\n"
-                    f"{tail}\n(log: {describe_log})"
+                    "pensieved did not come up:\n"
+                    f"{_spawned_death(ctx, process, log_path, log_offset, began)}"
+                    f"\n(log: {describe_log})"
                 )
             status: dict[str, Any] | None = None
             if probe(ctx.socket_path) == "live":
@@ -178,9 +199,37 @@ def run_start(
     log_file: str | None,
     find_supervisor: SupervisorFinder,
 ) -> int:
-    state = probe(ctx.socket_path)
+    def waiting() -> None:
+        ctx.note(f"another `pensievectl start` for {ctx.config_path} is under way; waiting for it")
+
+    # One start at a time per config file: the second finds the first's daemon running.
+    try:
+        with start_lock(ctx.config_path, timeout, on_wait=waiting):
+            return _start_locked(
+                ctx, timeout=timeout, log_file=log_file, find_supervisor=find_supervisor
+            )
+    except LockTimeoutError:
+        raise StartError(
+            f"another `pensievectl start` for {ctx.config_path} did not finish within "
+            f"{timeout:g} s; check `pensievectl status`"
+        ) from None
+
+
+def _start_locked(
+    ctx: Context,
+    *,
+    timeout: float,
+    log_file: str | None,
+    find_supervisor: SupervisorFinder,
+) -> int:
+    location = ctx.relocate()
+    state = probe(location.socket_path)
     if state == "live":
         status = ctx.client().status()
+        if status["state"] == "loading":
+            status = wait_until_serving(
+                ctx, timeout=timeout, process=None, log_path=None, describe_log="its log"
+            )
         ctx.say(f"pensieved is already running (pid {status['pid']}) on {status['http']['url']}")
         return 0
     if state == "denied":
@@ -188,6 +237,15 @@ def run_start(
             f"permission denied on {ctx.socket_path}: it is not your socket; use your own "
             "(--socket PATH or server.socket_path)"
         )
+    if location.orphan is not None:
+        raise StartError(
+            f"pensieved (pid {location.orphan.pid}) already runs for {ctx.config_path}, but its "
+            f"control socket {location.orphan.socket_path} is gone, so it cannot be "
+            f"controlled; stop it with `kill {location.orphan.pid}`, then start again"
+        )
+    if location.dead is not None:
+        ctx.note(examine_dead(location.dead).describe())
+        ctx.note("starting a new one")
     supervisor = find_supervisor()
     if supervisor is not None:
         ctx.note(f"starting pensieved through {supervisor.name}")
@@ -201,9 +259,18 @@ def run_start(
         )
     else:
         log_path = Path(log_file).expanduser().absolute() if log_file else default_log_path()
+        try:
+            log_offset = log_path.stat().st_size
+        except OSError:
+            log_offset = 0
         process = spawn_daemon(ctx, log_path)
         status = wait_until_serving(
-            ctx, timeout=timeout, process=process, log_path=log_path, describe_log=str(log_path)
+            ctx,
+            timeout=timeout,
+            process=process,
+            log_path=log_path,
+            describe_log=str(log_path),
+            log_offset=log_offset,
         )
         ctx.note(f"log: {log_path}")
     ctx.say(_ready_message(status))
@@ -234,6 +301,18 @@ def run_stop(ctx: Context, *, timeout: float | None, find_supervisor: Supervisor
         )
         return 0
     state = probe(ctx.socket_path)
+    location = ctx.location
+    if state in ("absent", "stale") and location.orphan is not None:
+        raise StopError(
+            f"pensieved (pid {location.orphan.pid}) runs for {ctx.config_path} but its control "
+            f"socket {location.orphan.socket_path} is gone: stop it with `kill "
+            f"{location.orphan.pid}`"
+        )
+    if state in ("absent", "stale") and location.dead is not None:
+        ctx.note(
+            f"the last pensieved for {ctx.config_path} (pid {location.dead.pid}) "
+            f"{examine_dead(location.dead).cause}; `pensievectl status` tells more"
+        )
     if state == "absent":
         ctx.say(f"pensieved is not running (no socket at {ctx.socket_path})")
         return 0

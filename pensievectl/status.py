@@ -4,10 +4,70 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 from pensievectl.context import Context
 from pensievectl.errors import CtlError, ExitStatus, exit_status_for
+from pensieved.activity import read_activity
+from pensieved.postmortem import (
+    Death,
+    describe_work,
+    examine,
+    journal_until_exit,
+    log_tail,
+    signal_from_log,
+    signal_name,
+)
+from pensieved.runrecord import RunRecord, activity_path
+
+
+def examine_dead(record: RunRecord, exit_status: int | None = None) -> Death:
+    """How the daemon of a record left behind died (see `pensieved.postmortem`)."""
+    log_text = None
+    if record.log_path is None and record.supervisor == "systemd":
+        log_text = _journal()
+    activity = read_activity(activity_path(Path(record.config_path)))
+    return examine(record, activity, exit_status=exit_status, log_text=log_text)
+
+
+def _journal() -> str | None:
+    from pensievectl.supervisor import journal_text
+
+    text = journal_text()
+    return journal_until_exit(text) if text is not None else None
+
+
+def _fill_in_from_journal(previous: dict[str, Any]) -> None:
+    """A predecessor under systemd logged to the journal, which the daemon does not read:
+    find its signal and last lines there."""
+    if previous.get("supervisor") != "systemd" or previous.get("log_file"):
+        return
+    if previous.get("signal") is not None or previous.get("exit_code") is not None:
+        return
+    text = _journal()
+    if not text:
+        return
+    number = signal_from_log(text)
+    if number is not None:
+        previous["signal"], previous["signal_name"] = number, signal_name(number)
+        previous["cause"] = f"died by signal {number} ({signal_name(number)})"
+    previous["log_tail"] = log_tail(text)
+    previous["log_file"] = "journalctl --user -u pensieved"
+
+
+def _previous_exit_rows(previous: dict[str, Any]) -> list[tuple[str, str]]:
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(previous["started_at"]))
+    text = f"pid {previous['pid']} (started {when}) {previous['cause']}"
+    work = previous.get("work") or []
+    if work:
+        text += "; it was running:" + "".join(f"\n    {describe_work(w, live=False)}" for w in work)
+    else:
+        text += "; no request was running"
+    if previous.get("log_tail"):
+        text += f"\n    last lines of its log ({previous.get('log_file')}):"
+        text += "".join(f"\n      {line}" for line in previous["log_tail"])
+    return [("previous run", text)]
 
 
 def human_bytes(size: float) -> str:
@@ -70,7 +130,7 @@ def _cache_rows(model: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
-def format_status(s: dict[str, Any]) -> str:
+def format_status(s: dict[str, Any], config_problem: str | None = None) -> str:
     state = s["state"]
     serving = "serving" if state == "ready" else f"NOT serving ({state})"
     lines = [
@@ -83,6 +143,11 @@ def format_status(s: dict[str, Any]) -> str:
     config = s["config_file"]
     if s.get("config_error"):
         config += "  INVALID, running on the previous (or default) config:\n" + s["config_error"]
+    elif config_problem:
+        config += (
+            "  INVALID (pensieved has not re-read it yet; it keeps its running config):\n"
+            f"  {config_problem}"
+        )
     rows.append(("config", config))
     if s.get("log_file"):
         rows.append(("log file", s["log_file"]))
@@ -122,16 +187,25 @@ def format_status(s: dict[str, Any]) -> str:
         )
     )
     rows.append(("last reload", describe_reload(s.get("last_reload"))))
+    activity = s.get("activity") or []
+    if activity:
+        rows.append(("working on", "\n    ".join(describe_work(w) for w in activity)))
+    if s.get("previous_exit"):
+        rows += _previous_exit_rows(s["previous_exit"])
     width = max(len(label) for label, _ in rows) + 1
     lines += [f"  {label + ':':<{width}} {value}" for label, value in rows]
     return "\n".join(lines)
 
 
 def run_status(ctx: Context, as_json: bool) -> int:
+    location = ctx.location
     try:
         status = ctx.client(timeout=5.0).status()
     except CtlError as exc:
         code = exit_status_for(exc)
+        death = None
+        if code == ExitStatus.NOT_RUNNING and location.dead is not None:
+            death = examine_dead(location.dead)
         if as_json:
             state = "not_running" if code == ExitStatus.NOT_RUNNING else "unknown"
             payload = {
@@ -139,14 +213,37 @@ def run_status(ctx: Context, as_json: bool) -> int:
                 "state": state,
                 "socket_path": str(ctx.socket_path),
                 "message": str(exc),
+                "died": death.to_dict() if death is not None else None,
             }
             ctx.say(json.dumps(payload, indent=2))
         else:
             ctx.note(str(exc))
+            if death is not None:
+                ctx.note(death.describe())
+            if location.config_problem and location.found_by == "default":
+                ctx.note(
+                    f"({ctx.config_path} cannot be read, so neither can its server.socket_path: "
+                    f"{location.config_problem}; no running daemon has recorded itself for "
+                    "that file, so the default socket was tried)"
+                )
+        if location.orphan is not None:
+            ctx.note(
+                f"pensieved (pid {location.orphan.pid}) still runs for {ctx.config_path} but "
+                f"its control socket {location.orphan.socket_path} is gone: `kill "
+                f"{location.orphan.pid}` stops it"
+            )
         # LSB: 3 not running, 4 unknown.
         return int(code if code in (ExitStatus.NOT_RUNNING, ExitStatus.UNKNOWN) else 4)
+    if status.get("previous_exit"):
+        _fill_in_from_journal(status["previous_exit"])
     if as_json:
-        ctx.say(json.dumps({"running": True, **status}, indent=2))
+        extra = {"found_by": location.found_by, "config_file_problem": location.config_problem}
+        ctx.say(json.dumps({"running": True, **status, **extra}, indent=2))
     else:
-        ctx.say(format_status(status))
+        ctx.say(format_status(status, location.config_problem))
+        if location.found_by == "record":
+            ctx.note(
+                f"(found through its run record: {ctx.config_path}'s server.socket_path "
+                "could not be used)"
+            )
     return ExitStatus.OK

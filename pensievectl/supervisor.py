@@ -146,6 +146,13 @@ class Systemd:
         return f"systemctl --user stop {SYSTEMD_UNIT}"
 
 
+def journal_text(runner: Runner = run_command, lines: int = 300) -> str | None:
+    """The systemd user unit's recent journal (its stderr and systemd's own lines about it)."""
+    argv = ["journalctl", "--user", "-u", SYSTEMD_UNIT, "-n", str(lines), "-o", "cat"]
+    result = runner([*argv, "--no-pager"])
+    return result.stdout if result.returncode == 0 else None
+
+
 def _read_plist(path: Path) -> dict[str, object] | None:
     try:
         with path.open("rb") as f:

@@ -25,6 +25,7 @@ import tornado.httpserver
 import tornado.netutil
 
 from pensieved import __version__
+from pensieved.activity import Activity, read_activity
 from pensieved.api import limits
 from pensieved.api.app import make_app
 from pensieved.cli import build_parser, overrides_from
@@ -35,25 +36,41 @@ from pensieved.control.sockets import (
     SocketInUseError,
     SocketPathError,
     bind_control_socket,
+    probe,
     resolve_socket_path,
 )
 from pensieved.control.wire import (
+    ConfigResponse,
     DecodeStatus,
     HttpStatus,
     Issue,
     ModelStatus,
+    PreviousExit,
     ProcessStatus,
     ReloadResult,
     RequestStatus,
     StatusResponse,
     StopResponse,
     ValidateResponse,
+    WorkItem,
 )
+from pensieved.crashlog import enable_faulthandler, stderr_log, supervisor_from_environment
 from pensieved.engine.service import Engine, default_model_path
-from pensieved.errors import ConfigError, ModelLoadError
+from pensieved.errors import ConfigError, LoadCancelledError, ModelLoadError
 from pensieved.logsetup import configure_logging
 from pensieved.paths import default_config_path
+from pensieved.postmortem import Death, examine
 from pensieved.reload import Reloader, watch_config, watch_model_files
+from pensieved.runrecord import (
+    RecordDirError,
+    RunRecord,
+    activity_path,
+    pid_alive,
+    read_record,
+    remove_record,
+    socket_is_ours,
+    write_record,
+)
 
 log = logging.getLogger("pensieved")
 
@@ -92,12 +109,19 @@ class Daemon:
         control: BoundSocket,
         missing_ok: bool = False,
         config_error: str | None = None,
+        activity: Activity | None = None,
+        previous_exit: Death | None = None,
     ) -> None:
         self.config = config
         self.config_path = config_path
         self.overrides = overrides
         self.control = control
         self.config_error = config_error
+        self.activity = activity or Activity()
+        self.previous_exit = previous_exit
+        # A model load still inside llama.cpp when the drain ended: main() exits without
+        # waiting for it (see _drain).
+        self.abandoned_load = False
         self.engine = Engine(config)
         if config_error is not None:
             # Degraded: serve 503s that say why until the file is fixed (the watcher notices).
@@ -121,7 +145,7 @@ class Daemon:
 
     def _serve(self, config: Config, sockets: list[socket.socket]) -> None:
         server = tornado.httpserver.HTTPServer(
-            make_app(self.engine),
+            make_app(self.engine, self.activity),
             idle_connection_timeout=config.server.idle_connection_timeout_s,
             body_timeout=config.server.idle_connection_timeout_s,
             max_body_size=config.server.max_body_bytes,
@@ -245,6 +269,18 @@ class Daemon:
                 cache_read_tokens=stats.cache_read_tokens,
             ),
             last_reload=self.reloader.last,
+            activity=[WorkItem(**item) for item in self.activity.snapshot()],
+            previous_exit=PreviousExit(**self.previous_exit.to_dict())
+            if self.previous_exit is not None
+            else None,
+        )
+
+    def running_config(self) -> ConfigResponse:
+        return ConfigResponse(
+            config_file=str(self.config_path),
+            values=self.config.model_dump(mode="json"),
+            flags=sorted(self.overrides),
+            config_error=self.config_error,
         )
 
     def _boot_model(self) -> str | None:
@@ -274,9 +310,16 @@ class Daemon:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def load_models(self, config: Config) -> None:
+        """`Engine.load`, recorded in the activity file (a crash in llama.cpp names it)."""
+        with self.activity.loading(str(default_model_path(config) or "(aliases only)")):
+            await self.engine.load(config)
+
     async def _load_models(self, config: Config) -> None:
         try:
-            await self.engine.load(config)
+            await self.load_models(config)
+        except LoadCancelledError as exc:
+            log.info("%s", exc)
         except ModelLoadError as exc:
             log.error("%s", exc)
         else:
@@ -302,6 +345,8 @@ class Daemon:
         self._spawn(watch_config(self.config_path, lambda: self.reload("watch"), self._stop))
         self._spawn(watch_model_files(self.reloader, self._stop))
         await self._stop.wait()
+        # A model load may take minutes: it is abandoned at once rather than waited for.
+        self.engine.cancel_loads()
         for task in list(self._tasks):
             task.cancel()
         await self._drain()
@@ -323,6 +368,11 @@ class Daemon:
                 await asyncio.sleep(0.05)
         for server in self._servers:
             await server.close_all_connections()
+        # Loads see the cancellation at llama.cpp's next progress call, within milliseconds;
+        # one stuck elsewhere (creating the context) is left behind: main() exits without it.
+        if not await self.engine.wait_loads(2.0):
+            log.warning("a model load is still running in llama.cpp; exiting without it")
+            self.abandoned_load = True
         await self.engine.close()
         log.info("stopped")
 
@@ -343,7 +393,60 @@ def config_location(config_arg: str | None) -> tuple[Path, bool]:
     return path, config_arg is None and path == default_config_path()
 
 
+def _predecessor(
+    config_path: Path, log_file: str | None, log_offset: int
+) -> tuple[RunRecord | None, Death | None]:
+    """The daemon recorded for this config file: alive (then we must not start), or dead
+    without a clean exit (then what is known about its death)."""
+    record = read_record(config_path)
+    if record is None or record.pid == os.getpid():
+        return None, None
+    if pid_alive(record.pid):
+        socket_path = Path(record.socket_path)
+        if socket_is_ours(socket_path) and probe(socket_path) == "live":
+            return record, None
+        return None, None  # its pid now belongs to another process: a stale record
+    log_end = log_offset if record.log_path and record.log_path == log_file else None
+    death = examine(record, read_activity(activity_path(config_path)), log_end=log_end)
+    return None, death
+
+
+def _record_run(
+    config_path: Path, socket_path: Path, log_file: str | None, log_offset: int
+) -> Activity:
+    """Write this daemon's run record and open its activity file (best effort)."""
+    activity = Activity()
+    try:
+        write_record(  # creates the private directory the activity file goes to
+            RunRecord(
+                pid=os.getpid(),
+                config_path=str(config_path),
+                socket_path=str(socket_path.absolute()),
+                started_at=time.time(),
+                version=__version__,
+                log_path=log_file,
+                log_offset=log_offset,
+                supervisor=supervisor_from_environment(),
+            )
+        )
+    except (OSError, RecordDirError) as exc:
+        log.warning(
+            "cannot write the run record (%s): pensievectl finds this daemon only through "
+            "the config file's server.socket_path",
+            exc,
+        )
+        return activity
+    try:
+        activity.open(activity_path(config_path))
+    except OSError as exc:
+        log.warning("cannot keep the activity file (%s): a crash will not name its requests", exc)
+    return activity
+
+
 def main(argv: list[str] | None = None) -> int:
+    # Before anything else: what our log file is, and how long it was before our lines.
+    log_file, log_offset = stderr_log()
+    enable_faulthandler()
     args = build_parser().parse_args(argv)
     overrides = overrides_from(args)
     path, missing_ok = config_location(args.config)
@@ -359,10 +462,29 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         config, config_error = fallback, str(exc)
     configure_logging(config.logging)
+    crash_reports = enable_faulthandler(config.logging.file)
     log.info("config: %s", path)
+    log.debug("fatal-signal reports (faulthandler) go to %s", crash_reports)
     if config_error is not None:
         log.error("%s", config_error)
         log.error("running degraded (HTTP answers 503) until %s is fixed", path)
+    resolved = path.resolve()
+    running, death = _predecessor(resolved, log_file, log_offset)
+    if running is not None:
+        log.error(
+            "another pensieved (pid %d) is already running for %s, on %s: use `pensievectl "
+            "status` to see it, or `pensievectl stop` to stop it first",
+            running.pid,
+            path,
+            running.socket_path,
+        )
+        return ExitCode.ALREADY_RUNNING
+    if death is not None:
+        log.warning(
+            "the previous pensieved for this config did not exit cleanly: %s (`pensievectl "
+            "status` shows its last log lines)",
+            death.summary(),
+        )
     flag = overrides.get("server.socket_path")
     if config_error is None:
         socket_path = resolve_socket_path(config.server.socket_path, path)
@@ -376,6 +498,8 @@ def main(argv: list[str] | None = None) -> int:
     except SocketPathError as exc:
         log.error("%s", exc)
         return ExitCode.SOCKET
+    activity = _record_run(resolved, socket_path, log_file, log_offset)
+    daemon: Daemon | None = None
     try:
         daemon = Daemon(
             config,
@@ -384,13 +508,24 @@ def main(argv: list[str] | None = None) -> int:
             control=control,
             missing_ok=missing_ok,
             config_error=config_error,
+            activity=activity,
+            previous_exit=death,
         )
-        return asyncio.run(daemon.run())
+        code = asyncio.run(daemon.run())
     except ListenError as exc:
         log.error("%s", exc)
-        return ExitCode.LISTEN
+        code = ExitCode.LISTEN
     finally:
         control.remove()
+        remove_record(resolved, os.getpid())
+        activity.close(remove=True)
+    if daemon is not None and daemon.abandoned_load:
+        # Interpreter shutdown would wait for (or run C++ destructors under) the load
+        # thread still inside llama.cpp: leave at once, everything else is already closed.
+        logging.shutdown()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

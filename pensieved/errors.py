@@ -71,6 +71,10 @@ class ModelLoadError(PensieveError):
     """A model file that cannot be loaded; the message names the file and the cause."""
 
 
+class LoadCancelledError(ModelLoadError):
+    """A model load abandoned part-way because the daemon is stopping."""
+
+
 class ChatTemplateError(PensieveError):
     """The model has no usable chat template, or the template rejected the conversation."""
 

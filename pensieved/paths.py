@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import warnings
 from pathlib import Path
 
 import platformdirs
@@ -34,7 +35,11 @@ def runtime_dir() -> Path:
     platformdirs names /run/user/UID on Linux, which does not exist for users without a
     systemd login session (containers, su, CI); fall back to a private directory in /tmp.
     """
-    candidate = Path(platformdirs.user_runtime_dir(APP_NAME))
+    with warnings.catch_warnings():
+        # Newer platformdirs warn when XDG_RUNTIME_DIR is unset; the fallback below is ours,
+        # and every pensievectl command would print that warning.
+        warnings.simplefilter("ignore", UserWarning)
+        candidate = Path(platformdirs.user_runtime_dir(APP_NAME))
     if candidate.parent.is_dir() and os.access(candidate.parent, os.W_OK):
         return candidate
     return Path("/tmp") / f"{APP_NAME}-{os.getuid()}"

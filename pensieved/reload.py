@@ -25,7 +25,7 @@ from typing import Any, Protocol
 from pensieved.config import Config, apply_overrides, diff_configs, load_config_file
 from pensieved.control.wire import Change, ChangeAction, ReloadResult
 from pensieved.engine.service import Engine, default_model_path, wanted_models
-from pensieved.errors import ConfigError, ModelLoadError
+from pensieved.errors import ConfigError, LoadCancelledError, ModelLoadError
 from pensieved.logsetup import configure_logging
 
 log = logging.getLogger("pensieved.reload")
@@ -100,6 +100,9 @@ class ReloadTarget(Protocol):
 
     def update_http_limits(self, config: Config) -> None:
         """Apply body size and idle timeouts to new connections."""
+
+    async def load_models(self, config: Config) -> None:
+        """`Engine.load(config)`, recorded as work in progress."""
 
 
 class Reloader:
@@ -188,7 +191,9 @@ class Reloader:
 
     async def _load_models(self, config: Config, trigger: str) -> None:
         try:
-            await self.target.engine.load(config)
+            await self.target.load_models(config)
+        except LoadCancelledError as exc:
+            log.info("%s", exc)
         except ModelLoadError as exc:
             serving = self.target.engine.default_model is not None
             note = "; the previous model keeps serving" if serving else ""

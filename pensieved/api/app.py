@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tornado.web
 
+from pensieved.activity import Activity
 from pensieved.api.handlers import (
     CountTokensHandler,
     HealthHandler,
@@ -15,8 +16,9 @@ from pensieved.api.handlers import (
 from pensieved.engine.service import Engine
 
 
-def make_app(engine: Engine) -> tornado.web.Application:
-    args = {"engine": engine}
+def make_app(engine: Engine, activity: Activity | None = None) -> tornado.web.Application:
+    # The activity record names the requests that were running if the process crashes.
+    args = {"engine": engine, "activity": activity or Activity()}
     return tornado.web.Application(
         [
             (r"/", RootHandler, args),

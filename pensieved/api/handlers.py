@@ -17,6 +17,7 @@ import tornado.web
 from pydantic import BaseModel, ValidationError
 
 from pensieved import __version__
+from pensieved.activity import Activity
 from pensieved.api import limits, security, sse
 from pensieved.api.convert import new_id, to_generation_request
 from pensieved.api.errors import STATUS_TYPES, classify, envelope, internal_message
@@ -71,8 +72,9 @@ class BaseHandler(tornado.web.RequestHandler):
     _body_refused: bool = False
     _chunks: list[bytes] | None = None
 
-    def initialize(self, engine: Engine) -> None:
+    def initialize(self, engine: Engine, activity: Activity) -> None:
         self.engine = engine
+        self.activity = activity
 
     def set_default_headers(self) -> None:
         # Called again by clear() when an error replaces the response: the id must survive.
@@ -261,7 +263,12 @@ class CountTokensHandler(BaseHandler):
     async def post(self) -> None:
         body = self.parse_body(CountTokensRequest)
         request = to_generation_request(body)
-        count = await self.engine.count_tokens(body.model, request)
+        what = f"POST /v1/messages/count_tokens model={body.model}"
+        self.activity.begin(self.request_id, what, "rendering and tokenizing the prompt")
+        try:
+            count = await self.engine.count_tokens(body.model, request)
+        finally:
+            self.activity.end(self.request_id)
         self.write_json(CountTokensResponse(input_tokens=count))
 
 
@@ -297,8 +304,16 @@ class MessagesHandler(BaseHandler):
         # Counted from before tokenizing: a drain waits for it, and a full server says so
         # before spending any work on it.
         self.engine.admit()
+        what = (
+            f"POST /v1/messages model={body.model} stream={str(bool(body.stream)).lower()} "
+            f"max_tokens={body.max_tokens}"
+        )
+        self.activity.begin(self.request_id, what, "rendering and tokenizing the prompt")
         try:
             runtime, prepared = await self.engine.prepare(body.model, request)
+            self.activity.phase(
+                self.request_id, f"waiting for a slot ({prepared.input_tokens} prompt tokens)"
+            )
             try:
                 run = self._stream if body.stream else self._complete
                 self._task = asyncio.ensure_future(run(body.model, runtime, prepared))
@@ -315,6 +330,18 @@ class MessagesHandler(BaseHandler):
                 self.engine.release(runtime)
         finally:
             self.engine.done()
+            self.activity.end(self.request_id)
+
+    def _track(self, event: object, prepared: PreparedPrompt) -> None:
+        """Phase changes for the activity record: a few per request, never per token."""
+        if isinstance(event, PromptCached):
+            fresh = prepared.input_tokens - event.cache_read_tokens
+            self.activity.phase(
+                self.request_id,
+                f"evaluating the prompt ({fresh} new tokens, {event.cache_read_tokens} cached)",
+            )
+        elif not isinstance(event, Heartbeat | Finished | Failed):
+            self.activity.phase(self.request_id, "generating")
 
     async def _watch_disconnect(self, task: asyncio.Task[None]) -> None:
         """Cancel `task` as soon as the client hangs up.
@@ -346,6 +373,7 @@ class MessagesHandler(BaseHandler):
         reply = ReplyBuilder()
         finished: Finished | None = None
         async for event in self.engine.generate(runtime, prepared):
+            self._track(event, prepared)
             if isinstance(event, Finished):
                 finished = event
             elif isinstance(event, Failed):
@@ -378,6 +406,7 @@ class MessagesHandler(BaseHandler):
         started = False
         try:
             async for event in self.engine.generate(runtime, prepared):
+                self._track(event, prepared)
                 if isinstance(event, Heartbeat):
                     if started:
                         await self._send({"type": "ping"})

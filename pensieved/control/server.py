@@ -1,6 +1,7 @@
 """The control API: JSON over HTTP on the Unix socket (`pensievectl` is its client).
 
     GET  /v1/status     StatusResponse
+    GET  /v1/config     ConfigResponse: the config in force (the file's may be broken)
     POST /v1/stop       StopResponse, then a graceful stop (drain, exit 0)
     POST /v1/reload     ReloadResult: re-read the config file now and apply it
     POST /v1/validate   ValidateRequest -> ValidateResponse: the daemon's validator, and what
@@ -20,6 +21,7 @@ import tornado.web
 from pydantic import BaseModel, ValidationError
 
 from pensieved.control.wire import (
+    ConfigResponse,
     ErrorResponse,
     ReloadResult,
     StatusResponse,
@@ -35,6 +37,8 @@ class Controller(Protocol):
     """What the control API drives: the daemon."""
 
     def status(self) -> StatusResponse: ...
+
+    def running_config(self) -> ConfigResponse: ...
 
     def stop_soon(self) -> StopResponse: ...
 
@@ -70,6 +74,11 @@ class StatusHandler(_Handler):
         self.reply(self.controller.status())
 
 
+class ConfigHandler(_Handler):
+    def get(self) -> None:
+        self.reply(self.controller.running_config())
+
+
 class StopHandler(_Handler):
     def post(self) -> None:
         self.reply(self.controller.stop_soon())
@@ -99,6 +108,7 @@ def make_control_app(controller: Controller) -> tornado.web.Application:
     return tornado.web.Application(
         [
             (r"/v1/status", StatusHandler, args),
+            (r"/v1/config", ConfigHandler, args),
             (r"/v1/stop", StopHandler, args),
             (r"/v1/reload", ReloadHandler, args),
             (r"/v1/validate", ValidateHandler, args),

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pensieved.paths import MAX_SOCKET_PATH_BYTES, default_config_path, default_socket_path
+from pensieved.runrecord import LockTimeoutError, RecordDirError, socket_lock
 
 # The socket and its directory are private to the user: anyone who can connect can stop the
 # daemon or make it load any file as a model.
@@ -31,19 +32,36 @@ class SocketInUseError(Exception):
     """A live daemon already answers on the socket."""
 
 
+def read_socket_setting(config_file: Path) -> tuple[str | None, str | None]:
+    """`server.socket_path` from a config file, best effort and without validation.
+
+    Returns (value, problem): the value is None when the file does not set it; the problem
+    says why the file could not be read at all (then nobody can tell the socket from it). A
+    missing file is no problem: it means the defaults.
+    """
+    try:
+        text = config_file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None, None
+    except (OSError, UnicodeDecodeError) as exc:
+        return None, f"(file): cannot read: {exc}"
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        # The wording of the daemon's validator (pensieved.config), without importing it.
+        return None, f"(json): {exc.msg} at line {exc.lineno} column {exc.colno}"
+    server = data.get("server") if isinstance(data, dict) else None
+    value = server.get("socket_path") if isinstance(server, dict) else None
+    return (value if isinstance(value, str) and value else None), None
+
+
 def socket_path_from_file(config_file: Path) -> str | None:
     """`server.socket_path` from a config file, best effort and without validation.
 
     Both the daemon (when its config is broken, so it still binds where `pensievectl` looks)
     and `pensievectl` (which must not pay for importing pydantic) use this.
     """
-    try:
-        data = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    server = data.get("server") if isinstance(data, dict) else None
-    value = server.get("socket_path") if isinstance(server, dict) else None
-    return value if isinstance(value, str) and value else None
+    return read_socket_setting(config_file)[0]
 
 
 def resolve_socket_path(flag: str | None, config_file: Path | None) -> Path:
@@ -129,10 +147,20 @@ def bind_control_socket(path: Path, backlog: int = 16) -> BoundSocket:
     """Create the directory (0700) and the socket (0600, set before it accepts anything).
 
     An existing live socket means another daemon: refuse and touch nothing. A dead one is a
-    leftover of a killed daemon: remove it.
+    leftover of a killed daemon: remove it. Probing, removing and binding happen under a lock
+    (in the runtime directory): without it, a daemon starting at the same moment could find
+    this one's socket bound but not yet listening, take it for dead and unlink it.
     """
     check_length(path)
     _prepare_directory(path.parent)
+    try:
+        with socket_lock(path, timeout=30.0):
+            return _bind_unlocked(path, backlog)
+    except (LockTimeoutError, RecordDirError) as exc:
+        raise SocketPathError(f"cannot lock the control socket {path}: {exc}") from None
+
+
+def _bind_unlocked(path: Path, backlog: int) -> BoundSocket:
     state = probe(path)
     if state == "live":
         raise SocketInUseError(

@@ -104,6 +104,29 @@ class RequestStatus(_Wire):
     cache_read_tokens: int = Field(description="Prompt tokens reused from the KV cache.")
 
 
+class WorkItem(_Wire):
+    id: str = Field(description="The request's `request-id` (or `load-N` for a model load).")
+    what: str = Field(description="What it asked for: method, path, model, stream, max_tokens.")
+    phase: str = Field(description="Where it is: preparing, waiting for a slot, evaluating...")
+    since: float = Field(description="Unix time it began.")
+    phase_since: float = Field(description="Unix time it entered this phase.")
+
+
+class PreviousExit(_Wire):
+    pid: int = Field(description="The daemon that died.")
+    started_at: float = Field(description="Unix time it had started.")
+    signal: int | None = Field(description="The fatal signal, when its log or exit status says.")
+    signal_name: str | None = Field(description="`SIGSEGV`, `SIGILL`...")
+    exit_code: int | None = Field(description="Its exit status, when it exited without a signal.")
+    cause: str = Field(description="How it ended, for the user.")
+    work: list[WorkItem] = Field(description="What it was doing when it died.")
+    log_file: str | None = Field(description="Its log file, if its output went to a file.")
+    log_tail: list[str] = Field(description="The last lines it wrote to that log.")
+    supervisor: str | None = Field(
+        None, description="`systemd` or `launchd` when one of them had started it."
+    )
+
+
 class StatusResponse(_Wire):
     pid: int = Field(description="The daemon's process id.")
     version: str = Field(description="pensieved version.")
@@ -127,6 +150,25 @@ class StatusResponse(_Wire):
     process: ProcessStatus
     requests: RequestStatus
     last_reload: ReloadResult | None = Field(description="The most recent reload, if any.")
+    activity: list[WorkItem] = Field(
+        default_factory=list, description="Requests and model loads in progress."
+    )
+    previous_exit: PreviousExit | None = Field(
+        None,
+        description="The previous daemon for this config file died (a crash, a kill) and this "
+        "one started after it (launchd and systemd restart it).",
+    )
+
+
+class ConfigResponse(_Wire):
+    config_file: str = Field(description="The config file the daemon reads and watches.")
+    values: dict[str, dict[str, Any]] = Field(
+        description="The config in force: the last good read of the file, flags on top."
+    )
+    flags: list[str] = Field(description="Dotted keys set by command-line flags.")
+    config_error: str | None = Field(
+        description="Why the file's current content is not in force, if it is not."
+    )
 
 
 class StopResponse(_Wire):

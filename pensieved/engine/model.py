@@ -11,6 +11,7 @@ import ctypes
 import logging
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import psutil
 
 from pensieved.engine import selftest
-from pensieved.errors import ModelLoadError
+from pensieved.errors import LoadCancelledError, ModelLoadError
 
 log = logging.getLogger("pensieved.engine")
 
@@ -51,7 +52,11 @@ class LoadedModel:
     split per sequence (not unified), so each slot has `context_size` cells of its own.
     """
 
-    def __init__(self, settings: ModelSettings) -> None:
+    def __init__(
+        self, settings: ModelSettings, keep_loading: Callable[[float], bool] | None = None
+    ) -> None:
+        """Load the model; `keep_loading(fraction)` is called as the weights are read, and
+        returning False abandons the load (LoadCancelledError)."""
         # A build that dies on this CPU is found in a child first: a load error, not a
         # daemon killed by SIGILL on its first request.
         selftest.ensure_runnable()
@@ -77,6 +82,9 @@ class LoadedModel:
         model_params.load_mode = (
             llama_cpp.LLAMA_LOAD_MODE_MMAP if settings.mmap else llama_cpp.LLAMA_LOAD_MODE_NONE
         )
+        self._load_cancelled = False
+        if keep_loading is not None:
+            model_params.progress_callback = self._progress_callback(keep_loading)
         ctx_params = llama_cpp.llama_context_default_params()
         ctx_params.n_ctx = settings.context_size * settings.slots
         ctx_params.n_seq_max = settings.slots
@@ -93,14 +101,20 @@ class LoadedModel:
         self._model: Any = None
         self._context: Any = None
         try:
+            # verbose=True only keeps llama-cpp-python from pointing the process's stdout and
+            # stderr at /dev/null for the whole load: that would swallow every other thread's
+            # log lines meanwhile, and faulthandler's report of a crash. llama.cpp's own
+            # messages go through _forward_llama_log either way.
             self._model = _internals.LlamaModel(
-                path_model=str(path), params=model_params, verbose=False
+                path_model=str(path), params=model_params, verbose=True
             )
             self._context = _internals.LlamaContext(
-                model=self._model, params=ctx_params, verbose=False
+                model=self._model, params=ctx_params, verbose=True
             )
         except (ValueError, RuntimeError, OSError) as exc:
             self.close()
+            if self._load_cancelled:
+                raise LoadCancelledError(f"loading model {path} was abandoned") from None
             raise ModelLoadError(f"cannot load model {path}: {exc}") from exc
         self.ctx: Any = self._context.ctx
         self.memory: Any = self._context.memory
@@ -128,6 +142,23 @@ class LoadedModel:
                 path.name,
                 self.n_ctx_train,
             )
+
+    def _progress_callback(self, keep_loading: Callable[[float], bool]) -> Any:
+        import llama_cpp
+
+        def progress(fraction: float, _user_data: Any) -> bool:
+            try:
+                go = bool(keep_loading(fraction))
+            except Exception:  # an exception cannot cross into C; ctypes would return False
+                log.exception("model load progress callback failed")
+                go = True
+            if not go:
+                self._load_cancelled = True
+            return go
+
+        # Kept on the instance: llama.cpp calls it for as long as the load runs.
+        self._progress = llama_cpp.llama_progress_callback(progress)
+        return self._progress
 
     def _piece(self, token: int) -> str:
         if token < 0:

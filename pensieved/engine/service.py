@@ -11,11 +11,12 @@ import asyncio
 import dataclasses
 import fnmatch
 import logging
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pensieved.config import Config
 from pensieved.engine.batcher import Batcher
@@ -32,6 +33,7 @@ from pensieved.engine.scheduler import Scheduler
 from pensieved.engine.thinking import prompt_opens_thinking
 from pensieved.engine.types import Event, Finished, GenerationRequest, PreparedPrompt
 from pensieved.errors import (
+    LoadCancelledError,
     ModelLoadError,
     ModelUnavailableError,
     OverloadedError,
@@ -104,9 +106,14 @@ def prefix_store_for(config: Config) -> PrefixStore:
     return PrefixStore(directory, config.model.prefix_cache_mb * 1_000_000)
 
 
-def _load_runtime(settings: ModelSettings, store: PrefixStore) -> ModelRuntime:
+def _load_runtime(
+    settings: ModelSettings, store: PrefixStore, keep_loading: Callable[[float], bool]
+) -> ModelRuntime:
     """Load a model, start its scheduler and read back its saved KV caches (a thread's job)."""
-    model = LoadedModel(settings)
+    model = LoadedModel(settings, keep_loading)
+    if not keep_loading(1.0):
+        model.close()
+        raise LoadCancelledError(f"loading model {settings.path} was abandoned")
     runtime = ModelRuntime(model, Scheduler(model.slots, Batcher(model)))
     try:
         store.restore(model, runtime.scheduler.slots)
@@ -114,6 +121,44 @@ def _load_runtime(settings: ModelSettings, store: PrefixStore) -> ModelRuntime:
     except Exception:
         log.exception("reading saved KV caches failed; starting cold")
     return runtime
+
+
+T = TypeVar("T")
+
+
+async def _in_own_thread(threads: set[threading.Thread], fn: Callable[..., T], *args: object) -> T:
+    """`fn(*args)` in a daemon thread of its own, tracked in `threads` while it runs.
+
+    Not the default executor: its workers are joined when the event loop and the interpreter
+    shut down, so a stop would wait for a model load that llama.cpp may take minutes over.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def run() -> None:
+        try:
+            result, error = fn(*args), None
+        except BaseException as exc:
+            result, error = None, exc
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:
+            pass  # the loop is gone: the daemon stopped without waiting for us
+        finally:
+            threads.discard(thread)
+
+    thread = threading.Thread(target=run, name="model-load", daemon=True)
+    threads.add(thread)
+    thread.start()
+    return await future
 
 
 @dataclass
@@ -149,6 +194,8 @@ class Engine:
         self.stats = Stats()
         self._models = _Models(config, None, {})
         self._draining = False
+        self._cancel_loads = threading.Event()
+        self._load_threads: set[threading.Thread] = set()
 
     # ---- loading ---------------------------------------------------------------------------
 
@@ -170,17 +217,24 @@ class Engine:
                     continue
                 log.info("loading model %s (context %d)", path, settings.context_size)
                 started = time.monotonic()
-                by_path[path] = await asyncio.to_thread(
-                    _load_runtime, settings, prefix_store_for(config)
+                by_path[path] = await _in_own_thread(
+                    self._load_threads,
+                    _load_runtime,
+                    settings,
+                    prefix_store_for(config),
+                    lambda fraction, path=path: self.load_progress(path, fraction),
                 )
                 log.info("model %s loaded in %.1fs", path.name, time.monotonic() - started)
+            if self._cancel_loads.is_set():
+                raise LoadCancelledError("model loads were abandoned: pensieved is stopping")
         except ModelLoadError as exc:
             for path, runtime in by_path.items():
                 if old.by_path.get(path) is not runtime:
                     runtime.close()
-            self.error = str(exc)
-            if old.default is None:
-                self.state = "error"
+            if not isinstance(exc, LoadCancelledError):
+                self.error = str(exc)
+                if old.default is None:
+                    self.state = "error"
             raise
         self.config = config
         self._models = _Models(config, by_path.get(default_path) if default_path else None, by_path)
@@ -189,6 +243,28 @@ class Engine:
         retired = [rt for p, rt in old.by_path.items() if by_path.get(p) is not rt]
         if retired:
             asyncio.get_running_loop().create_task(self._retire(retired))
+
+    def load_progress(self, path: Path, fraction: float) -> bool:
+        """Called from the loading thread as llama.cpp reads `path`'s weights (`fraction` of
+        them so far, several times a second); False abandons the load. It turns False when
+        the daemon stops, so a stop does not wait for a large model to finish loading."""
+        return not self._cancel_loads.is_set()
+
+    def cancel_loads(self) -> None:
+        """Abandon model loads in progress (at their next progress call) and refuse new ones."""
+        self._cancel_loads.set()
+
+    @property
+    def loads_running(self) -> int:
+        """Loading threads still inside llama.cpp (or reading saved KV caches)."""
+        return len(self._load_threads)
+
+    async def wait_loads(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for loading threads to end; True if none is left."""
+        deadline = time.monotonic() + timeout
+        while self._load_threads and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        return not self._load_threads
 
     async def _retire(self, runtimes: list[ModelRuntime]) -> None:
         """Free replaced models once the requests that started on them are done."""

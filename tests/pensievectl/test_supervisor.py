@@ -13,6 +13,7 @@ from pensievectl.supervisor import (
     RunResult,
     Systemd,
     find_supervisor,
+    journal_text,
 )
 
 
@@ -117,3 +118,12 @@ def test_systemd_user_unit(tmp_path: Path) -> None:
         environ={"XDG_CONFIG_HOME": str(tmp_path / "cfg")},
     )
     assert again is not None and not again.restarts_clean_exit
+
+
+def test_journal_text_reads_the_units_journal() -> None:
+    runner = FakeRunner()
+    assert journal_text(runner) == ""
+    assert runner.calls == [
+        ["journalctl", "--user", "-u", "pensieved.service", "-n", "300", "-o", "cat", "--no-pager"]
+    ]
+    assert journal_text(FakeRunner(failing={"journalctl"})) is None
