@@ -103,6 +103,7 @@ class LoadedModel:
         self.ctx: Any = self._context.ctx
         self.memory: Any = self._context.memory
         self.vocab: Any = self._model.vocab
+        self.n_vocab: int = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
         self._grammars = GrammarCache(self.vocab)
         self.metadata: dict[str, str] = dict(self._model.metadata())
         self.chat_template: str | None = self.metadata.get("tokenizer.chat_template")
