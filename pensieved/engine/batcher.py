@@ -199,16 +199,14 @@ class Batcher:
             )
 
     def _sample(self, plan: list[tuple[Generation, int, tuple[int, ...]]]) -> None:
-        import llama_cpp
-
         for generation, index, _ in plan:
             if index < 0:
                 continue
             generation.next_token = None
             try:
-                token = llama_cpp.llama_sampler_sample(
-                    generation.sampler.sampler, self._model.ctx, index
-                )
+                sampler = generation.sampler
+                assert sampler is not None  # begin() made it
+                token = sampler.sample(self._model.ctx, index)
                 over = generation.accept(self._model, token)
                 if over:
                     generation.finish()

@@ -7,30 +7,23 @@ still need evaluating, sampling its next token, and routing the text to events.
 
 from __future__ import annotations
 
-import ctypes
 import random
-import re
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from pensieved.engine.model import LoadedModel
+from pensieved.engine.sampler import Sampler
 from pensieved.engine.textstream import TextStream
 from pensieved.engine.thinking import ThinkSplitter
-from pensieved.engine.tools import (
-    TOOL_CALL_OPEN,
-    ParsedText,
-    ToolCallParser,
-)
+from pensieved.engine.tools import ParsedText, ToolCallParser
 from pensieved.engine.types import (
     Event,
     Failed,
     Finished,
     PreparedPrompt,
     PromptCached,
-    Sampling,
     StopReason,
     TextPiece,
     ThinkingPiece,
@@ -38,7 +31,6 @@ from pensieved.engine.types import (
     ToolCallEnd,
     ToolCallStart,
 )
-from pensieved.errors import GrammarError
 
 
 @dataclass
@@ -103,7 +95,7 @@ class Generation:
         self.evaluated = 0  # prompt tokens in the KV cache, the reused ones included
         self.next_token: int | None = None  # sampled, to be decoded in the next batch
         self.output = 0
-        self.sampler: Any = None
+        self.sampler: Sampler | None = None
         self._router: OutputRouter | None = None
         self._decoder = TextStream()
         self._ended = False
@@ -150,9 +142,7 @@ class Generation:
         self.emit(PromptCached(self.reused))
         sampling = self.prepared.request.sampling
         seed = sampling.seed if sampling.seed is not None else random.getrandbits(31)
-        self.sampler = build_sampler(
-            model.vocab, sampling, self.prepared.grammar, lazy=self.prepared.grammar_lazy, seed=seed
-        )
+        self.sampler = Sampler(sampling, self.prepared.grammar, seed=seed, n_vocab=model.n_vocab)
         self._router = OutputRouter(self.prepared, self.emit)
 
     def take_prompt(self, budget: int) -> tuple[int, ...]:
@@ -212,41 +202,6 @@ class Generation:
             self.sampler.close()
             self.sampler = None
         self.on_done()
-
-
-def build_sampler(
-    vocab: Any, sampling: Sampling, grammar: str | None, *, lazy: bool, seed: int
-) -> Any:
-    """The sampler chain of `Llama._init_sampler`, with an optional (lazy) grammar first."""
-    import importlib
-
-    # llama-cpp-python has partial annotations; treat its sampler API as untyped.
-    internals: Any = importlib.import_module("llama_cpp._internals")
-    llama_cpp: Any = importlib.import_module("llama_cpp.llama_cpp")
-
-    sampler = internals.LlamaSampler()
-    if grammar:
-        if lazy:
-            patterns = (ctypes.c_char_p * 1)(re.escape(TOOL_CALL_OPEN).encode())
-            tokens = (llama_cpp.llama_token * 0)()
-            pointer = llama_cpp.llama_sampler_init_grammar_lazy_patterns(
-                vocab, grammar.encode(), b"root", patterns, 1, tokens, 0
-            )
-        else:
-            pointer = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
-        if not pointer:
-            sampler.close()
-            raise GrammarError("llama.cpp rejected the output grammar")
-        llama_cpp.llama_sampler_chain_add(sampler.sampler, pointer)
-    if sampling.temperature == 0.0:
-        sampler.add_greedy()
-    else:
-        sampler.add_top_k(sampling.top_k)
-        sampler.add_top_p(sampling.top_p, 1)
-        sampler.add_min_p(0.0, 1)
-        sampler.add_temp(sampling.temperature)
-        sampler.add_dist(seed)
-    return sampler
 
 
 class OutputRouter:
