@@ -18,6 +18,7 @@ from typing import Any
 
 import psutil
 
+from pensieved.bench import grammar as grammar_bench
 from pensieved.bench.report import ratios, table
 from pensieved.bench.targets import (
     InProcess,
@@ -65,7 +66,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--quick", action="store_true", help="a tiny run to check the benchmark itself works"
     )
-    parser.add_argument("--output", default="bench/results.json", help="JSON report path")
+    parser.add_argument(
+        "--grammar",
+        action="store_true",
+        help="only the grammar workload: build time and constrained decode rate on the tools "
+        "of a captured Claude Code request (--tools)",
+    )
+    parser.add_argument(
+        "--tools",
+        default=str(grammar_bench.CLAUDE_CODE_TOOLS),
+        help="captured Claude Code request whose body.tools the grammar workload uses",
+    )
+    parser.add_argument(
+        "--output",
+        help="JSON report path (default: bench/results.json, or bench/grammar.json with --grammar)",
+    )
     parser.add_argument("--markdown", help="table path (default: next to --output, .md)")
     args = parser.parse_args(argv)
     if args.quick:
@@ -73,6 +88,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.concurrency_reps = 1
         args.turns, args.concurrent_tokens, args.clients, args.startups = 2, 8, "1,2", 1
         args.slots, args.context_size = 2, 2048
+    if args.output is None:
+        args.output = "bench/grammar.json" if args.grammar else "bench/results.json"
     return args
 
 
@@ -113,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size,
         flash_attention=args.flash_attention,
     )
+    if args.grammar:
+        return grammar_main(args, model, settings)
     report: dict[str, Any] = {
         "generated_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": machine(),
@@ -198,6 +217,37 @@ def main(argv: list[str] | None = None) -> int:
     output.write_text(json.dumps(report, indent=2) + "\n")
     markdown = Path(args.markdown) if args.markdown else output.with_suffix(".md")
     text = table(report)
+    markdown.write_text(text)
+    print(text)
+    log(f"wrote {output} and {markdown}")
+    return 0
+
+
+def grammar_main(args: argparse.Namespace, model: Path, settings: Settings) -> int:
+    report = grammar_bench.run(
+        Path(args.tools),
+        model,
+        lambda: start_pensieved(model, settings),
+        tokens=args.decode_tokens,
+        reps=args.decode_reps,
+        build_reps=args.reps,
+        log=log,
+    )
+    if report is None:
+        return 0
+    report = {
+        "generated_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "model": {"path": str(model), "size_bytes": model.stat().st_size},
+        "settings": {**dataclasses.asdict(settings), "reps": args.decode_reps},
+        **report,
+    }
+    report["machine"]["load_average_at_end"] = list(os.getloadavg())
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2) + "\n")
+    markdown = Path(args.markdown) if args.markdown else output.with_suffix(".md")
+    text = grammar_bench.table(report)
     markdown.write_text(text)
     print(text)
     log(f"wrote {output} and {markdown}")

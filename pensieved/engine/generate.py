@@ -7,23 +7,18 @@ still need evaluating, sampling its next token, and routing the text to events.
 
 from __future__ import annotations
 
-import ctypes
 import random
-import re
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pensieved.engine.grammar_cache import ParsedGrammar
 from pensieved.engine.model import LoadedModel
 from pensieved.engine.textstream import TextStream
 from pensieved.engine.thinking import ThinkSplitter
-from pensieved.engine.tools import (
-    TOOL_CALL_OPEN,
-    ParsedText,
-    ToolCallParser,
-)
+from pensieved.engine.tools import ParsedText, ToolCallParser
 from pensieved.engine.types import (
     Event,
     Failed,
@@ -38,7 +33,6 @@ from pensieved.engine.types import (
     ToolCallEnd,
     ToolCallStart,
 )
-from pensieved.errors import GrammarError
 
 
 @dataclass
@@ -150,9 +144,7 @@ class Generation:
         self.emit(PromptCached(self.reused))
         sampling = self.prepared.request.sampling
         seed = sampling.seed if sampling.seed is not None else random.getrandbits(31)
-        self.sampler = build_sampler(
-            model.vocab, sampling, self.prepared.grammar, lazy=self.prepared.grammar_lazy, seed=seed
-        )
+        self.sampler = build_sampler(sampling, self.prepared.grammar, seed=seed)
         self._router = OutputRouter(self.prepared, self.emit)
 
     def take_prompt(self, budget: int) -> tuple[int, ...]:
@@ -214,10 +206,8 @@ class Generation:
         self.on_done()
 
 
-def build_sampler(
-    vocab: Any, sampling: Sampling, grammar: str | None, *, lazy: bool, seed: int
-) -> Any:
-    """The sampler chain of `Llama._init_sampler`, with an optional (lazy) grammar first."""
+def build_sampler(sampling: Sampling, grammar: ParsedGrammar | None, *, seed: int) -> Any:
+    """The sampler chain of `Llama._init_sampler`, with a copy of `grammar` first."""
     import importlib
 
     # llama-cpp-python has partial annotations; treat its sampler API as untyped.
@@ -225,19 +215,13 @@ def build_sampler(
     llama_cpp: Any = importlib.import_module("llama_cpp.llama_cpp")
 
     sampler = internals.LlamaSampler()
-    if grammar:
-        if lazy:
-            patterns = (ctypes.c_char_p * 1)(re.escape(TOOL_CALL_OPEN).encode())
-            tokens = (llama_cpp.llama_token * 0)()
-            pointer = llama_cpp.llama_sampler_init_grammar_lazy_patterns(
-                vocab, grammar.encode(), b"root", patterns, 1, tokens, 0
-            )
-        else:
-            pointer = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
-        if not pointer:
+    if grammar is not None:
+        try:
+            pointer = grammar.clone()
+        except BaseException:
             sampler.close()
-            raise GrammarError("llama.cpp rejected the output grammar")
-        llama_cpp.llama_sampler_chain_add(sampler.sampler, pointer)
+            raise
+        llama_cpp.llama_sampler_chain_add(sampler.sampler, pointer)  # the chain owns it now
     if sampling.temperature == 0.0:
         sampler.add_greedy()
     else:

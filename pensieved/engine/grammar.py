@@ -15,8 +15,15 @@ the subset it handles, and what cannot be expressed is loosened, never rejected:
 * accepted but not enforced: `propertyNames`, `not`, `if`/`then`/`else`, `uniqueItems`,
   `multipleOf`, `dependentRequired`, bounds on non-integer numbers, other `format`s (`uri`,
   `email`, ...), remote `$ref`s and patterns outside the subset above.
-* a schema the converter still fails on falls back to "any JSON object" for that tool: the
-  output is then valid JSON of the right shape, though not checked against every constraint.
+* bounds llama.cpp cannot take safely (see `MAX_REPETITION`, `MAX_INT_DIGITS`) are dropped:
+  `minLength`/`maxLength`/`minItems`/`maxItems` and regex quantifiers above the limit become
+  unbounded repetition, integer bounds of too many digits are not enforced.
+* a schema the converter still fails on, or whose rules break the grammar limits below,
+  falls back to "any JSON object" for that tool: the output is then valid JSON of the right
+  shape, though not checked against every constraint.
+
+Every grammar is checked (`grammar_problem`) before llama.cpp sees it: a grammar past the
+limits is replaced by the loosest one of the right shape, or by none.
 """
 
 from __future__ import annotations
@@ -24,8 +31,10 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -42,6 +51,34 @@ _STRICT_CHAR = (
 _ANY_OBJECT: dict[str, Any] = {"type": "object"}
 _KNOWN_TYPES = {"string", "number", "integer", "boolean", "object", "array", "null"}
 _MAX_DEPTH = 24
+
+# The converter writes a bounded repetition (`maxLength`, `maxItems`, a regex `{m,n}`) as one
+# nested optional group per allowed repetition, and llama.cpp's GBNF parser recurses twice per
+# nesting level: Claude Code's `maxLength: 524288` made a 4.2 MB grammar nested 524,288 deep,
+# which overflowed the parsing thread's stack (SIGSEGV). Bounds up to this stay enforced (the
+# largest in Claude Code's own tools are 256); larger ones are dropped, so the repetition is
+# unbounded, which only loosens the grammar.
+MAX_REPETITION = 256
+# Integer bounds become digit-by-digit alternatives whose size grows with the square of the
+# digit count; 16 digits covers JavaScript's safe integers (9007199254740991), which is what
+# tool schemas use for "no real limit".
+MAX_INT_DIGITS = 16
+
+# What any grammar may be before llama.cpp parses it (`grammar_problem`).
+# Nesting: llama.cpp's recursive descent parser takes ~450 bytes of stack per level of ( )
+# (a 1 MB thread stack overflowed between 2,000 and 2,500 levels). 512 levels need ~230 KB,
+# inside the smallest default thread stack we run on (512 KB, macOS); the deepest grammar the
+# bounds above allow is MAX_REPETITION plus a few levels.
+MAX_GRAMMAR_DEPTH = 512
+# Size: parsing is linear but every request copies the parsed rules, and a parse failure
+# makes llama.cpp print the whole text to stderr. Claude Code's 25 tools come to ~93 KB.
+MAX_GRAMMAR_BYTES = 2_000_000
+# Rules llama.cpp creates: one per named rule, group and `*`/`+`/`?`, and one per optional
+# repetition of a GBNF `{m,n}` (llama-grammar.cpp expands those itself). Each is a vector
+# copied into every request's grammar; Claude Code's tools need ~8,000.
+MAX_GRAMMAR_RULES = 100_000
+# llama.cpp treats a `{m,n}` upper bound above this as unbounded (MAX_REPETITION_THRESHOLD).
+_LLAMA_REPETITION_THRESHOLD = 2000
 # Regex features whose matches might include `"`, `\` or control characters (which would break
 # the JSON string the pattern lives in), or which the converter cannot translate: negated
 # classes, letter/digit escapes (\d, \s, \w, ...), group modifiers, lazy quantifiers, quotes.
@@ -71,6 +108,102 @@ def _class_range_unsafe(pattern: str) -> bool:
             if low <= "\\" <= high or low <= '"' <= high or low < " ":
                 return True
     return False
+
+
+_QUANTIFIER = re.compile(r"\{(\d*)(,(\d*))?\}")
+
+
+def _loosen_quantifiers(pattern: str) -> tuple[str, list[str]]:
+    """`pattern` with every `{m,n}` bound above MAX_REPETITION dropped, and notes on each."""
+    out: list[str] = []
+    notes: list[str] = []
+    i = 0
+    in_class = False
+    while i < len(pattern):
+        char = pattern[i]
+        if char == "\\":
+            out.append(pattern[i : i + 2])
+            i += 2
+            continue
+        if in_class:
+            in_class = char != "]"
+        elif char == "[":
+            in_class = True
+        elif (
+            char == "{"
+            and (match := _QUANTIFIER.match(pattern, i))
+            and (match.group(1) or match.group(2))
+        ):
+            low = int(match.group(1) or 0)
+            high = low if match.group(2) is None else int(match.group(3) or -1)
+            if low > MAX_REPETITION or high > MAX_REPETITION:
+                kept = low if low <= MAX_REPETITION else 0
+                out.append(f"{{{kept},}}")
+                notes.append(f"pattern quantifier {match.group(0)}")
+                i = match.end()
+                continue
+        out.append(char)
+        i += 1
+    return "".join(out), notes
+
+
+def _repetition_rules(match: re.Match[str]) -> int:
+    """Rules llama.cpp adds for a GBNF `{m}`, `{m,}` or `{m,n}` (llama-grammar.cpp)."""
+    if match.group(2) is None:
+        return 0  # {m}: the item copied m times, no optional part
+    high = match.group(3)
+    if high and int(high) <= _LLAMA_REPETITION_THRESHOLD:
+        return max(int(high) - int(match.group(1)), 0)  # one rule per optional repetition
+    return 1  # unbounded: one recursive rule
+
+
+@dataclass(frozen=True)
+class GrammarSize:
+    """What a GBNF text costs llama.cpp to parse."""
+
+    byte_count: int
+    depth: int  # deepest nesting of ( groups )
+    rules: int  # rules llama.cpp creates for it
+
+
+# The GBNF tokens that matter for its size: "literals" and [classes] (with their escapes) and
+# # comments are matched whole, so brackets and operators inside them do not count.
+_GBNF_TOKENS = re.compile(
+    r'"(?:\\.|[^"\\])*"|\[(?:\\.|[^\]\\])*\]|#[^\r\n]*|::=|[()*+?]'
+    r"|\{\s*(\d+)\s*(,\s*(\d*))?\s*\}"
+)
+
+
+def grammar_size(grammar: str) -> GrammarSize:
+    depth = deepest = rules = 0
+    for match in _GBNF_TOKENS.finditer(grammar):
+        token = match.group(0)
+        first = token[0]
+        if first == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+            rules += 1
+        elif first == ")":
+            depth -= 1
+        elif first == "{":
+            rules += _repetition_rules(match)
+        elif first in "*+?:":
+            rules += 1
+    return GrammarSize(len(grammar.encode()), deepest, rules)
+
+
+def grammar_problem(grammar: str) -> str | None:
+    """Why llama.cpp must not parse `grammar` (too big, too deep, too many rules), or None."""
+    if len(grammar) > MAX_GRAMMAR_BYTES:  # at least as many bytes: no need to scan it
+        return f"the grammar is over {MAX_GRAMMAR_BYTES:,} bytes"
+    size = grammar_size(grammar)
+    if size.byte_count > MAX_GRAMMAR_BYTES:
+        return f"the grammar is {size.byte_count:,} bytes (limit {MAX_GRAMMAR_BYTES:,})"
+    if size.depth > MAX_GRAMMAR_DEPTH:
+        return f"the grammar nests {size.depth:,} groups deep (limit {MAX_GRAMMAR_DEPTH:,})"
+    if size.rules > MAX_GRAMMAR_RULES:
+        return f"the grammar makes {size.rules:,} rules (limit {MAX_GRAMMAR_RULES:,})"
+    return None
 
 
 _GBNF_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
@@ -223,16 +356,27 @@ class _Normaliser:
         if not item:
             return  # the converter's plain array: any values, any length
         out["items"] = item
-        for key in ("minItems", "maxItems"):
-            if isinstance(schema.get(key), int) and schema[key] >= 0:
-                out[key] = schema[key]
+        self._bounds(schema, out, ("minItems", "maxItems"))
+
+    def _bounds(self, schema: dict[str, Any], out: dict[str, Any], keys: tuple[str, str]) -> None:
+        """Copy repetition bounds; one above MAX_REPETITION is dropped (see there)."""
+        for key in keys:
+            value = schema.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                continue
+            if value > MAX_REPETITION:
+                self.loosened.add(f"{key} {value} (over {MAX_REPETITION})")
+            else:
+                out[key] = value
 
     def _string(self, schema: dict[str, Any], out: dict[str, Any]) -> dict[str, Any]:
         pattern = schema.get("pattern")
         if isinstance(pattern, str):
             anchored = _anchor(pattern)
             if anchored is not None:
-                out["pattern"] = anchored
+                loosened, notes = _loosen_quantifiers(anchored)
+                self.loosened.update(f"{note} (over {MAX_REPETITION})" for note in notes)
+                out["pattern"] = loosened
                 return out
             self.loosened.add("pattern")
         fmt = schema.get("format")
@@ -241,13 +385,17 @@ class _Normaliser:
             return out
         if fmt is not None:
             self.loosened.add(f"format {fmt}")
-        for key in ("minLength", "maxLength"):
-            if isinstance(schema.get(key), int) and schema[key] >= 0:
-                out[key] = schema[key]
+        self._bounds(schema, out, ("minLength", "maxLength"))
         return out
 
     def _integer(self, schema: dict[str, Any], out: dict[str, Any]) -> dict[str, Any]:
         low, high = _int_bounds(schema)
+        if low is not None and len(str(abs(low))) > MAX_INT_DIGITS:
+            self.loosened.add(f"minimum {low} (over {MAX_INT_DIGITS} digits)")
+            low = None
+        if high is not None and len(str(abs(high))) > MAX_INT_DIGITS:
+            self.loosened.add(f"maximum {high} (over {MAX_INT_DIGITS} digits)")
+            high = None
         if low is None and high is None:
             return out
         return {"type": "integer", "x-range": [low, high]}
@@ -288,13 +436,13 @@ def _anchor(pattern: str) -> str | None:
 
 
 def _int_bounds(schema: dict[str, Any]) -> tuple[int | None, int | None]:
-    import math
-
-    def number(key: str) -> float | None:
+    def number(key: str) -> int | float | None:
         value = schema.get(key)
         if isinstance(value, bool) or not isinstance(value, int | float):
             return None
-        return float(value)
+        if isinstance(value, float) and not math.isfinite(value):
+            return None  # JSON's 1e999 parses as infinity: no bound at all
+        return value  # ints stay exact: a float would round bounds past 2**53
 
     low: int | None = None
     high: int | None = None
@@ -411,11 +559,18 @@ def schema_rule(converter: Any, schema: dict[str, Any], name: str) -> tuple[str,
     loosened = sorted(normaliser.loosened)
     snapshot = dict(converter._rules)
     try:
-        return _convert(converter, normalised, name), loosened
+        rule = _convert(converter, normalised, name)
     except Exception as exc:  # the converter asserts on shapes it cannot express
-        converter._rules = snapshot
-        log.warning("schema %s is not expressible as a grammar (%s); using any object", name, exc)
-        return _convert(converter, _ANY_OBJECT, name), [*loosened, "whole schema"]
+        why = f"not expressible ({exc})"
+    else:
+        added = [f"{k} ::= {v}" for k, v in converter._rules.items() if snapshot.get(k) != v]
+        problem = grammar_problem("\n".join(added))
+        if problem is None:
+            return rule, loosened
+        why = problem
+    converter._rules = snapshot
+    log.warning("schema %s: %s; using any object", name, why)
+    return _convert(converter, _ANY_OBJECT, name), [*loosened, f"whole schema: {why}"]
 
 
 def _finish(converter: Any, rules: dict[str, str]) -> str:
@@ -470,17 +625,49 @@ def json_output_grammar(schema: dict[str, Any]) -> tuple[str, list[str]]:
 # ---- per request ---------------------------------------------------------------------------
 
 
+def _checked(grammar: str, loosest: Callable[[], str], what: str) -> str | None:
+    """`grammar` if it is within the limits, else the loosest one of its shape, else None."""
+    problem = grammar_problem(grammar)
+    if problem is None:
+        return grammar
+    log.warning("%s: %s; enforcing the JSON shape only", what, problem)
+    fallback = loosest()
+    problem = grammar_problem(fallback)
+    if problem is None:
+        return fallback
+    log.warning(
+        "%s: even the loosest grammar is too big (%s); output is not constrained", what, problem
+    )
+    return None
+
+
+def _loosest_tools(names: Sequence[str], only: str | None, parallel: bool) -> str:
+    tools = [ToolSpec(name, "", _ANY_OBJECT) for name in names]
+    return tool_call_grammar(tools, only=only, parallel=parallel)[0]
+
+
+def _loosest_output() -> str:
+    return json_output_grammar(_ANY_OBJECT)[0]
+
+
+# Claude Code sends the same tools on every turn: each distinct tool set (or output schema) is
+# built once, and what it loosened is logged once.
 @lru_cache(maxsize=32)
-def _tool_grammar_cached(tools_key: str, only: str | None, parallel: bool) -> tuple[str, str]:
+def _tool_grammar_cached(tools_key: str, only: str | None, parallel: bool) -> str | None:
     tools = [ToolSpec(t["name"], "", t["schema"]) for t in json.loads(tools_key)]
     grammar, loosened = tool_call_grammar(tools, only=only, parallel=parallel)
-    return grammar, "; ".join(loosened)
+    if loosened:
+        log.info("tool schemas: not enforced by the grammar: %s", "; ".join(loosened))
+    names = [tool.name for tool in tools]
+    return _checked(grammar, lambda: _loosest_tools(names, only, parallel), "tool call grammar")
 
 
 @lru_cache(maxsize=32)
-def _output_grammar_cached(schema_key: str) -> tuple[str, str]:
+def _output_grammar_cached(schema_key: str) -> str | None:
     grammar, loosened = json_output_grammar(json.loads(schema_key))
-    return grammar, "; ".join(loosened)
+    if loosened:
+        log.info("output_config.format: not enforced by the grammar: %s", "; ".join(loosened))
+    return _checked(grammar, _loosest_output, "output_config.format grammar")
 
 
 def _key(value: Any) -> str:
@@ -490,39 +677,28 @@ def _key(value: Any) -> str:
 def request_grammar(request: GenerationRequest) -> tuple[str | None, bool]:
     """(grammar, lazy) for a request: structured output, forced or optional tool calls.
 
-    Claude Code sends the same ~20 tools on every turn, so grammars are cached by content.
+    The grammar is within the limits `grammar_problem` checks, so llama.cpp may parse it.
     """
     if request.output_schema is not None:
-        grammar, loosened = _output_grammar_cached(_key(request.output_schema))
-        if loosened:
-            log.info("output_config.format: not enforced by the grammar: %s", loosened)
-        return grammar, False
+        return _output_grammar_cached(_key(request.output_schema)), False
     choice = request.tool_choice
     if not request.tools or choice.mode == "none":
         return None, False
     key = _key([{"name": t.name, "schema": t.parameters} for t in request.tools])
     only = choice.name if choice.mode == "tool" else None
-    grammar, loosened = _tool_grammar_cached(key, only, choice.parallel)
-    if loosened:
-        log.debug("tool schemas: not enforced by the grammar: %s", loosened)
-    return grammar, choice.mode == "auto"
+    grammar = _tool_grammar_cached(key, only, choice.parallel)
+    return grammar, grammar is not None and choice.mode == "auto"
 
 
-def loosest_grammar(request: GenerationRequest) -> str:
-    """The fallback when llama.cpp refuses a schema-derived grammar: right shape, any values."""
+def loosest_grammar(request: GenerationRequest) -> str | None:
+    """The fallback when llama.cpp refuses a schema-derived grammar: right shape, any values.
+
+    None when even that is past the limits (thousands of tools with long names).
+    """
     if request.output_schema is not None:
-        return json_output_grammar(_ANY_OBJECT)[0]
-    tools = [ToolSpec(t.name, "", _ANY_OBJECT) for t in request.tools]
-    only = request.tool_choice.name if request.tool_choice.mode == "tool" else None
-    return tool_call_grammar(tools, only=only, parallel=request.tool_choice.parallel)[0]
-
-
-def grammar_parses(vocab: Any, grammar: str) -> bool:
-    """Whether llama.cpp's GBNF parser accepts `grammar` (it logs why when it does not)."""
-    from llama_cpp import llama_cpp
-
-    pointer = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
-    if not pointer:
-        return False
-    llama_cpp.llama_sampler_free(pointer)
-    return True
+        grammar = _loosest_output()
+    else:
+        choice = request.tool_choice
+        only = choice.name if choice.mode == "tool" else None
+        grammar = _loosest_tools([t.name for t in request.tools], only, choice.parallel)
+    return grammar if grammar_problem(grammar) is None else None

@@ -17,7 +17,8 @@ from typing import Any
 
 import psutil
 
-from pensieved.errors import ModelLoadError
+from pensieved.engine.grammar_cache import GrammarCache, ParsedGrammar
+from pensieved.errors import GrammarError, ModelLoadError
 
 log = logging.getLogger("pensieved.engine")
 
@@ -88,6 +89,7 @@ class LoadedModel:
         }.get(settings.flash_attention, llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO)
         self._model: Any = None
         self._context: Any = None
+        self._grammars: GrammarCache | None = None
         try:
             self._model = _internals.LlamaModel(
                 path_model=str(path), params=model_params, verbose=False
@@ -101,6 +103,7 @@ class LoadedModel:
         self.ctx: Any = self._context.ctx
         self.memory: Any = self._context.memory
         self.vocab: Any = self._model.vocab
+        self._grammars = GrammarCache(self.vocab)
         self.metadata: dict[str, str] = dict(self._model.metadata())
         self.chat_template: str | None = self.metadata.get("tokenizer.chat_template")
         self.slots: int = settings.slots
@@ -159,6 +162,13 @@ class LoadedModel:
 
         return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
 
+    def parsed_grammar(self, grammar: str, *, lazy: bool) -> ParsedGrammar | None:
+        """`grammar` parsed for this model's vocabulary (once; see grammar_cache.py), or None
+        if llama.cpp refuses it. Call it off the event loop: a first parse takes a while."""
+        if self._grammars is None:
+            raise GrammarError("the model was unloaded while preparing this request")
+        return self._grammars.get(grammar, lazy=lazy)
+
     @property
     def training_context_exceeded(self) -> bool:
         return self.n_ctx > self.n_ctx_train
@@ -195,7 +205,9 @@ class LoadedModel:
         llama_cpp.llama_memory_seq_cp(self.memory, source, target, -1, -1)
 
     def close(self) -> None:
-        # The context before the model it runs on.
+        # Parsed grammars point at the model's vocabulary; the context goes before the model.
+        if self._grammars is not None:
+            self._grammars.close()
         if self._context is not None:
             self._context.close()
             self._context = None

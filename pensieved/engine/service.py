@@ -19,7 +19,8 @@ from typing import Any, Literal
 
 from pensieved.config import Config
 from pensieved.engine.batcher import Batcher
-from pensieved.engine.grammar import grammar_parses, loosest_grammar, request_grammar
+from pensieved.engine.grammar import loosest_grammar, request_grammar
+from pensieved.engine.grammar_cache import ParsedGrammar
 from pensieved.engine.model import LoadedModel, ModelSettings
 from pensieved.engine.persist import PrefixStore
 from pensieved.engine.prompt import (
@@ -244,19 +245,26 @@ class Engine:
         )
         return tokens, prompt_opens_thinking(rendered)
 
-    def _grammar(self, model: LoadedModel, request: GenerationRequest) -> tuple[str | None, bool]:
+    def _grammar(self, model: LoadedModel, request: GenerationRequest) -> ParsedGrammar | None:
+        """The request's grammar, built and parsed once per distinct tool set (both cached)."""
         grammar, lazy = request_grammar(request)
-        if grammar is not None and not grammar_parses(model.vocab, grammar):
-            log.warning("llama.cpp refused the schema grammar; enforcing the JSON shape only")
-            grammar = loosest_grammar(request)
-        return grammar, lazy
+        if grammar is None:
+            return None
+        parsed = model.parsed_grammar(grammar, lazy=lazy)
+        if parsed is not None:
+            return parsed
+        log.warning("llama.cpp refused the schema grammar; enforcing the JSON shape only")
+        loosest = loosest_grammar(request)
+        parsed = model.parsed_grammar(loosest, lazy=lazy) if loosest is not None else None
+        if parsed is None:
+            log.warning("llama.cpp refused the loosest grammar too; output is not constrained")
+        return parsed
 
     def _prepare_sync(
         self, model: LoadedModel, request: GenerationRequest
-    ) -> tuple[list[int], bool, str | None, bool]:
+    ) -> tuple[list[int], bool, ParsedGrammar | None]:
         tokens, thinking_open = self._render(model, request)
-        grammar, lazy = self._grammar(model, request)
-        return tokens, thinking_open, grammar, lazy
+        return tokens, thinking_open, self._grammar(model, request)
 
     async def count_tokens(self, name: str, request: GenerationRequest) -> int:
         runtime = self.runtime_for(name)
@@ -279,7 +287,7 @@ class Engine:
         model = runtime.model
         runtime.users += 1
         try:
-            tokens, thinking_open, grammar, lazy = await asyncio.to_thread(
+            tokens, thinking_open, grammar = await asyncio.to_thread(
                 self._prepare_sync, model, request
             )
             room = model.n_ctx - len(tokens)
@@ -294,7 +302,6 @@ class Engine:
             tuple(tokens),
             max_tokens,
             grammar=grammar,
-            grammar_lazy=lazy,
             thinking_open=thinking_open,
         )
         return runtime, prepared

@@ -6,7 +6,10 @@ They know nothing of HTTP or Anthropic's JSON; the API layer converts to and fro
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from pensieved.engine.grammar_cache import ParsedGrammar
 
 StopReason = Literal["end_turn", "max_tokens", "stop_sequence", "tool_use"]
 
@@ -83,8 +86,9 @@ class PreparedPrompt:
     request: GenerationRequest
     tokens: tuple[int, ...]
     max_tokens: int  # after clamping to the context and the configured ceiling
-    grammar: str | None = None  # GBNF constraining the output
-    grammar_lazy: bool = False  # the grammar applies from the first `<tool_call>` on
+    # The grammar constraining the output, parsed for the model (lazy: it applies from the
+    # first `<tool_call>` on); each generation samples with a copy of it.
+    grammar: ParsedGrammar | None = None
     thinking_open: bool = False  # the prompt ends inside a `<think>` block
 
     @property

@@ -2,20 +2,35 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from pensieved.engine import grammar as grammar_module
 from pensieved.engine.grammar import (
+    MAX_GRAMMAR_BYTES,
+    MAX_GRAMMAR_DEPTH,
+    MAX_GRAMMAR_RULES,
+    MAX_REPETITION,
+    GrammarSize,
     _anchor,
-    grammar_parses,
+    _Normaliser,
+    grammar_problem,
+    grammar_size,
     integer_range_rule,
     json_output_grammar,
+    loosest_grammar,
     request_grammar,
     tool_call_grammar,
 )
+from pensieved.engine.grammar_cache import parse_grammar
 from pensieved.engine.types import GenerationRequest, ToolChoice, ToolSpec
 from pensieved.paths import bundled_model_path
 
@@ -92,16 +107,15 @@ ODD_SCHEMAS: list[Any] = [
 ]
 
 
-@pytest.fixture(scope="module")
-def vocab() -> Iterator[Any]:
+def grammar_parses(vocab: Any, grammar: str, *, lazy: bool = False) -> bool:
+    """Whether llama.cpp's parser accepts `grammar` (it says why on stderr when not)."""
     import llama_cpp
 
-    path = bundled_model_path()
-    if path is None:
-        pytest.skip("the bundled model is not installed")
-    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
-    yield llm._model.vocab
-    llm.close()
+    pointer = parse_grammar(vocab, grammar, lazy=lazy)
+    if pointer is None:
+        return False
+    llama_cpp.llama_sampler_free(pointer)
+    return True
 
 
 def test_claude_code_like_schema_parses(vocab: Any) -> None:
@@ -181,3 +195,233 @@ def test_integer_ranges_match_exactly(low: int | None, high: int | None) -> None
 )
 def test_patterns_are_anchored_or_refused(pattern: str, anchored: str | None) -> None:
     assert _anchor(pattern) == anchored
+
+
+# ---- limits: no schema may produce a grammar llama.cpp cannot parse safely ------------------
+
+WORKFLOW_LIKE: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "script": {"type": "string", "maxLength": 524288, "description": "the workflow"},
+        "name": {"type": "string", "pattern": "^wf_[a-z0-9-]{6,}$"},
+    },
+    "required": ["script"],
+    "additionalProperties": False,
+}
+
+
+def _args_schema(schema: dict[str, Any]) -> tuple[str, list[str]]:
+    return tool_call_grammar([ToolSpec("t", "", schema)], parallel=False)
+
+
+def test_workflow_max_length_is_dropped_and_noted(vocab: Any) -> None:
+    grammar, loosened = _args_schema(WORKFLOW_LIKE)
+    size = grammar_size(grammar)
+    assert grammar_problem(grammar) is None
+    assert size.depth < 50 and size.byte_count < 20_000, size
+    assert "t: maxLength 524288 (over 256)" in loosened
+    assert grammar_parses(vocab, grammar)
+
+
+HUGE_BOUNDS: list[tuple[dict[str, Any], str]] = [
+    ({"type": "string", "minLength": 1_000_000}, "minLength 1000000"),
+    ({"type": "string", "minLength": 2, "maxLength": 10**9}, "maxLength 1000000000"),
+    ({"type": "array", "items": {"type": "string"}, "maxItems": 500_000}, "maxItems 500000"),
+    ({"type": "array", "items": {"type": "integer"}, "minItems": 300}, "minItems 300"),
+    ({"type": "integer", "minimum": -(10**40), "maximum": 10**40}, "minimum -1" + "0" * 40),
+    ({"type": "integer", "maximum": 1e300}, f"maximum {int(1e300)}"),
+    ({"type": "integer", "minimum": 0, "maximum": json.loads("1e999")}, ""),
+    ({"type": "integer", "minimum": 3, "maximum": 2**80}, f"maximum {2**80}"),
+    ({"type": "string", "pattern": "^a{1,100000}$"}, "pattern quantifier {1,100000}"),
+    ({"type": "string", "pattern": "^(ab|cd){0,99999}x$"}, "pattern quantifier {0,99999}"),
+    ({"type": "string", "pattern": "^[a-z]{5000}$"}, "pattern quantifier {5000}"),
+    ({"type": "string", "pattern": "^x{,300}$"}, "pattern quantifier {,300}"),
+]
+
+
+@pytest.mark.parametrize(("schema", "note"), HUGE_BOUNDS)
+def test_huge_bounds_become_unbounded(vocab: Any, schema: dict[str, Any], note: str) -> None:
+    wrapped = {"type": "object", "properties": {"v": schema}, "required": ["v"]}
+    grammar, loosened = _args_schema(wrapped)
+    size = grammar_size(grammar)
+    assert size.depth < 50 and size.byte_count < 20_000, size
+    assert all("whole schema" not in n for n in loosened), loosened  # only the bound went
+    if note:
+        assert any(n.startswith(f"t: {note} ") for n in loosened), loosened
+    assert grammar_parses(vocab, grammar)
+    output, _ = json_output_grammar(schema)
+    assert grammar_problem(output) is None
+    assert grammar_parses(vocab, output)
+
+
+def test_bounds_up_to_the_limit_stay_enforced() -> None:
+    def normalised(schema: dict[str, Any]) -> tuple[dict[str, Any], set[str]]:
+        normaliser = _Normaliser(schema)
+        return normaliser.visit(schema), normaliser.loosened
+
+    out, loosened = normalised({"type": "string", "minLength": 1, "maxLength": MAX_REPETITION})
+    assert (out["minLength"], out["maxLength"], loosened) == (1, MAX_REPETITION, set())
+    out, _ = normalised({"type": "string", "minLength": 1, "maxLength": MAX_REPETITION + 1})
+    assert out["minLength"] == 1 and "maxLength" not in out
+    out, _ = normalised({"type": "array", "items": {"type": "string"}, "maxItems": 256})
+    assert out["maxItems"] == 256
+    out, _ = normalised({"type": "string", "pattern": "^[a-z]{2,256}x{3}$"})
+    assert out["pattern"] == "^[a-z]{2,256}x{3}$"
+    out, loosened = normalised({"type": "string", "pattern": "^[{]{9999}\\{9999}a{3,9999}$"})
+    # Only real quantifiers count: not a `{` in a class or escaped; the minimum is kept.
+    assert out["pattern"] == "^[{]{0,}\\{9999}a{3,}$"
+    assert len(loosened) == 2
+    out, _ = normalised({"type": "integer", "minimum": 0, "maximum": 9007199254740991})
+    assert out["x-range"] == [0, 9007199254740991]
+
+
+def test_grammar_size_skips_literals_classes_and_comments() -> None:
+    text = (
+        'root ::= "(((\\"(((" [(\\](] x # ((((\n'
+        'x ::= ( "a" ( "b" )? )* [0-9]{2,5} [a]{3} [b]{1,} [c]{0,9999}\n'
+    )
+    # Rules: two ::=, two groups, ? and *, {2,5} three, {3} none, {1,} one, and {0,9999} one
+    # (llama.cpp takes an upper bound over 2000 as unbounded).
+    assert grammar_size(text) == GrammarSize(len(text.encode()), depth=2, rules=11)
+
+
+def _nested(depth: int) -> str:
+    return "root ::= " + '("a" ' * depth + ")?" * depth + "\n"
+
+
+def test_grammar_problem_on_deep_huge_and_repetition_heavy_grammars() -> None:
+    assert grammar_problem(_nested(MAX_GRAMMAR_DEPTH)) is None
+    deep = grammar_problem(_nested(MAX_GRAMMAR_DEPTH + 1))
+    assert deep is not None and "deep" in deep
+    assert "deep" in (grammar_problem(_nested(100_000)) or "")  # small enough, too deep
+    # The shape of the issue's grammar, what `maxLength: 524288` used to become.
+    assert grammar_problem(_nested(524_288)) is not None
+    huge = 'root ::= "' + "x" * MAX_GRAMMAR_BYTES + '"\n'
+    assert "bytes" in (grammar_problem(huge) or "")
+    wide = "root ::= " + " ".join(f'("{i}"){{0,1999}}' for i in range(60)) + "\n"
+    assert grammar_size(wide).rules > MAX_GRAMMAR_RULES
+    assert "rules" in (grammar_problem(wide) or "")
+
+
+def test_nothing_past_the_limits_reaches_llama_cpp(vocab: Any) -> None:
+    assert parse_grammar(vocab, _nested(MAX_GRAMMAR_DEPTH * 10), lazy=False) is None
+
+
+@pytest.fixture
+def fresh_caches() -> Iterator[None]:
+    grammar_module._tool_grammar_cached.cache_clear()
+    grammar_module._output_grammar_cached.cache_clear()
+    yield
+    grammar_module._tool_grammar_cached.cache_clear()
+    grammar_module._output_grammar_cached.cache_clear()
+
+
+def _forced(tools: tuple[ToolSpec, ...]) -> GenerationRequest:
+    return GenerationRequest(
+        messages=(), max_tokens=1, tools=tools, tool_choice=ToolChoice("any", parallel=False)
+    )
+
+
+@pytest.mark.usefixtures("fresh_caches")
+def test_a_schema_past_the_limits_falls_back_to_any_object(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    big = {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(400)}}
+    small = {"type": "object", "properties": {"q": {"type": "integer"}}}
+    monkeypatch.setattr(grammar_module, "MAX_GRAMMAR_BYTES", 8_000)
+    grammar, loosened = tool_call_grammar([ToolSpec("big", "", big), ToolSpec("small", "", small)])
+    assert grammar_problem(grammar) is None
+    assert '\\"p1\\"' not in grammar and '\\"q\\"' in grammar  # only the big one went
+    assert any(n.startswith("big: whole schema: the grammar is") for n in loosened), loosened
+
+
+@pytest.mark.usefixtures("fresh_caches")
+def test_request_grammar_past_the_limits_uses_the_loosest(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    tools = tuple(
+        ToolSpec(f"tool_{i}", "", {"type": "object", "properties": {"x": {"type": "string"}}})
+        for i in range(40)
+    )
+    full, _ = request_grammar(_forced(tools))
+    loosest = loosest_grammar(_forced(tools))
+    assert full is not None and loosest is not None and len(loosest) < len(full)
+    grammar_module._tool_grammar_cached.cache_clear()
+    # Each schema fits alone; all forty together do not, and the loosest still does.
+    monkeypatch.setattr(grammar_module, "MAX_GRAMMAR_BYTES", (len(full) + len(loosest)) // 2)
+    with caplog.at_level(logging.WARNING, logger="pensieved.engine"):
+        assert request_grammar(_forced(tools)) == (loosest, False)
+    assert "enforcing the JSON shape only" in caplog.text
+    grammar_module._tool_grammar_cached.cache_clear()
+    caplog.clear()
+    monkeypatch.setattr(grammar_module, "MAX_GRAMMAR_BYTES", len(loosest) - 1)
+    with caplog.at_level(logging.WARNING, logger="pensieved.engine"):
+        assert request_grammar(_forced(tools)) == (None, False)
+    assert "output is not constrained" in caplog.text
+    assert loosest_grammar(_forced(tools)) is None
+
+
+@pytest.mark.usefixtures("fresh_caches")
+def test_loosened_bounds_are_logged_once_per_tool_set(caplog: pytest.LogCaptureFixture) -> None:
+    tools = (ToolSpec("Workflow", "", WORKFLOW_LIKE),)
+    auto = GenerationRequest(messages=(), max_tokens=1, tools=tools)
+    with caplog.at_level(logging.INFO, logger="pensieved.engine"):
+        for _ in range(3):
+            grammar, lazy = request_grammar(auto)
+            assert grammar is not None and lazy
+    notes = [r for r in caplog.records if "not enforced by the grammar" in r.getMessage()]
+    assert len(notes) == 1 and notes[0].levelno == logging.INFO
+    assert "Workflow: maxLength 524288 (over 256)" in notes[0].getMessage()
+
+
+# ---- every tool set Claude Code sends ------------------------------------------------------
+
+FIXTURES = Path(__file__).resolve().parents[2] / ".." / "shared" / "fixtures" / "claude-code"
+
+
+def _captured_requests() -> list[Any]:
+    files = sorted(FIXTURES.glob("*.json"))
+    if not files:
+        return [pytest.param(None, marks=pytest.mark.skip(reason=f"no fixtures in {FIXTURES}"))]
+    return [pytest.param(json.loads(f.read_text())["body"], id=f.stem) for f in files]
+
+
+@pytest.mark.parametrize("body", _captured_requests())
+def test_claude_code_requests_build_grammars_within_limits(vocab: Any, body: Any) -> None:
+    tools = [ToolSpec(t["name"], "", t.get("input_schema") or {}) for t in body.get("tools") or []]
+    schema = (body.get("output_config") or {}).get("format", {}).get("schema")
+    if not tools and schema is None:
+        pytest.skip("this request has neither tools nor an output schema")
+    grammars = []
+    if tools:
+        grammars.append((tool_call_grammar(tools), True))
+        grammars.append((tool_call_grammar(tools, only=tools[0].name, parallel=False), False))
+    if schema is not None:
+        grammars.append((json_output_grammar(schema), False))
+    for (grammar, loosened), lazy in grammars:
+        assert grammar_problem(grammar) is None, grammar_size(grammar)
+        assert all("whole schema" not in note for note in loosened), loosened
+        assert grammar_parses(vocab, grammar, lazy=lazy)
+
+
+def test_the_deepest_grammar_allowed_parses_on_a_small_thread_stack() -> None:
+    """MAX_GRAMMAR_DEPTH against llama.cpp's real parser, in a child process (a stack overflow
+    would take pytest down with it) on a 512 KB thread stack, the smallest we run on."""
+    script = (
+        "import threading, llama_cpp\n"
+        "from pensieved.paths import bundled_model_path\n"
+        "from pensieved.engine.grammar_cache import parse_grammar\n"
+        "llm = llama_cpp.Llama(model_path=str(bundled_model_path()), vocab_only=True,"
+        " verbose=False)\n"
+        f"text = {_nested(MAX_GRAMMAR_DEPTH)!r}\n"
+        "threading.stack_size(512 * 1024)\n"
+        "ok = []\n"
+        "thread = threading.Thread(target=lambda: ok.append(\n"
+        "    parse_grammar(llm._model.vocab, text, lazy=False) is not None))\n"
+        "thread.start(); thread.join()\n"
+        "assert ok == [True], ok\n"
+    )
+    if bundled_model_path() is None:
+        pytest.skip("the bundled model is not installed")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
