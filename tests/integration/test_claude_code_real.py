@@ -143,8 +143,10 @@ def test_the_real_claude_code_cli_gets_an_answer_with_its_workflow_tool(
         "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
         "DISABLE_TELEMETRY": "1",
         "DISABLE_AUTOUPDATER": "1",
-        # A CPU prefill of the tools takes minutes; the CLI's default gives up sooner.
+        # A CPU prefill of the tools takes minutes; the CLI's defaults give up sooner: the
+        # request after 10 minutes, a stream with no content for 5 (pings do not count).
         "API_TIMEOUT_MS": str(PREFILL_S * 1000),
+        "CLAUDE_STREAM_IDLE_TIMEOUT_MS": str(PREFILL_S * 1000),
     }
     before = control_status(claude_daemon.socket_path)["requests"]["served"]
     result = subprocess.run(
