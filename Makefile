@@ -41,8 +41,8 @@ run: install
 	$(BIN)/pensieved $(ARGS)
 
 lint: install
-	$(BIN)/ruff check pensieved pensievectl tests
-	$(BIN)/ruff format --check pensieved pensievectl tests
+	$(BIN)/ruff check pensieve pensieved pensievectl tests
+	$(BIN)/ruff format --check pensieve pensieved pensievectl tests
 
 typecheck: install
 	$(BIN)/mypy

@@ -2,7 +2,7 @@
 
 argparse-manpage renders every subcommand and flag; the sections argparse knows nothing about
 (FILES, SIGNALS, EXIT STATUS, ENVIRONMENT, SEE ALSO) are added here. Exit statuses come from
-the programs' own IntEnums (pensieved.daemon.ExitCode, pensievectl.errors.ExitStatus), so a new
+the programs' own IntEnums (pensieved.daemon.DaemonExit, pensievectl.errors.CtlExit), so a new
 code without a description here fails the generation instead of going undocumented.
 
     python packaging/gen_man.py            # rewrite man/*
@@ -181,11 +181,11 @@ def _pensieved_parser() -> argparse.ArgumentParser:
 
 def _pensieved_sections() -> list[tuple[str, str]]:
     # daemon.py imports tornado and the engine; fine for a build-time script.
-    from pensieved.daemon import ExitCode
+    from pensieve.exitcodes import DaemonExit
 
     return [
         ("SIGNALS", PENSIEVED_SIGNALS),
-        ("EXIT STATUS", exit_status(ExitCode, PENSIEVED_EXIT_DOCS)),
+        ("EXIT STATUS", exit_status(DaemonExit, PENSIEVED_EXIT_DOCS)),
         ("ENVIRONMENT", ENVIRONMENT),
         ("FILES", FILES),
         ("SEE ALSO", "pensievectl(1), launchd.plist(5), systemd.service(5)"),
@@ -199,10 +199,10 @@ def _pensievectl_parser() -> argparse.ArgumentParser:
 
 
 def _pensievectl_sections() -> list[tuple[str, str]]:
-    from pensievectl.errors import ExitStatus
+    from pensieve.exitcodes import CtlExit
 
     return [
-        ("EXIT STATUS", exit_status(ExitStatus, PENSIEVECTL_EXIT_DOCS)),
+        ("EXIT STATUS", exit_status(CtlExit, PENSIEVECTL_EXIT_DOCS)),
         ("ENVIRONMENT", ENVIRONMENT),
         ("FILES", FILES),
         ("SEE ALSO", "pensieved(8), launchctl(1), systemctl(1), brew(1)"),
@@ -228,7 +228,7 @@ PAGES = [
 
 
 def render(page: Page) -> str:
-    from pensieved import __version__
+    from pensieve import __version__
 
     parser = page.parser()
     # The --help epilog (exit codes, files) would come out as a COMMENTS section repeating

@@ -1,5 +1,2 @@
-"""pensievectl: control a running pensieved over its Unix socket, and check its config.
-
-Startup must stay fast: nothing here imports Tornado or llama_cpp, and pydantic (through
-`pensieved.config`) only for the commands that validate a config.
-"""
+"""pensievectl, the control client: talks to pensieved over its Unix socket. Imports `pensieve`
+(shared) and the stdlib, pydantic only to validate; never tornado, llama_cpp or `pensieved`."""

@@ -7,9 +7,10 @@ import importlib.util
 import sys
 from collections.abc import Sequence
 
+from pensieve import __version__
+from pensieve.exitcodes import CtlExit
 from pensievectl.context import Context
-from pensievectl.errors import CtlError, ExitStatus, exit_status_for
-from pensieved import __version__
+from pensievectl.errors import CtlError, exit_status_for
 
 DESCRIPTION = (
     "Control pensieved, the local Anthropic Messages API server, over its Unix control socket, "
@@ -174,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"pensievectl: {exc}", file=sys.stderr)
         return int(exit_status_for(exc))
     except KeyboardInterrupt:
-        return int(ExitStatus.FAILURE)
+        return int(CtlExit.FAILURE)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """`validate`, `reload`, `config show` and `config generate`.
 
-Validation uses `pensieved.config.load_config_file`, the daemon's own validator; it is
+Validation uses `pensieve.config.load_config_file`, the daemon's own validator; it is
 imported only here, so commands that do not validate never pay for pydantic.
 """
 
@@ -11,15 +11,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pensieve.exitcodes import CtlExit
+from pensieve.sockets import probe
 from pensievectl.context import Context
 from pensievectl.errors import (
     CtlError,
-    ExitStatus,
     InvalidConfigError,
     OutputExistsError,
     ReloadFailedError,
 )
-from pensieved.control.sockets import probe
 
 
 def _show(value: Any) -> str:
@@ -59,8 +59,7 @@ def _keeps_running(status: dict[str, Any]) -> str:
 
 
 def run_validate(ctx: Context, file: str | None) -> int:
-    from pensieved.config import load_config_file
-    from pensieved.errors import ConfigError
+    from pensieve.config import ConfigError, load_config_file
 
     path = Path(file).expanduser().absolute() if file else ctx.config_path
     missing_ok = file is None and ctx.config_may_be_missing
@@ -153,8 +152,7 @@ def _sources(raw: Any, overrides: dict[str, Any], defaults: dict[str, Any]) -> d
 
 
 def run_config_show(ctx: Context, as_json: bool) -> int:
-    from pensieved.config import Config, apply_overrides, load_config_file
-    from pensieved.errors import ConfigError
+    from pensieve.config import Config, ConfigError, apply_overrides, load_config_file
 
     path = ctx.config_path
     overrides: dict[str, Any] = {}
@@ -193,7 +191,7 @@ def run_config_show(ctx: Context, as_json: bool) -> int:
 
 def _show_running_instead(ctx: Context, file_error: str, as_json: bool) -> int:
     """The file does not validate: show the config the running daemon uses instead."""
-    from pensieved.config import Config
+    from pensieve.config import Config
 
     if probe(ctx.socket_path) != "live":
         raise InvalidConfigError(
@@ -226,11 +224,11 @@ def _show_running_instead(ctx: Context, file_error: str, as_json: bool) -> int:
         f"pensievectl: {file_error}\nthe running daemon keeps the config shown above until "
         "the file is fixed"
     )
-    return int(ExitStatus.FAILURE)
+    return int(CtlExit.FAILURE)
 
 
 def run_config_generate(ctx: Context, output: str | None, force: bool) -> int:
-    from pensieved.config import default_config_json
+    from pensieve.config import default_config_json
 
     text = default_config_json()
     if output is None:

@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+from pensieve.paths import default_config_path
 from pensievectl.client import ControlClient
 from pensievectl.discovery import Location, locate
-from pensieved.paths import default_config_path
 
 
 @dataclass

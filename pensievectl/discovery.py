@@ -1,7 +1,7 @@
 """Finding the daemon that serves a config file, even when that file does not parse.
 
 In order: `--socket`; the config file's `server.socket_path` (or the default path when the
-file parses and leaves it out); the daemon's run record (`pensieved.runrecord`) when the file
+file parses and leaves it out); the daemon's run record (`pensieve.runrecord`) when the file
 cannot be read, or when nothing answers at the file's path but the recorded daemon lives
 elsewhere (the key changes only at the next start); and last the default path. A record is
 trusted only while its pid lives and its socket is ours.
@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pensieved.control.sockets import probe, read_socket_setting
-from pensieved.paths import default_socket_path
-from pensieved.runrecord import RunRecord, pid_alive, read_record, socket_is_ours
+from pensieve.paths import default_socket_path
+from pensieve.runrecord import RunRecord, pid_alive, read_record, socket_is_ours
+from pensieve.sockets import probe, read_socket_setting
 
 FoundBy = Literal["flag", "config", "record", "default"]
 

@@ -1,20 +1,9 @@
-"""pensievectl's exit statuses and failure kinds: the one place that maps one to the other.
-
-`status` follows the LSB convention for init scripts (0 running, 3 not running, 4 unknown);
-every other command uses the same numbers so scripts can treat them alike.
-"""
+"""pensievectl's failure kinds and the one place that maps each to its exit status
+(`pensieve.exitcodes.CtlExit`)."""
 
 from __future__ import annotations
 
-import enum
-
-
-class ExitStatus(enum.IntEnum):
-    OK = 0
-    FAILURE = 1  # the command failed; for `validate`, the config is invalid
-    USAGE = 2  # bad command line (argparse's own code)
-    NOT_RUNNING = 3  # LSB: the daemon is not running (no socket, or a stale one)
-    UNKNOWN = 4  # LSB: cannot tell (permission denied, foreign socket, no answer)
+from pensieve.exitcodes import CtlExit
 
 
 class CtlError(Exception):
@@ -74,25 +63,25 @@ class OutputExistsError(CtlError):
 
 
 # Most specific first: the first matching class wins.
-_EXIT_STATUS: tuple[tuple[type[CtlError], ExitStatus], ...] = (
-    (NotRunningError, ExitStatus.NOT_RUNNING),
-    (StaleSocketError, ExitStatus.NOT_RUNNING),
-    (SocketPermissionError, ExitStatus.UNKNOWN),
-    (ForeignSocketError, ExitStatus.UNKNOWN),
-    (NotASocketError, ExitStatus.UNKNOWN),
-    (NoAnswerError, ExitStatus.UNKNOWN),
-    (InvalidConfigError, ExitStatus.FAILURE),
-    (DaemonError, ExitStatus.FAILURE),
-    (StartError, ExitStatus.FAILURE),
-    (StopError, ExitStatus.FAILURE),
-    (ReloadFailedError, ExitStatus.FAILURE),
-    (SupervisorError, ExitStatus.FAILURE),
-    (OutputExistsError, ExitStatus.FAILURE),
+_EXIT_STATUS: tuple[tuple[type[CtlError], CtlExit], ...] = (
+    (NotRunningError, CtlExit.NOT_RUNNING),
+    (StaleSocketError, CtlExit.NOT_RUNNING),
+    (SocketPermissionError, CtlExit.UNKNOWN),
+    (ForeignSocketError, CtlExit.UNKNOWN),
+    (NotASocketError, CtlExit.UNKNOWN),
+    (NoAnswerError, CtlExit.UNKNOWN),
+    (InvalidConfigError, CtlExit.FAILURE),
+    (DaemonError, CtlExit.FAILURE),
+    (StartError, CtlExit.FAILURE),
+    (StopError, CtlExit.FAILURE),
+    (ReloadFailedError, CtlExit.FAILURE),
+    (SupervisorError, CtlExit.FAILURE),
+    (OutputExistsError, CtlExit.FAILURE),
 )
 
 
-def exit_status_for(error: CtlError) -> ExitStatus:
+def exit_status_for(error: CtlError) -> CtlExit:
     for kind, status in _EXIT_STATUS:
         if isinstance(error, kind):
             return status
-    return ExitStatus.FAILURE
+    return CtlExit.FAILURE

@@ -10,6 +10,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pensieve.paths import log_dir
+from pensieve.runrecord import LockTimeoutError, RunRecord, read_record, start_lock
+from pensieve.sockets import probe
 from pensievectl.context import Context
 from pensievectl.errors import (
     CtlError,
@@ -20,11 +23,8 @@ from pensievectl.errors import (
 )
 from pensievectl.status import examine_dead, human_bytes, human_duration
 from pensievectl.supervisor import Supervisor
-from pensieved.control.sockets import probe
-from pensieved.paths import log_dir
-from pensieved.runrecord import LockTimeoutError, RunRecord, read_record, start_lock
 
-# pensieved's own exit status when another daemon holds the socket (daemon.ExitCode).
+# pensieved's own exit status when another daemon holds the socket (daemon.DaemonExit).
 _DAEMON_ALREADY_RUNNING = 3
 
 SupervisorFinder = Callable[[], Supervisor | None]

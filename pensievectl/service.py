@@ -183,7 +183,7 @@ def _find_pensieved() -> Path | None:
 
 
 def _default_config_path() -> Path:
-    from pensieved.paths import default_config_path
+    from pensieve.paths import default_config_path
 
     return default_config_path()
 
@@ -287,7 +287,7 @@ def _ensure_config(ctx: Context, config: Path, dry_run: bool) -> None:
     if dry_run:
         ctx.out.write(f"would create the default config {config}\n")
         return
-    from pensieved.config import default_config_json
+    from pensieve.config import default_config_json
 
     config.parent.mkdir(parents=True, exist_ok=True)
     config.write_text(default_config_json())
@@ -405,7 +405,7 @@ def add_subparser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser
 
 
 def run(args: argparse.Namespace, ctx: Context | None = None) -> int:
-    from pensievectl.errors import ExitStatus
+    from pensieve.exitcodes import CtlExit
 
     ctx = ctx or Context()
     try:
@@ -415,5 +415,5 @@ def run(args: argparse.Namespace, ctx: Context | None = None) -> int:
             uninstall(ctx, args.dry_run)
     except ServiceError as exc:
         ctx.err.write(f"pensievectl service {args.service_command}: {exc}\n")
-        return ExitStatus.FAILURE
-    return ExitStatus.OK
+        return CtlExit.FAILURE
+    return CtlExit.OK

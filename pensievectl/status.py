@@ -7,10 +7,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pensievectl.context import Context
-from pensievectl.errors import CtlError, ExitStatus, exit_status_for
-from pensieved.activity import read_activity
-from pensieved.postmortem import (
+from pensieve.activity import read_activity
+from pensieve.exitcodes import CtlExit
+from pensieve.postmortem import (
     Death,
     describe_work,
     examine,
@@ -19,11 +18,13 @@ from pensieved.postmortem import (
     signal_from_log,
     signal_name,
 )
-from pensieved.runrecord import RunRecord, activity_path
+from pensieve.runrecord import RunRecord, activity_path
+from pensievectl.context import Context
+from pensievectl.errors import CtlError, exit_status_for
 
 
 def examine_dead(record: RunRecord, exit_status: int | None = None) -> Death:
-    """How the daemon of a record left behind died (see `pensieved.postmortem`)."""
+    """How the daemon of a record left behind died (see `pensieve.postmortem`)."""
     log_text = None
     if record.log_path is None and record.supervisor == "systemd":
         log_text = _journal()
@@ -204,12 +205,12 @@ def run_status(ctx: Context, as_json: bool) -> int:
     except CtlError as exc:
         code = exit_status_for(exc)
         death = None
-        if code == ExitStatus.NOT_RUNNING and location.dead is not None:
+        if code == CtlExit.NOT_RUNNING and location.dead is not None:
             death = examine_dead(location.dead)
         if as_json:
-            state = "not_running" if code == ExitStatus.NOT_RUNNING else "unknown"
+            state = "not_running" if code == CtlExit.NOT_RUNNING else "unknown"
             payload = {
-                "running": False if code == ExitStatus.NOT_RUNNING else None,
+                "running": False if code == CtlExit.NOT_RUNNING else None,
                 "state": state,
                 "socket_path": str(ctx.socket_path),
                 "message": str(exc),
@@ -233,7 +234,7 @@ def run_status(ctx: Context, as_json: bool) -> int:
                 f"{location.orphan.pid}` stops it"
             )
         # LSB: 3 not running, 4 unknown.
-        return int(code if code in (ExitStatus.NOT_RUNNING, ExitStatus.UNKNOWN) else 4)
+        return int(code if code in (CtlExit.NOT_RUNNING, CtlExit.UNKNOWN) else 4)
     if status.get("previous_exit"):
         _fill_in_from_journal(status["previous_exit"])
     if as_json:
@@ -246,4 +247,4 @@ def run_status(ctx: Context, as_json: bool) -> int:
                 f"(found through its run record: {ctx.config_path}'s server.socket_path "
                 "could not be used)"
             )
-    return ExitStatus.OK
+    return CtlExit.OK

@@ -1,3 +1,2 @@
-"""pensieved: a local server for the Anthropic Messages API, backed by llama.cpp."""
-
-__version__ = "0.1.0"
+"""pensieved, the daemon: the HTTP API (`api/`) calls the engine (`engine/`, the only importer of
+llama_cpp); `control/` serves the Unix socket. Imports `pensieve` (shared), never `pensievectl`."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pensieved import __version__
+from pensieve import __version__
 
 DESCRIPTION = (
     "Serve the Anthropic Messages API on localhost from a local GGUF model. Runs in the "

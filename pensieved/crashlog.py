@@ -4,7 +4,7 @@ The daemon's log is its stderr (a file under `pensievectl start` and launchd, th
 under systemd). faulthandler writes to a duplicate of that descriptor, so code that points
 fd 2 elsewhere for a while (llama-cpp-python does, around loads, when asked to be quiet)
 cannot make a crash silent. The run record keeps the log file's path and size at start, so a
-post-mortem reads this daemon's lines only (`pensieved.postmortem`).
+post-mortem reads this daemon's lines only (`pensieve.postmortem`).
 """
 
 from __future__ import annotations

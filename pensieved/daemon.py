@@ -9,7 +9,6 @@ supervisor with KeepAlive does not crash-loop.
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import os
 import signal
@@ -24,14 +23,23 @@ import psutil
 import tornado.httpserver
 import tornado.netutil
 
-from pensieved import __version__
-from pensieved.activity import Activity, read_activity
-from pensieved.api import limits
-from pensieved.api.app import make_app
-from pensieved.cli import build_parser, overrides_from
-from pensieved.config import Config, apply_overrides, load_config_file
-from pensieved.control.server import make_control_app
-from pensieved.control.sockets import (
+from pensieve import __version__
+from pensieve.activity import Activity, read_activity
+from pensieve.config import Config, ConfigError, apply_overrides, load_config_file
+from pensieve.exitcodes import DaemonExit
+from pensieve.paths import default_config_path
+from pensieve.postmortem import Death, examine
+from pensieve.runrecord import (
+    RecordDirError,
+    RunRecord,
+    activity_path,
+    pid_alive,
+    read_record,
+    remove_record,
+    socket_is_ours,
+    write_record,
+)
+from pensieve.sockets import (
     BoundSocket,
     SocketInUseError,
     SocketPathError,
@@ -39,7 +47,7 @@ from pensieved.control.sockets import (
     probe,
     resolve_socket_path,
 )
-from pensieved.control.wire import (
+from pensieve.wire import (
     ConfigResponse,
     DecodeStatus,
     HttpStatus,
@@ -54,34 +62,17 @@ from pensieved.control.wire import (
     ValidateResponse,
     WorkItem,
 )
+from pensieved.api import limits
+from pensieved.api.app import make_app
+from pensieved.cli import build_parser, overrides_from
+from pensieved.control.server import make_control_app
 from pensieved.crashlog import enable_faulthandler, stderr_log, supervisor_from_environment
 from pensieved.engine.service import Engine, default_model_path
-from pensieved.errors import ConfigError, LoadCancelledError, ModelLoadError
+from pensieved.errors import LoadCancelledError, ModelLoadError
 from pensieved.logsetup import configure_logging
-from pensieved.paths import default_config_path
-from pensieved.postmortem import Death, examine
 from pensieved.reload import Reloader, watch_config, watch_model_files
-from pensieved.runrecord import (
-    RecordDirError,
-    RunRecord,
-    activity_path,
-    pid_alive,
-    read_record,
-    remove_record,
-    socket_is_ours,
-    write_record,
-)
 
 log = logging.getLogger("pensieved")
-
-
-class ExitCode(enum.IntEnum):
-    OK = 0
-    FAILURE = 1
-    CONFIG = 2  # a command-line flag is invalid (a broken config file degrades instead)
-    ALREADY_RUNNING = 3  # another daemon owns the control socket
-    LISTEN = 4  # the HTTP address cannot be bound
-    SOCKET = 5  # the control socket cannot be created (path too long, foreign directory)
 
 
 class ListenError(Exception):
@@ -351,7 +342,7 @@ class Daemon:
             task.cancel()
         await self._drain()
         control.stop()
-        return ExitCode.OK
+        return DaemonExit.OK
 
     async def _drain(self) -> None:
         for server in self._servers:
@@ -455,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         fallback = apply_overrides(Config(), overrides) if overrides else Config()
     except ConfigError as exc:
         print(f"pensieved: {exc}", file=sys.stderr)
-        return ExitCode.CONFIG
+        return DaemonExit.CONFIG
     config_error: str | None = None
     try:
         config, _ = load_startup_config(args.config, overrides)
@@ -478,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
             path,
             running.socket_path,
         )
-        return ExitCode.ALREADY_RUNNING
+        return DaemonExit.ALREADY_RUNNING
     if death is not None:
         log.warning(
             "the previous pensieved for this config did not exit cleanly: %s (`pensievectl "
@@ -494,10 +485,10 @@ def main(argv: list[str] | None = None) -> int:
         control = bind_control_socket(socket_path)
     except SocketInUseError as exc:
         log.error("%s", exc)
-        return ExitCode.ALREADY_RUNNING
+        return DaemonExit.ALREADY_RUNNING
     except SocketPathError as exc:
         log.error("%s", exc)
-        return ExitCode.SOCKET
+        return DaemonExit.SOCKET
     activity = _record_run(resolved, socket_path, log_file, log_offset)
     daemon: Daemon | None = None
     try:
@@ -514,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
         code = asyncio.run(daemon.run())
     except ListenError as exc:
         log.error("%s", exc)
-        code = ExitCode.LISTEN
+        code = DaemonExit.LISTEN
     finally:
         control.remove()
         remove_record(resolved, os.getpid())

@@ -7,30 +7,9 @@ happened and what to do. Tracebacks go to the log, never into these messages.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 
 class PensieveError(Exception):
     """Base of every error that carries a user-facing message."""
-
-
-@dataclass(frozen=True)
-class ConfigIssue:
-    path: str  # dotted key path, e.g. "server.port", or "(json)" / "(file)"
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.message}"
-
-
-class ConfigError(PensieveError):
-    """A config file (or override) that does not validate; lists every problem found."""
-
-    def __init__(self, source: str, issues: list[ConfigIssue]) -> None:
-        self.source = source
-        self.issues = issues
-        lines = "\n".join(f"  {issue}" for issue in issues)
-        super().__init__(f"invalid configuration in {source}:\n{lines}")
 
 
 class InvalidRequestError(PensieveError):

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from pensieved.config import LoggingConfig
+from pensieve.config import LoggingConfig
 
 _HANDLER_TAG = "_pensieve_handler"
 

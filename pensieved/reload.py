@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from pensieved.config import Config, apply_overrides, diff_configs, load_config_file
-from pensieved.control.wire import Change, ChangeAction, ReloadResult
+from pensieve.config import Config, ConfigError, apply_overrides, diff_configs, load_config_file
+from pensieve.wire import Change, ChangeAction, ReloadResult
 from pensieved.engine.service import Engine, default_model_path, wanted_models
-from pensieved.errors import ConfigError, LoadCancelledError, ModelLoadError
+from pensieved.errors import LoadCancelledError, ModelLoadError
 from pensieved.logsetup import configure_logging
 
 log = logging.getLogger("pensieved.reload")

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pensieved.activity import HALF, HEADER, Activity, read_activity
+from pensieve.activity import HALF, HEADER, Activity, read_activity
 
 
 def test_work_in_progress_is_mirrored_into_the_file(tmp_path: Path) -> None:
@@ -39,7 +39,7 @@ def test_work_in_progress_is_mirrored_into_the_file(tmp_path: Path) -> None:
 def test_the_last_copy_survives_the_process(tmp_path: Path) -> None:
     path = tmp_path / "a.activity"
     script = (
-        "import os; from pathlib import Path; from pensieved.activity import Activity;"
+        "import os; from pathlib import Path; from pensieve.activity import Activity;"
         f"a = Activity(); a.open(Path({str(path)!r}));"
         "a.begin('req_9', 'POST /v1/messages model=m', 'generating');"
         "os.kill(os.getpid(), 9)"

@@ -7,8 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from pensieved.config import Config, apply_overrides, diff_configs, load_config_file, parse_config
-from pensieved.errors import ConfigError
+from pensieve.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    diff_configs,
+    load_config_file,
+    parse_config,
+)
 
 
 def paths_of(exc: ConfigError) -> list[str]:

@@ -31,8 +31,8 @@ from typing import Any
 import pytest
 from packaging.requirements import Requirement
 
-from pensieved import __version__
-from pensieved.config import Config, load_config_file
+from pensieve import __version__
+from pensieve.config import Config, load_config_file
 from pensieved.engine import selftest
 
 REPO = Path(__file__).resolve().parents[1]

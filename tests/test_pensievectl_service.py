@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from pensieve.config import Config, load_config_file
 from pensievectl import service
 from pensievectl.service import Context, RunResult, ServicePaths
-from pensieved.config import Config, load_config_file
 
 REPO = Path(__file__).resolve().parents[1]
 UID = 501

@@ -5,8 +5,8 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
-from pensieved.postmortem import examine, read_log_slice, signal_from_log
-from pensieved.runrecord import RunRecord
+from pensieve.postmortem import examine, read_log_slice, signal_from_log
+from pensieve.runrecord import RunRecord
 
 FAULTHANDLER_REPORT = """\
 2026-11-27 17:01:02 INFO    pensieved: listening

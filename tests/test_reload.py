@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pensieved.config import parse_config
+from pensieve.config import parse_config
 from pensieved.reload import action_for, plan_changes
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pensieved import runrecord
-from pensieved.runrecord import (
+from pensieve import runrecord
+from pensieve.runrecord import (
     LockTimeoutError,
     RunRecord,
     config_key,
@@ -114,7 +114,7 @@ def test_start_lock_lets_one_holder_in_at_a_time(tmp_path: Path) -> None:
 def test_the_lock_is_released_when_its_holder_dies(tmp_path: Path) -> None:
     config = tmp_path / "config.json"
     script = (
-        "import sys, time; from pathlib import Path; from pensieved import runrecord;"
+        "import sys, time; from pathlib import Path; from pensieve import runrecord;"
         f"runrecord.runtime_dir = lambda: Path({str(runrecord.runtime_dir())!r});"
         f"lock = runrecord.start_lock(Path({str(config)!r}), 5); lock.__enter__();"
         "print('held', flush=True); time.sleep(60)"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tornado.web
 
-from pensieved.activity import Activity
+from pensieve.activity import Activity
 from pensieved.api.handlers import (
     CountTokensHandler,
     HealthHandler,

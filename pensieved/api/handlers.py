@@ -16,8 +16,8 @@ import tornado.iostream
 import tornado.web
 from pydantic import BaseModel, ValidationError
 
-from pensieved import __version__
-from pensieved.activity import Activity
+from pensieve import __version__
+from pensieve.activity import Activity
 from pensieved.api import limits, security, sse
 from pensieved.api.convert import new_id, to_generation_request
 from pensieved.api.errors import STATUS_TYPES, classify, envelope, internal_message

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from pensieved.config import Config, is_loopback_name
-from pensieved.config import api_key as configured_api_key
-from pensieved.errors import AuthenticationError, ConfigError, PermissionDeniedError
+from pensieve.config import Config, ConfigError, is_loopback_name
+from pensieve.config import api_key as configured_api_key
+from pensieved.errors import AuthenticationError, PermissionDeniedError
 
 log = logging.getLogger("pensieved.api")
 

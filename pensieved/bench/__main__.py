@@ -18,6 +18,7 @@ from typing import Any
 
 import psutil
 
+from pensieve.paths import bundled_model_path
 from pensieved.bench import grammar as grammar_bench
 from pensieved.bench.report import ratios, table
 from pensieved.bench.targets import (
@@ -29,7 +30,6 @@ from pensieved.bench.targets import (
     start_pensieved,
 )
 from pensieved.bench.workloads import run_concurrency, run_decode, run_ttft
-from pensieved.paths import bundled_model_path
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

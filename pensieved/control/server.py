@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import tornado.web
 from pydantic import BaseModel, ValidationError
 
-from pensieved.control.wire import (
+from pensieve.wire import (
     ConfigResponse,
     ErrorResponse,
     ReloadResult,

@@ -428,8 +428,8 @@ def ensure_runnable() -> None:
     """
     import logging
 
+    from pensieve.paths import cache_dir
     from pensieved.errors import LlamaBuildError
-    from pensieved.paths import cache_dir
 
     verdict = cached_verdict(cache_dir() / "llama-selftest.json")
     if verdict.crashed:

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pensieved.config import Config
+from pensieve.config import Config
+from pensieve.paths import bundled_model_path, cache_dir
 from pensieved.engine.batcher import Batcher
 from pensieved.engine.grammar import loosest_grammar, request_grammar
 from pensieved.engine.grammar_cache import ParsedGrammar
@@ -42,7 +43,6 @@ from pensieved.errors import (
     PromptTooLongError,
     ShuttingDownError,
 )
-from pensieved.paths import bundled_model_path, cache_dir
 
 log = logging.getLogger("pensieved.engine")
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
+from pensieve.config import Config, parse_config
 from pensieved.api import limits, security
-from pensieved.config import Config, parse_config
 from pensieved.errors import (
     AuthenticationError,
     InvalidRequestError,

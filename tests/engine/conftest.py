@@ -5,7 +5,7 @@ from typing import Any
 
 import pytest
 
-from pensieved.paths import bundled_model_path
+from pensieve.paths import bundled_model_path
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from pensieve.paths import bundled_model_path
 from pensieved.engine import grammar as grammar_module
 from pensieved.engine.grammar import (
     MAX_GRAMMAR_BYTES,
@@ -32,7 +33,6 @@ from pensieved.engine.grammar import (
 )
 from pensieved.engine.grammar_cache import parse_grammar
 from pensieved.engine.types import GenerationRequest, ToolChoice, ToolSpec
-from pensieved.paths import bundled_model_path
 
 CLAUDE_CODE_LIKE: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -409,7 +409,7 @@ def test_the_deepest_grammar_allowed_parses_on_a_small_thread_stack() -> None:
     would take pytest down with it) on a 512 KB thread stack, the smallest we run on."""
     script = (
         "import threading, llama_cpp\n"
-        "from pensieved.paths import bundled_model_path\n"
+        "from pensieve.paths import bundled_model_path\n"
         "from pensieved.engine.grammar_cache import parse_grammar\n"
         "llm = llama_cpp.Llama(model_path=str(bundled_model_path()), vocab_only=True,"
         " verbose=False)\n"

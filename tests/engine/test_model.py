@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from pensieved.config import parse_config
+from pensieve.config import parse_config
+from pensieve.paths import bundled_model_path
 from pensieved.engine.model import LoadedModel, ModelSettings
 from pensieved.engine.service import Engine
 from pensieved.errors import LoadCancelledError
-from pensieved.paths import bundled_model_path
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
+from pensieve.paths import bundled_model_path
 from pensieved.engine.grammar_cache import GrammarCache, ParsedGrammar
 from pensieved.engine.sampler import Sampler, _chain
 from pensieved.engine.types import Sampling
-from pensieved.paths import bundled_model_path
 
 # The model would rather write prose than this: the grammar refuses many first picks.
 NUMBERS = 'root ::= "{\\"n\\": [" [0-9]+ ("," " "? [0-9]+)* "]}"\n'

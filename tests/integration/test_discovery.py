@@ -16,7 +16,7 @@ from typing import Any
 import psutil
 import pytest
 
-from pensieved.runrecord import activity_path, read_record, record_path
+from pensieve.runrecord import activity_path, read_record, record_path
 from tests.integration.daemon import (
     REPO,
     control_status,

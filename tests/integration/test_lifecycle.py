@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx2 as httpx
 
-from pensieved.paths import bundled_model_path
+from pensieve.paths import bundled_model_path
 from tests.integration.daemon import (
     REPO,
     Daemon,

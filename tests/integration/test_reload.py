@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx2 as httpx
 
-from pensieved.paths import bundled_model_path
+from pensieve.paths import bundled_model_path
 from tests.integration.daemon import (
     control_status,
     free_port,

@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from pensieved.paths import bundled_model_path
+from pensieve.paths import bundled_model_path
 from tests.integration.daemon import (
     Daemon,
     RawResponse,

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from pensieve.config import load_config_file
+from pensieve.exitcodes import CtlExit
 from pensievectl import cli
 from pensievectl.context import Context
-from pensievectl.errors import ExitStatus
 from pensievectl.lifecycle import run_stop
-from pensieved.config import load_config_file
 
 
 def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -23,7 +23,7 @@ def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str,
 
 
 def test_exit_statuses_follow_lsb_for_status() -> None:
-    assert (ExitStatus.OK, ExitStatus.NOT_RUNNING, ExitStatus.UNKNOWN) == (0, 3, 4)
+    assert (CtlExit.OK, CtlExit.NOT_RUNNING, CtlExit.UNKNOWN) == (0, 3, 4)
 
 
 def test_parser_has_every_command() -> None:
@@ -40,7 +40,7 @@ def test_parser_has_every_command() -> None:
         assert parser.parse_args(["--socket", "/tmp/s", *argv]).command == argv[0]
     with pytest.raises(SystemExit) as info:
         parser.parse_args([])
-    assert info.value.code == ExitStatus.USAGE
+    assert info.value.code == CtlExit.USAGE
 
 
 def test_config_generate_writes_a_file_the_daemon_accepts(

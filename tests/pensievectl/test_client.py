@@ -16,8 +16,8 @@ import pytest
 
 from pensievectl.client import ControlClient
 from pensievectl.errors import (
+    CtlExit,
     DaemonError,
-    ExitStatus,
     ForeignSocketError,
     NotASocketError,
     NotRunningError,
@@ -39,7 +39,7 @@ def test_no_socket_is_not_running(sock_path: Path) -> None:
     with pytest.raises(NotRunningError) as info:
         ControlClient(sock_path).status()
     assert str(sock_path) in str(info.value) and "pensievectl start" in str(info.value)
-    assert exit_status_for(info.value) == ExitStatus.NOT_RUNNING == 3
+    assert exit_status_for(info.value) == CtlExit.NOT_RUNNING == 3
 
 
 def test_dead_socket_is_stale(sock_path: Path) -> None:
@@ -49,14 +49,14 @@ def test_dead_socket_is_stale(sock_path: Path) -> None:
     with pytest.raises(StaleSocketError) as info:
         ControlClient(sock_path).status()
     assert f"stale socket at {sock_path}" in str(info.value)
-    assert exit_status_for(info.value) == ExitStatus.NOT_RUNNING
+    assert exit_status_for(info.value) == CtlExit.NOT_RUNNING
 
 
 def test_regular_file_is_not_a_socket(sock_path: Path) -> None:
     sock_path.write_text("x")
     with pytest.raises(NotASocketError) as info:
         ControlClient(sock_path).status()
-    assert exit_status_for(info.value) == ExitStatus.UNKNOWN
+    assert exit_status_for(info.value) == CtlExit.UNKNOWN
 
 
 def test_socket_of_another_user_is_refused(
@@ -71,7 +71,7 @@ def test_socket_of_another_user_is_refused(
         with pytest.raises(ForeignSocketError) as info:
             ControlClient(sock_path).stop()
         assert "refusing" in str(info.value) and str(sock_path) in str(info.value)
-        assert exit_status_for(info.value) == ExitStatus.UNKNOWN == 4
+        assert exit_status_for(info.value) == CtlExit.UNKNOWN == 4
     finally:
         s.close()
 

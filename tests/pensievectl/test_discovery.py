@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from pensieve import runrecord
+from pensieve.paths import default_socket_path
+from pensieve.runrecord import RunRecord, write_record
 from pensievectl.discovery import locate
-from pensieved import runrecord
-from pensieved.paths import default_socket_path
-from pensieved.runrecord import RunRecord, write_record
 
 
 @pytest.fixture(autouse=True)

@@ -10,13 +10,32 @@ from __future__ import annotations
 
 import ipaddress
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from pensieved.errors import ConfigError, ConfigIssue
-from pensieved.paths import MAX_SOCKET_PATH_BYTES
+from pensieve.paths import MAX_SOCKET_PATH_BYTES
+
+
+@dataclass(frozen=True)
+class ConfigIssue:
+    path: str  # dotted key path, e.g. "server.port", or "(json)" / "(file)"
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+class ConfigError(Exception):
+    """A config file (or override) that does not validate; lists every problem found."""
+
+    def __init__(self, source: str, issues: list[ConfigIssue]) -> None:
+        self.source = source
+        self.issues = issues
+        lines = "\n".join(f"  {issue}" for issue in issues)
+        super().__init__(f"invalid configuration in {source}:\n{lines}")
 
 
 def is_loopback_name(name: str) -> bool:

@@ -3,11 +3,11 @@
 A running pensieved writes a small JSON record into the per-user runtime directory, named
 after its config file's resolved path: its pid, control socket, log and start time. It
 removes the record when it exits cleanly, so a record whose pid is dead was left by a daemon
-that died (see `pensieved.postmortem`). `pensievectl` reads it when the config file does not
+that died (see `pensieve.postmortem`). `pensievectl` reads it when the config file does not
 parse (the daemon keeps running on its last good config then, and its socket may not be the
 default one), and `start` holds this directory's lock for a config file while it starts one.
 
-Stdlib only (plus `pensieved.paths`): `pensievectl` imports it for every command.
+Stdlib only (plus `pensieve.paths`): `pensievectl` imports it for every command.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from pensieved.paths import runtime_dir
+from pensieve.paths import runtime_dir
 
 DIR_MODE = 0o700
 FILE_MODE = 0o600
@@ -86,7 +86,7 @@ def record_path(config_path: Path) -> Path:
 
 
 def activity_path(config_path: Path) -> Path:
-    """The daemon's in-flight work (`pensieved.activity`), beside its record."""
+    """The daemon's in-flight work (`pensieve.activity`), beside its record."""
     return state_dir() / f"{config_key(config_path)}.activity"
 
 

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from pensieved.runrecord import RunRecord
+from pensieve.runrecord import RunRecord
 
 # faulthandler's names for the fatal signals it reports (Modules/faulthandler.c).
 FAULTHANDLER_NAMES: dict[str, int] = {

@@ -5,7 +5,7 @@ faulthandler's traceback, which shows threads, not requests. So the daemon keeps
 work (request ids, what each asked for, which phase it is in, model loads) in a small file
 mapped into memory: an update is a memory copy, no system call, a few times per request and
 never per token. The kernel keeps the pages when the process dies, and `pensievectl`
-(through `pensieved.postmortem`) reads them back to name the request that was running.
+(through `pensieve.postmortem`) reads them back to name the request that was running.
 
 Layout: an 8-byte header (magic, then the index of the half holding the current copy) and
 two halves, each a 4-byte length and JSON. An update writes the other half, then flips the

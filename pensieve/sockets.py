@@ -1,6 +1,6 @@
 """The control socket's file: where it lives, who may use it, binding it safely, removing it.
 
-Stdlib only (plus `pensieved.paths`): `pensievectl` imports this to find the socket in well
+Stdlib only (plus `pensieve.paths`): `pensievectl` imports this to find the socket in well
 under a second, so nothing here may pull in pydantic, Tornado or llama_cpp.
 """
 
@@ -15,8 +15,8 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from pensieved.paths import MAX_SOCKET_PATH_BYTES, default_config_path, default_socket_path
-from pensieved.runrecord import LockTimeoutError, RecordDirError, socket_lock
+from pensieve.paths import MAX_SOCKET_PATH_BYTES, default_config_path, default_socket_path
+from pensieve.runrecord import LockTimeoutError, RecordDirError, socket_lock
 
 # The socket and its directory are private to the user: anyone who can connect can stop the
 # daemon or make it load any file as a model.
@@ -48,7 +48,7 @@ def read_socket_setting(config_file: Path) -> tuple[str | None, str | None]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        # The wording of the daemon's validator (pensieved.config), without importing it.
+        # The wording of the daemon's validator (pensieve.config), without importing it.
         return None, f"(json): {exc.msg} at line {exc.lineno} column {exc.colno}"
     server = data.get("server") if isinstance(data, dict) else None
     value = server.get("socket_path") if isinstance(server, dict) else None
