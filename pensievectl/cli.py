@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 from collections.abc import Sequence
 
@@ -33,11 +32,6 @@ files:
           not parse (or nothing answers at its socket), the socket recorded by the daemon
           that serves that config (pensieve/run/ in the runtime directory)
 """
-
-
-def _has_service_module() -> bool:
-    # The `service` command comes from pensievectl/service.py when it is installed.
-    return importlib.util.find_spec("pensievectl.service") is not None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,10 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--output", metavar="FILE", help="write it to FILE instead of stdout")
     generate.add_argument("--force", action="store_true", help="overwrite an existing FILE")
 
-    if _has_service_module():
-        from pensievectl import service
+    from pensievectl import service
 
-        service.add_subparser(commands)
+    service.add_subparser(commands)
     return parser
 
 
@@ -142,7 +135,7 @@ def dispatch(args: argparse.Namespace, ctx: Context) -> int:
         return run_status(ctx, args.json)
     if command in ("start", "stop"):
         from pensievectl import lifecycle
-        from pensievectl.supervisor import find_supervisor
+        from pensievectl.service import find_supervisor
 
         if command == "start":
             return lifecycle.run_start(

@@ -21,8 +21,8 @@ from pensievectl.errors import (
     StartError,
     StopError,
 )
+from pensievectl.service import Supervisor
 from pensievectl.status import examine_dead, human_bytes, human_duration
-from pensievectl.supervisor import Supervisor
 
 # pensieved's own exit status when another daemon holds the socket (daemon.DaemonExit).
 _DAEMON_ALREADY_RUNNING = 3

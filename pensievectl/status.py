@@ -33,7 +33,7 @@ def examine_dead(record: RunRecord, exit_status: int | None = None) -> Death:
 
 
 def _journal() -> str | None:
-    from pensievectl.supervisor import journal_text
+    from pensievectl.service import journal_text
 
     text = journal_text()
     return journal_until_exit(text) if text is not None else None

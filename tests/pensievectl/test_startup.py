@@ -43,7 +43,7 @@ def test_no_command_imports_tornado_or_llama_cpp() -> None:
     script = f"""
 import json, sys
 import pensievectl.cli, pensievectl.client, pensievectl.configcmds, pensievectl.lifecycle
-import pensievectl.status, pensievectl.supervisor, pensievectl.context
+import pensievectl.status, pensievectl.service, pensievectl.context
 for argv in (["status"], ["stop"], ["reload"], ["config", "show"], ["config", "generate"],
              ["validate", "/nonexistent.json"]):
     pensievectl.cli.main(["--socket", {sock!r}, *argv])

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from pensievectl import status, supervisor
+from pensievectl import service, status
 
 JOURNAL = """\
 INFO    pensieved: listening on http://127.0.0.1:8080
@@ -38,7 +38,7 @@ def _previous(**changes: Any) -> dict[str, Any]:
 
 @pytest.fixture(autouse=True)
 def journal(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(supervisor, "journal_text", lambda: JOURNAL)
+    monkeypatch.setattr(service, "journal_text", lambda: JOURNAL)
 
 
 def test_a_systemd_predecessor_is_explained_from_the_journal() -> None:
