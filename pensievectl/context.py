@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+from pensieve.client import ControlClient
 from pensieve.paths import default_config_path
-from pensievectl.client import ControlClient
 from pensievectl.discovery import Location, locate
 
 

@@ -8,8 +8,9 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
+from pensieve.exitcodes import DaemonExit
 from pensieve.paths import log_dir
 from pensieve.runrecord import LockTimeoutError, RunRecord, read_record, start_lock
 from pensieve.sockets import probe
@@ -24,8 +25,8 @@ from pensievectl.errors import (
 from pensievectl.service import Supervisor
 from pensievectl.status import examine_dead, human_bytes, human_duration
 
-# pensieved's own exit status when another daemon holds the socket (daemon.DaemonExit).
-_DAEMON_ALREADY_RUNNING = 3
+if TYPE_CHECKING:
+    from pensieve.wire import StatusResponse
 
 SupervisorFinder = Callable[[], Supervisor | None]
 
@@ -87,8 +88,8 @@ class _Progress:
             self.dirty = False
 
 
-def _loading_message(status: dict[str, Any], started: float) -> str:
-    path = status.get("model_loading")
+def _loading_message(status: StatusResponse, started: float) -> str:
+    path = status.model_loading
     elapsed = human_duration(time.monotonic() - started)
     if not path:
         return f"pensieved is starting... {elapsed}"
@@ -130,7 +131,7 @@ def wait_until_serving(
     log_path: Path | None,
     describe_log: str,
     log_offset: int = 0,
-) -> dict[str, Any]:
+) -> StatusResponse:
     """Poll the control socket until the model is loaded; raise StartError with the reason."""
     client = ctx.client(timeout=5.0)
     progress = _Progress(ctx)
@@ -141,7 +142,7 @@ def wait_until_serving(
     try:
         while True:
             if process is not None and process.poll() is not None:
-                if process.returncode == _DAEMON_ALREADY_RUNNING:
+                if process.returncode == DaemonExit.ALREADY_RUNNING:
                     # Another daemon took this socket or config first: wait for that one.
                     process = None
                     ctx.relocate()
@@ -152,20 +153,19 @@ def wait_until_serving(
                     f"{_spawned_death(ctx, process, log_path, log_offset, began)}"
                     f"\n(log: {describe_log})"
                 )
-            status: dict[str, Any] | None = None
+            status: StatusResponse | None = None
             if probe(ctx.socket_path) == "live":
                 try:
                     status = client.status()
                 except (NoAnswerError, CtlError):
                     status = None
             if status is not None:
-                state = status["state"]
-                if state == "ready":
+                if status.state == "ready":
                     return status
-                if state in ("error", "no_model") and not status.get("model_loading"):
+                if status.state in ("error", "no_model") and not status.model_loading:
                     raise StartError(
-                        f"pensieved is running (pid {status['pid']}) but cannot serve: "
-                        f"{status['error']}\nIt stays up answering 503 and recovers by itself "
+                        f"pensieved is running (pid {status.pid}) but cannot serve: "
+                        f"{status.error}\nIt stays up answering 503 and recovers by itself "
                         "once the config or model file is fixed; `pensievectl stop` stops it. "
                         f"(log: {describe_log})"
                     )
@@ -184,11 +184,11 @@ def wait_until_serving(
         progress.done()
 
 
-def _ready_message(status: dict[str, Any]) -> str:
-    model = status.get("model") or {}
+def _ready_message(status: StatusResponse) -> str:
+    model = status.model.name if status.model else "no model"
     return (
-        f"pensieved is running (pid {status['pid']}) on {status['http']['url']} "
-        f"with {model.get('name', 'no model')}; socket {status['socket_path']}"
+        f"pensieved is running (pid {status.pid}) on {status.http.url} "
+        f"with {model}; socket {status.socket_path}"
     )
 
 
@@ -226,11 +226,11 @@ def _start_locked(
     state = probe(location.socket_path)
     if state == "live":
         status = ctx.client().status()
-        if status["state"] == "loading":
+        if status.state == "loading":
             status = wait_until_serving(
                 ctx, timeout=timeout, process=None, log_path=None, describe_log="its log"
             )
-        ctx.say(f"pensieved is already running (pid {status['pid']}) on {status['http']['url']}")
+        ctx.say(f"pensieved is already running (pid {status.pid}) on {status.http.url}")
         return 0
     if state == "denied":
         raise SocketPermissionError(
@@ -323,8 +323,8 @@ def run_stop(ctx: Context, *, timeout: float | None, find_supervisor: Supervisor
         )
         return 0
     reply = ctx.client().stop()
-    pid = int(reply["pid"])
-    wait = timeout if timeout is not None else reply["drain_timeout_ms"] / 1000 + 10
+    pid = reply.pid
+    wait = timeout if timeout is not None else reply.drain_timeout_ms / 1000 + 10
     ctx.note(f"stopping pensieved (pid {pid}): in-flight requests may finish")
     _wait_gone(ctx, pid, wait)
     ctx.say(f"pensieved stopped (pid {pid})")
@@ -333,7 +333,7 @@ def run_stop(ctx: Context, *, timeout: float | None, find_supervisor: Supervisor
 
 def _pid_if_running(ctx: Context) -> int | None:
     try:
-        return int(ctx.client(timeout=3.0).status()["pid"])
+        return ctx.client(timeout=3.0).status().pid
     except CtlError:
         return None
 
