@@ -44,6 +44,15 @@ def format_changes(changes: list[Change]) -> list[str]:
     ]
 
 
+def _say_changes(ctx: Context, changes: list[Change], heading: str, if_none: str) -> None:
+    if not changes:
+        ctx.say(if_none)
+        return
+    ctx.say(heading)
+    for line in format_changes(changes):
+        ctx.say(line)
+
+
 def _running_daemon(ctx: Context) -> StatusResponse | None:
     """The daemon serving this config file, if one answers."""
     if probe(ctx.socket_path) != "live":
@@ -95,12 +104,12 @@ def run_validate(ctx: Context, file: str | None) -> int:
             f"with the running daemon's command-line flags on top, {reply.source} is "
             f"invalid:\n{issues}"
         )
-    if reply.changes:
-        ctx.say("loading it into the running pensieved would change:")
-        for line in format_changes(reply.changes):
-            ctx.say(line)
-    else:
-        ctx.say("it matches the running pensieved's config: loading it changes nothing")
+    _say_changes(
+        ctx,
+        reply.changes,
+        "loading it into the running pensieved would change:",
+        "it matches the running pensieved's config: loading it changes nothing",
+    )
     return 0
 
 
@@ -112,12 +121,7 @@ def run_reload(ctx: Context, *, wait: bool, timeout: float) -> int:
             f"reload failed; pensieved keeps its running config, and applies the file by "
             f"itself once it is fixed (`pensievectl validate` checks it):\n{result.error}"
         )
-    if result.changes:
-        ctx.say("reloaded: applied")
-        for line in format_changes(result.changes):
-            ctx.say(line)
-    else:
-        ctx.say("reloaded: nothing changed")
+    _say_changes(ctx, result.changes, "reloaded: applied", "reloaded: nothing changed")
     if not result.model_loading:
         return 0
     if not wait:

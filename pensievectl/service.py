@@ -22,7 +22,7 @@ from string import Template
 from typing import Protocol, TextIO
 from xml.sax.saxutils import escape as xml_escape
 
-from pensievectl.errors import SupervisorError
+from pensievectl.errors import CtlExit, SupervisorError, exit_status_for
 
 LAUNCHD_LABEL = "dev.pensieve.pensieved"
 # `brew services` names its agent after the formula; two agents would fight over the port.
@@ -181,17 +181,13 @@ def launch_agent_path(home: Path | None = None) -> Path:
     return ServiceHost(home=home or Path.home()).plist_path()
 
 
-class ServiceError(Exception):
-    pass
-
-
 # ---- install / uninstall ----------------------------------------------------------------------
 
 
 def service_paths(ctx: ServiceHost, config: str | None) -> ServicePaths:
     program = ctx.find_program()
     if program is None:
-        raise ServiceError(
+        raise SupervisorError(
             "cannot find the pensieved executable next to pensievectl or on PATH; "
             "reinstall Pensieve (pip install pensieve) and run this again"
         )
@@ -213,7 +209,7 @@ def _run(
     result = ctx.runner(argv)
     if result.returncode != 0 and not may_fail:
         detail = (result.stderr or result.stdout).strip()
-        raise ServiceError(f"`{' '.join(argv)}` failed ({result.returncode}): {detail}")
+        raise SupervisorError(f"`{' '.join(argv)}` failed ({result.returncode}): {detail}")
     return result
 
 
@@ -250,7 +246,7 @@ def install(ctx: ServiceHost, config: str | None = None, dry_run: bool = False) 
     elif ctx.platform.startswith("linux"):
         _install_systemd(ctx, paths, dry_run)
     else:
-        raise ServiceError(f"no service manager support for platform {ctx.platform!r}")
+        raise SupervisorError(f"no service manager support for platform {ctx.platform!r}")
 
 
 def _launchd_loaded(ctx: ServiceHost, label: str = LAUNCHD_LABEL) -> bool:
@@ -260,7 +256,7 @@ def _launchd_loaded(ctx: ServiceHost, label: str = LAUNCHD_LABEL) -> bool:
 def _install_launchd(ctx: ServiceHost, paths: ServicePaths, dry_run: bool) -> None:
     homebrew_plist = ctx.plist_path(HOMEBREW_LAUNCHD_LABEL)
     if homebrew_plist.exists():
-        raise ServiceError(
+        raise SupervisorError(
             f"Homebrew already runs Pensieve as a service ({homebrew_plist}); "
             "use `brew services start|stop pensieve` instead"
         )
@@ -316,7 +312,7 @@ def uninstall(ctx: ServiceHost, dry_run: bool = False) -> None:
         _remove(ctx, unit, dry_run)
         _run(ctx, ["systemctl", "--user", "daemon-reload"], dry_run)
     else:
-        raise ServiceError(f"no service manager support for platform {ctx.platform!r}")
+        raise SupervisorError(f"no service manager support for platform {ctx.platform!r}")
     ctx.out.write("the Pensieve service is uninstalled (config and logs are kept)\n")
 
 
@@ -352,7 +348,8 @@ class Supervisor(Protocol):
         """The shell command a user would run to stop it for good."""
 
 
-def _check(result: CommandResult, argv: Sequence[str]) -> None:
+def _check(runner: CommandRunner, argv: Sequence[str]) -> None:
+    result = runner(argv)
     if result.returncode != 0:
         detail = (result.stderr or result.stdout).strip() or f"exit status {result.returncode}"
         raise SupervisorError(f"`{' '.join(argv)}` failed: {detail}")
@@ -388,14 +385,11 @@ class Launchd:
         # As `brew services start` does: bootstrap the plist into the GUI domain if launchd
         # does not know it yet, then kickstart it.
         if not self.is_loaded():
-            argv = ["launchctl", "bootstrap", f"gui/{self.uid}", str(self.plist)]
-            _check(self.runner(argv), argv)
-        argv = ["launchctl", "kickstart", self.target]
-        _check(self.runner(argv), argv)
+            _check(self.runner, ["launchctl", "bootstrap", f"gui/{self.uid}", str(self.plist)])
+        _check(self.runner, ["launchctl", "kickstart", self.target])
 
     def stop(self) -> None:
-        argv = ["launchctl", "bootout", self.target]
-        _check(self.runner(argv), argv)
+        _check(self.runner, ["launchctl", "bootout", self.target])
 
     def stop_command(self) -> str:
         if self.label == HOMEBREW_LAUNCHD_LABEL:
@@ -422,12 +416,10 @@ class Systemd:
         return self.runner(argv).returncode == 0
 
     def start(self) -> None:
-        argv = ["systemctl", "--user", "start", SYSTEMD_UNIT]
-        _check(self.runner(argv), argv)
+        _check(self.runner, ["systemctl", "--user", "start", SYSTEMD_UNIT])
 
     def stop(self) -> None:
-        argv = ["systemctl", "--user", "stop", SYSTEMD_UNIT]
-        _check(self.runner(argv), argv)
+        _check(self.runner, ["systemctl", "--user", "stop", SYSTEMD_UNIT])
 
     def stop_command(self) -> str:
         return f"systemctl --user stop {SYSTEMD_UNIT}"
@@ -519,15 +511,13 @@ def add_subparser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser
 
 
 def run(args: argparse.Namespace, ctx: ServiceHost | None = None) -> int:
-    from pensieve.exitcodes import CtlExit
-
     ctx = ctx or ServiceHost()
     try:
         if args.service_command == "install":
             install(ctx, getattr(args, "config", None), args.dry_run)
         else:
             uninstall(ctx, args.dry_run)
-    except ServiceError as exc:
+    except SupervisorError as exc:
         ctx.err.write(f"pensievectl service {args.service_command}: {exc}\n")
-        return CtlExit.FAILURE
-    return CtlExit.OK
+        return int(exit_status_for(exc))
+    return int(CtlExit.OK)
