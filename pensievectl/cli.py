@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from pensieve import __version__
 from pensieve.exitcodes import CtlExit
-from pensievectl.context import Context
+from pensievectl.context import CommandContext
 from pensievectl.errors import CtlError, exit_status_for
 
 DESCRIPTION = (
@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def dispatch(args: argparse.Namespace, ctx: Context) -> int:
+def dispatch(args: argparse.Namespace, ctx: CommandContext) -> int:
     command = args.command
     if command == "status":
         from pensievectl.status import run_status
@@ -161,7 +161,7 @@ def dispatch(args: argparse.Namespace, ctx: Context) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    ctx = Context(config_arg=args.config, socket_arg=args.socket)
+    ctx = CommandContext(config_arg=args.config, socket_arg=args.socket)
     try:
         return int(dispatch(args, ctx))
     except CtlError as exc:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from pensieve.exitcodes import CtlExit
 from pensieve.sockets import probe
-from pensievectl.context import Context
+from pensievectl.context import CommandContext
 from pensievectl.errors import (
     CtlError,
     InvalidConfigError,
@@ -44,7 +44,7 @@ def format_changes(changes: list[Change]) -> list[str]:
     ]
 
 
-def _say_changes(ctx: Context, changes: list[Change], heading: str, if_none: str) -> None:
+def _say_changes(ctx: CommandContext, changes: list[Change], heading: str, if_none: str) -> None:
     if not changes:
         ctx.say(if_none)
         return
@@ -53,7 +53,7 @@ def _say_changes(ctx: Context, changes: list[Change], heading: str, if_none: str
         ctx.say(line)
 
 
-def _running_daemon(ctx: Context) -> StatusResponse | None:
+def _running_daemon(ctx: CommandContext) -> StatusResponse | None:
     """The daemon serving this config file, if one answers."""
     if probe(ctx.socket_path) != "live":
         return None
@@ -70,7 +70,7 @@ def _keeps_running(status: StatusResponse) -> str:
     )
 
 
-def run_validate(ctx: Context, file: str | None) -> int:
+def run_validate(ctx: CommandContext, file: str | None) -> int:
     from pensieve.config import ConfigError, load_config_file
 
     path = Path(file).expanduser().absolute() if file else ctx.config_path
@@ -113,7 +113,7 @@ def run_validate(ctx: Context, file: str | None) -> int:
     return 0
 
 
-def run_reload(ctx: Context, *, wait: bool, timeout: float) -> int:
+def run_reload(ctx: CommandContext, *, wait: bool, timeout: float) -> int:
     client = ctx.client()
     result = client.reload()
     if not result.ok:
@@ -159,7 +159,7 @@ def _sources(raw: Any, overrides: dict[str, Any], defaults: dict[str, Any]) -> d
     return sources
 
 
-def run_config_show(ctx: Context, as_json: bool) -> int:
+def run_config_show(ctx: CommandContext, as_json: bool) -> int:
     from pensieve.config import Config, ConfigError, apply_overrides, load_config_file
 
     path = ctx.config_path
@@ -197,7 +197,7 @@ def run_config_show(ctx: Context, as_json: bool) -> int:
     return 0
 
 
-def _show_running_instead(ctx: Context, file_error: str, as_json: bool) -> int:
+def _show_running_instead(ctx: CommandContext, file_error: str, as_json: bool) -> int:
     """The file does not validate: show the config the running daemon uses instead."""
     from pensieve.config import Config
 
@@ -235,7 +235,7 @@ def _show_running_instead(ctx: Context, file_error: str, as_json: bool) -> int:
     return int(CtlExit.FAILURE)
 
 
-def run_config_generate(ctx: Context, output: str | None, force: bool) -> int:
+def run_config_generate(ctx: CommandContext, output: str | None, force: bool) -> int:
     from pensieve.config import default_config_json
 
     text = default_config_json()

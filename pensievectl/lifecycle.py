@@ -14,7 +14,7 @@ from pensieve.exitcodes import DaemonExit
 from pensieve.paths import log_dir
 from pensieve.runrecord import LockTimeoutError, RunRecord, read_record, start_lock
 from pensieve.sockets import probe
-from pensievectl.context import Context
+from pensievectl.context import CommandContext
 from pensievectl.errors import (
     CtlError,
     NoAnswerError,
@@ -35,7 +35,7 @@ def default_log_path() -> Path:
     return log_dir() / "pensieved.log"
 
 
-def _daemon_command(ctx: Context) -> list[str]:
+def _daemon_command(ctx: CommandContext) -> list[str]:
     argv = [sys.executable, "-m", "pensieved"]
     if ctx.config_arg:
         argv += ["--config", str(ctx.config_path)]
@@ -44,7 +44,7 @@ def _daemon_command(ctx: Context) -> list[str]:
     return argv
 
 
-def spawn_daemon(ctx: Context, log_path: Path) -> subprocess.Popen[bytes]:
+def spawn_daemon(ctx: CommandContext, log_path: Path) -> subprocess.Popen[bytes]:
     """Run pensieved detached: its own session, no terminal, output appended to the log."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
@@ -65,7 +65,7 @@ def spawn_daemon(ctx: Context, log_path: Path) -> subprocess.Popen[bytes]:
 class _Progress:
     """One line that updates in place on a terminal, a line every few seconds otherwise."""
 
-    def __init__(self, ctx: Context) -> None:
+    def __init__(self, ctx: CommandContext) -> None:
         self.ctx = ctx
         self.tty = ctx.err.isatty()
         self.last_print = 0.0
@@ -101,7 +101,7 @@ def _loading_message(status: StatusResponse, started: float) -> str:
 
 
 def _spawned_death(
-    ctx: Context,
+    ctx: CommandContext,
     process: subprocess.Popen[bytes],
     log_path: Path | None,
     log_offset: int,
@@ -124,7 +124,7 @@ def _spawned_death(
 
 
 def wait_until_serving(
-    ctx: Context,
+    ctx: CommandContext,
     *,
     timeout: float,
     process: subprocess.Popen[bytes] | None,
@@ -193,7 +193,7 @@ def _ready_message(status: StatusResponse) -> str:
 
 
 def run_start(
-    ctx: Context,
+    ctx: CommandContext,
     *,
     timeout: float,
     log_file: str | None,
@@ -216,7 +216,7 @@ def run_start(
 
 
 def _start_locked(
-    ctx: Context,
+    ctx: CommandContext,
     *,
     timeout: float,
     log_file: str | None,
@@ -287,7 +287,9 @@ def _process_gone(pid: int) -> bool:
         return True
 
 
-def run_stop(ctx: Context, *, timeout: float | None, find_supervisor: SupervisorFinder) -> int:
+def run_stop(
+    ctx: CommandContext, *, timeout: float | None, find_supervisor: SupervisorFinder
+) -> int:
     supervisor = find_supervisor()
     if supervisor is not None and supervisor.restarts_clean_exit and supervisor.is_loaded():
         # A plain exit would be restarted at once: stop it through its supervisor.
@@ -331,14 +333,16 @@ def run_stop(ctx: Context, *, timeout: float | None, find_supervisor: Supervisor
     return 0
 
 
-def _pid_if_running(ctx: Context) -> int | None:
+def _pid_if_running(ctx: CommandContext) -> int | None:
     try:
         return ctx.client(timeout=3.0).status().pid
     except CtlError:
         return None
 
 
-def _wait_gone(ctx: Context, pid: int, timeout: float) -> None:
+def _wait_gone(ctx: CommandContext, pid: int, timeout: float) -> None:
+    # Not psutil.wait_procs: for a process that is not our child it waits while the pid exists,
+    # and a zombie left to an init that does not reap (a container's) exists until the timeout.
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if _process_gone(pid) and probe(ctx.socket_path) != "live":

@@ -19,7 +19,7 @@ from pensieve.postmortem import (
     signal_name,
 )
 from pensieve.runrecord import RunRecord, activity_path
-from pensievectl.context import Context
+from pensievectl.context import CommandContext
 from pensievectl.errors import CtlError, exit_status_for
 
 if TYPE_CHECKING:
@@ -200,7 +200,7 @@ def format_status(s: StatusResponse, config_problem: str | None = None) -> str:
     return "\n".join(lines)
 
 
-def run_status(ctx: Context, as_json: bool) -> int:
+def run_status(ctx: CommandContext, as_json: bool) -> int:
     location = ctx.location
     try:
         status = ctx.client(timeout=5.0).status()
