@@ -4,8 +4,8 @@ base, `ControlError`, is every pensievectl failure's base (`CtlError` here)."""
 
 from __future__ import annotations
 
-from pensieve.client import ControlError as CtlError
 from pensieve.client import (
+    ControlError,
     DaemonError,
     ForeignSocketError,
     NoAnswerError,
@@ -16,18 +16,7 @@ from pensieve.client import (
 )
 from pensieve.exitcodes import CtlExit
 
-__all__ = [
-    "CtlError",
-    "CtlExit",
-    "DaemonError",
-    "ForeignSocketError",
-    "NoAnswerError",
-    "NotASocketError",
-    "NotRunningError",
-    "SocketPermissionError",
-    "StaleSocketError",
-    "exit_status_for",
-]
+CtlError = ControlError
 
 
 class StartError(CtlError):

@@ -10,18 +10,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pensieve.client import NoAnswerError, SocketPermissionError
 from pensieve.exitcodes import DaemonExit
 from pensieve.paths import log_dir
 from pensieve.runrecord import LockTimeoutError, RunRecord, read_record, start_lock
 from pensieve.sockets import probe
 from pensievectl.context import CommandContext
-from pensievectl.errors import (
-    CtlError,
-    NoAnswerError,
-    SocketPermissionError,
-    StartError,
-    StopError,
-)
+from pensievectl.errors import CtlError, StartError, StopError
 from pensievectl.service import Supervisor
 from pensievectl.status import examine_dead, human_bytes, human_duration
 

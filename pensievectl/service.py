@@ -22,7 +22,9 @@ from string import Template
 from typing import Protocol, TextIO
 from xml.sax.saxutils import escape as xml_escape
 
-from pensievectl.errors import CtlExit, SupervisorError, exit_status_for
+from pensieve.exitcodes import CtlExit
+from pensieve.paths import default_config_path
+from pensievectl.errors import SupervisorError, exit_status_for
 
 LAUNCHD_LABEL = "dev.pensieve.pensieved"
 # `brew services` names its agent after the formula; two agents would fight over the port.
@@ -129,12 +131,6 @@ def _find_pensieved() -> Path | None:
     return None
 
 
-def _default_config_path() -> Path:
-    from pensieve.paths import default_config_path
-
-    return default_config_path()
-
-
 @dataclass
 class ServiceHost:
     """What the service steps read from the machine; tests substitute all of it."""
@@ -145,7 +141,7 @@ class ServiceHost:
     env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
     runner: CommandRunner = run_command
     find_program: Callable[[], Path | None] = _find_pensieved
-    default_config: Callable[[], Path] = _default_config_path
+    default_config: Callable[[], Path] = default_config_path
     out: TextIO = field(default_factory=lambda: sys.stdout)
     err: TextIO = field(default_factory=lambda: sys.stderr)
 
@@ -153,11 +149,8 @@ class ServiceHost:
     def is_macos(self) -> bool:
         return self.platform == "darwin"
 
-    def launch_agents_dir(self) -> Path:
-        return self.home / "Library" / "LaunchAgents"
-
     def plist_path(self, label: str = LAUNCHD_LABEL) -> Path:
-        return self.launch_agents_dir() / f"{label}.plist"
+        return self.home / "Library" / "LaunchAgents" / f"{label}.plist"
 
     def unit_path(self) -> Path:
         base = self.env.get("XDG_CONFIG_HOME") or str(self.home / ".config")
@@ -174,11 +167,6 @@ class ServiceHost:
 
     def service_target(self, label: str = LAUNCHD_LABEL) -> str:
         return f"{self.domain()}/{label}"
-
-
-def launch_agent_path(home: Path | None = None) -> Path:
-    """Where `service install` puts the LaunchAgent (for `pensievectl start/stop` to look)."""
-    return ServiceHost(home=home or Path.home()).plist_path()
 
 
 # ---- install / uninstall ----------------------------------------------------------------------
@@ -249,8 +237,8 @@ def install(ctx: ServiceHost, config: str | None = None, dry_run: bool = False) 
         raise SupervisorError(f"no service manager support for platform {ctx.platform!r}")
 
 
-def _launchd_loaded(ctx: ServiceHost, label: str = LAUNCHD_LABEL) -> bool:
-    return ctx.runner(["launchctl", "print", ctx.service_target(label)]).returncode == 0
+def _launchd_loaded(ctx: ServiceHost) -> bool:
+    return ctx.runner(["launchctl", "print", ctx.service_target()]).returncode == 0
 
 
 def _install_launchd(ctx: ServiceHost, paths: ServicePaths, dry_run: bool) -> None:

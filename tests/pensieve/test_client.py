@@ -14,16 +14,16 @@ from socketserver import UnixStreamServer
 
 import pytest
 
-from pensieve.client import ControlClient
-from pensievectl.errors import (
-    CtlExit,
+from pensieve.client import (
+    ControlClient,
     DaemonError,
     ForeignSocketError,
     NotASocketError,
     NotRunningError,
     StaleSocketError,
-    exit_status_for,
 )
+from pensieve.exitcodes import CtlExit
+from pensievectl.errors import exit_status_for
 
 
 @pytest.fixture
