@@ -2,8 +2,8 @@
 
 argparse-manpage renders every subcommand and flag; the sections argparse knows nothing about
 (FILES, SIGNALS, EXIT STATUS, ENVIRONMENT, SEE ALSO) are added here. Exit statuses come from
-the programs' own IntEnums (pensieved.daemon.DaemonExit, pensievectl.errors.CtlExit), so a new
-code without a description here fails the generation instead of going undocumented.
+the shared IntEnums (pensieve.exitcodes: DaemonExit, CtlExit), so a new code without a
+description here fails the generation instead of going undocumented.
 
     python packaging/gen_man.py            # rewrite man/*
     python packaging/gen_man.py --check    # exit 1 if a committed page is stale

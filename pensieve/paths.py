@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -76,3 +77,16 @@ def bundled_model_path() -> Path | None:
             if path.is_file():
                 return path
     return None
+
+
+# The state and socket directories: only their owner may list or enter them.
+PRIVATE_DIR_MODE = 0o700
+
+
+def private_dir_owner(directory: Path) -> int:
+    """The uid owning `directory` (OSError if it is missing); if that is us, it is made 0700.
+    The caller refuses a directory someone else owns: nothing in it can be trusted."""
+    info = directory.stat()
+    if info.st_uid == os.getuid() and stat.S_IMODE(info.st_mode) != PRIVATE_DIR_MODE:
+        os.chmod(directory, PRIVATE_DIR_MODE)
+    return info.st_uid

@@ -25,9 +25,8 @@ from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from pensieve.paths import runtime_dir
+from pensieve.paths import PRIVATE_DIR_MODE, private_dir_owner, runtime_dir
 
-DIR_MODE = 0o700
 FILE_MODE = 0o600
 
 
@@ -94,19 +93,17 @@ def _private_dir(create: bool) -> Path | None:
     """The state directory if it is ours (created 0700 if asked), else None or an error."""
     directory = state_dir()
     if create:
-        directory.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        directory.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
     try:
-        info = directory.stat()
+        owner = private_dir_owner(directory)
     except OSError:
         return None
-    if info.st_uid != os.getuid():
+    if owner != os.getuid():
         # Someone else made it (a shared /tmp): nothing in it can be trusted or kept private.
         raise RecordDirError(
-            f"{directory} belongs to uid {info.st_uid}, not to you: remove it, or set "
+            f"{directory} belongs to uid {owner}, not to you: remove it, or set "
             "XDG_RUNTIME_DIR to a private directory"
         )
-    if stat.S_IMODE(info.st_mode) != DIR_MODE:
-        os.chmod(directory, DIR_MODE)
     return directory
 
 

@@ -15,12 +15,17 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from pensieve.paths import MAX_SOCKET_PATH_BYTES, default_config_path, default_socket_path
+from pensieve.paths import (
+    MAX_SOCKET_PATH_BYTES,
+    PRIVATE_DIR_MODE,
+    default_config_path,
+    default_socket_path,
+    private_dir_owner,
+)
 from pensieve.runrecord import LockTimeoutError, RecordDirError, socket_lock
 
 # The socket and its directory are private to the user: anyone who can connect can stop the
 # daemon or make it load any file as a model.
-DIR_MODE = 0o700
 SOCKET_MODE = 0o600
 
 
@@ -111,15 +116,13 @@ def probe(path: Path, timeout: float = 1.0) -> str:
 
 
 def _prepare_directory(directory: Path) -> None:
-    directory.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-    info = directory.stat()
-    if info.st_uid != os.getuid():
+    directory.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
+    owner = private_dir_owner(directory)
+    if owner != os.getuid():
         raise SocketPathError(
-            f"the control socket's directory {directory} belongs to uid {info.st_uid}, not to "
+            f"the control socket's directory {directory} belongs to uid {owner}, not to "
             "you: set server.socket_path (or --socket) to a path in a directory you own"
         )
-    if stat.S_IMODE(info.st_mode) != DIR_MODE:
-        os.chmod(directory, DIR_MODE)
 
 
 @dataclass(frozen=True)

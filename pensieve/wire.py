@@ -1,7 +1,10 @@
-"""The control API's JSON shapes (daemon side). `pensievectl` reads them as plain JSON.
+"""The control API's JSON shapes: the daemon writes them, `pensieve.client` parses replies into
+them.
 
-Field names here are a contract with `pensievectl` and with scripts using `status --json`:
-add fields freely, never rename or remove one.
+Field names here are a contract with `pensievectl` and with scripts using `status --json`: add
+fields freely (with a default, so a newer pensievectl still reads an older running daemon), never
+rename or remove one. Replies keep fields they do not know (a newer daemon's) so that
+`status --json` passes them on; the one request refuses them.
 """
 
 from __future__ import annotations
@@ -13,11 +16,11 @@ from pydantic import BaseModel, ConfigDict, Field
 ChangeAction = Literal["live", "rebind", "model", "restart"]
 
 
-class _Wire(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class _ControlModel(BaseModel):
+    model_config = ConfigDict(extra="allow")
 
 
-class Change(_Wire):
+class Change(_ControlModel):
     key: str = Field(description="Dotted config key, e.g. `logging.level`.")
     old: Any = Field(description="The running value.")
     new: Any = Field(description="The value in the file.")
@@ -27,7 +30,7 @@ class Change(_Wire):
     )
 
 
-class ReloadResult(_Wire):
+class ReloadResult(_ControlModel):
     time: float = Field(description="Unix time when the reload ran.")
     trigger: str = Field(description="What asked for it: `watch`, `sighup`, `control`, `model`.")
     ok: bool = Field(description="False: nothing (or, for a model load, not the model) changed.")
@@ -38,16 +41,18 @@ class ReloadResult(_Wire):
     )
 
 
-class Issue(_Wire):
+class Issue(_ControlModel):
     path: str = Field(description="Dotted key path of the problem, or `(json)` / `(file)`.")
     message: str = Field(description="What is wrong with it.")
 
 
-class ValidateRequest(_Wire):
+class ValidateRequest(_ControlModel):
+    model_config = ConfigDict(extra="forbid")
+
     path: str = Field(description="Absolute path of the config file to validate.")
 
 
-class ValidateResponse(_Wire):
+class ValidateResponse(_ControlModel):
     valid: bool = Field(description="The file passes the daemon's validator.")
     source: str = Field(description="The file that was validated.")
     issues: list[Issue] = Field(default_factory=list, description="Every problem found.")
@@ -56,14 +61,14 @@ class ValidateResponse(_Wire):
     )
 
 
-class HttpStatus(_Wire):
+class HttpStatus(_ControlModel):
     host: str = Field(description="Configured listen address.")
     port: int = Field(description="Bound port (the real one when the config says 0).")
     url: str | None = Field(description="Base URL of the Messages API, null if not listening.")
     error: str | None = Field(None, description="Why the HTTP listener is not up.")
 
 
-class DecodeStatus(_Wire):
+class DecodeStatus(_ControlModel):
     steps: int = Field(description="Batches decoded since the model was loaded.")
     tokens: int = Field(description="Tokens in those batches (prompt and generated).")
     llama_s: float = Field(description="Seconds spent in llama.cpp's decode.")
@@ -72,7 +77,7 @@ class DecodeStatus(_Wire):
     )
 
 
-class ModelStatus(_Wire):
+class ModelStatus(_ControlModel):
     name: str = Field(description="Model name from the GGUF metadata.")
     path: str = Field(description="The GGUF file.")
     size_bytes: int = Field(description="File size.")
@@ -87,14 +92,14 @@ class ModelStatus(_Wire):
     decode: DecodeStatus
 
 
-class ProcessStatus(_Wire):
+class ProcessStatus(_ControlModel):
     rss_bytes: int = Field(description="Resident memory.")
     cpu_percent: float = Field(description="CPU use since the previous status call (or start).")
     cpu_time_s: float = Field(description="User plus system CPU time since start.")
     threads: int = Field(description="OS threads.")
 
 
-class RequestStatus(_Wire):
+class RequestStatus(_ControlModel):
     served: int = Field(description="Requests finished since start.")
     in_flight: int = Field(description="Requests admitted and not finished (running + queued).")
     running: int = Field(description="Generations running on a KV slot.")
@@ -104,7 +109,7 @@ class RequestStatus(_Wire):
     cache_read_tokens: int = Field(description="Prompt tokens reused from the KV cache.")
 
 
-class WorkItem(_Wire):
+class WorkItem(_ControlModel):
     id: str = Field(description="The request's `request-id` (or `load-N` for a model load).")
     what: str = Field(description="What it asked for: method, path, model, stream, max_tokens.")
     phase: str = Field(description="Where it is: preparing, waiting for a slot, evaluating...")
@@ -112,7 +117,7 @@ class WorkItem(_Wire):
     phase_since: float = Field(description="Unix time it entered this phase.")
 
 
-class PreviousExit(_Wire):
+class PreviousExit(_ControlModel):
     pid: int = Field(description="The daemon that died.")
     started_at: float = Field(description="Unix time it had started.")
     signal: int | None = Field(description="The fatal signal, when its log or exit status says.")
@@ -127,7 +132,7 @@ class PreviousExit(_Wire):
     )
 
 
-class StatusResponse(_Wire):
+class StatusResponse(_ControlModel):
     pid: int = Field(description="The daemon's process id.")
     version: str = Field(description="pensieved version.")
     started_at: float = Field(description="Unix time the daemon started.")
@@ -160,7 +165,7 @@ class StatusResponse(_Wire):
     )
 
 
-class ConfigResponse(_Wire):
+class ConfigResponse(_ControlModel):
     config_file: str = Field(description="The config file the daemon reads and watches.")
     values: dict[str, dict[str, Any]] = Field(
         description="The config in force: the last good read of the file, flags on top."
@@ -171,10 +176,10 @@ class ConfigResponse(_Wire):
     )
 
 
-class StopResponse(_Wire):
+class StopResponse(_ControlModel):
     pid: int = Field(description="The process that is stopping.")
     drain_timeout_ms: int = Field(description="How long in-flight requests may still run.")
 
 
-class ErrorResponse(_Wire):
+class ErrorResponse(_ControlModel):
     error: str = Field(description="What went wrong and what to do.")

@@ -1,2 +1,2 @@
-"""pensievectl, the control client: talks to pensieved over its Unix socket. Imports `pensieve`
-(shared) and the stdlib, pydantic only to validate; never tornado, llama_cpp or `pensieved`."""
+"""pensievectl, the control CLI: start, stop, status, reload, validate, config, launchd/systemd.
+Imports `pensieve` and the stdlib (psutil, pydantic lazily); never pensieved, Tornado, llama_cpp."""

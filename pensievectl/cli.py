@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 from collections.abc import Sequence
 
 from pensieve import __version__
 from pensieve.exitcodes import CtlExit
-from pensievectl.context import Context
+from pensievectl.context import CommandContext
 from pensievectl.errors import CtlError, exit_status_for
 
 DESCRIPTION = (
@@ -33,11 +32,6 @@ files:
           not parse (or nothing answers at its socket), the socket recorded by the daemon
           that serves that config (pensieve/run/ in the runtime directory)
 """
-
-
-def _has_service_module() -> bool:
-    # The `service` command comes from pensievectl/service.py when it is installed.
-    return importlib.util.find_spec("pensievectl.service") is not None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,14 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--output", metavar="FILE", help="write it to FILE instead of stdout")
     generate.add_argument("--force", action="store_true", help="overwrite an existing FILE")
 
-    if _has_service_module():
-        from pensievectl import service
+    from pensievectl import service
 
-        service.add_subparser(commands)
+    service.add_subparser(commands)
     return parser
 
 
-def dispatch(args: argparse.Namespace, ctx: Context) -> int:
+def dispatch(args: argparse.Namespace, ctx: CommandContext) -> int:
     command = args.command
     if command == "status":
         from pensievectl.status import run_status
@@ -142,7 +135,7 @@ def dispatch(args: argparse.Namespace, ctx: Context) -> int:
         return run_status(ctx, args.json)
     if command in ("start", "stop"):
         from pensievectl import lifecycle
-        from pensievectl.supervisor import find_supervisor
+        from pensievectl.service import find_supervisor
 
         if command == "start":
             return lifecycle.run_start(
@@ -168,7 +161,7 @@ def dispatch(args: argparse.Namespace, ctx: Context) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    ctx = Context(config_arg=args.config, socket_arg=args.socket)
+    ctx = CommandContext(config_arg=args.config, socket_arg=args.socket)
     try:
         return int(dispatch(args, ctx))
     except CtlError as exc:

@@ -9,17 +9,20 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pensieve.exitcodes import CtlExit
 from pensieve.sockets import probe
-from pensievectl.context import Context
+from pensievectl.context import CommandContext
 from pensievectl.errors import (
     CtlError,
     InvalidConfigError,
     OutputExistsError,
     ReloadFailedError,
 )
+
+if TYPE_CHECKING:
+    from pensieve.wire import Change, StatusResponse
 
 
 def _show(value: Any) -> str:
@@ -34,14 +37,23 @@ _ACTIONS = {
 }
 
 
-def format_changes(changes: list[dict[str, Any]]) -> list[str]:
+def format_changes(changes: list[Change]) -> list[str]:
     return [
-        f"  {c['key']}: {_show(c['old'])} -> {_show(c['new'])}  ({_ACTIONS.get(c['action'], '')})"
+        f"  {c.key}: {_show(c.old)} -> {_show(c.new)}  ({_ACTIONS.get(c.action, '')})"
         for c in changes
     ]
 
 
-def _running_daemon(ctx: Context) -> dict[str, Any] | None:
+def _say_changes(ctx: CommandContext, changes: list[Change], heading: str, if_none: str) -> None:
+    if not changes:
+        ctx.say(if_none)
+        return
+    ctx.say(heading)
+    for line in format_changes(changes):
+        ctx.say(line)
+
+
+def _running_daemon(ctx: CommandContext) -> StatusResponse | None:
     """The daemon serving this config file, if one answers."""
     if probe(ctx.socket_path) != "live":
         return None
@@ -51,14 +63,14 @@ def _running_daemon(ctx: Context) -> dict[str, Any] | None:
         return None
 
 
-def _keeps_running(status: dict[str, Any]) -> str:
+def _keeps_running(status: StatusResponse) -> str:
     return (
-        f"pensieved (pid {status['pid']}) keeps serving on its last good config, and applies "
+        f"pensieved (pid {status.pid}) keeps serving on its last good config, and applies "
         "the file by itself once it is fixed (`pensievectl status` shows what it sees)"
     )
 
 
-def run_validate(ctx: Context, file: str | None) -> int:
+def run_validate(ctx: CommandContext, file: str | None) -> int:
     from pensieve.config import ConfigError, load_config_file
 
     path = Path(file).expanduser().absolute() if file else ctx.config_path
@@ -85,37 +97,32 @@ def run_validate(ctx: Context, file: str | None) -> int:
     except CtlError as exc:
         ctx.note(f"(could not ask the running pensieved what would change: {exc})")
         return 0
-    if not reply["valid"]:
+    if not reply.valid:
         # The daemon's flags apply on top of the file there and can make it invalid.
-        issues = "\n".join(f"  {i['path']}: {i['message']}" for i in reply["issues"])
+        issues = "\n".join(f"  {i.path}: {i.message}" for i in reply.issues)
         raise InvalidConfigError(
-            f"with the running daemon's command-line flags on top, {reply['source']} is "
+            f"with the running daemon's command-line flags on top, {reply.source} is "
             f"invalid:\n{issues}"
         )
-    if reply["changes"]:
-        ctx.say("loading it into the running pensieved would change:")
-        for line in format_changes(reply["changes"]):
-            ctx.say(line)
-    else:
-        ctx.say("it matches the running pensieved's config: loading it changes nothing")
+    _say_changes(
+        ctx,
+        reply.changes,
+        "loading it into the running pensieved would change:",
+        "it matches the running pensieved's config: loading it changes nothing",
+    )
     return 0
 
 
-def run_reload(ctx: Context, *, wait: bool, timeout: float) -> int:
+def run_reload(ctx: CommandContext, *, wait: bool, timeout: float) -> int:
     client = ctx.client()
     result = client.reload()
-    if not result["ok"]:
+    if not result.ok:
         raise ReloadFailedError(
             f"reload failed; pensieved keeps its running config, and applies the file by "
-            f"itself once it is fixed (`pensievectl validate` checks it):\n{result['error']}"
+            f"itself once it is fixed (`pensievectl validate` checks it):\n{result.error}"
         )
-    if result["changes"]:
-        ctx.say("reloaded: applied")
-        for line in format_changes(result["changes"]):
-            ctx.say(line)
-    else:
-        ctx.say("reloaded: nothing changed")
-    if not result.get("model_loading"):
+    _say_changes(ctx, result.changes, "reloaded: applied", "reloaded: nothing changed")
+    if not result.model_loading:
         return 0
     if not wait:
         ctx.say("the new model is loading in the background; the old one serves until then")
@@ -124,12 +131,13 @@ def run_reload(ctx: Context, *, wait: bool, timeout: float) -> int:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         status = client.status()
-        if not status.get("model_loading"):
-            last = status.get("last_reload") or {}
-            if last.get("ok") is False:
-                raise ReloadFailedError(f"the new model did not load: {last.get('error')}")
-            model = status.get("model") or {}
-            ctx.say(f"now serving {model.get('name')} ({model.get('path')})")
+        if not status.model_loading:
+            last = status.last_reload
+            if last is not None and not last.ok:
+                raise ReloadFailedError(f"the new model did not load: {last.error}")
+            model = status.model
+            name, path = (model.name, model.path) if model else (None, None)
+            ctx.say(f"now serving {name} ({path})")
             return 0
         time.sleep(0.2)
     ctx.say(f"the model is still loading after {timeout:g} s; check `pensievectl status`")
@@ -151,7 +159,7 @@ def _sources(raw: Any, overrides: dict[str, Any], defaults: dict[str, Any]) -> d
     return sources
 
 
-def run_config_show(ctx: Context, as_json: bool) -> int:
+def run_config_show(ctx: CommandContext, as_json: bool) -> int:
     from pensieve.config import Config, ConfigError, apply_overrides, load_config_file
 
     path = ctx.config_path
@@ -189,7 +197,7 @@ def run_config_show(ctx: Context, as_json: bool) -> int:
     return 0
 
 
-def _show_running_instead(ctx: Context, file_error: str, as_json: bool) -> int:
+def _show_running_instead(ctx: CommandContext, file_error: str, as_json: bool) -> int:
     """The file does not validate: show the config the running daemon uses instead."""
     from pensieve.config import Config
 
@@ -198,13 +206,13 @@ def _show_running_instead(ctx: Context, file_error: str, as_json: bool) -> int:
             f"{file_error}\nno pensieved is running for it, so there is no config in force to "
             "show instead; `pensievectl validate` lists the errors"
         )
-    running = ctx.client().request("GET", "/v1/config")
-    flags = set(running["flags"])
+    running = ctx.client().config()
+    flags = set(running.flags)
     if as_json:
         payload = {
             "config_file": str(ctx.config_path),
             "file_error": file_error,
-            "running": running,
+            "running": running.model_dump(mode="json"),
         }
         ctx.say(json.dumps(payload, indent=2))
     else:
@@ -213,7 +221,7 @@ def _show_running_instead(ctx: Context, file_error: str, as_json: bool) -> int:
             "the config the running pensieved uses (its last good read of the file, flags on "
             "top); source in brackets"
         )
-        for section, values in running["values"].items():
+        for section, values in running.values.items():
             fields = type(getattr(Config(), section)).model_fields
             for key, value in values.items():
                 dotted = f"{section}.{key}"
@@ -227,7 +235,7 @@ def _show_running_instead(ctx: Context, file_error: str, as_json: bool) -> int:
     return int(CtlExit.FAILURE)
 
 
-def run_config_generate(ctx: Context, output: str | None, force: bool) -> int:
+def run_config_generate(ctx: CommandContext, output: str | None, force: bool) -> int:
     from pensieve.config import default_config_json
 
     text = default_config_json()

@@ -1,4 +1,5 @@
-"""What every command needs: which config file, which socket, and a client for it."""
+"""What every pensievectl command needs: which config file, which socket, a client for it, and
+where to write."""
 
 from __future__ import annotations
 
@@ -7,13 +8,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+from pensieve.client import ControlClient
 from pensieve.paths import default_config_path
-from pensievectl.client import ControlClient
 from pensievectl.discovery import Location, locate
 
 
 @dataclass
-class Context:
+class CommandContext:
     config_arg: str | None = None
     socket_arg: str | None = None
     out: TextIO = field(default_factory=lambda: sys.stdout)

@@ -1,41 +1,22 @@
 """pensievectl's failure kinds and the one place that maps each to its exit status
-(`pensieve.exitcodes.CtlExit`)."""
+(`pensieve.exitcodes.CtlExit`). The socket client's kinds come from `pensieve.client`; their
+base, `ControlError`, is every pensievectl failure's base (`CtlError` here)."""
 
 from __future__ import annotations
 
+from pensieve.client import (
+    ControlError,
+    DaemonError,
+    ForeignSocketError,
+    NoAnswerError,
+    NotASocketError,
+    NotRunningError,
+    SocketPermissionError,
+    StaleSocketError,
+)
 from pensieve.exitcodes import CtlExit
 
-
-class CtlError(Exception):
-    """A failure with a message for the user: what happened and what to do."""
-
-
-class NotRunningError(CtlError):
-    """No socket: no daemon."""
-
-
-class StaleSocketError(CtlError):
-    """A socket file nobody listens on: a daemon was killed."""
-
-
-class SocketPermissionError(CtlError):
-    """The socket exists but this user may not connect to it."""
-
-
-class ForeignSocketError(CtlError):
-    """The socket belongs to another user: never talk to it (it could be an impostor)."""
-
-
-class NotASocketError(CtlError):
-    """The socket path holds something other than a socket."""
-
-
-class NoAnswerError(CtlError):
-    """The daemon accepted the connection but did not answer in time."""
-
-
-class DaemonError(CtlError):
-    """The daemon answered with an error."""
+CtlError = ControlError
 
 
 class StartError(CtlError):

@@ -8,24 +8,20 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
+from pensieve.client import NoAnswerError, SocketPermissionError
+from pensieve.exitcodes import DaemonExit
 from pensieve.paths import log_dir
 from pensieve.runrecord import LockTimeoutError, RunRecord, read_record, start_lock
 from pensieve.sockets import probe
-from pensievectl.context import Context
-from pensievectl.errors import (
-    CtlError,
-    NoAnswerError,
-    SocketPermissionError,
-    StartError,
-    StopError,
-)
+from pensievectl.context import CommandContext
+from pensievectl.errors import CtlError, StartError, StopError
+from pensievectl.service import Supervisor
 from pensievectl.status import examine_dead, human_bytes, human_duration
-from pensievectl.supervisor import Supervisor
 
-# pensieved's own exit status when another daemon holds the socket (daemon.DaemonExit).
-_DAEMON_ALREADY_RUNNING = 3
+if TYPE_CHECKING:
+    from pensieve.wire import StatusResponse
 
 SupervisorFinder = Callable[[], Supervisor | None]
 
@@ -34,7 +30,7 @@ def default_log_path() -> Path:
     return log_dir() / "pensieved.log"
 
 
-def _daemon_command(ctx: Context) -> list[str]:
+def _daemon_command(ctx: CommandContext) -> list[str]:
     argv = [sys.executable, "-m", "pensieved"]
     if ctx.config_arg:
         argv += ["--config", str(ctx.config_path)]
@@ -43,7 +39,7 @@ def _daemon_command(ctx: Context) -> list[str]:
     return argv
 
 
-def spawn_daemon(ctx: Context, log_path: Path) -> subprocess.Popen[bytes]:
+def spawn_daemon(ctx: CommandContext, log_path: Path) -> subprocess.Popen[bytes]:
     """Run pensieved detached: its own session, no terminal, output appended to the log."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
@@ -64,7 +60,7 @@ def spawn_daemon(ctx: Context, log_path: Path) -> subprocess.Popen[bytes]:
 class _Progress:
     """One line that updates in place on a terminal, a line every few seconds otherwise."""
 
-    def __init__(self, ctx: Context) -> None:
+    def __init__(self, ctx: CommandContext) -> None:
         self.ctx = ctx
         self.tty = ctx.err.isatty()
         self.last_print = 0.0
@@ -87,8 +83,8 @@ class _Progress:
             self.dirty = False
 
 
-def _loading_message(status: dict[str, Any], started: float) -> str:
-    path = status.get("model_loading")
+def _loading_message(status: StatusResponse, started: float) -> str:
+    path = status.model_loading
     elapsed = human_duration(time.monotonic() - started)
     if not path:
         return f"pensieved is starting... {elapsed}"
@@ -100,7 +96,7 @@ def _loading_message(status: dict[str, Any], started: float) -> str:
 
 
 def _spawned_death(
-    ctx: Context,
+    ctx: CommandContext,
     process: subprocess.Popen[bytes],
     log_path: Path | None,
     log_offset: int,
@@ -123,14 +119,14 @@ def _spawned_death(
 
 
 def wait_until_serving(
-    ctx: Context,
+    ctx: CommandContext,
     *,
     timeout: float,
     process: subprocess.Popen[bytes] | None,
     log_path: Path | None,
     describe_log: str,
     log_offset: int = 0,
-) -> dict[str, Any]:
+) -> StatusResponse:
     """Poll the control socket until the model is loaded; raise StartError with the reason."""
     client = ctx.client(timeout=5.0)
     progress = _Progress(ctx)
@@ -141,7 +137,7 @@ def wait_until_serving(
     try:
         while True:
             if process is not None and process.poll() is not None:
-                if process.returncode == _DAEMON_ALREADY_RUNNING:
+                if process.returncode == DaemonExit.ALREADY_RUNNING:
                     # Another daemon took this socket or config first: wait for that one.
                     process = None
                     ctx.relocate()
@@ -152,20 +148,19 @@ def wait_until_serving(
                     f"{_spawned_death(ctx, process, log_path, log_offset, began)}"
                     f"\n(log: {describe_log})"
                 )
-            status: dict[str, Any] | None = None
+            status: StatusResponse | None = None
             if probe(ctx.socket_path) == "live":
                 try:
                     status = client.status()
                 except (NoAnswerError, CtlError):
                     status = None
             if status is not None:
-                state = status["state"]
-                if state == "ready":
+                if status.state == "ready":
                     return status
-                if state in ("error", "no_model") and not status.get("model_loading"):
+                if status.state in ("error", "no_model") and not status.model_loading:
                     raise StartError(
-                        f"pensieved is running (pid {status['pid']}) but cannot serve: "
-                        f"{status['error']}\nIt stays up answering 503 and recovers by itself "
+                        f"pensieved is running (pid {status.pid}) but cannot serve: "
+                        f"{status.error}\nIt stays up answering 503 and recovers by itself "
                         "once the config or model file is fixed; `pensievectl stop` stops it. "
                         f"(log: {describe_log})"
                     )
@@ -184,16 +179,16 @@ def wait_until_serving(
         progress.done()
 
 
-def _ready_message(status: dict[str, Any]) -> str:
-    model = status.get("model") or {}
+def _ready_message(status: StatusResponse) -> str:
+    model = status.model.name if status.model else "no model"
     return (
-        f"pensieved is running (pid {status['pid']}) on {status['http']['url']} "
-        f"with {model.get('name', 'no model')}; socket {status['socket_path']}"
+        f"pensieved is running (pid {status.pid}) on {status.http.url} "
+        f"with {model}; socket {status.socket_path}"
     )
 
 
 def run_start(
-    ctx: Context,
+    ctx: CommandContext,
     *,
     timeout: float,
     log_file: str | None,
@@ -216,7 +211,7 @@ def run_start(
 
 
 def _start_locked(
-    ctx: Context,
+    ctx: CommandContext,
     *,
     timeout: float,
     log_file: str | None,
@@ -226,11 +221,11 @@ def _start_locked(
     state = probe(location.socket_path)
     if state == "live":
         status = ctx.client().status()
-        if status["state"] == "loading":
+        if status.state == "loading":
             status = wait_until_serving(
                 ctx, timeout=timeout, process=None, log_path=None, describe_log="its log"
             )
-        ctx.say(f"pensieved is already running (pid {status['pid']}) on {status['http']['url']}")
+        ctx.say(f"pensieved is already running (pid {status.pid}) on {status.http.url}")
         return 0
     if state == "denied":
         raise SocketPermissionError(
@@ -287,7 +282,9 @@ def _process_gone(pid: int) -> bool:
         return True
 
 
-def run_stop(ctx: Context, *, timeout: float | None, find_supervisor: SupervisorFinder) -> int:
+def run_stop(
+    ctx: CommandContext, *, timeout: float | None, find_supervisor: SupervisorFinder
+) -> int:
     supervisor = find_supervisor()
     if supervisor is not None and supervisor.restarts_clean_exit and supervisor.is_loaded():
         # A plain exit would be restarted at once: stop it through its supervisor.
@@ -323,22 +320,24 @@ def run_stop(ctx: Context, *, timeout: float | None, find_supervisor: Supervisor
         )
         return 0
     reply = ctx.client().stop()
-    pid = int(reply["pid"])
-    wait = timeout if timeout is not None else reply["drain_timeout_ms"] / 1000 + 10
+    pid = reply.pid
+    wait = timeout if timeout is not None else reply.drain_timeout_ms / 1000 + 10
     ctx.note(f"stopping pensieved (pid {pid}): in-flight requests may finish")
     _wait_gone(ctx, pid, wait)
     ctx.say(f"pensieved stopped (pid {pid})")
     return 0
 
 
-def _pid_if_running(ctx: Context) -> int | None:
+def _pid_if_running(ctx: CommandContext) -> int | None:
     try:
-        return int(ctx.client(timeout=3.0).status()["pid"])
+        return ctx.client(timeout=3.0).status().pid
     except CtlError:
         return None
 
 
-def _wait_gone(ctx: Context, pid: int, timeout: float) -> None:
+def _wait_gone(ctx: CommandContext, pid: int, timeout: float) -> None:
+    # Not psutil.wait_procs: for a process that is not our child it waits while the pid exists,
+    # and a zombie left to an init that does not reap (a container's) exists until the timeout.
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if _process_gone(pid) and probe(ctx.socket_path) != "live":

@@ -1,12 +1,11 @@
-"""`pensievectl service install|uninstall`: run pensieved always, under the user's own supervisor.
+"""launchd and systemd: install and remove pensieved's per-user service, and find and drive it.
 
-On macOS that is a LaunchAgent in ~/Library/LaunchAgents loaded with `launchctl bootstrap
-gui/UID`; on Linux a systemd user unit enabled with `systemctl --user`. Rendering is pure
-(paths in, text out) and every OS command goes through an injectable runner, so the macOS path
-is tested on Linux with a fake runner.
-
-The templates are kept here rather than read from packaging/ at run time because packaging/ is
-not part of the wheel; tests keep packaging/launchd and packaging/systemd identical to them.
+`pensievectl service install|uninstall` writes a LaunchAgent (macOS, loaded with `launchctl
+bootstrap gui/UID`) or a systemd user unit (Linux, enabled with `systemctl --user`) rendered from
+the templates in pensievectl/templates. `start` and `stop` go through the installed service (also
+Homebrew's `homebrew.mxcl.pensieve` agent) rather than spawning a second copy, or letting a plain
+exit be restarted. Rendering is pure (paths in, text out) and every OS command goes through an
+injectable `CommandRunner`, so the macOS path is tested on Linux with a fake one.
 """
 
 from __future__ import annotations
@@ -20,81 +19,25 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from string import Template
-from typing import TextIO
+from typing import Protocol, TextIO
 from xml.sax.saxutils import escape as xml_escape
+
+from pensieve.exitcodes import CtlExit
+from pensieve.paths import default_config_path
+from pensievectl.errors import SupervisorError, exit_status_for
 
 LAUNCHD_LABEL = "dev.pensieve.pensieved"
 # `brew services` names its agent after the formula; two agents would fight over the port.
 HOMEBREW_LAUNCHD_LABEL = "homebrew.mxcl.pensieve"
+LAUNCHD_LABELS = (HOMEBREW_LAUNCHD_LABEL, LAUNCHD_LABEL)
 SYSTEMD_UNIT = "pensieved.service"
 LOG_FILE_NAME = "pensieved.log"
 
-PLIST_TEMPLATE = """\
-<?xml version="1.0" encoding="UTF-8"?>
-<!DOCTYPE plist PUBLIC "-//Apple//DTD PLIST 1.0//EN" "http://www.apple.com/DTDs/PropertyList-1.0.dtd">
-<!--
-  LaunchAgent for a pip-installed pensieved; `pensievectl service install` fills in the
-  placeholders with XML-escaped absolute paths and loads it with `launchctl bootstrap`.
-  KeepAlive restarts pensieved only after an unsuccessful exit, so `pensievectl stop` (a
-  clean exit 0) stays stopped while a crash is restarted. ExitTimeOut gives the daemon's
-  15 s drain (plus up to 5 s to end what is left) room before launchd sends SIGKILL.
--->
-<plist version="1.0">
-<dict>
-\t<key>Label</key>
-\t<string>${label}</string>
-\t<key>ProgramArguments</key>
-\t<array>
-\t\t<string>${program}</string>
-\t\t<string>--config</string>
-\t\t<string>${config}</string>
-\t</array>
-\t<key>RunAtLoad</key>
-\t<true/>
-\t<key>KeepAlive</key>
-\t<dict>
-\t\t<key>SuccessfulExit</key>
-\t\t<false/>
-\t</dict>
-\t<key>ThrottleInterval</key>
-\t<integer>10</integer>
-\t<key>ExitTimeOut</key>
-\t<integer>30</integer>
-\t<key>ProcessType</key>
-\t<string>Interactive</string>
-\t<key>WorkingDirectory</key>
-\t<string>${working_dir}</string>
-\t<key>StandardOutPath</key>
-\t<string>${log}</string>
-\t<key>StandardErrorPath</key>
-\t<string>${log}</string>
-</dict>
-</plist>
-"""
 
-SYSTEMD_TEMPLATE = """\
-# systemd user unit for pensieved; `pensievectl service install` fills in the
-# placeholders with quoted absolute paths and enables it with `systemctl --user enable --now`.
-# Restart=on-failure mirrors the launchd agent's KeepAlive: a crash or a non-zero exit is
-# restarted, a clean exit after `pensievectl stop` is not. Logs go to the journal:
-# `journalctl --user -u pensieved`.
-[Unit]
-Description=Pensieve local LLM server (Anthropic Messages API)
-Documentation=man:pensieved(8) man:pensievectl(1)
+def _template(name: str) -> str:
+    from importlib import resources  # deferred: only rendering needs it (not `--help`)
 
-[Service]
-Type=simple
-ExecStart=${program} --config ${config}
-ExecReload=/bin/kill -HUP $$MAINPID
-WorkingDirectory=${working_dir}
-Restart=on-failure
-RestartSec=10
-# Longer than the daemon's drain (15 s) plus the 5 s it gives unfinished requests to end.
-TimeoutStopSec=30
-
-[Install]
-WantedBy=default.target
-"""
+    return resources.files("pensievectl").joinpath("templates", name).read_text(encoding="utf-8")
 
 
 # ---- rendering (pure) -----------------------------------------------------------------------
@@ -124,7 +67,9 @@ def render_plist(paths: ServicePaths, label: str = LAUNCHD_LABEL) -> str:
         "working_dir": str(paths.working_dir),
         "log": str(paths.log),
     }
-    return Template(PLIST_TEMPLATE).substitute({k: xml_escape(v) for k, v in values.items()})
+    return Template(_template("dev.pensieve.pensieved.plist.in")).substitute(
+        {k: xml_escape(v) for k, v in values.items()}
+    )
 
 
 def systemd_quote(value: str) -> str:
@@ -140,7 +85,7 @@ def systemd_quote(value: str) -> str:
 
 
 def render_systemd_unit(paths: ServicePaths) -> str:
-    return Template(SYSTEMD_TEMPLATE).substitute(
+    return Template(_template("pensieved.service.in")).substitute(
         program=systemd_quote(str(paths.program)),
         config=systemd_quote(str(paths.config)),
         working_dir=systemd_quote(str(paths.working_dir)),
@@ -151,21 +96,25 @@ def render_systemd_unit(paths: ServicePaths) -> str:
 
 
 @dataclass(frozen=True)
-class RunResult:
+class CommandResult:
+    """What an OS command (launchctl, systemctl, journalctl) returned."""
+
     returncode: int
     stdout: str = ""
     stderr: str = ""
 
 
-Runner = Callable[[Sequence[str]], RunResult]
+CommandRunner = Callable[[Sequence[str]], CommandResult]
 
 
-def subprocess_runner(argv: Sequence[str]) -> RunResult:
+def run_command(argv: Sequence[str]) -> CommandResult:
     try:
-        done = subprocess.run(list(argv), capture_output=True, text=True, check=False)
+        done = subprocess.run(list(argv), capture_output=True, text=True, timeout=30, check=False)
     except FileNotFoundError:
-        return RunResult(127, "", f"{argv[0]}: command not found")
-    return RunResult(done.returncode, done.stdout, done.stderr)
+        return CommandResult(127, "", f"{argv[0]}: command not found")
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return CommandResult(127, "", str(exc))
+    return CommandResult(done.returncode, done.stdout, done.stderr)
 
 
 def _find_pensieved() -> Path | None:
@@ -182,23 +131,17 @@ def _find_pensieved() -> Path | None:
     return None
 
 
-def _default_config_path() -> Path:
-    from pensieve.paths import default_config_path
-
-    return default_config_path()
-
-
 @dataclass
-class Context:
-    """What the install/uninstall steps read from the machine; tests substitute all of it."""
+class ServiceHost:
+    """What the service steps read from the machine; tests substitute all of it."""
 
     platform: str = field(default_factory=lambda: sys.platform)
     home: Path = field(default_factory=Path.home)
     uid: int = field(default_factory=os.getuid)
     env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
-    runner: Runner = subprocess_runner
+    runner: CommandRunner = run_command
     find_program: Callable[[], Path | None] = _find_pensieved
-    default_config: Callable[[], Path] = _default_config_path
+    default_config: Callable[[], Path] = default_config_path
     out: TextIO = field(default_factory=lambda: sys.stdout)
     err: TextIO = field(default_factory=lambda: sys.stderr)
 
@@ -206,11 +149,8 @@ class Context:
     def is_macos(self) -> bool:
         return self.platform == "darwin"
 
-    def launch_agents_dir(self) -> Path:
-        return self.home / "Library" / "LaunchAgents"
-
     def plist_path(self, label: str = LAUNCHD_LABEL) -> Path:
-        return self.launch_agents_dir() / f"{label}.plist"
+        return self.home / "Library" / "LaunchAgents" / f"{label}.plist"
 
     def unit_path(self) -> Path:
         base = self.env.get("XDG_CONFIG_HOME") or str(self.home / ".config")
@@ -229,22 +169,13 @@ class Context:
         return f"{self.domain()}/{label}"
 
 
-def launch_agent_path(home: Path | None = None) -> Path:
-    """Where `service install` puts the LaunchAgent (for `pensievectl start/stop` to look)."""
-    return Context(home=home or Path.home()).plist_path()
-
-
-class ServiceError(Exception):
-    pass
-
-
 # ---- install / uninstall ----------------------------------------------------------------------
 
 
-def service_paths(ctx: Context, config: str | None) -> ServicePaths:
+def service_paths(ctx: ServiceHost, config: str | None) -> ServicePaths:
     program = ctx.find_program()
     if program is None:
-        raise ServiceError(
+        raise SupervisorError(
             "cannot find the pensieved executable next to pensievectl or on PATH; "
             "reinstall Pensieve (pip install pensieve) and run this again"
         )
@@ -257,18 +188,20 @@ def service_paths(ctx: Context, config: str | None) -> ServicePaths:
     )
 
 
-def _run(ctx: Context, argv: list[str], dry_run: bool, *, may_fail: bool = False) -> RunResult:
+def _run(
+    ctx: ServiceHost, argv: list[str], dry_run: bool, *, may_fail: bool = False
+) -> CommandResult:
     ctx.out.write(("would run: " if dry_run else "+ ") + " ".join(argv) + "\n")
     if dry_run:
-        return RunResult(0)
+        return CommandResult(0)
     result = ctx.runner(argv)
     if result.returncode != 0 and not may_fail:
         detail = (result.stderr or result.stdout).strip()
-        raise ServiceError(f"`{' '.join(argv)}` failed ({result.returncode}): {detail}")
+        raise SupervisorError(f"`{' '.join(argv)}` failed ({result.returncode}): {detail}")
     return result
 
 
-def _write(ctx: Context, path: Path, text: str, dry_run: bool) -> None:
+def _write(ctx: ServiceHost, path: Path, text: str, dry_run: bool) -> None:
     if dry_run:
         ctx.out.write(f"would write {path}:\n{text}")
         return
@@ -279,7 +212,7 @@ def _write(ctx: Context, path: Path, text: str, dry_run: bool) -> None:
     ctx.out.write(f"wrote {path}\n")
 
 
-def _ensure_config(ctx: Context, config: Path, dry_run: bool) -> None:
+def _ensure_config(ctx: ServiceHost, config: Path, dry_run: bool) -> None:
     # The service passes --config explicitly, and pensieved refuses a named file that does not
     # exist; create the default one, never touching a file that is already there.
     if config.exists():
@@ -294,24 +227,24 @@ def _ensure_config(ctx: Context, config: Path, dry_run: bool) -> None:
     ctx.out.write(f"created the default config {config}\n")
 
 
-def install(ctx: Context, config: str | None = None, dry_run: bool = False) -> None:
+def install(ctx: ServiceHost, config: str | None = None, dry_run: bool = False) -> None:
     paths = service_paths(ctx, config)
     if ctx.is_macos:
         _install_launchd(ctx, paths, dry_run)
     elif ctx.platform.startswith("linux"):
         _install_systemd(ctx, paths, dry_run)
     else:
-        raise ServiceError(f"no service manager support for platform {ctx.platform!r}")
+        raise SupervisorError(f"no service manager support for platform {ctx.platform!r}")
 
 
-def _launchd_loaded(ctx: Context) -> bool:
+def _launchd_loaded(ctx: ServiceHost) -> bool:
     return ctx.runner(["launchctl", "print", ctx.service_target()]).returncode == 0
 
 
-def _install_launchd(ctx: Context, paths: ServicePaths, dry_run: bool) -> None:
+def _install_launchd(ctx: ServiceHost, paths: ServicePaths, dry_run: bool) -> None:
     homebrew_plist = ctx.plist_path(HOMEBREW_LAUNCHD_LABEL)
     if homebrew_plist.exists():
-        raise ServiceError(
+        raise SupervisorError(
             f"Homebrew already runs Pensieve as a service ({homebrew_plist}); "
             "use `brew services start|stop pensieve` instead"
         )
@@ -334,7 +267,7 @@ def _install_launchd(ctx: Context, paths: ServicePaths, dry_run: bool) -> None:
     )
 
 
-def _install_systemd(ctx: Context, paths: ServicePaths, dry_run: bool) -> None:
+def _install_systemd(ctx: ServiceHost, paths: ServicePaths, dry_run: bool) -> None:
     _ensure_config(ctx, paths.config, dry_run)
     _write(ctx, ctx.unit_path(), render_systemd_unit(paths), dry_run)
     _run(ctx, ["systemctl", "--user", "daemon-reload"], dry_run)
@@ -347,7 +280,7 @@ def _install_systemd(ctx: Context, paths: ServicePaths, dry_run: bool) -> None:
     )
 
 
-def uninstall(ctx: Context, dry_run: bool = False) -> None:
+def uninstall(ctx: ServiceHost, dry_run: bool = False) -> None:
     if ctx.is_macos:
         plist = ctx.plist_path()
         loaded = _launchd_loaded(ctx)
@@ -367,16 +300,177 @@ def uninstall(ctx: Context, dry_run: bool = False) -> None:
         _remove(ctx, unit, dry_run)
         _run(ctx, ["systemctl", "--user", "daemon-reload"], dry_run)
     else:
-        raise ServiceError(f"no service manager support for platform {ctx.platform!r}")
+        raise SupervisorError(f"no service manager support for platform {ctx.platform!r}")
     ctx.out.write("the Pensieve service is uninstalled (config and logs are kept)\n")
 
 
-def _remove(ctx: Context, path: Path, dry_run: bool) -> None:
+def _remove(ctx: ServiceHost, path: Path, dry_run: bool) -> None:
     if dry_run:
         ctx.out.write(f"would remove {path}\n")
     elif path.exists():
         path.unlink()
         ctx.out.write(f"removed {path}\n")
+
+
+# ---- detecting and driving the installed service (`start`, `stop`, `status`) ----------
+
+
+class Supervisor(Protocol):
+    """A service manager that has a pensieved service installed for this user."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def restarts_clean_exit(self) -> bool:
+        """A daemon that exits 0 is started again (so stopping must go through it)."""
+
+    def is_loaded(self) -> bool:
+        """The service manager currently runs (or keeps alive) the service."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def stop_command(self) -> str:
+        """The shell command a user would run to stop it for good."""
+
+
+def _check(runner: CommandRunner, argv: Sequence[str]) -> None:
+    result = runner(argv)
+    if result.returncode != 0:
+        detail = (result.stderr or result.stdout).strip() or f"exit status {result.returncode}"
+        raise SupervisorError(f"`{' '.join(argv)}` failed: {detail}")
+
+
+@dataclass
+class Launchd:
+    label: str
+    plist: Path
+    uid: int
+    runner: CommandRunner
+    keep_alive: object
+
+    @property
+    def name(self) -> str:
+        return f"launchd ({self.label})"
+
+    @property
+    def target(self) -> str:
+        return f"gui/{self.uid}/{self.label}"
+
+    @property
+    def restarts_clean_exit(self) -> bool:
+        # KeepAlive true restarts any exit; {SuccessfulExit: false} only failures.
+        if isinstance(self.keep_alive, dict):
+            return self.keep_alive.get("SuccessfulExit") is True
+        return self.keep_alive is True
+
+    def is_loaded(self) -> bool:
+        return self.runner(["launchctl", "print", self.target]).returncode == 0
+
+    def start(self) -> None:
+        # As `brew services start` does: bootstrap the plist into the GUI domain if launchd
+        # does not know it yet, then kickstart it.
+        if not self.is_loaded():
+            _check(self.runner, ["launchctl", "bootstrap", f"gui/{self.uid}", str(self.plist)])
+        _check(self.runner, ["launchctl", "kickstart", self.target])
+
+    def stop(self) -> None:
+        _check(self.runner, ["launchctl", "bootout", self.target])
+
+    def stop_command(self) -> str:
+        if self.label == HOMEBREW_LAUNCHD_LABEL:
+            return "brew services stop pensieve"
+        return f"launchctl bootout {self.target}"
+
+
+@dataclass
+class Systemd:
+    unit_file: Path
+    runner: CommandRunner
+    restart: str
+
+    @property
+    def name(self) -> str:
+        return f"systemd --user ({SYSTEMD_UNIT})"
+
+    @property
+    def restarts_clean_exit(self) -> bool:
+        return self.restart in ("always", "on-success")
+
+    def is_loaded(self) -> bool:
+        argv = ["systemctl", "--user", "is-active", "--quiet", SYSTEMD_UNIT]
+        return self.runner(argv).returncode == 0
+
+    def start(self) -> None:
+        _check(self.runner, ["systemctl", "--user", "start", SYSTEMD_UNIT])
+
+    def stop(self) -> None:
+        _check(self.runner, ["systemctl", "--user", "stop", SYSTEMD_UNIT])
+
+    def stop_command(self) -> str:
+        return f"systemctl --user stop {SYSTEMD_UNIT}"
+
+
+def journal_text(runner: CommandRunner = run_command, lines: int = 300) -> str | None:
+    """The systemd user unit's recent journal (its stderr and systemd's own lines about it)."""
+    argv = ["journalctl", "--user", "-u", SYSTEMD_UNIT, "-n", str(lines), "-o", "cat"]
+    result = runner([*argv, "--no-pager"])
+    return result.stdout if result.returncode == 0 else None
+
+
+def _read_plist(path: Path) -> dict[str, object] | None:
+    import plistlib  # deferred: only macOS needs it
+
+    try:
+        with path.open("rb") as f:
+            data = plistlib.load(f)
+    except (OSError, plistlib.InvalidFileException, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _systemd_restart(text: str) -> str:
+    restart = "no"
+    for line in text.splitlines():
+        key, _, value = line.strip().partition("=")
+        if key.strip() == "Restart":
+            restart = value.strip()
+    return restart
+
+
+def find_supervisor(
+    *,
+    runner: CommandRunner = run_command,
+    home: Path | None = None,
+    uid: int | None = None,
+    platform: str = sys.platform,
+    environ: dict[str, str] | None = None,
+) -> Supervisor | None:
+    """The installed service for pensieved, if any (launchd on macOS, systemd elsewhere)."""
+    host = ServiceHost(
+        platform=platform,
+        home=home or Path.home(),
+        uid=os.getuid() if uid is None else uid,
+        env=dict(os.environ if environ is None else environ),
+        runner=runner,
+    )
+    if host.is_macos:
+        for label in LAUNCHD_LABELS:
+            plist = host.plist_path(label)
+            data = _read_plist(plist)
+            if data is not None:
+                return Launchd(label, plist, host.uid, runner, data.get("KeepAlive", False))
+        return None
+    if platform.startswith("linux"):
+        unit = host.unit_path()
+        try:
+            text = unit.read_text(encoding="utf-8")
+        except OSError:
+            return None
+        return Systemd(unit, runner, _systemd_restart(text))
+    return None
 
 
 # ---- command line -----------------------------------------------------------------------------
@@ -404,16 +498,14 @@ def add_subparser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser
     parser.set_defaults(service_run=run)
 
 
-def run(args: argparse.Namespace, ctx: Context | None = None) -> int:
-    from pensieve.exitcodes import CtlExit
-
-    ctx = ctx or Context()
+def run(args: argparse.Namespace, ctx: ServiceHost | None = None) -> int:
+    ctx = ctx or ServiceHost()
     try:
         if args.service_command == "install":
             install(ctx, getattr(args, "config", None), args.dry_run)
         else:
             uninstall(ctx, args.dry_run)
-    except ServiceError as exc:
+    except SupervisorError as exc:
         ctx.err.write(f"pensievectl service {args.service_command}: {exc}\n")
-        return CtlExit.FAILURE
-    return CtlExit.OK
+        return int(exit_status_for(exc))
+    return int(CtlExit.OK)

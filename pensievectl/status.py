@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from pensieve.activity import read_activity
 from pensieve.exitcodes import CtlExit
@@ -19,8 +19,11 @@ from pensieve.postmortem import (
     signal_name,
 )
 from pensieve.runrecord import RunRecord, activity_path
-from pensievectl.context import Context
+from pensievectl.context import CommandContext
 from pensievectl.errors import CtlError, exit_status_for
+
+if TYPE_CHECKING:
+    from pensieve.wire import ModelStatus, PreviousExit, ReloadResult, StatusResponse
 
 
 def examine_dead(record: RunRecord, exit_status: int | None = None) -> Death:
@@ -33,41 +36,42 @@ def examine_dead(record: RunRecord, exit_status: int | None = None) -> Death:
 
 
 def _journal() -> str | None:
-    from pensievectl.supervisor import journal_text
+    from pensievectl.service import journal_text
 
     text = journal_text()
     return journal_until_exit(text) if text is not None else None
 
 
-def _fill_in_from_journal(previous: dict[str, Any]) -> None:
+def _fill_in_from_journal(previous: PreviousExit) -> None:
     """A predecessor under systemd logged to the journal, which the daemon does not read:
     find its signal and last lines there."""
-    if previous.get("supervisor") != "systemd" or previous.get("log_file"):
+    if previous.supervisor != "systemd" or previous.log_file:
         return
-    if previous.get("signal") is not None or previous.get("exit_code") is not None:
+    if previous.signal is not None or previous.exit_code is not None:
         return
     text = _journal()
     if not text:
         return
     number = signal_from_log(text)
     if number is not None:
-        previous["signal"], previous["signal_name"] = number, signal_name(number)
-        previous["cause"] = f"died by signal {number} ({signal_name(number)})"
-    previous["log_tail"] = log_tail(text)
-    previous["log_file"] = "journalctl --user -u pensieved"
+        previous.signal, previous.signal_name = number, signal_name(number)
+        previous.cause = f"died by signal {number} ({signal_name(number)})"
+    previous.log_tail = log_tail(text)
+    previous.log_file = "journalctl --user -u pensieved"
 
 
-def _previous_exit_rows(previous: dict[str, Any]) -> list[tuple[str, str]]:
-    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(previous["started_at"]))
-    text = f"pid {previous['pid']} (started {when}) {previous['cause']}"
-    work = previous.get("work") or []
-    if work:
-        text += "; it was running:" + "".join(f"\n    {describe_work(w, live=False)}" for w in work)
+def _previous_exit_rows(previous: PreviousExit) -> list[tuple[str, str]]:
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(previous.started_at))
+    text = f"pid {previous.pid} (started {when}) {previous.cause}"
+    if previous.work:
+        text += "; it was running:" + "".join(
+            f"\n    {describe_work(w.model_dump(), live=False)}" for w in previous.work
+        )
     else:
         text += "; no request was running"
-    if previous.get("log_tail"):
-        text += f"\n    last lines of its log ({previous.get('log_file')}):"
-        text += "".join(f"\n      {line}" for line in previous["log_tail"])
+    if previous.log_tail:
+        text += f"\n    last lines of its log ({previous.log_file}):"
+        text += "".join(f"\n      {line}" for line in previous.log_tail)
     return [("previous run", text)]
 
 
@@ -93,112 +97,110 @@ def human_duration(seconds: float) -> str:
     return f"{secs}s"
 
 
-def describe_reload(result: dict[str, Any] | None) -> str:
+def describe_reload(result: ReloadResult | None) -> str:
     if not result:
         return "none since start"
-    when = time.strftime("%H:%M:%S", time.localtime(result["time"]))
-    changed = ", ".join(c["key"] for c in result.get("changes", [])) or "no changes"
-    if result["ok"]:
-        loading = "; loading the new model" if result.get("model_loading") else ""
-        return f"{when} ({result['trigger']}) ok: {changed}{loading}"
-    return f"{when} ({result['trigger']}) FAILED: {result['error']}"
+    when = time.strftime("%H:%M:%S", time.localtime(result.time))
+    changed = ", ".join(c.key for c in result.changes) or "no changes"
+    if result.ok:
+        loading = "; loading the new model" if result.model_loading else ""
+        return f"{when} ({result.trigger}) ok: {changed}{loading}"
+    return f"{when} ({result.trigger}) FAILED: {result.error}"
 
 
-def _cache_rows(model: dict[str, Any]) -> list[tuple[str, str]]:
+def _cache_rows(model: ModelStatus) -> list[tuple[str, str]]:
     """KV memory and slot contents; decode batching and its Python overhead."""
     rows = []
-    per_slot = model.get("kv_bytes_per_slot")
+    per_slot = model.kv_bytes_per_slot
     if per_slot:
-        cached = ", ".join(str(n) for n in model.get("cached_tokens", []))
+        cached = ", ".join(str(n) for n in model.cached_tokens)
         rows.append(
             (
                 "kv cache",
-                f"{human_bytes(per_slot)} per slot, {human_bytes(per_slot * model['slots'])} "
+                f"{human_bytes(per_slot)} per slot, {human_bytes(per_slot * model.slots)} "
                 f"in all; tokens cached per slot: {cached}",
             )
         )
-    decode = model.get("decode")
-    if decode and decode["steps"]:
-        steps = decode["steps"]
+    decode = model.decode
+    if decode.steps:
+        steps = decode.steps
         rows.append(
             (
                 "decoding",
-                f"{steps} batches, {decode['tokens'] / steps:.1f} tokens each; "
-                f"{decode['llama_s'] / steps * 1000:.1f} ms in llama.cpp and "
-                f"{decode['python_s'] / steps * 1e6:.0f} us in Python per batch",
+                f"{steps} batches, {decode.tokens / steps:.1f} tokens each; "
+                f"{decode.llama_s / steps * 1000:.1f} ms in llama.cpp and "
+                f"{decode.python_s / steps * 1e6:.0f} us in Python per batch",
             )
         )
     return rows
 
 
-def format_status(s: dict[str, Any], config_problem: str | None = None) -> str:
-    state = s["state"]
-    serving = "serving" if state == "ready" else f"NOT serving ({state})"
+def format_status(s: StatusResponse, config_problem: str | None = None) -> str:
+    serving = "serving" if s.state == "ready" else f"NOT serving ({s.state})"
     lines = [
-        f"pensieved {s['version']} is running, {serving}: pid {s['pid']}, "
-        f"up {human_duration(s['uptime_s'])}"
+        f"pensieved {s.version} is running, {serving}: pid {s.pid}, up {human_duration(s.uptime_s)}"
     ]
-    http = s["http"]
-    listen = http["url"] or f"not listening ({http['error']})"
-    rows: list[tuple[str, str]] = [("listening", listen), ("socket", s["socket_path"])]
-    config = s["config_file"]
-    if s.get("config_error"):
-        config += "  INVALID, running on the previous (or default) config:\n" + s["config_error"]
+    listen = s.http.url or f"not listening ({s.http.error})"
+    rows: list[tuple[str, str]] = [("listening", listen), ("socket", s.socket_path)]
+    config = s.config_file
+    if s.config_error:
+        config += "  INVALID, running on the previous (or default) config:\n" + s.config_error
     elif config_problem:
         config += (
             "  INVALID (pensieved has not re-read it yet; it keeps its running config):\n"
             f"  {config_problem}"
         )
     rows.append(("config", config))
-    if s.get("log_file"):
-        rows.append(("log file", s["log_file"]))
-    model = s.get("model")
+    if s.log_file:
+        rows.append(("log file", s.log_file))
+    model = s.model
     if model:
         rows.append(
             (
                 "model",
-                f"{model['name']} ({model['path']}), {human_bytes(model['size_bytes'])}, "
-                f"context {model['context_size']}, gpu layers {model['gpu_layers']}, "
-                f"{model['threads']} threads, {model['slots']} slots",
+                f"{model.name} ({model.path}), {human_bytes(model.size_bytes)}, "
+                f"context {model.context_size}, gpu layers {model.gpu_layers}, "
+                f"{model.threads} threads, {model.slots} slots",
             )
         )
         rows += _cache_rows(model)
     else:
         rows.append(("model", "none loaded"))
-    if s.get("model_loading"):
-        rows.append(("loading", s["model_loading"]))
-    if s.get("error"):
-        rows.append(("error", s["error"]))
-    if s.get("aliases"):
-        rows.append(("aliases", ", ".join(f"{k} -> {v}" for k, v in s["aliases"].items())))
-    proc = s["process"]
+    if s.model_loading:
+        rows.append(("loading", s.model_loading))
+    if s.error:
+        rows.append(("error", s.error))
+    if s.aliases:
+        rows.append(("aliases", ", ".join(f"{k} -> {v}" for k, v in s.aliases.items())))
+    proc = s.process
     rows.append(
         (
             "resources",
-            f"{human_bytes(proc['rss_bytes'])} resident, CPU {proc['cpu_percent']:.1f}% "
-            f"({proc['cpu_time_s']:.1f} s in total), {proc['threads']} threads",
+            f"{human_bytes(proc.rss_bytes)} resident, CPU {proc.cpu_percent:.1f}% "
+            f"({proc.cpu_time_s:.1f} s in total), {proc.threads} threads",
         )
     )
-    req = s["requests"]
+    req = s.requests
     rows.append(
         (
             "requests",
-            f"{req['served']} served, {req['in_flight']} in flight ({req['running']} running, "
-            f"{req['queued']} queued), {req['tokens_generated']} tokens generated",
+            f"{req.served} served, {req.in_flight} in flight ({req.running} running, "
+            f"{req.queued} queued), {req.tokens_generated} tokens generated",
         )
     )
-    rows.append(("last reload", describe_reload(s.get("last_reload"))))
-    activity = s.get("activity") or []
-    if activity:
-        rows.append(("working on", "\n    ".join(describe_work(w) for w in activity)))
-    if s.get("previous_exit"):
-        rows += _previous_exit_rows(s["previous_exit"])
+    rows.append(("last reload", describe_reload(s.last_reload)))
+    if s.activity:
+        rows.append(
+            ("working on", "\n    ".join(describe_work(w.model_dump()) for w in s.activity))
+        )
+    if s.previous_exit:
+        rows += _previous_exit_rows(s.previous_exit)
     width = max(len(label) for label, _ in rows) + 1
     lines += [f"  {label + ':':<{width}} {value}" for label, value in rows]
     return "\n".join(lines)
 
 
-def run_status(ctx: Context, as_json: bool) -> int:
+def run_status(ctx: CommandContext, as_json: bool) -> int:
     location = ctx.location
     try:
         status = ctx.client(timeout=5.0).status()
@@ -235,11 +237,12 @@ def run_status(ctx: Context, as_json: bool) -> int:
             )
         # LSB: 3 not running, 4 unknown.
         return int(code if code in (CtlExit.NOT_RUNNING, CtlExit.UNKNOWN) else 4)
-    if status.get("previous_exit"):
-        _fill_in_from_journal(status["previous_exit"])
+    if status.previous_exit:
+        _fill_in_from_journal(status.previous_exit)
     if as_json:
         extra = {"found_by": location.found_by, "config_file_problem": location.config_problem}
-        ctx.say(json.dumps({"running": True, **status, **extra}, indent=2))
+        fields = status.model_dump(mode="json")
+        ctx.say(json.dumps({"running": True, **fields, **extra}, indent=2))
     else:
         ctx.say(format_status(status, location.config_problem))
         if location.found_by == "record":

@@ -257,11 +257,11 @@ def grammar_main(args: argparse.Namespace, model: Path, settings: Settings) -> i
 def decode_stats(servers: list[ServerProcess]) -> dict[str, Any] | None:
     """pensieved's own account of its decode loop (from `status`): time in llama.cpp and in
     Python per batch, over everything the benchmark ran."""
-    from pensievectl.client import ControlClient
+    from pensieve.client import ControlClient
 
     for server in servers:
         if server.name == "pensieved" and server.workdir is not None:
-            status = ControlClient(server.workdir / "ctl.sock").status()
+            status = ControlClient(server.workdir / "ctl.sock").request("GET", "/v1/status")
             decode: dict[str, Any] = status["model"]["decode"]
             steps = decode["steps"] or 1
             return {

@@ -1,5 +1,2 @@
-"""The control plane: a small JSON API on a Unix socket for `pensievectl`.
-
-`sockets` and `wire`-free helpers here stay cheap to import (stdlib only) because
-`pensievectl` uses them; only `server` imports Tornado.
-"""
+"""The daemon's side of the control API: Tornado handlers on the Unix socket (`server`).
+Imports `pensieve` (wire models), Tornado and pydantic; the engine only through `Controller`."""

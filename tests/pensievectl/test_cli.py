@@ -12,7 +12,7 @@ import pytest
 from pensieve.config import load_config_file
 from pensieve.exitcodes import CtlExit
 from pensievectl import cli
-from pensievectl.context import Context
+from pensievectl.context import CommandContext
 from pensievectl.lifecycle import run_stop
 
 
@@ -111,7 +111,7 @@ def test_stop_goes_through_launchd_when_keepalive_would_restart() -> None:
     supervisor = _FakeSupervisor()
     out, err = io.StringIO(), io.StringIO()
     sock = str(Path(tempfile.mkdtemp(prefix="pv-", dir="/tmp")) / "none.sock")
-    ctx = Context(socket_arg=sock, out=out, err=err)
+    ctx = CommandContext(socket_arg=sock, out=out, err=err)
     assert run_stop(ctx, timeout=1.0, find_supervisor=lambda: supervisor) == 0
     assert supervisor.stopped
     assert "brew services stop pensieve" in err.getvalue()

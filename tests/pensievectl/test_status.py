@@ -6,7 +6,8 @@ from typing import Any
 
 import pytest
 
-from pensievectl import status, supervisor
+from pensieve.wire import PreviousExit
+from pensievectl import service, status
 
 JOURNAL = """\
 INFO    pensieved: listening on http://127.0.0.1:8080
@@ -19,7 +20,7 @@ INFO    pensieved: the previous pensieved for this config did not exit cleanly: 
 """
 
 
-def _previous(**changes: Any) -> dict[str, Any]:
+def _previous(**changes: Any) -> PreviousExit:
     previous: dict[str, Any] = {
         "pid": 7,
         "started_at": 1.0,
@@ -33,23 +34,23 @@ def _previous(**changes: Any) -> dict[str, Any]:
         "supervisor": "systemd",
     }
     previous.update(changes)
-    return previous
+    return PreviousExit(**previous)
 
 
 @pytest.fixture(autouse=True)
 def journal(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(supervisor, "journal_text", lambda: JOURNAL)
+    monkeypatch.setattr(service, "journal_text", lambda: JOURNAL)
 
 
 def test_a_systemd_predecessor_is_explained_from_the_journal() -> None:
     previous = _previous()
     status._fill_in_from_journal(previous)
-    assert previous["signal"] == 11 and previous["signal_name"] == "SIGSEGV"
-    assert previous["cause"] == "died by signal 11 (SIGSEGV)"
-    assert previous["log_tail"][1] == "Fatal Python error: Segmentation fault"
+    assert previous.signal == 11 and previous.signal_name == "SIGSEGV"
+    assert previous.cause == "died by signal 11 (SIGSEGV)"
+    assert previous.log_tail[1] == "Fatal Python error: Segmentation fault"
     # the restarted daemon's own lines are not the dead one's
-    assert not any("did not exit cleanly" in line for line in previous["log_tail"])
-    assert not any("Scheduled restart" in line for line in previous["log_tail"])
+    assert not any("did not exit cleanly" in line for line in previous.log_tail)
+    assert not any("Scheduled restart" in line for line in previous.log_tail)
 
 
 def test_the_journal_is_not_read_for_daemons_it_does_not_hold() -> None:
@@ -58,6 +59,6 @@ def test_the_journal_is_not_read_for_daemons_it_does_not_hold() -> None:
         _previous(log_file="/var/log/pensieve.log"),
         _previous(signal=9, signal_name="SIGKILL", cause="died by signal 9 (SIGKILL)"),
     ):
-        before = dict(previous)
+        before = previous.model_copy(deep=True)
         status._fill_in_from_journal(previous)
         assert previous == before

@@ -20,9 +20,19 @@ import pytest
 
 from pensieve.config import Config, load_config_file
 from pensievectl import service
-from pensievectl.service import Context, RunResult, ServicePaths
+from pensievectl.service import (
+    HOMEBREW_LAUNCHD_LABEL,
+    LAUNCHD_LABEL,
+    CommandResult,
+    Launchd,
+    ServiceHost,
+    ServicePaths,
+    Systemd,
+    find_supervisor,
+    journal_text,
+)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 UID = 501
 DRAIN_S = Config().server.drain_timeout_ms / 1000
 # After the drain the daemon gives unfinished requests up to 5 s more to end (daemon._drain).
@@ -37,14 +47,14 @@ class FakeRunner:
         self.fail = fail
         self.calls: list[list[str]] = []
 
-    def __call__(self, argv: Sequence[str]) -> RunResult:
+    def __call__(self, argv: Sequence[str]) -> CommandResult:
         argv = list(argv)
         self.calls.append(argv)
         if self.fail and self.fail in argv:
-            return RunResult(5, "", "Bootstrap failed: 5: Input/output error")
+            return CommandResult(5, "", "Bootstrap failed: 5: Input/output error")
         if argv[:2] == ["launchctl", "print"]:
-            return RunResult(0 if self.loaded else 113, "", "")
-        return RunResult(0)
+            return CommandResult(0 if self.loaded else 113, "", "")
+        return CommandResult(0)
 
     def mutating(self) -> list[list[str]]:
         return [c for c in self.calls if c[:2] != ["launchctl", "print"]]
@@ -58,7 +68,7 @@ def make_program(tmp_path: Path) -> Path:
     return program
 
 
-def make_ctx(tmp_path: Path, platform: str, runner: FakeRunner) -> Context:
+def make_ctx(tmp_path: Path, platform: str, runner: FakeRunner) -> ServiceHost:
     home = tmp_path / "home"
     home.mkdir()
     program = make_program(tmp_path)
@@ -66,7 +76,7 @@ def make_ctx(tmp_path: Path, platform: str, runner: FakeRunner) -> Context:
         config = home / "Library" / "Application Support" / "pensieve" / "config.json"
     else:
         config = home / ".config" / "pensieve" / "config.json"
-    return Context(
+    return ServiceHost(
         platform=platform,
         home=home,
         uid=UID,
@@ -210,13 +220,6 @@ def test_systemd_analyze_verify_accepts_the_unit(tmp_path: Path) -> None:
     assert done.stderr.strip() == "" and done.stdout.strip() == "", done.stderr + done.stdout
 
 
-def test_packaging_templates_match_the_ones_pensievectl_renders() -> None:
-    launchd = REPO / "packaging" / "launchd" / "dev.pensieve.pensieved.plist.in"
-    systemd = REPO / "packaging" / "systemd" / "pensieved.service.in"
-    assert launchd.read_text() == service.PLIST_TEMPLATE
-    assert systemd.read_text() == service.SYSTEMD_TEMPLATE
-
-
 # ---- install / uninstall on macOS (fake launchctl) -------------------------------------------
 
 
@@ -239,7 +242,6 @@ def test_macos_install_writes_the_agent_and_bootstraps_it(tmp_path: Path) -> Non
     ]
     # The default config it created is one pensieved accepts.
     assert load_config_file(config, missing_ok=False) == Config()
-    assert service.launch_agent_path(ctx.home) == plist_path
 
 
 def test_macos_install_keeps_an_existing_config(tmp_path: Path) -> None:
@@ -389,26 +391,133 @@ def test_subparser_wiring(tmp_path: Path) -> None:
         parser.parse_args(["service"])  # an action is required
 
 
-# ---- agreement with `pensievectl start/stop` (pensievectl/supervisor.py) -----------------------
+# ---- agreement with `pensievectl start/stop` (the same module) -----------------------
 
 
 @pytest.mark.parametrize("platform", ["darwin", "linux"])
 def test_supervisor_finds_the_installed_service_and_a_clean_stop_sticks(
     tmp_path: Path, platform: str
 ) -> None:
-    from pensievectl import supervisor
-
     runner = FakeRunner()
     ctx = make_ctx(tmp_path, platform, runner)
     service.install(ctx)
-
-    def supervisor_runner(argv: Sequence[str]) -> supervisor.RunResult:
-        result = runner(argv)
-        return supervisor.RunResult(result.returncode, result.stdout, result.stderr)
-
-    found = supervisor.find_supervisor(
-        runner=supervisor_runner, home=ctx.home, uid=UID, platform=platform, environ=ctx.env
+    found = find_supervisor(
+        runner=runner, home=ctx.home, uid=UID, platform=platform, environ=ctx.env
     )
     assert found is not None, "pensievectl start/stop would not see the installed service"
     # `pensievectl stop` makes pensieved exit 0; the service must not bring it back.
     assert found.restarts_clean_exit is False
+
+
+# ---- detecting and driving the installed service, with a fake runner -------------------------
+
+
+class FailingRunner:
+    def __init__(self, failing: set[str] | None = None) -> None:
+        self.calls: list[list[str]] = []
+        self.failing = failing or set()
+
+    def __call__(self, argv: Sequence[str]) -> CommandResult:
+        self.calls.append(list(argv))
+        failed = any(word in self.failing for word in argv)
+        return CommandResult(1 if failed else 0, "", "boom" if failed else "")
+
+
+def _plist(home: Path, label: str, keep_alive: object) -> Path:
+    path = home / "Library" / "LaunchAgents" / f"{label}.plist"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(plistlib.dumps({"Label": label, "KeepAlive": keep_alive}))
+    return path
+
+
+def test_no_agent_means_no_supervisor(tmp_path: Path) -> None:
+    runner = FailingRunner()
+    assert find_supervisor(runner=runner, home=tmp_path, uid=501, platform="darwin") is None
+    linux = find_supervisor(runner=runner, home=tmp_path, uid=501, platform="linux", environ={})
+    assert linux is None
+
+
+def test_homebrew_agent_is_found_and_started_through_launchd(tmp_path: Path) -> None:
+    plist = _plist(tmp_path, HOMEBREW_LAUNCHD_LABEL, True)
+    _plist(tmp_path, LAUNCHD_LABEL, {"SuccessfulExit": False})
+    runner = FailingRunner(failing={"print"})  # not loaded yet
+    found = find_supervisor(runner=runner, home=tmp_path, uid=501, platform="darwin")
+    assert isinstance(found, Launchd)
+    assert found.label == HOMEBREW_LAUNCHD_LABEL
+    assert found.restarts_clean_exit
+    assert found.stop_command() == "brew services stop pensieve"
+    found.start()
+    assert runner.calls == [
+        ["launchctl", "print", "gui/501/homebrew.mxcl.pensieve"],
+        ["launchctl", "bootstrap", "gui/501", str(plist)],
+        ["launchctl", "kickstart", "gui/501/homebrew.mxcl.pensieve"],
+    ]
+
+
+def test_loaded_agent_is_only_kickstarted_and_stopped_with_bootout(tmp_path: Path) -> None:
+    _plist(tmp_path, LAUNCHD_LABEL, {"SuccessfulExit": False})
+    runner = FailingRunner()
+    found = find_supervisor(runner=runner, home=tmp_path, uid=501, platform="darwin")
+    assert isinstance(found, Launchd)
+    assert not found.restarts_clean_exit, "KeepAlive {SuccessfulExit: false} lets exit 0 stand"
+    found.start()
+    assert runner.calls[-1] == ["launchctl", "kickstart", "gui/501/dev.pensieve.pensieved"]
+    assert ["launchctl", "bootstrap", "gui/501", str(found.plist)] not in runner.calls
+    found.stop()
+    assert runner.calls[-1] == ["launchctl", "bootout", "gui/501/dev.pensieve.pensieved"]
+    assert found.stop_command() == "launchctl bootout gui/501/dev.pensieve.pensieved"
+
+
+def test_launchctl_failure_is_reported(tmp_path: Path) -> None:
+    _plist(tmp_path, LAUNCHD_LABEL, True)
+    found = find_supervisor(
+        runner=FailingRunner(failing={"kickstart"}), home=tmp_path, uid=501, platform="darwin"
+    )
+    assert found is not None
+    try:
+        found.start()
+    except Exception as exc:
+        assert "launchctl kickstart" in str(exc) and "boom" in str(exc)
+    else:
+        raise AssertionError("expected a SupervisorError")
+
+
+def test_systemd_user_unit(tmp_path: Path) -> None:
+    unit = tmp_path / "cfg" / "systemd" / "user" / "pensieved.service"
+    unit.parent.mkdir(parents=True)
+    unit.write_text("[Service]\nExecStart=/x/pensieved\nRestart=always\n")
+    runner = FailingRunner()
+    found = find_supervisor(
+        runner=runner,
+        home=tmp_path,
+        uid=1000,
+        platform="linux",
+        environ={"XDG_CONFIG_HOME": str(tmp_path / "cfg")},
+    )
+    assert isinstance(found, Systemd)
+    assert found.restarts_clean_exit
+    assert found.is_loaded()
+    found.start()
+    found.stop()
+    assert runner.calls[-2:] == [
+        ["systemctl", "--user", "start", "pensieved.service"],
+        ["systemctl", "--user", "stop", "pensieved.service"],
+    ]
+    unit.write_text("[Service]\nRestart=on-failure\n")
+    again = find_supervisor(
+        runner=runner,
+        home=tmp_path,
+        uid=1000,
+        platform="linux",
+        environ={"XDG_CONFIG_HOME": str(tmp_path / "cfg")},
+    )
+    assert again is not None and not again.restarts_clean_exit
+
+
+def test_journal_text_reads_the_units_journal() -> None:
+    runner = FailingRunner()
+    assert journal_text(runner) == ""
+    assert runner.calls == [
+        ["journalctl", "--user", "-u", "pensieved.service", "-n", "300", "-o", "cat", "--no-pager"]
+    ]
+    assert journal_text(FailingRunner(failing={"journalctl"})) is None

@@ -1,7 +1,11 @@
-"""A tiny HTTP-over-Unix-socket client for pensieved's control API (stdlib only).
+"""The client of pensieved's control API: HTTP over its Unix socket, replies parsed into
+`pensieve.wire` models.
 
 Before connecting it checks that the socket belongs to the current user: a socket planted by
-someone else at our path must never receive our commands or be trusted for its answers.
+someone else at our path must never receive our commands or be trusted for its answers. The
+transport is stdlib only; pydantic (for the replies) is imported once a reply has arrived, so a
+client that finds no daemon never pays for it. Each failure is one `ControlError` subclass;
+`pensievectl.errors` maps them to exit statuses.
 """
 
 from __future__ import annotations
@@ -13,17 +17,52 @@ import os
 import socket
 import stat
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from pensievectl.errors import (
-    DaemonError,
-    ForeignSocketError,
-    NoAnswerError,
-    NotASocketError,
-    NotRunningError,
-    SocketPermissionError,
-    StaleSocketError,
-)
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+    from pensieve.wire import (
+        ConfigResponse,
+        ReloadResult,
+        StatusResponse,
+        StopResponse,
+        ValidateResponse,
+    )
+
+    Reply = TypeVar("Reply", bound=BaseModel)
+
+
+class ControlError(Exception):
+    """A failure with a message for the user: what happened and what to do."""
+
+
+class NotRunningError(ControlError):
+    """No socket: no daemon."""
+
+
+class StaleSocketError(ControlError):
+    """A socket file nobody listens on: a daemon was killed."""
+
+
+class SocketPermissionError(ControlError):
+    """The socket exists but this user may not connect to it."""
+
+
+class ForeignSocketError(ControlError):
+    """The socket belongs to another user: never talk to it (it could be an impostor)."""
+
+
+class NotASocketError(ControlError):
+    """The socket path holds something other than a socket."""
+
+
+class NoAnswerError(ControlError):
+    """The daemon accepted the connection but did not answer in time."""
+
+
+class DaemonError(ControlError):
+    """The daemon answered with an error, or with a reply this client cannot read."""
 
 
 def _owner_name(uid: int) -> str:
@@ -136,21 +175,59 @@ class ControlClient:
         except ValueError:
             raise DaemonError(f"pensieved at {self.path} sent a reply that is not JSON") from None
         if response.status >= 400:
-            message = data.get("error") if isinstance(data, dict) else None
-            raise DaemonError(str(message or f"pensieved answered HTTP {response.status}"))
+            from pensieve.wire import ErrorResponse
+
+            try:
+                message = ErrorResponse.model_validate(data).error
+            except ValueError:
+                message = f"pensieved answered HTTP {response.status}"
+            raise DaemonError(message)
         if not isinstance(data, dict):
             raise DaemonError(f"pensieved at {self.path} sent an unexpected reply")
         return data
 
-    def status(self) -> dict[str, Any]:
-        return self.request("GET", "/v1/status")
+    def _reply(self, model: type[Reply], data: dict[str, Any]) -> Reply:
+        from pydantic import ValidationError
 
-    def stop(self) -> dict[str, Any]:
-        return self.request("POST", "/v1/stop")
+        try:
+            return model.model_validate(data)
+        except ValidationError as exc:
+            raise DaemonError(
+                f"pensieved at {self.path} sent a reply this pensievectl cannot read "
+                f"({exc.errors()[0]['msg']} at {exc.errors()[0]['loc']}); is it another "
+                "version? `pensievectl stop` and `start` run the installed one"
+            ) from None
 
-    def reload(self, timeout: float = 600.0) -> dict[str, Any]:
+    # Each reply model is imported only once the reply is here (see the module's docstring).
+
+    def status(self) -> StatusResponse:
+        data = self.request("GET", "/v1/status")
+        from pensieve.wire import StatusResponse
+
+        return self._reply(StatusResponse, data)
+
+    def config(self) -> ConfigResponse:
+        data = self.request("GET", "/v1/config")
+        from pensieve.wire import ConfigResponse
+
+        return self._reply(ConfigResponse, data)
+
+    def stop(self) -> StopResponse:
+        data = self.request("POST", "/v1/stop")
+        from pensieve.wire import StopResponse
+
+        return self._reply(StopResponse, data)
+
+    def reload(self, timeout: float = 600.0) -> ReloadResult:
         # A reload waits for a model load still running from the previous one.
-        return self.request("POST", "/v1/reload", timeout=timeout)
+        data = self.request("POST", "/v1/reload", timeout=timeout)
+        from pensieve.wire import ReloadResult
 
-    def validate(self, path: Path) -> dict[str, Any]:
-        return self.request("POST", "/v1/validate", {"path": str(path)})
+        return self._reply(ReloadResult, data)
+
+    def validate(self, path: Path) -> ValidateResponse:
+        # ValidateRequest's one field, as the daemon parses it.
+        data = self.request("POST", "/v1/validate", {"path": str(path)})
+        from pensieve.wire import ValidateResponse
+
+        return self._reply(ValidateResponse, data)

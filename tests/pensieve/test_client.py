@@ -14,16 +14,16 @@ from socketserver import UnixStreamServer
 
 import pytest
 
-from pensievectl.client import ControlClient
-from pensievectl.errors import (
-    CtlExit,
+from pensieve.client import (
+    ControlClient,
     DaemonError,
     ForeignSocketError,
     NotASocketError,
     NotRunningError,
     StaleSocketError,
-    exit_status_for,
 )
+from pensieve.exitcodes import CtlExit
+from pensievectl.errors import exit_status_for
 
 
 @pytest.fixture
@@ -104,7 +104,12 @@ def test_talks_http_over_the_socket_and_reports_daemon_errors(sock_path: Path) -
     thread.start()
     try:
         client = ControlClient(sock_path)
-        assert client.status() == {"pid": 1, "state": "ready"}
+        assert client.request("GET", "/v1/status") == {"pid": 1, "state": "ready"}
+        # A reply that is not a StatusResponse (another version's daemon) is a clear error.
+        with pytest.raises(DaemonError) as info:
+            client.status()
+        assert "cannot read" in str(info.value) and str(sock_path) in str(info.value)
+        assert exit_status_for(info.value) == CtlExit.FAILURE
         with pytest.raises(DaemonError) as info:
             client.request("GET", "/v1/nope")
         assert "no control operation there" in str(info.value)
