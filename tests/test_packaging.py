@@ -17,7 +17,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ from packaging.requirements import Requirement
 from pensieve import __version__
 from pensieve.config import Config, load_config_file
 from pensieved.engine import selftest
+from tests.integration.daemon import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 FORMULA_PATH = REPO / "packaging" / "homebrew" / "pensieve.rb"
@@ -386,12 +386,6 @@ def test_gen_man_refuses_undocumented_exit_codes() -> None:
 
 
 # ---- the formula's `test do`, by hand against the installed package ---------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def get_health(port: int) -> dict[str, Any] | None:

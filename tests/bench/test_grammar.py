@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pensieved.bench.grammar import decode_bodies, load_tools, table, without_descriptions
+from bench.grammar import decode_bodies, load_tools, table, without_descriptions
 
 
 def test_missing_capture_skips(tmp_path: Path) -> None:

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pensieved.bench.report import ratios, table
+from bench.report import ratios, table
 
 MB = 1024 * 1024
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pensieved.bench.targets import Settings, llama_server_args
+from bench.targets import Settings, llama_server_args
 
 
 def test_llama_server_gets_the_same_work_as_pensieved() -> None:

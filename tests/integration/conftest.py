@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.daemon import STARTED, Daemon, start_daemon
+from tests.integration.daemon import STARTED, DaemonProcess, start_daemon
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -46,7 +46,7 @@ def pytest_runtest_makereport(
 
 
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
     """One real pensieved with the bundled model, shared by a test module."""
     d = start_daemon(Path(tmp_path_factory.mktemp("daemon")))
     yield d

@@ -24,7 +24,7 @@ CRASH_SIGNALS = frozenset(
 )
 LOG_TAIL_LINES = 40
 # Every daemon a test started, so a waiting helper can notice one that crashed.
-STARTED: list[Daemon] = []
+STARTED: list[DaemonProcess] = []
 
 
 class DaemonCrashed(AssertionError):
@@ -46,7 +46,7 @@ def short_socket_path(tmp: Path) -> str:
 
 
 @dataclass
-class Daemon:
+class DaemonProcess:
     proc: subprocess.Popen[bytes]
     port: int
     config_path: Path
@@ -123,7 +123,7 @@ def start_daemon(
     wait: bool = True,
     want_status: str = "ok",
     extra_args: list[str] | None = None,
-) -> Daemon:
+) -> DaemonProcess:
     tmp.mkdir(parents=True, exist_ok=True)
     port = free_port()
     sock = short_socket_path(tmp)
@@ -151,7 +151,7 @@ def start_daemon(
             cwd=REPO,
             env=env,
         )
-    daemon = Daemon(proc, port, config_path, log_path, data["server"]["socket_path"], env)
+    daemon = DaemonProcess(proc, port, config_path, log_path, data["server"]["socket_path"], env)
     STARTED.append(daemon)
     if wait:
         daemon.wait_ready(want_status=want_status)

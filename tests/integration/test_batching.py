@@ -13,14 +13,16 @@ from typing import Any
 
 import httpx2 as httpx
 
-from tests.integration.daemon import Daemon, prompt_tokens, start_daemon
+from tests.integration.daemon import DaemonProcess, prompt_tokens, start_daemon
 
 MODEL = "claude-sonnet-4-5"
 # About 700 tokens with the bundled tokenizer: more than a saved or shared prefix needs.
 SYSTEM = "You are a careful assistant for a team that builds compilers. " * 60
 
 
-def ask(daemon: Daemon, messages: list[dict[str, Any]], max_tokens: int, **extra: Any) -> Any:
+def ask(
+    daemon: DaemonProcess, messages: list[dict[str, Any]], max_tokens: int, **extra: Any
+) -> Any:
     with httpx.Client(base_url=daemon.base_url, timeout=600) as http:
         r = http.post(
             "/v1/messages",
@@ -40,7 +42,7 @@ def user(text: str) -> list[dict[str, Any]]:
     return [{"role": "user", "content": text}]
 
 
-def stop(daemon: Daemon) -> None:
+def stop(daemon: DaemonProcess) -> None:
     code = daemon.stop()
     assert code == 0, f"pensieved exited {code}:\n{daemon.log_text()}"
 

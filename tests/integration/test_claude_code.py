@@ -15,7 +15,7 @@ from typing import Any
 import httpx2 as httpx
 import pytest
 
-from tests.integration.daemon import Daemon, prompt_tokens, start_daemon
+from tests.integration.daemon import DaemonProcess, prompt_tokens, start_daemon
 
 BETAS = (
     "claude-code-20250219,oauth-2025-04-20,interleaved-thinking-2025-05-14,"
@@ -349,7 +349,7 @@ def request_body(billing: str, last_user: str) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def cc_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+def cc_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
     """A daemon set up as the README tells Claude Code users to (scaled to the tiny model)."""
     d = start_daemon(
         Path(tmp_path_factory.mktemp("cc")),
@@ -370,7 +370,7 @@ def read_sse(response: httpx.Response) -> list[dict[str, Any]]:
     return events
 
 
-def test_claude_code_request_streams_a_valid_reply(cc_daemon: Daemon) -> None:
+def test_claude_code_request_streams_a_valid_reply(cc_daemon: DaemonProcess) -> None:
     with httpx.Client(base_url=cc_daemon.base_url, timeout=600) as http:
         assert http.head("/").status_code == 200
         body = request_body("cc_entrypoint=cli; session=aaaa1111", "Which file is the entry?")
@@ -436,7 +436,7 @@ def test_claude_code_request_streams_a_valid_reply(cc_daemon: Daemon) -> None:
         assert exact.json()["input_tokens"] == prompt_tokens(usage)
 
 
-def test_billing_header_is_not_in_the_prompt(cc_daemon: Daemon) -> None:
+def test_billing_header_is_not_in_the_prompt(cc_daemon: DaemonProcess) -> None:
     with httpx.Client(base_url=cc_daemon.base_url, timeout=600) as http:
         counts = []
         for billing in ("a", "a much longer and entirely different billing header value " * 5):

@@ -18,7 +18,7 @@ from typing import Any
 import httpx2 as httpx
 import pytest
 
-from tests.integration.daemon import REPO, Daemon, control_status, sse_events, start_daemon
+from tests.integration.daemon import REPO, DaemonProcess, control_status, sse_events, start_daemon
 
 FIXTURES = Path(
     os.environ.get("PENSIEVE_CLAUDE_FIXTURES", REPO.parent / "shared" / "fixtures" / "claude-code")
@@ -41,7 +41,7 @@ FULL_RUN = os.environ.get("PENSIEVE_CORPUS_FULL") == "1"
 
 
 @pytest.fixture(scope="module")
-def claude_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+def claude_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
     d = start_daemon(
         Path(tmp_path_factory.mktemp("claude-code")),
         {"model": {"context_size": CONTEXT, "slots": 2, "max_output_tokens": MAX_OUTPUT}},
@@ -104,7 +104,9 @@ def _replay_stream(http: httpx.Client, capture: dict[str, Any]) -> None:
 )
 @pytest.mark.timeout(PREFILL_S)
 @pytest.mark.parametrize("path", CAPTURES, ids=[p.stem for p in CAPTURES])
-def test_every_captured_claude_code_request_is_answered(claude_daemon: Daemon, path: Path) -> None:
+def test_every_captured_claude_code_request_is_answered(
+    claude_daemon: DaemonProcess, path: Path
+) -> None:
     capture = json.loads(path.read_text())
     with httpx.Client(base_url=claude_daemon.base_url, timeout=PREFILL_S) as http:
         if capture["body"].get("stream"):
@@ -130,7 +132,7 @@ def _claude_binary() -> Path:
 
 @pytest.mark.timeout(2 * PREFILL_S)
 def test_the_real_claude_code_cli_gets_an_answer_with_its_workflow_tool(
-    claude_daemon: Daemon, tmp_path: Path
+    claude_daemon: DaemonProcess, tmp_path: Path
 ) -> None:
     claude = _claude_binary()
     home = tmp_path / "home"

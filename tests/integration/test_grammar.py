@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.daemon import Daemon
+from tests.integration.daemon import DaemonProcess
 
 MODEL = "claude-sonnet-4-6"
 
@@ -36,7 +36,7 @@ WORKFLOW: dict[str, Any] = {
     "tool_choice", [{"type": "tool", "name": "Workflow"}, {"type": "auto"}], ids=["tool", "auto"]
 )
 def test_huge_bounds_are_served_and_the_daemon_lives(
-    daemon: Daemon, tool_choice: dict[str, Any]
+    daemon: DaemonProcess, tool_choice: dict[str, Any]
 ) -> None:
     message = daemon.client().messages.create(
         model=MODEL,

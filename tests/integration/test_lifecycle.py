@@ -18,7 +18,7 @@ import httpx2 as httpx
 from pensieve.paths import bundled_model_path
 from tests.integration.daemon import (
     REPO,
-    Daemon,
+    DaemonProcess,
     control_status,
     free_port,
     run_ctl,
@@ -31,7 +31,7 @@ from tests.integration.daemon import (
 STORY = [{"role": "user", "content": "Write a long story about a dragon."}]
 
 
-def _stream_in_thread(d: Daemon, max_tokens: int) -> tuple[threading.Thread, list[Any], Any]:
+def _stream_in_thread(d: DaemonProcess, max_tokens: int) -> tuple[threading.Thread, list[Any], Any]:
     events: list[dict[str, Any]] = []
     first_delta = threading.Event()
 
@@ -155,7 +155,7 @@ def test_missing_model_at_boot_recovers_when_the_file_appears(tmp_path: Path) ->
         assert d.stop() == 0, d.log_text()
 
 
-def _spawn(tmp_path: Path, config: Path, args: list[str], port: int, sock: str) -> Daemon:
+def _spawn(tmp_path: Path, config: Path, args: list[str], port: int, sock: str) -> DaemonProcess:
     """pensieved on a config file written by the test (start_daemon writes a valid one)."""
     log_path = tmp_path / "degraded.log"
     env = dict(os.environ)
@@ -168,4 +168,4 @@ def _spawn(tmp_path: Path, config: Path, args: list[str], port: int, sock: str) 
             cwd=REPO,
             env=env,
         )
-    return Daemon(proc, port, config, log_path, sock, env)
+    return DaemonProcess(proc, port, config, log_path, sock, env)

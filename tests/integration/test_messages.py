@@ -10,12 +10,12 @@ import anthropic
 import httpx2 as httpx
 import pytest
 
-from tests.integration.daemon import Daemon, prompt_tokens
+from tests.integration.daemon import DaemonProcess, prompt_tokens
 
 MODEL = "claude-haiku-4-5"
 
 
-def test_non_streaming_reply(daemon: Daemon) -> None:
+def test_non_streaming_reply(daemon: DaemonProcess) -> None:
     client = daemon.client()
     message = client.messages.create(
         model=MODEL,
@@ -33,7 +33,7 @@ def test_non_streaming_reply(daemon: Daemon) -> None:
     assert 0 < message.usage.output_tokens <= 24
 
 
-def test_streaming_reply(daemon: Daemon) -> None:
+def test_streaming_reply(daemon: DaemonProcess) -> None:
     client = daemon.client()
     pieces: list[str] = []
     with client.messages.stream(
@@ -52,7 +52,7 @@ def test_streaming_reply(daemon: Daemon) -> None:
     assert final.stop_reason in ("end_turn", "max_tokens")
 
 
-def test_multi_turn_with_system_blocks(daemon: Daemon) -> None:
+def test_multi_turn_with_system_blocks(daemon: DaemonProcess) -> None:
     client = daemon.client()
     message = client.messages.create(
         model=MODEL,
@@ -76,7 +76,7 @@ def test_multi_turn_with_system_blocks(daemon: Daemon) -> None:
     assert prompt_tokens(message.usage) > single.input_tokens + 10
 
 
-def test_count_tokens_matches_usage(daemon: Daemon) -> None:
+def test_count_tokens_matches_usage(daemon: DaemonProcess) -> None:
     client = daemon.client()
     body = {
         "model": MODEL,
@@ -92,7 +92,7 @@ def test_count_tokens_matches_usage(daemon: Daemon) -> None:
     assert counted.input_tokens == prompt_tokens(message.usage)
 
 
-def test_max_tokens_reached(daemon: Daemon) -> None:
+def test_max_tokens_reached(daemon: DaemonProcess) -> None:
     client = daemon.client()
     message = client.messages.create(
         model=MODEL,
@@ -104,7 +104,7 @@ def test_max_tokens_reached(daemon: Daemon) -> None:
     assert message.usage.output_tokens == 5
 
 
-def test_huge_max_tokens_is_clamped_not_rejected(daemon: Daemon) -> None:
+def test_huge_max_tokens_is_clamped_not_rejected(daemon: DaemonProcess) -> None:
     client = daemon.client()
     with client.messages.stream(
         model=MODEL,
@@ -128,7 +128,7 @@ def test_huge_max_tokens_is_clamped_not_rejected(daemon: Daemon) -> None:
     assert r.status_code == 200, r.text
 
 
-def test_stop_sequence(daemon: Daemon) -> None:
+def test_stop_sequence(daemon: DaemonProcess) -> None:
     client = daemon.client()
     prompt = [{"role": "user", "content": "Describe the sea in two sentences."}]
     free = client.messages.create(
@@ -153,7 +153,7 @@ def test_stop_sequence(daemon: Daemon) -> None:
     assert stopped.usage.output_tokens < free.usage.output_tokens
 
 
-def test_stream_stop_sequence_never_leaks_partial_match(daemon: Daemon) -> None:
+def test_stream_stop_sequence_never_leaks_partial_match(daemon: DaemonProcess) -> None:
     client = daemon.client()
     prompt = [{"role": "user", "content": "Count from one to ten in words."}]
     free = client.messages.create(
@@ -179,7 +179,7 @@ def test_stream_stop_sequence_never_leaks_partial_match(daemon: Daemon) -> None:
 # ---- errors ---------------------------------------------------------------------------------
 
 
-def test_missing_max_tokens_is_400_naming_the_field(daemon: Daemon) -> None:
+def test_missing_max_tokens_is_400_naming_the_field(daemon: DaemonProcess) -> None:
     with daemon.http() as http:
         r = http.post(
             "/v1/messages", json={"model": MODEL, "messages": [{"role": "user", "content": "x"}]}
@@ -216,7 +216,7 @@ def test_missing_max_tokens_is_400_naming_the_field(daemon: Daemon) -> None:
     ],
 )
 def test_invalid_fields_raise_bad_request(
-    daemon: Daemon, body: dict[str, object], field: str
+    daemon: DaemonProcess, body: dict[str, object], field: str
 ) -> None:
     client = daemon.client()
     with pytest.raises(anthropic.BadRequestError) as info:
@@ -225,7 +225,7 @@ def test_invalid_fields_raise_bad_request(
     assert field in str(info.value.body)
 
 
-def test_malformed_json(daemon: Daemon) -> None:
+def test_malformed_json(daemon: DaemonProcess) -> None:
     with daemon.http() as http:
         r = http.post(
             "/v1/messages", content=b"{not json", headers={"content-type": "application/json"}
@@ -235,7 +235,7 @@ def test_malformed_json(daemon: Daemon) -> None:
     assert "JSON" in r.json()["error"]["message"]
 
 
-def test_unknown_path_is_404(daemon: Daemon) -> None:
+def test_unknown_path_is_404(daemon: DaemonProcess) -> None:
     client = daemon.client()
     with pytest.raises(anthropic.NotFoundError):
         client.get("/v1/nothing-here", cast_to=httpx.Response)
@@ -245,7 +245,7 @@ def test_unknown_path_is_404(daemon: Daemon) -> None:
     assert r.json()["error"]["type"] == "not_found_error"
 
 
-def test_wrong_method_is_405(daemon: Daemon) -> None:
+def test_wrong_method_is_405(daemon: DaemonProcess) -> None:
     with daemon.http() as http:
         r = http.get("/v1/messages")
     assert r.status_code == 405
@@ -259,7 +259,7 @@ def test_wrong_method_is_405(daemon: Daemon) -> None:
     assert r.headers["request-id"]
 
 
-def test_prompt_too_long(daemon: Daemon) -> None:
+def test_prompt_too_long(daemon: DaemonProcess) -> None:
     client = daemon.client()
     long_text = "lorem ipsum dolor sit amet " * 800
     with pytest.raises(anthropic.BadRequestError) as info:
@@ -272,7 +272,7 @@ def test_prompt_too_long(daemon: Daemon) -> None:
     assert int(asked) > int(limit.split()[0]) > 0
 
 
-def test_image_without_vision_is_400(daemon: Daemon) -> None:
+def test_image_without_vision_is_400(daemon: DaemonProcess) -> None:
     client = daemon.client()
     with pytest.raises(anthropic.BadRequestError) as info:
         client.messages.create(
@@ -301,7 +301,7 @@ def test_image_without_vision_is_400(daemon: Daemon) -> None:
 # ---- other endpoints ------------------------------------------------------------------------
 
 
-def test_models_list_and_get(daemon: Daemon) -> None:
+def test_models_list_and_get(daemon: DaemonProcess) -> None:
     client = daemon.client()
     models = client.models.list()
     assert models.data and models.data[0].type == "model"
@@ -310,7 +310,7 @@ def test_models_list_and_get(daemon: Daemon) -> None:
     assert one.created_at is not None
 
 
-def test_root_and_health(daemon: Daemon) -> None:
+def test_root_and_health(daemon: DaemonProcess) -> None:
     with daemon.http() as http:
         assert http.head("/").status_code == 200
         assert http.get("/").status_code == 200
@@ -322,7 +322,7 @@ def test_root_and_health(daemon: Daemon) -> None:
     assert "SmolLM2" in (data["model"] or "") or "smollm2" in (data["model_path"] or "").lower()
 
 
-def test_beta_query_and_headers_accepted(daemon: Daemon) -> None:
+def test_beta_query_and_headers_accepted(daemon: DaemonProcess) -> None:
     with daemon.http() as http:
         r = http.post(
             "/v1/messages?beta=true",
@@ -341,7 +341,7 @@ def test_beta_query_and_headers_accepted(daemon: Daemon) -> None:
     assert r.json()["type"] == "message"
 
 
-def test_health_answers_fast_during_long_generation(daemon: Daemon) -> None:
+def test_health_answers_fast_during_long_generation(daemon: DaemonProcess) -> None:
     client = daemon.client()
     done = threading.Event()
     started = threading.Event()
@@ -377,7 +377,7 @@ def test_health_answers_fast_during_long_generation(daemon: Daemon) -> None:
     assert worst < 0.1, f"/health took {worst * 1000:.0f} ms during generation"
 
 
-def test_client_disconnect_stops_generation(daemon: Daemon) -> None:
+def test_client_disconnect_stops_generation(daemon: DaemonProcess) -> None:
     body = {
         "model": MODEL,
         "max_tokens": 1500,
@@ -407,7 +407,7 @@ def test_client_disconnect_stops_generation(daemon: Daemon) -> None:
     assert message.usage.output_tokens <= 3
 
 
-def test_raw_sse_event_order_and_json(daemon: Daemon) -> None:
+def test_raw_sse_event_order_and_json(daemon: DaemonProcess) -> None:
     body = {
         "model": MODEL,
         "max_tokens": 12,

@@ -15,7 +15,7 @@ from typing import Any
 import httpx2 as httpx
 import pytest
 
-from tests.integration.daemon import Daemon, prompt_tokens, sse_events, start_daemon
+from tests.integration.daemon import DaemonProcess, prompt_tokens, sse_events, start_daemon
 
 MAIN = "claude-sonnet-4-5"
 SIDE = "claude-haiku-4-5"
@@ -28,12 +28,12 @@ def tmp(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def stopped(daemon: Daemon) -> None:
+def stopped(daemon: DaemonProcess) -> None:
     code = daemon.stop()
     assert code == 0, f"pensieved exited {code}:\n{daemon.log_text()}"
 
 
-def patient(daemon: Daemon) -> httpx.Client:
+def patient(daemon: DaemonProcess) -> httpx.Client:
     # Generation on a loaded 2-core machine can crawl; the tests compare times, never cap them.
     return httpx.Client(base_url=daemon.base_url, timeout=600)
 

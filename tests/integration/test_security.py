@@ -21,7 +21,7 @@ import pytest
 
 from tests.integration.daemon import (
     REPO,
-    Daemon,
+    DaemonProcess,
     RawResponse,
     free_port,
     raw_http,
@@ -64,7 +64,7 @@ def assert_error(r: RawResponse, status: int, error_type: str) -> str:
         "",
     ],
 )
-def test_foreign_host_header_is_refused(daemon: Daemon, host: str) -> None:
+def test_foreign_host_header_is_refused(daemon: DaemonProcess, host: str) -> None:
     host = host.format(port=daemon.port)
     r = raw_http(daemon.port, "POST", "/v1/messages", JSON, BODY, host=host)
     message = assert_error(r, 403, "permission_error")
@@ -75,12 +75,12 @@ def test_foreign_host_header_is_refused(daemon: Daemon, host: str) -> None:
 @pytest.mark.parametrize(
     "host", ["127.0.0.1:{port}", "localhost:{port}", "LOCALHOST", "localhost.", "[::1]:{port}"]
 )
-def test_loopback_host_headers_are_accepted(daemon: Daemon, host: str) -> None:
+def test_loopback_host_headers_are_accepted(daemon: DaemonProcess, host: str) -> None:
     r = raw_http(daemon.port, "GET", "/v1/models", host=host.format(port=daemon.port))
     assert r.status == 200, r.body
 
 
-def test_dns_rebinding_is_refused_on_every_path(daemon: Daemon) -> None:
+def test_dns_rebinding_is_refused_on_every_path(daemon: DaemonProcess) -> None:
     host = f"rebind.attacker.example:{daemon.port}"
     for method, path in [
         ("GET", "/"),
@@ -99,7 +99,7 @@ def test_dns_rebinding_is_refused_on_every_path(daemon: Daemon) -> None:
             assert r.json()["error"]["type"] == "permission_error"
 
 
-def test_http11_request_without_host_header_is_refused(daemon: Daemon) -> None:
+def test_http11_request_without_host_header_is_refused(daemon: DaemonProcess) -> None:
     # HTTP/1.1 requires Host (Tornado answers 400); only HTTP/1.0 tools may omit it.
     r = raw_http(daemon.port, "GET", "/v1/models", host=None)
     assert r.status == 400
@@ -108,7 +108,9 @@ def test_http11_request_without_host_header_is_refused(daemon: Daemon) -> None:
 @pytest.mark.parametrize(
     "origin", ["http://evil.example", "http://localhost:3000", "null", "file://"]
 )
-def test_cross_origin_request_is_refused_when_cors_is_off(daemon: Daemon, origin: str) -> None:
+def test_cross_origin_request_is_refused_when_cors_is_off(
+    daemon: DaemonProcess, origin: str
+) -> None:
     # A "simple" request (text/plain, no preflight): the browser would send it and only hide the
     # reply, so the server itself must refuse to do the work.
     headers = {"Content-Type": "text/plain", "Origin": origin}
@@ -118,7 +120,7 @@ def test_cross_origin_request_is_refused_when_cors_is_off(daemon: Daemon, origin
     assert "access-control-allow-origin" not in r.headers
 
 
-def test_preflight_is_refused_when_cors_is_off(daemon: Daemon) -> None:
+def test_preflight_is_refused_when_cors_is_off(daemon: DaemonProcess) -> None:
     r = raw_http(
         daemon.port,
         "OPTIONS",
@@ -133,27 +135,27 @@ def test_preflight_is_refused_when_cors_is_off(daemon: Daemon) -> None:
     assert not any(k.startswith("access-control-") for k in r.headers)
 
 
-def test_no_cors_headers_without_origin(daemon: Daemon) -> None:
+def test_no_cors_headers_without_origin(daemon: DaemonProcess) -> None:
     r = raw_http(daemon.port, "POST", "/v1/messages", JSON, BODY)
     assert r.status == 200
     assert not any(k.startswith("access-control-") for k in r.headers)
 
 
-def test_options_without_origin_lists_methods(daemon: Daemon) -> None:
+def test_options_without_origin_lists_methods(daemon: DaemonProcess) -> None:
     r = raw_http(daemon.port, "OPTIONS", "/v1/messages")
     assert r.status == 204
     assert "POST" in r.headers["allow"]
     assert "access-control-allow-origin" not in r.headers
 
 
-def test_oversized_headers_get_413(daemon: Daemon) -> None:
+def test_oversized_headers_get_413(daemon: DaemonProcess) -> None:
     headers = {"X-Padding": "a" * 40_000, **JSON}
     r = raw_http(daemon.port, "POST", "/v1/messages", headers, BODY)
     message = assert_error(r, 413, "request_too_large")
     assert "headers" in message
 
 
-def test_headers_beyond_the_hard_cap_are_cut_off(daemon: Daemon) -> None:
+def test_headers_beyond_the_hard_cap_are_cut_off(daemon: DaemonProcess) -> None:
     # Past Tornado's own header limit no handler runs: the connection is simply dropped.
     with socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as s:
         s.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Pad: " + b"a" * 200_000)
@@ -164,7 +166,7 @@ def test_headers_beyond_the_hard_cap_are_cut_off(daemon: Daemon) -> None:
     assert daemon.wait_ready(timeout=10)["status"] == "ok"
 
 
-def test_declared_oversized_body_gets_413_before_it_is_sent(daemon: Daemon) -> None:
+def test_declared_oversized_body_gets_413_before_it_is_sent(daemon: DaemonProcess) -> None:
     # Nothing but headers: the answer must not wait for a gigabyte that never comes.
     r = raw_http(
         daemon.port,
@@ -227,7 +229,7 @@ def test_non_loopback_bind_without_key_in_the_file_never_listens_beyond_loopback
 
 
 @pytest.fixture(scope="module")
-def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
     tmp = Path(tmp_path_factory.mktemp("guarded"))
     key_file = tmp / "api-key"
     key_file.write_text(KEY + "\n")
@@ -251,7 +253,7 @@ def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     assert code == 0, f"pensieved exited {code}:\n{d.log_text()}"
 
 
-def _key_file(d: Daemon) -> Path:
+def _key_file(d: DaemonProcess) -> Path:
     return d.config_path.parent / "api-key"
 
 
@@ -269,7 +271,7 @@ def _key_file(d: Daemon) -> Path:
         {"X-Api-Key": "wrong", "Authorization": "Bearer also-wrong"},
     ],
 )
-def test_missing_or_wrong_key_gets_401(guarded: Daemon, headers: dict[str, str]) -> None:
+def test_missing_or_wrong_key_gets_401(guarded: DaemonProcess, headers: dict[str, str]) -> None:
     r = raw_http(guarded.port, "POST", "/v1/messages", {**JSON, **headers}, BODY)
     message = assert_error(r, 401, "authentication_error")
     assert KEY not in message
@@ -284,13 +286,13 @@ def test_missing_or_wrong_key_gets_401(guarded: Daemon, headers: dict[str, str])
         {"x-api-key": "stale", "Authorization": f"Bearer {KEY}"},
     ],
 )
-def test_right_key_is_accepted(guarded: Daemon, headers: dict[str, str]) -> None:
+def test_right_key_is_accepted(guarded: DaemonProcess, headers: dict[str, str]) -> None:
     r = raw_http(guarded.port, "POST", "/v1/messages", {**JSON, **headers}, BODY)
     assert r.status == 200, r.body
     assert r.json()["type"] == "message"
 
 
-def test_every_api_path_needs_the_key_but_probes_do_not(guarded: Daemon) -> None:
+def test_every_api_path_needs_the_key_but_probes_do_not(guarded: DaemonProcess) -> None:
     for method, path in [
         ("GET", "/v1/models"),
         ("GET", "/v1/models/claude"),
@@ -306,7 +308,7 @@ def test_every_api_path_needs_the_key_but_probes_do_not(guarded: Daemon) -> None
     assert raw_http(guarded.port, "HEAD", "/").status == 200
 
 
-def test_sdk_with_wrong_key_gets_authentication_error(guarded: Daemon) -> None:
+def test_sdk_with_wrong_key_gets_authentication_error(guarded: DaemonProcess) -> None:
     wrong = anthropic.Anthropic(base_url=guarded.base_url, api_key="nope", max_retries=0)
     with pytest.raises(anthropic.AuthenticationError):
         wrong.messages.create(model="m", max_tokens=2, messages=[{"role": "user", "content": "hi"}])
@@ -319,7 +321,7 @@ def test_sdk_with_wrong_key_gets_authentication_error(guarded: Daemon) -> None:
     assert reply.usage.output_tokens >= 1
 
 
-def test_preflight_for_an_allowed_origin(guarded: Daemon) -> None:
+def test_preflight_for_an_allowed_origin(guarded: DaemonProcess) -> None:
     # No key: browsers never send credentials or custom headers on a preflight.
     r = raw_http(
         guarded.port,
@@ -355,7 +357,7 @@ def test_preflight_for_an_allowed_origin(guarded: Daemon) -> None:
         "null",
     ],
 )
-def test_preflight_for_a_foreign_origin_is_refused(guarded: Daemon, origin: str) -> None:
+def test_preflight_for_a_foreign_origin_is_refused(guarded: DaemonProcess, origin: str) -> None:
     r = raw_http(
         guarded.port,
         "OPTIONS",
@@ -367,7 +369,7 @@ def test_preflight_for_a_foreign_origin_is_refused(guarded: Daemon, origin: str)
     assert not any(k.startswith("access-control-") for k in r.headers)
 
 
-def test_cors_request_from_an_allowed_origin(guarded: Daemon) -> None:
+def test_cors_request_from_an_allowed_origin(guarded: DaemonProcess) -> None:
     for origin in ("http://localhost:5173", "http://localhost", "https://app.example.com"):
         r = raw_http(
             guarded.port,
@@ -388,13 +390,13 @@ def test_cors_request_from_an_allowed_origin(guarded: Daemon) -> None:
     assert r.headers["access-control-allow-origin"] == "http://localhost:3000"
 
 
-def test_foreign_origin_with_the_right_key_is_still_refused(guarded: Daemon) -> None:
+def test_foreign_origin_with_the_right_key_is_still_refused(guarded: DaemonProcess) -> None:
     headers = {**JSON, "Origin": "http://evil.example", "x-api-key": KEY}
     r = raw_http(guarded.port, "POST", "/v1/messages", headers, BODY)
     assert_error(r, 403, "permission_error")
 
 
-def test_allowed_hosts_extend_the_loopback_names(guarded: Daemon) -> None:
+def test_allowed_hosts_extend_the_loopback_names(guarded: DaemonProcess) -> None:
     headers = {"x-api-key": KEY}
     ok = raw_http(guarded.port, "GET", "/v1/models", headers, host=f"pensieve.lan:{guarded.port}")
     assert ok.status == 200
@@ -402,7 +404,7 @@ def test_allowed_hosts_extend_the_loopback_names(guarded: Daemon) -> None:
     assert_error(bad, 403, "permission_error")
 
 
-def test_body_over_the_limit_is_drained_and_refused(guarded: Daemon) -> None:
+def test_body_over_the_limit_is_drained_and_refused(guarded: DaemonProcess) -> None:
     big = json.dumps(
         {
             "model": "m",
@@ -431,7 +433,7 @@ def test_body_over_the_limit_is_drained_and_refused(guarded: Daemon) -> None:
     assert b"request_too_large" in reply
 
 
-def test_rotated_key_file_applies_at_once(guarded: Daemon) -> None:
+def test_rotated_key_file_applies_at_once(guarded: DaemonProcess) -> None:
     path = _key_file(guarded)
     try:
         path.write_text(ROTATED_KEY + "\n")
@@ -449,7 +451,7 @@ def test_rotated_key_file_applies_at_once(guarded: Daemon) -> None:
     assert raw_http(guarded.port, "GET", "/v1/models", {"x-api-key": KEY}).status == 200
 
 
-def test_slow_loris_connection_is_closed(guarded: Daemon) -> None:
+def test_slow_loris_connection_is_closed(guarded: DaemonProcess) -> None:
     # idle_connection_timeout_s is 3 here: a client dribbling its headers is cut off.
     started = time.monotonic()
     with socket.create_connection(("127.0.0.1", guarded.port), timeout=20) as s:
@@ -471,7 +473,7 @@ def test_slow_loris_connection_is_closed(guarded: Daemon) -> None:
     assert time.monotonic() - started < 10
 
 
-def test_logs_hold_neither_keys_nor_prompts(guarded: Daemon) -> None:
+def test_logs_hold_neither_keys_nor_prompts(guarded: DaemonProcess) -> None:
     # The daemon logs at debug level here; log_prompts is off.
     body = json.dumps(
         {

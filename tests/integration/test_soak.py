@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.integration.daemon import Daemon, raw_http, start_daemon
+from tests.integration.daemon import DaemonProcess, raw_http, start_daemon
 
 REQUESTS = int(os.environ.get("PENSIEVE_SOAK_REQUESTS", "300"))
 # RSS keeps rising for the first hundred or so requests (allocator arenas of new threads, KV
@@ -104,7 +104,7 @@ def snapshot(proc: psutil.Process) -> tuple[int, int, int]:
     return proc.memory_info().rss, proc.num_fds(), proc.num_threads()
 
 
-def wait_idle(d: Daemon, timeout: float = 60) -> None:
+def wait_idle(d: DaemonProcess, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if raw_http(d.port, "GET", "/health").json()["in_flight"] == 0:
@@ -114,7 +114,7 @@ def wait_idle(d: Daemon, timeout: float = 60) -> None:
     raise AssertionError("requests still in flight after the soak")
 
 
-def run_requests(d: Daemon, count: int, seed: int) -> Counter[str]:
+def run_requests(d: DaemonProcess, count: int, seed: int) -> Counter[str]:
     kinds: Counter[str] = Counter()
     errors: list[BaseException] = []
     lock = threading.Lock()
@@ -140,7 +140,7 @@ def run_requests(d: Daemon, count: int, seed: int) -> Counter[str]:
     return kinds
 
 
-def fill_thread_pools(d: Daemon) -> None:
+def fill_thread_pools(d: DaemonProcess) -> None:
     """Bursts of concurrent prompt preparations: the daemon's thread pools start empty and
     grow to their (fixed) maximum only when that many jobs overlap, which the soak's four
     clients may first do after the warm-up; growth up to a pool's size is not a leak."""

@@ -14,7 +14,7 @@ import httpx2 as httpx
 import jsonschema
 import pytest
 
-from tests.integration.daemon import Daemon, prompt_tokens
+from tests.integration.daemon import DaemonProcess, prompt_tokens
 
 MODEL = "claude-sonnet-4-6"
 GREEDY = {"temperature": 0}
@@ -134,7 +134,7 @@ def assert_valid_call(block: anthropic.types.ToolUseBlock, name: str | None = No
 
 
 @pytest.mark.parametrize("tool", TOOLS, ids=lambda t: t["name"])
-def test_tool_choice_tool_gives_a_valid_call(daemon: Daemon, tool: dict[str, Any]) -> None:
+def test_tool_choice_tool_gives_a_valid_call(daemon: DaemonProcess, tool: dict[str, Any]) -> None:
     message = daemon.client().messages.create(
         model=MODEL,
         max_tokens=200,
@@ -149,7 +149,7 @@ def test_tool_choice_tool_gives_a_valid_call(daemon: Daemon, tool: dict[str, Any
     assert message.stop_reason == "tool_use"
 
 
-def test_tool_choice_any_streamed_deltas_equal_the_input(daemon: Daemon) -> None:
+def test_tool_choice_any_streamed_deltas_equal_the_input(daemon: DaemonProcess) -> None:
     partials: list[str] = []
     with daemon.client().messages.stream(
         model=MODEL,
@@ -174,7 +174,7 @@ def test_tool_choice_any_streamed_deltas_equal_the_input(daemon: Daemon) -> None
     assert final.stop_reason == "tool_use"
 
 
-def test_streamed_and_whole_replies_are_equivalent(daemon: Daemon) -> None:
+def test_streamed_and_whole_replies_are_equivalent(daemon: DaemonProcess) -> None:
     """Claude Code re-sends a failed stream without `stream`: both must say the same."""
     request: dict[str, Any] = {
         "model": MODEL,
@@ -199,7 +199,7 @@ def test_streamed_and_whole_replies_are_equivalent(daemon: Daemon) -> None:
     assert whole.usage.output_tokens == streamed.usage.output_tokens
 
 
-def test_round_trip_tool_result_then_reply(daemon: Daemon) -> None:
+def test_round_trip_tool_result_then_reply(daemon: DaemonProcess) -> None:
     client = daemon.client()
     question = {"role": "user", "content": "What is the weather in Paris?"}
     first = client.messages.create(
@@ -243,7 +243,7 @@ def test_round_trip_tool_result_then_reply(daemon: Daemon) -> None:
     assert counted.input_tokens == prompt_tokens(second.usage)
 
 
-def test_tool_result_errors_and_string_content_round_trip(daemon: Daemon) -> None:
+def test_tool_result_errors_and_string_content_round_trip(daemon: DaemonProcess) -> None:
     message = daemon.client().messages.create(
         model=MODEL,
         max_tokens=120,
@@ -281,7 +281,7 @@ def test_tool_result_errors_and_string_content_round_trip(daemon: Daemon) -> Non
     assert_valid_call(tool_uses(message)[0], "get_weather")
 
 
-def test_tool_choice_none_yields_text(daemon: Daemon) -> None:
+def test_tool_choice_none_yields_text(daemon: DaemonProcess) -> None:
     message = daemon.client().messages.create(
         model=MODEL,
         max_tokens=40,
@@ -295,7 +295,7 @@ def test_tool_choice_none_yields_text(daemon: Daemon) -> None:
     assert message.stop_reason in ("end_turn", "max_tokens")
 
 
-def test_auto_when_the_model_answers_in_text(daemon: Daemon) -> None:
+def test_auto_when_the_model_answers_in_text(daemon: DaemonProcess) -> None:
     message = daemon.client().messages.create(
         model=MODEL,
         max_tokens=40,
@@ -317,7 +317,7 @@ def test_auto_when_the_model_answers_in_text(daemon: Daemon) -> None:
     ],
 )
 def test_bad_tool_choice_is_400(
-    daemon: Daemon, choice: dict[str, Any], tools: list[Any], wording: str
+    daemon: DaemonProcess, choice: dict[str, Any], tools: list[Any], wording: str
 ) -> None:
     body = {
         "model": MODEL,
@@ -332,7 +332,7 @@ def test_bad_tool_choice_is_400(
     assert error["type"] == "invalid_request_error" and wording in error["message"]
 
 
-def test_structured_output_follows_the_schema(daemon: Daemon) -> None:
+def test_structured_output_follows_the_schema(daemon: DaemonProcess) -> None:
     schema = {
         "type": "object",
         "additionalProperties": False,
@@ -357,7 +357,7 @@ def test_structured_output_follows_the_schema(daemon: Daemon) -> None:
     jsonschema.validate(json.loads(final.content[0].text), schema)
 
 
-def test_count_tokens_with_tools_and_system_matches_usage(daemon: Daemon) -> None:
+def test_count_tokens_with_tools_and_system_matches_usage(daemon: DaemonProcess) -> None:
     client = daemon.client()
     request: dict[str, Any] = {
         "model": MODEL,

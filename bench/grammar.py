@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pensieved.bench.targets import ServerProcess
+from bench.targets import ServerProcess
 
 CLAUDE_CODE_TOOLS = Path(__file__).resolve().parents[2] / ".." / "shared" / "fixtures"
 CLAUDE_CODE_TOOLS = CLAUDE_CODE_TOOLS / "claude-code" / "default-tools.json"

@@ -18,10 +18,9 @@ from typing import Any
 
 import psutil
 
-from pensieve.paths import bundled_model_path
-from pensieved.bench import grammar as grammar_bench
-from pensieved.bench.report import ratios, table
-from pensieved.bench.targets import (
+from bench import grammar as grammar_bench
+from bench.report import ratios, table
+from bench.targets import (
     InProcess,
     ServerProcess,
     Settings,
@@ -29,12 +28,13 @@ from pensieved.bench.targets import (
     start_llama_server,
     start_pensieved,
 )
-from pensieved.bench.workloads import run_concurrency, run_decode, run_ttft
+from bench.workloads import run_concurrency, run_decode, run_ttft
+from pensieve.paths import bundled_model_path
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m pensieved.bench",
+        prog="python -m bench",
         description="Benchmark pensieved against llama-server and in-process llama-cpp-python.",
     )
     parser.add_argument("--model", help="GGUF file (default: the bundled model)")

@@ -1,4 +1,4 @@
-"""`python -m pensieved.bench`: Pensieve against llama-server and in-process llama-cpp-python.
+"""`python -m bench`: Pensieve against llama-server and in-process llama-cpp-python.
 
 Measures decode throughput, time to first token with a long shared prefix (cold, warm, warm
 with a second conversation interleaved), concurrent clients, memory and start-up time, each as

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from pensieved.bench.targets import InProcess, ServerProcess, StreamResult, stream_message
+from bench.targets import InProcess, ServerProcess, StreamResult, stream_message
 
 STORY_SUBJECTS = ("dragon", "lighthouse keeper", "robot", "sailing ship", "mountain village")
 

@@ -11,7 +11,6 @@ import http.client
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,14 +21,19 @@ from typing import Any
 
 import psutil
 
-LLAMA_CPP_SOURCES = Path("/tmp/lcp/llama_cpp_python-0.3.36/vendor/llama.cpp")
-DEFAULT_BUILD_DIR = Path("/work/llama-server-build")
+from pensieve.paths import cache_dir
+
+# The benchmark starts servers the way the integration tests do.
+from tests.integration.daemon import free_port
+
+# Where a llama-server built for the comparison is looked for, besides --llama-server and PATH.
+BUILD_DIR_VARIABLE = "PENSIEVE_LLAMA_SERVER_BUILD"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def llama_server_build_dir() -> Path:
+    """$PENSIEVE_LLAMA_SERVER_BUILD, else llama-server-build in the per-user cache directory."""
+    named = os.environ.get(BUILD_DIR_VARIABLE)
+    return Path(named).expanduser() if named else cache_dir() / "llama-server-build"
 
 
 @dataclass
@@ -204,18 +208,19 @@ def find_llama_server(explicit: str | None) -> tuple[Path | None, str]:
         if path.is_file() and os.access(path, os.X_OK):
             return path, f"given: {path}"
         return None, f"--llama-server {explicit} is not an executable file"
-    for build in ("build", "build-prebuilt"):
-        built = DEFAULT_BUILD_DIR / build / "bin" / "llama-server"
-        if built.is_file():
-            return built, f"built from {LLAMA_CPP_SOURCES}: {built}"
+    build_dir = llama_server_build_dir()
+    built = build_dir / "bin" / "llama-server"
+    if built.is_file():
+        return built, f"built in {build_dir}: {built}"
     on_path = shutil.which("llama-server")
     if on_path:
         return Path(on_path), f"found on PATH: {on_path} (may not match llama-cpp-python's build)"
     return None, (
-        f"llama-server not found: build it from the llama.cpp sources that llama-cpp-python "
-        f"carries ({LLAMA_CPP_SOURCES}) with `cmake -B {DEFAULT_BUILD_DIR}/build "
-        f"-DLLAMA_CURL=OFF && cmake --build {DEFAULT_BUILD_DIR}/build --target llama-server`, "
-        f"or pass --llama-server PATH"
+        "llama-server not found: build it from the llama.cpp sources in llama-cpp-python's "
+        "sdist (`pip download --no-deps --no-binary :all: llama-cpp-python==<version>`, "
+        f"unpack it, then `cmake -S <sdist>/vendor/llama.cpp -B {build_dir} -DLLAMA_CURL=OFF "
+        f"&& cmake --build {build_dir} --target llama-server`; ${BUILD_DIR_VARIABLE} names "
+        "another build directory), or pass --llama-server PATH"
     )
 
 
