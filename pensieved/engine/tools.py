@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pensieved.engine.holdback import held_prefix
 from pensieved.engine.types import ChatMessage, ToolCallDelta, ToolCallEnd, ToolCallStart, ToolSpec
 
 TOOL_CALL_OPEN = "<tool_call>"
@@ -121,14 +122,6 @@ _HEADER = re.compile(
 )
 
 
-def _held_prefix(text: str, marker: str) -> int:
-    """Length of the longest tail of `text` that is a proper prefix of `marker`."""
-    for length in range(min(len(marker) - 1, len(text)), 0, -1):
-        if text.endswith(marker[:length]):
-            return length
-    return 0
-
-
 class ToolCallParser:
     """Splits streamed model text into plain text and tool calls.
 
@@ -174,7 +167,7 @@ class ToolCallParser:
                 self._buffer = self._buffer[at + len(TOOL_CALL_OPEN) :]
                 self._state = "head"
                 return
-            keep = _held_prefix(self._buffer, TOOL_CALL_OPEN)
+            keep = held_prefix(self._buffer, TOOL_CALL_OPEN)
             cut = len(self._buffer) - keep
             if cut > 0:
                 out.append(ParsedText(self._buffer[:cut]))
