@@ -21,7 +21,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from pensieved.engine.generate import Generation
+from pensieved.engine.generation import Generation
 from pensieved.engine.llama import lib
 from pensieved.engine.model import LoadedModel
 from pensieved.errors import EngineError

@@ -26,9 +26,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from pensieved.engine.generate import Slot
 from pensieved.engine.llama import lib
 from pensieved.engine.model import LoadedModel
+from pensieved.engine.slots import Slot
 
 log = logging.getLogger("pensieved.engine")
 
