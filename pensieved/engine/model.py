@@ -104,7 +104,7 @@ class LoadedModel:
             # verbose=True only keeps llama-cpp-python from pointing the process's stdout and
             # stderr at /dev/null for the whole load: that would swallow every other thread's
             # log lines meanwhile, and faulthandler's report of a crash. llama.cpp's own
-            # messages go through _forward_llama_log either way.
+            # messages go through llama.py's log forwarding either way.
             self._model = _internals.LlamaModel(
                 path_model=str(path), params=model_params, verbose=True
             )
