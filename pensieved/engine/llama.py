@@ -24,8 +24,12 @@ from typing import Any
 
 @cache
 def lib() -> Any:
-    """llama.cpp's C API as ctypes functions (llama-cpp-python's annotations are partial)."""
-    return importlib.import_module("llama_cpp.llama_cpp")
+    """llama.cpp's C API as ctypes functions (llama-cpp-python's annotations are partial).
+
+    The package re-exports `llama_cpp.llama_cpp` whole; the install check's stand-in wheel
+    provides only the package.
+    """
+    return importlib.import_module("llama_cpp")
 
 
 @cache
