@@ -4,8 +4,7 @@ Pensieve drives llama.cpp through the raw ctypes layer (`llama_cpp.llama_cpp`: b
 sequences, samplers, grammars, state save/load, callbacks), the private `llama_cpp._internals`
 (model and context ownership) and the JSON-schema converter's private rule table. None of these
 are a stable API, which is why the version is pinned exactly; everything else in the engine
-goes through this module. (`selftest.py` probes the build in a child process with its own
-minimal import, since that child must not load the rest of the engine.)
+goes through this module (`selftest.py` only looks up where the package is installed).
 
 The import is lazy: loading the shared library takes a while, and importing the engine should
 not (the CLI's config checks import engine types).
