@@ -7,7 +7,7 @@ are a stable API, which is why the version is pinned exactly; everything else in
 goes through this module (`selftest.py` only looks up where the package is installed).
 
 The import is lazy: loading the shared library takes a while, and importing the engine should
-not (the CLI's config checks import engine types).
+not cost that.
 """
 
 from __future__ import annotations
