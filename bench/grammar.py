@@ -64,7 +64,8 @@ def build_times(tools: list[dict[str, Any]], model: Path, *, reps: int) -> dict[
     import llama_cpp
 
     from pensieved.engine import grammar as grammar_module
-    from pensieved.engine.grammar import grammar_size, request_grammar
+    from pensieved.engine.gbnf import grammar_size
+    from pensieved.engine.grammar import request_grammar
     from pensieved.engine.grammar_cache import GrammarCache
     from pensieved.engine.types import GenerationRequest, ToolSpec
 

@@ -23,17 +23,6 @@ class PromptTooLongError(InvalidRequestError):
         super().__init__(f"prompt is too long: {prompt_tokens} tokens > {context_size} maximum")
 
 
-class ContextLimitError(InvalidRequestError):
-    """Prompt plus the smallest useful reply does not fit (the wording Claude Code parses)."""
-
-    def __init__(self, prompt_tokens: int, max_tokens: int, context_size: int) -> None:
-        super().__init__(
-            f"input length and max_tokens exceed context limit: "
-            f"{prompt_tokens} + {max_tokens} > {context_size}, "
-            "decrease input length or max_tokens and try again"
-        )
-
-
 class UnsupportedContentError(InvalidRequestError):
     """A content type the loaded model cannot take (e.g. images without vision)."""
 

@@ -1,1 +1,2 @@
-"""The inference engine: everything that touches llama-cpp-python lives below this package."""
+"""The inference engine: models, slots, batching, sampling, grammars, output routing, KV caches.
+llama_cpp via `llama.py` only; may import `pensieve`, `errors`; never api, control, tornado."""

@@ -21,7 +21,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from pensieved.engine.generate import Generation
+from pensieved.engine.generation import Generation
+from pensieved.engine.llama import lib
 from pensieved.engine.model import LoadedModel
 from pensieved.errors import EngineError
 
@@ -50,11 +51,11 @@ class Runner(Protocol):
 
 class Batcher:
     def __init__(self, model: LoadedModel) -> None:
-        import llama_cpp
+        c = lib()
 
         self._model = model
         self._capacity = model.n_batch
-        self._batch: Any = llama_cpp.llama_batch_init(self._capacity, 0, 1)
+        self._batch: Any = c.llama_batch_init(self._capacity, 0, 1)
         self._inbox: deque[Generation] = deque()
         self._active: list[Generation] = []
         self._wakeup = threading.Condition()
@@ -76,14 +77,14 @@ class Batcher:
 
     def close(self) -> None:
         """Stop the thread; generations still running end as if cancelled."""
-        import llama_cpp
+        c = lib()
 
         with self._wakeup:
             self._stopping = True
             self._wakeup.notify()
         self._thread.join()
         if self._batch is not None:
-            llama_cpp.llama_batch_free(self._batch)
+            c.llama_batch_free(self._batch)
             self._batch = None
 
     # ---- the decode thread ------------------------------------------------------------------
@@ -186,10 +187,10 @@ class Batcher:
         batch.logits[i] = logits
 
     def _decode(self, n: int) -> None:
-        import llama_cpp
+        c = lib()
 
         self._batch.n_tokens = n
-        status = llama_cpp.llama_decode(self._model.ctx, self._batch)
+        status = c.llama_decode(self._model.ctx, self._batch)
         if status != 0:
             # 1: no room in the KV cache (prompts are fitted to a slot, so this is a bug);
             # 2: aborted; below 0: a backend error. The batch's sequences are in doubt.

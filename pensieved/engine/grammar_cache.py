@@ -23,7 +23,8 @@ import weakref
 from collections import OrderedDict
 from typing import Any
 
-from pensieved.engine.grammar import grammar_problem
+from pensieved.engine.gbnf import grammar_problem
+from pensieved.engine.llama import lib
 from pensieved.engine.tools import TOOL_CALL_OPEN
 from pensieved.errors import GrammarError
 
@@ -35,15 +36,8 @@ log = logging.getLogger("pensieved.engine")
 MAX_PARSED = 16
 
 
-def _llama() -> Any:
-    import importlib
-
-    # llama-cpp-python has partial annotations; treat its C API as untyped.
-    return importlib.import_module("llama_cpp.llama_cpp")
-
-
 def _free(pointer: Any) -> None:
-    _llama().llama_sampler_free(pointer)
+    lib().llama_sampler_free(pointer)
 
 
 def parse_grammar(vocab: Any, grammar: str, *, lazy: bool) -> Any:
@@ -53,7 +47,7 @@ def parse_grammar(vocab: Any, grammar: str, *, lazy: bool) -> Any:
     if problem is not None:  # callers check first; this keeps the parser safe regardless
         log.warning("not parsing a grammar past the limits: %s", problem)
         return None
-    llama = _llama()
+    llama = lib()
     if lazy:
         patterns = (ctypes.c_char_p * 1)(re.escape(TOOL_CALL_OPEN).encode())
         tokens = (llama.llama_token * 0)()
@@ -80,7 +74,7 @@ class ParsedGrammar:
         with self._lock:
             if self._pointer is None:
                 raise GrammarError("the model this grammar was parsed for has been unloaded")
-            pointer = _llama().llama_sampler_clone(self._pointer)
+            pointer = lib().llama_sampler_clone(self._pointer)
         if not pointer:
             raise GrammarError("llama.cpp could not copy a parsed grammar")
         return pointer

@@ -2,7 +2,7 @@
 
 A `LoadedModel` owns the weights and one llama.cpp context with a KV sequence per slot, so
 several conversations stay warm and are decoded together. Nothing outside `pensieved.engine`
-touches llama_cpp.
+touches c.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import psutil
 
 from pensieved.engine import selftest
 from pensieved.engine.grammar_cache import GrammarCache, ParsedGrammar
+from pensieved.engine.llama import init_backend, internals, lib, progress_callback
 from pensieved.errors import GrammarError, LoadCancelledError, ModelLoadError
 
 log = logging.getLogger("pensieved.engine")
@@ -61,10 +61,10 @@ class LoadedModel:
         # A build that dies on this CPU is found in a child first: a load error, not a
         # daemon killed by SIGILL on its first request.
         selftest.ensure_runnable()
-        import llama_cpp
-        from llama_cpp import _internals
+        c = lib()
+        _internals = internals()
 
-        _init_backend()
+        init_backend()
         self.settings = settings
         path = settings.path
         if not path.is_file():
@@ -76,17 +76,15 @@ class LoadedModel:
         # What the weights were read from: saved KV caches are filed under this, not under
         # whatever the path holds when they are saved (the file may be replaced meanwhile).
         self.file_identity = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-        model_params = llama_cpp.llama_model_default_params()
+        model_params = c.llama_model_default_params()
         model_params.n_gpu_layers = settings.gpu_layers
         # Read in, not mapped, unless asked: a mapped file that is replaced in place under a
         # running daemon takes the process down with SIGBUS.
-        model_params.load_mode = (
-            llama_cpp.LLAMA_LOAD_MODE_MMAP if settings.mmap else llama_cpp.LLAMA_LOAD_MODE_NONE
-        )
+        model_params.load_mode = c.LLAMA_LOAD_MODE_MMAP if settings.mmap else c.LLAMA_LOAD_MODE_NONE
         self._load_cancelled = False
         if keep_loading is not None:
             model_params.progress_callback = self._progress_callback(keep_loading)
-        ctx_params = llama_cpp.llama_context_default_params()
+        ctx_params = c.llama_context_default_params()
         ctx_params.n_ctx = settings.context_size * settings.slots
         ctx_params.n_seq_max = settings.slots
         ctx_params.kv_unified = False
@@ -96,9 +94,9 @@ class LoadedModel:
         ctx_params.n_threads_batch = settings.effective_threads
         ctx_params.no_perf = True
         ctx_params.flash_attn_type = {
-            "on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
-            "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
-        }.get(settings.flash_attention, llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO)
+            "on": c.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+            "off": c.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+        }.get(settings.flash_attention, c.LLAMA_FLASH_ATTN_TYPE_AUTO)
         self._model: Any = None
         self._context: Any = None
         self._grammars: GrammarCache | None = None
@@ -106,7 +104,7 @@ class LoadedModel:
             # verbose=True only keeps llama-cpp-python from pointing the process's stdout and
             # stderr at /dev/null for the whole load: that would swallow every other thread's
             # log lines meanwhile, and faulthandler's report of a crash. llama.cpp's own
-            # messages go through _forward_llama_log either way.
+            # messages go through llama.py's log forwarding either way.
             self._model = _internals.LlamaModel(
                 path_model=str(path), params=model_params, verbose=True
             )
@@ -121,17 +119,17 @@ class LoadedModel:
         self.ctx: Any = self._context.ctx
         self.memory: Any = self._context.memory
         self.vocab: Any = self._model.vocab
-        self.n_vocab: int = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
+        self.n_vocab: int = int(c.llama_vocab_n_tokens(self.vocab))
         self._grammars = GrammarCache(self.vocab)
         self.metadata: dict[str, str] = dict(self._model.metadata())
         self.chat_template: str | None = self.metadata.get("tokenizer.chat_template")
         self.slots: int = settings.slots
         # Per slot: what one conversation may hold, prompt and reply together.
-        self.n_ctx: int = int(llama_cpp.llama_n_ctx_seq(self.ctx))
+        self.n_ctx: int = int(c.llama_n_ctx_seq(self.ctx))
         self.n_batch: int = settings.batch_size
         self.n_ctx_train: int = self._model.n_ctx_train()
         # Sliding-window attention: a sequence's saved state keeps only the window.
-        self.sliding_window: int = int(llama_cpp.llama_model_n_swa(self._model.model))
+        self.sliding_window: int = int(c.llama_model_n_swa(self._model.model))
         self.bos_id: int = self._model.token_bos()
         self.eos_id: int = self._model.token_eos()
         self.add_bos: bool = bool(self._model.add_bos_token())
@@ -148,8 +146,6 @@ class LoadedModel:
             )
 
     def _progress_callback(self, keep_loading: Callable[[float], bool]) -> Any:
-        import llama_cpp
-
         def progress(fraction: float, _user_data: Any) -> bool:
             try:
                 go = bool(keep_loading(fraction))
@@ -161,7 +157,7 @@ class LoadedModel:
             return go
 
         # Kept on the instance: llama.cpp calls it for as long as the load runs.
-        self._progress = llama_cpp.llama_progress_callback(progress)
+        self._progress = progress_callback(progress)
         return self._progress
 
     def _piece(self, token: int) -> str:
@@ -170,14 +166,14 @@ class LoadedModel:
         return self._to_piece(token, special=True).decode("utf-8", errors="replace")
 
     def _to_piece(self, token: int, *, special: bool) -> bytes:
-        import llama_cpp
+        c = lib()
 
         vocab = self.vocab
         buf = ctypes.create_string_buffer(64)
-        n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
+        n = c.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
         if n < 0:  # the piece is longer than the buffer: -n is the size it needs
             buf = ctypes.create_string_buffer(-n)
-            n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
+            n = c.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
         return buf.raw[: max(n, 0)]
 
     def tokenize(self, text: str, *, special: bool, add_bos: bool = False) -> list[int]:
@@ -194,9 +190,9 @@ class LoadedModel:
         return piece
 
     def is_end_of_generation(self, token: int) -> bool:
-        import llama_cpp
+        c = lib()
 
-        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+        return bool(c.llama_vocab_is_eog(self.vocab, token))
 
     def parsed_grammar(self, grammar: str, *, lazy: bool) -> ParsedGrammar | None:
         """`grammar` parsed for this model's vocabulary (once; see grammar_cache.py), or None
@@ -226,19 +222,19 @@ class LoadedModel:
 
         Recurrent and hybrid models cannot cut a sequence in the middle: theirs is cleared.
         """
-        import llama_cpp
+        c = lib()
 
-        if keep > 0 and llama_cpp.llama_memory_seq_rm(self.memory, seq, keep, -1):
+        if keep > 0 and c.llama_memory_seq_rm(self.memory, seq, keep, -1):
             return keep
-        llama_cpp.llama_memory_seq_rm(self.memory, seq, -1, -1)
+        c.llama_memory_seq_rm(self.memory, seq, -1, -1)
         return 0
 
     def copy_sequence(self, source: int, target: int) -> None:
         """Make sequence `target` a copy of sequence `source` (the data moves at next decode)."""
-        import llama_cpp
+        c = lib()
 
         # Sequences live in separate KV streams, which llama.cpp copies whole (p0 = p1 = -1).
-        llama_cpp.llama_memory_seq_cp(self.memory, source, target, -1, -1)
+        c.llama_memory_seq_cp(self.memory, source, target, -1, -1)
 
     def close(self) -> None:
         # Parsed grammars point at the model's vocabulary; the context goes before the model.
@@ -250,37 +246,3 @@ class LoadedModel:
         if self._model is not None:
             self._model.close()
             self._model = None
-
-
-_backend_lock = threading.Lock()
-_backend_ready = False
-_llama_log = logging.getLogger("pensieved.llama")
-# ggml's log levels: 3 warning, 4 error, 5 continues the previous line; the rest (info,
-# debug: hundreds of lines per context) stays out of our log.
-_FORWARDED = {3: logging.WARNING, 4: logging.ERROR}
-_log_callback: Any = None
-_last_level = 0
-
-
-def _forward_llama_log(level: int, text: bytes, _user_data: Any) -> None:
-    global _last_level
-    if level != 5:
-        _last_level = level
-    forwarded = _FORWARDED.get(_last_level)
-    message = text.decode("utf-8", errors="replace").strip()
-    if forwarded is not None and message:
-        _llama_log.log(forwarded, "%s", message)
-
-
-def _init_backend() -> None:
-    """llama.cpp's process-wide setup, once (what `Llama` does on first use), and its log
-    routed into ours: llama-cpp-python's own handler prints everything to stderr."""
-    global _backend_ready, _log_callback
-    import llama_cpp
-
-    with _backend_lock:
-        if not _backend_ready:
-            _log_callback = llama_cpp.llama_log_callback(_forward_llama_log)
-            llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
-            llama_cpp.llama_backend_init()
-            _backend_ready = True

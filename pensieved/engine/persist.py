@@ -26,8 +26,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from pensieved.engine.generate import Slot
+from pensieved.engine.llama import lib
 from pensieved.engine.model import LoadedModel
+from pensieved.engine.slots import Slot
 
 log = logging.getLogger("pensieved.engine")
 
@@ -78,7 +79,7 @@ class PrefixStore:
         """
         if not self.enabled or not persistable(model):
             return 0
-        import llama_cpp
+        c = lib()
 
         target = self.directory / model_key(model)
         keep = sorted(
@@ -90,7 +91,7 @@ class PrefixStore:
         shutil.rmtree(target, ignore_errors=True)
         written = used = 0
         for slot in keep:
-            size = int(llama_cpp.llama_state_seq_get_size(model.ctx, slot.index))
+            size = int(c.llama_state_seq_get_size(model.ctx, slot.index))
             if used + size > self.budget_bytes:
                 log.info(
                     "not saving slot %d's KV cache (%d tokens, %.0f MB): over "
@@ -101,7 +102,7 @@ class PrefixStore:
                 )
                 continue
             buffer = (ctypes.c_uint8 * size)()
-            got = int(llama_cpp.llama_state_seq_get_data(model.ctx, buffer, size, slot.index))
+            got = int(c.llama_state_seq_get_data(model.ctx, buffer, size, slot.index))
             if got == 0:
                 log.warning("llama.cpp could not export slot %d's KV cache", slot.index)
                 continue
@@ -127,7 +128,7 @@ class PrefixStore:
         """Read saved states into empty slots; the count restored. Bad files are deleted."""
         if not self.enabled or not persistable(model):
             return 0
-        import llama_cpp
+        c = lib()
 
         try:
             source = self.directory / model_key(model)
@@ -148,8 +149,8 @@ class PrefixStore:
                 path.unlink(missing_ok=True)
                 continue
             buffer = (ctypes.c_uint8 * len(state)).from_buffer(state)
-            loaded = llama_cpp.llama_state_seq_set_data(model.ctx, buffer, len(state), slot.index)
-            last = llama_cpp.llama_memory_seq_pos_max(model.memory, slot.index)
+            loaded = c.llama_state_seq_set_data(model.ctx, buffer, len(state), slot.index)
+            last = c.llama_memory_seq_pos_max(model.memory, slot.index)
             if not loaded or last + 1 != len(tokens):
                 log.warning("llama.cpp refused saved KV cache %s; deleting it", path)
                 model.forget(slot.index, 0)

@@ -21,13 +21,13 @@ size for that step.
 from __future__ import annotations
 
 import ctypes
-import importlib
 import math
 from typing import Any
 
 import numpy as np
 
 from pensieved.engine.grammar_cache import ParsedGrammar
+from pensieved.engine.llama import internals, lib
 from pensieved.engine.types import Sampling
 
 # The likeliest tokens a refused pick is redrawn from (step 2 above), tried in turn: checking
@@ -39,17 +39,11 @@ SHORTLISTS = (64, 1024, 8192)
 _TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
 
 
-def _llama() -> Any:
-    # llama-cpp-python has partial annotations; treat its sampler API as untyped.
-    return importlib.import_module("llama_cpp.llama_cpp")
-
-
 def _chain(sampling: Sampling, seed: int, grammar: Any = None) -> Any:
     """The sampler chain of `Llama._init_sampler`, after `grammar` (owned by it) if given."""
-    internals: Any = importlib.import_module("llama_cpp._internals")
-    chain = internals.LlamaSampler()
+    chain = internals().LlamaSampler()
     if grammar is not None:
-        _llama().llama_sampler_chain_add(chain.sampler, grammar)
+        lib().llama_sampler_chain_add(chain.sampler, grammar)
     if sampling.temperature == 0.0:
         chain.add_greedy()
     else:
@@ -67,7 +61,7 @@ class Sampler:
     def __init__(
         self, sampling: Sampling, grammar: ParsedGrammar | None, *, seed: int, n_vocab: int
     ) -> None:
-        llama = _llama()
+        llama = lib()
         self._llama = llama
         self._chain = _chain(sampling, seed)
         self._constrained: Any = None

@@ -22,7 +22,8 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
 
 from pensieved.engine.batcher import DecodeStats, Runner
-from pensieved.engine.generate import Generation, Slot
+from pensieved.engine.generation import Generation
+from pensieved.engine.slots import Slot
 from pensieved.engine.types import Event, Failed, Finished, Heartbeat, PreparedPrompt
 from pensieved.errors import PensieveError, RequestTimeoutError
 

@@ -153,30 +153,31 @@ def _decode_batch(model_path: str, threads: int) -> None:
     """Load the model and decode one batch of BATCH_TOKENS tokens; raise on any failure."""
     import ctypes
 
-    import llama_cpp
+    from pensieved.engine.llama import lib
 
-    quiet = llama_cpp.llama_log_callback(lambda level, text, data: None)
-    llama_cpp.llama_log_set(quiet, ctypes.c_void_p(0))
+    c = lib()
+    quiet = c.llama_log_callback(lambda level, text, data: None)
+    c.llama_log_set(quiet, ctypes.c_void_p(0))
     fake = os.environ.get(FAKE_SIGNAL_ENV)
     if fake:
         name = fake.upper() if fake.upper().startswith("SIG") else f"SIG{fake.upper()}"
         os.kill(os.getpid(), signal.Signals[name])
-    llama_cpp.llama_backend_init()
-    model_params = llama_cpp.llama_model_default_params()
+    c.llama_backend_init()
+    model_params = c.llama_model_default_params()
     model_params.n_gpu_layers = 0
-    model = llama_cpp.llama_model_load_from_file(model_path.encode(), model_params)
+    model = c.llama_model_load_from_file(model_path.encode(), model_params)
     if not model:
         raise RuntimeError(f"llama.cpp cannot load the self-test model {model_path}")
-    ctx_params = llama_cpp.llama_context_default_params()
+    ctx_params = c.llama_context_default_params()
     ctx_params.n_ctx = BATCH_TOKENS * 2
     ctx_params.n_batch = BATCH_TOKENS
     ctx_params.n_ubatch = BATCH_TOKENS
     ctx_params.n_threads = threads
     ctx_params.n_threads_batch = threads
-    ctx = llama_cpp.llama_init_from_model(model, ctx_params)
+    ctx = c.llama_init_from_model(model, ctx_params)
     if not ctx:
         raise RuntimeError("llama.cpp cannot create a context for the self-test model")
-    batch = llama_cpp.llama_batch_init(BATCH_TOKENS, 0, 1)
+    batch = c.llama_batch_init(BATCH_TOKENS, 0, 1)
     try:
         for i in range(BATCH_TOKENS):
             batch.token[i] = (i * 7) % N_VOCAB
@@ -185,13 +186,13 @@ def _decode_batch(model_path: str, threads: int) -> None:
             batch.seq_id[i][0] = 0
             batch.logits[i] = i == BATCH_TOKENS - 1
         batch.n_tokens = BATCH_TOKENS
-        code = llama_cpp.llama_decode(ctx, batch)
+        code = c.llama_decode(ctx, batch)
         if code != 0:
             raise RuntimeError(f"llama_decode returned {code}")
     finally:
-        llama_cpp.llama_batch_free(batch)
-        llama_cpp.llama_free(ctx)
-        llama_cpp.llama_model_free(model)
+        c.llama_batch_free(batch)
+        c.llama_free(ctx)
+        c.llama_model_free(model)
 
 
 def child_main() -> int:

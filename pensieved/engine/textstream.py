@@ -10,6 +10,8 @@ from __future__ import annotations
 import codecs
 from dataclasses import dataclass
 
+from pensieved.engine.holdback import held_prefix
+
 
 @dataclass(frozen=True)
 class StreamOutput:
@@ -39,7 +41,7 @@ class TextStream:
             text = self._held[: first[0]]
             self._held = ""
             return StreamOutput(text, stop_sequence=first[1])
-        keep = self._longest_stop_prefix_suffix()
+        keep = held_prefix(self._held, *self._stops)
         cut = len(self._held) - keep
         text, self._held = self._held[:cut], self._held[cut:]
         return StreamOutput(text)
@@ -49,14 +51,3 @@ class TextStream:
         text = self._held + self._decoder.decode(b"", final=True)
         self._held = ""
         return text
-
-    def _longest_stop_prefix_suffix(self) -> int:
-        """Length of the longest tail of the held text that begins some stop sequence."""
-        best = 0
-        held = self._held
-        for stop in self._stops:
-            for length in range(min(len(stop) - 1, len(held)), best, -1):
-                if held.endswith(stop[:length]):
-                    best = length
-                    break
-        return best

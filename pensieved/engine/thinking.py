@@ -7,6 +7,8 @@ writes the tag passes through untouched, so this runs for every model at no cost
 
 from __future__ import annotations
 
+from pensieved.engine.holdback import held_prefix
+
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
 
@@ -15,13 +17,6 @@ def prompt_opens_thinking(rendered_prompt: str) -> bool:
     """Whether the generation prompt ends inside a `<think>` block the template opened."""
     tail = rendered_prompt.rstrip()
     return tail.endswith(THINK_OPEN)
-
-
-def _held_prefix(text: str, marker: str) -> int:
-    for length in range(min(len(marker) - 1, len(text)), 0, -1):
-        if text.endswith(marker[:length]):
-            return length
-    return 0
 
 
 class ThinkSplitter:
@@ -63,7 +58,7 @@ class ThinkSplitter:
                 return
             # Held: a possible start of `</think>` and the line breaks before it, which are
             # layout around the tag, not reasoning.
-            keep = _held_prefix(self._buffer, THINK_CLOSE)
+            keep = held_prefix(self._buffer, THINK_CLOSE)
             cut = len(self._buffer) - keep
             cut -= _trailing_newlines(self._buffer[:cut])
             if cut > 0:

@@ -23,6 +23,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic_core import from_json
+
+from pensieved.engine.holdback import held_prefix
 from pensieved.engine.types import ChatMessage, ToolCallDelta, ToolCallEnd, ToolCallStart, ToolSpec
 
 TOOL_CALL_OPEN = "<tool_call>"
@@ -121,14 +124,6 @@ _HEADER = re.compile(
 )
 
 
-def _held_prefix(text: str, marker: str) -> int:
-    """Length of the longest tail of `text` that is a proper prefix of `marker`."""
-    for length in range(min(len(marker) - 1, len(text)), 0, -1):
-        if text.endswith(marker[:length]):
-            return length
-    return 0
-
-
 class ToolCallParser:
     """Splits streamed model text into plain text and tool calls.
 
@@ -174,7 +169,7 @@ class ToolCallParser:
                 self._buffer = self._buffer[at + len(TOOL_CALL_OPEN) :]
                 self._state = "head"
                 return
-            keep = _held_prefix(self._buffer, TOOL_CALL_OPEN)
+            keep = held_prefix(self._buffer, TOOL_CALL_OPEN)
             cut = len(self._buffer) - keep
             if cut > 0:
                 out.append(ParsedText(self._buffer[:cut]))
@@ -319,46 +314,9 @@ class ToolCallParser:
 
 
 def repair_partial_json(text: str) -> Any:
-    """Best-effort value of JSON cut off mid-way (closes strings and brackets)."""
-    candidate = text.rstrip()
-    for _ in range(64):
-        closed = _close(candidate)
-        if closed is not None:
-            try:
-                return json.loads(closed)
-            except json.JSONDecodeError:
-                pass
-        cut = max(candidate.rfind(","), candidate.rfind("{") + 1, candidate.rfind("[") + 1)
-        if cut <= 0 or cut >= len(candidate):
-            break
-        candidate = candidate[:cut].rstrip().rstrip(",")
-    return None
-
-
-def _close(text: str) -> str | None:
-    stack: list[str] = []
-    in_string = escaped = False
-    for char in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif char == "\\":
-                escaped = True
-            elif char == '"':
-                in_string = False
-        elif char == '"':
-            in_string = True
-        elif char in "{[":
-            stack.append("}" if char == "{" else "]")
-        elif char in "}]":
-            if not stack:
-                return None
-            stack.pop()
-    if escaped:
-        text = text[:-1]
-    if in_string:
-        text += '"'
-    stripped = text.rstrip()
-    if stripped.endswith((",", ":")):
+    """Best-effort value of JSON cut off mid-way (a string cut short keeps what it has);
+    None when nothing of it is a value."""
+    try:
+        return from_json(text, allow_partial="trailing-strings")
+    except ValueError:
         return None
-    return stripped + "".join(reversed(stack))

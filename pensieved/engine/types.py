@@ -97,17 +97,18 @@ class PreparedPrompt:
 
 
 @dataclass(frozen=True)
-class TextPiece:
-    """Text the client may see now (never part of a possible stop sequence, never half a char)."""
-
+class _Piece:
     text: str
 
 
 @dataclass(frozen=True)
-class ThinkingPiece:
-    """Reasoning text (from `<think>` blocks), when the request enabled thinking."""
+class TextPiece(_Piece):
+    """Text the client may see now (never part of a possible stop sequence, never half a char)."""
 
-    text: str
+
+@dataclass(frozen=True)
+class ThinkingPiece(_Piece):
+    """Reasoning text (from `<think>` blocks), when the request enabled thinking."""
 
 
 @dataclass(frozen=True)

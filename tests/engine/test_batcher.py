@@ -3,7 +3,8 @@ from __future__ import annotations
 import threading
 
 from pensieved.engine.batcher import plan_step
-from pensieved.engine.generate import Generation, Slot
+from pensieved.engine.generation import Generation
+from pensieved.engine.slots import Slot
 from pensieved.engine.types import ChatMessage, GenerationRequest, PreparedPrompt
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,18 +13,10 @@ from typing import Any
 import pytest
 
 from pensieve.paths import bundled_model_path
+from pensieved.engine import gbnf
 from pensieved.engine import grammar as grammar_module
+from pensieved.engine.gbnf import MAX_GRAMMAR_DEPTH, grammar_problem, grammar_size
 from pensieved.engine.grammar import (
-    MAX_GRAMMAR_BYTES,
-    MAX_GRAMMAR_DEPTH,
-    MAX_GRAMMAR_RULES,
-    MAX_REPETITION,
-    GrammarSize,
-    _anchor,
-    _Normaliser,
-    grammar_problem,
-    grammar_size,
-    integer_range_rule,
     json_output_grammar,
     loosest_grammar,
     request_grammar,
@@ -33,6 +24,7 @@ from pensieved.engine.grammar import (
 )
 from pensieved.engine.grammar_cache import parse_grammar
 from pensieved.engine.types import GenerationRequest, ToolChoice, ToolSpec
+from tests.engine.test_gbnf import nested_grammar
 
 CLAUDE_CODE_LIKE: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -158,45 +150,6 @@ def test_request_grammar_modes() -> None:
     assert request_grammar(GenerationRequest(messages=(), max_tokens=1)) == (None, False)
 
 
-def _as_regex(rule: str) -> str:
-    """The GBNF subset integer_range_rule emits, as a Python regex."""
-    return re.sub(r'"([^"]*)"', lambda m: re.escape(m.group(1)), rule).replace(" ", "")
-
-
-@pytest.mark.parametrize(
-    ("low", "high"),
-    [(1, 2000), (0, 0), (-15, 7), (5, None), (None, -3), (None, 42), (37, 1234), (-100, -7)],
-)
-def test_integer_ranges_match_exactly(low: int | None, high: int | None) -> None:
-    pattern = re.compile(_as_regex(integer_range_rule(low, high)))
-    for n in range(-2500, 2500):
-        inside = (low is None or n >= low) and (high is None or n <= high)
-        assert bool(pattern.fullmatch(str(n))) == inside, n
-    assert not pattern.fullmatch("007")
-    if high is None:
-        assert pattern.fullmatch("123456789012")
-
-
-@pytest.mark.parametrize(
-    ("pattern", "anchored"),
-    [
-        ("^[a-z]+$", "^[a-z]+$"),
-        ("[a-z]+", "^[a-z]+$"),
-        ("a|b", "^(a|b)$"),
-        ("^.*$", None),
-        ("^[a-z*./]{1,24}$", "^[a-z*./]{1,24}$"),
-        ("[ -~]+", None),
-        ("\\d+", None),
-        ('[^"]+', None),
-        ("\\s+", None),
-        ("(?=x)y", None),
-        ("(bad", None),
-    ],
-)
-def test_patterns_are_anchored_or_refused(pattern: str, anchored: str | None) -> None:
-    assert _anchor(pattern) == anchored
-
-
 # ---- limits: no schema may produce a grammar llama.cpp cannot parse safely ------------------
 
 WORKFLOW_LIKE: dict[str, Any] = {
@@ -254,57 +207,8 @@ def test_huge_bounds_become_unbounded(vocab: Any, schema: dict[str, Any], note: 
     assert grammar_parses(vocab, output)
 
 
-def test_bounds_up_to_the_limit_stay_enforced() -> None:
-    def normalised(schema: dict[str, Any]) -> tuple[dict[str, Any], set[str]]:
-        normaliser = _Normaliser(schema)
-        return normaliser.visit(schema), normaliser.loosened
-
-    out, loosened = normalised({"type": "string", "minLength": 1, "maxLength": MAX_REPETITION})
-    assert (out["minLength"], out["maxLength"], loosened) == (1, MAX_REPETITION, set())
-    out, _ = normalised({"type": "string", "minLength": 1, "maxLength": MAX_REPETITION + 1})
-    assert out["minLength"] == 1 and "maxLength" not in out
-    out, _ = normalised({"type": "array", "items": {"type": "string"}, "maxItems": 256})
-    assert out["maxItems"] == 256
-    out, _ = normalised({"type": "string", "pattern": "^[a-z]{2,256}x{3}$"})
-    assert out["pattern"] == "^[a-z]{2,256}x{3}$"
-    out, loosened = normalised({"type": "string", "pattern": "^[{]{9999}\\{9999}a{3,9999}$"})
-    # Only real quantifiers count: not a `{` in a class or escaped; the minimum is kept.
-    assert out["pattern"] == "^[{]{0,}\\{9999}a{3,}$"
-    assert len(loosened) == 2
-    out, _ = normalised({"type": "integer", "minimum": 0, "maximum": 9007199254740991})
-    assert out["x-range"] == [0, 9007199254740991]
-
-
-def test_grammar_size_skips_literals_classes_and_comments() -> None:
-    text = (
-        'root ::= "(((\\"(((" [(\\](] x # ((((\n'
-        'x ::= ( "a" ( "b" )? )* [0-9]{2,5} [a]{3} [b]{1,} [c]{0,9999}\n'
-    )
-    # Rules: two ::=, two groups, ? and *, {2,5} three, {3} none, {1,} one, and {0,9999} one
-    # (llama.cpp takes an upper bound over 2000 as unbounded).
-    assert grammar_size(text) == GrammarSize(len(text.encode()), depth=2, rules=11)
-
-
-def _nested(depth: int) -> str:
-    return "root ::= " + '("a" ' * depth + ")?" * depth + "\n"
-
-
-def test_grammar_problem_on_deep_huge_and_repetition_heavy_grammars() -> None:
-    assert grammar_problem(_nested(MAX_GRAMMAR_DEPTH)) is None
-    deep = grammar_problem(_nested(MAX_GRAMMAR_DEPTH + 1))
-    assert deep is not None and "deep" in deep
-    assert "deep" in (grammar_problem(_nested(100_000)) or "")  # small enough, too deep
-    # The shape of the issue's grammar, what `maxLength: 524288` used to become.
-    assert grammar_problem(_nested(524_288)) is not None
-    huge = 'root ::= "' + "x" * MAX_GRAMMAR_BYTES + '"\n'
-    assert "bytes" in (grammar_problem(huge) or "")
-    wide = "root ::= " + " ".join(f'("{i}"){{0,1999}}' for i in range(60)) + "\n"
-    assert grammar_size(wide).rules > MAX_GRAMMAR_RULES
-    assert "rules" in (grammar_problem(wide) or "")
-
-
 def test_nothing_past_the_limits_reaches_llama_cpp(vocab: Any) -> None:
-    assert parse_grammar(vocab, _nested(MAX_GRAMMAR_DEPTH * 10), lazy=False) is None
+    assert parse_grammar(vocab, nested_grammar(MAX_GRAMMAR_DEPTH * 10), lazy=False) is None
 
 
 @pytest.fixture
@@ -328,7 +232,7 @@ def test_a_schema_past_the_limits_falls_back_to_any_object(
 ) -> None:
     big = {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(400)}}
     small = {"type": "object", "properties": {"q": {"type": "integer"}}}
-    monkeypatch.setattr(grammar_module, "MAX_GRAMMAR_BYTES", 8_000)
+    monkeypatch.setattr(gbnf, "MAX_GRAMMAR_BYTES", 8_000)
     grammar, loosened = tool_call_grammar([ToolSpec("big", "", big), ToolSpec("small", "", small)])
     assert grammar_problem(grammar) is None
     assert '\\"p1\\"' not in grammar and '\\"q\\"' in grammar  # only the big one went
@@ -348,13 +252,13 @@ def test_request_grammar_past_the_limits_uses_the_loosest(
     assert full is not None and loosest is not None and len(loosest) < len(full)
     grammar_module._tool_grammar_cached.cache_clear()
     # Each schema fits alone; all forty together do not, and the loosest still does.
-    monkeypatch.setattr(grammar_module, "MAX_GRAMMAR_BYTES", (len(full) + len(loosest)) // 2)
+    monkeypatch.setattr(gbnf, "MAX_GRAMMAR_BYTES", (len(full) + len(loosest)) // 2)
     with caplog.at_level(logging.WARNING, logger="pensieved.engine"):
         assert request_grammar(_forced(tools)) == (loosest, False)
     assert "enforcing the JSON shape only" in caplog.text
     grammar_module._tool_grammar_cached.cache_clear()
     caplog.clear()
-    monkeypatch.setattr(grammar_module, "MAX_GRAMMAR_BYTES", len(loosest) - 1)
+    monkeypatch.setattr(gbnf, "MAX_GRAMMAR_BYTES", len(loosest) - 1)
     with caplog.at_level(logging.WARNING, logger="pensieved.engine"):
         assert request_grammar(_forced(tools)) == (None, False)
     assert "output is not constrained" in caplog.text
@@ -413,7 +317,7 @@ def test_the_deepest_grammar_allowed_parses_on_a_small_thread_stack() -> None:
         "from pensieved.engine.grammar_cache import parse_grammar\n"
         "llm = llama_cpp.Llama(model_path=str(bundled_model_path()), vocab_only=True,"
         " verbose=False)\n"
-        f"text = {_nested(MAX_GRAMMAR_DEPTH)!r}\n"
+        f"text = {nested_grammar(MAX_GRAMMAR_DEPTH)!r}\n"
         "threading.stack_size(512 * 1024)\n"
         "ok = []\n"
         "thread = threading.Thread(target=lambda: ok.append(\n"

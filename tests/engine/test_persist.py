@@ -8,9 +8,9 @@ from typing import cast
 
 import pytest
 
-from pensieved.engine.generate import Slot
 from pensieved.engine.model import LoadedModel, ModelSettings
 from pensieved.engine.persist import MAGIC, PrefixStore, _read, _write, model_key
+from pensieved.engine.slots import Slot
 
 
 def test_a_saved_slot_reads_back_exactly(tmp_path: Path) -> None:

@@ -4,8 +4,9 @@ import asyncio
 from dataclasses import dataclass, field
 
 from pensieved.engine.batcher import DecodeStats
-from pensieved.engine.generate import Generation, Slot
+from pensieved.engine.generation import Generation
 from pensieved.engine.scheduler import Scheduler, choose_slot
+from pensieved.engine.slots import Slot
 
 
 def slot(index: int, cached: list[int], last_used: float) -> Slot:

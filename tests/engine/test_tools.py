@@ -130,6 +130,8 @@ def test_repair_partial_json() -> None:
     assert repair_partial_json('{"a": "x", "b') == {"a": "x"}
     assert repair_partial_json('{"a": {"b": "c\\') == {"a": {"b": "c"}}
     assert repair_partial_json("") is None
+    assert repair_partial_json('{"a": [1, {"b": [') == {"a": [1, {"b": []}]}
+    assert repair_partial_json('{"a": 1, "b": tr') == {"a": 1}
 
 
 # ---- the generic format ----------------------------------------------------------------

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from pensieved.engine.generate import Slot, best_donor
+from pensieved.engine.slots import Slot, best_donor
 
 
 def test_the_slot_with_the_longest_shared_prefix_donates() -> None:

@@ -1,0 +1,154 @@
+"""One request's generation: its slot, prompt, sampler, and what its tokens turn into.
+
+A `Generation` is driven by the batcher's thread (see `batcher.py`), which decodes all running
+generations of a model together. Here is what is particular to one request: which prompt tokens
+still need evaluating, sampling its next token, and handing the text to its `OutputRouter`.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Callable, Sequence
+
+from pensieved.engine.model import LoadedModel
+from pensieved.engine.output import OutputRouter
+from pensieved.engine.sampler import Sampler
+from pensieved.engine.slots import FORK_MIN_TOKENS, Slot, best_donor
+from pensieved.engine.textstream import TextStream
+from pensieved.engine.types import Event, Failed, Finished, PreparedPrompt, PromptCached
+
+
+class Generation:
+    """A request on its slot. Only the batcher's thread calls its methods after `begin`."""
+
+    def __init__(
+        self,
+        slot: Slot,
+        prepared: PreparedPrompt,
+        cancel: threading.Event,
+        emit: Callable[[Event], None],
+        on_done: Callable[[], None],
+        peers: Sequence[Slot] = (),
+        flush: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.slot = slot
+        self.peers = peers
+        # Hands what `emit` and `on_done` queued to the listener; the batcher calls it once
+        # per step, after the step's events are out.
+        self.flush = flush
+        self.prepared = prepared
+        self.cancel = cancel
+        self.emit = emit
+        self.on_done = on_done
+        self.reused = 0
+        self.evaluated = 0  # prompt tokens in the KV cache, the reused ones included
+        self.next_token: int | None = None  # sampled, to be decoded in the next batch
+        self.output = 0
+        self.sampler: Sampler | None = None
+        self._router: OutputRouter | None = None
+        self._decoder = TextStream()
+        self._ended = False
+        self._model: LoadedModel | None = None
+        # A copied KV stream only lands at the next decode: until one ran, the copy is unsafe
+        # to keep (see `end`).
+        self.forked = False
+        self.decoded = False
+
+    @property
+    def seq(self) -> int:
+        return self.slot.index
+
+    @property
+    def position(self) -> int:
+        """Where the next token goes in this slot's sequence."""
+        return len(self.slot.tokens)
+
+    @property
+    def prompt_left(self) -> int:
+        return len(self.prepared.tokens) - self.evaluated
+
+    def begin(self, model: LoadedModel) -> None:
+        """Trim the slot to the reused prefix and get ready to sample. May raise.
+
+        When another slot (busy or not) holds a much longer prefix of this prompt, such as the
+        system prompt and tools of a second agent session or a subagent, its KV stream is
+        copied here first, so both share the work already done and neither loses its cache.
+        """
+        self._model = model
+        tokens = self.prepared.tokens
+        donor, shared = best_donor(self.slot, self.peers, tokens)
+        own = shared if donor is self.slot else self.slot.shared_prefix(tokens)
+        if shared - own >= FORK_MIN_TOKENS:
+            model.copy_sequence(donor.index, self.seq)
+            self.slot.tokens = donor.tokens[:shared]
+            self.forked = True
+            own = shared
+        # Reuse the cached prefix; keep at least one token to evaluate so logits are fresh.
+        wanted = max(0, min(own, len(tokens) - 1))
+        self.reused = model.forget(self.seq, wanted)
+        del self.slot.tokens[self.reused :]
+        self.evaluated = self.reused
+        self.emit(PromptCached(self.reused))
+        sampling = self.prepared.request.sampling
+        seed = sampling.seed if sampling.seed is not None else random.getrandbits(31)
+        self.sampler = Sampler(sampling, self.prepared.grammar, seed=seed, n_vocab=model.n_vocab)
+        self._router = OutputRouter(self.prepared, self.emit)
+
+    def take_prompt(self, budget: int) -> tuple[int, ...]:
+        """The next at most `budget` prompt tokens to evaluate (counted as evaluated)."""
+        start = self.evaluated
+        chunk = self.prepared.tokens[start : start + budget]
+        self.evaluated += len(chunk)
+        return chunk
+
+    def accept(self, model: LoadedModel, token: int) -> bool:
+        """Take a sampled token; True when the generation is over."""
+        router = self._router
+        assert router is not None
+        if model.is_end_of_generation(token):
+            router.end_of_turn()
+            return True
+        self.output += 1
+        if router.feed(self._decoder.feed(model.token_bytes(token)).text):
+            return True
+        if self.output >= self.prepared.max_tokens:
+            return True
+        self.next_token = token
+        return False
+
+    def finish(self) -> None:
+        """The normal end: release held text and report the stop and usage."""
+        router = self._router
+        assert router is not None
+        router.feed(self._decoder.finish())
+        router.finish()
+        self.emit(
+            Finished(
+                stop_reason=router.stop_reason,
+                stop_sequence=router.stop_sequence,
+                input_tokens=len(self.prepared.tokens),
+                output_tokens=self.output,
+                cache_read_tokens=self.reused,
+            )
+        )
+        self.end()
+
+    def fail(self, error: Exception) -> None:
+        try:
+            self.emit(Failed(error))
+        finally:
+            self.end()
+
+    def end(self) -> None:
+        """Free the sampler and hand the slot back; safe to call more than once."""
+        if self._ended:
+            return
+        self._ended = True
+        if self.forked and not self.decoded and self._model is not None:
+            self._model.forget(self.seq, 0)
+            self.slot.tokens.clear()
+        if self.sampler is not None:
+            self.sampler.close()
+            self.sampler = None
+        self.on_done()

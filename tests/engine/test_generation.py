@@ -1,0 +1,134 @@
+"""Generation: a request on its slot, with a scripted model (no weights: sampling is not run)."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, cast
+
+from pensieved.engine.generation import Generation
+from pensieved.engine.model import LoadedModel
+from pensieved.engine.slots import FORK_MIN_TOKENS, Slot
+from pensieved.engine.types import (
+    ChatMessage,
+    Event,
+    Finished,
+    GenerationRequest,
+    PreparedPrompt,
+    PromptCached,
+    TextPiece,
+)
+
+END = 0  # the scripted model's end-of-generation token
+
+
+class ScriptedModel:
+    n_vocab = 100
+
+    def __init__(self) -> None:
+        self.copies: list[tuple[int, int]] = []
+        self.forgotten: list[tuple[int, int]] = []
+
+    def forget(self, seq: int, keep: int) -> int:
+        self.forgotten.append((seq, keep))
+        return keep
+
+    def copy_sequence(self, source: int, target: int) -> None:
+        self.copies.append((source, target))
+
+    def is_end_of_generation(self, token: int) -> bool:
+        return token == END
+
+    def token_bytes(self, token: int) -> bytes:
+        return f"<{token}>".encode()
+
+
+def _generation(
+    prompt: tuple[int, ...], slot: Slot, peers: tuple[Slot, ...] = (), max_tokens: int = 8
+) -> tuple[Generation, list[Event], list[bool]]:
+    request = GenerationRequest(messages=(ChatMessage("user", "x"),), max_tokens=max_tokens)
+    events: list[Event] = []
+    done: list[bool] = []
+    prepared = PreparedPrompt(request, prompt, max_tokens)
+    g = Generation(slot, prepared, threading.Event(), events.append, lambda: done.append(True))
+    g.peers = peers
+    return g, events, done
+
+
+def _model(scripted: ScriptedModel) -> LoadedModel:
+    return cast(LoadedModel, cast(Any, scripted))
+
+
+def test_the_cached_prefix_is_reused_and_the_rest_taken_in_chunks() -> None:
+    prompt = tuple(range(1, 21))
+    slot = Slot(0, tokens=[*prompt[:12], 99, 99])
+    g, events, _ = _generation(prompt, slot)
+    model = ScriptedModel()
+    g.begin(_model(model))
+    assert model.forgotten == [(0, 12)] and slot.tokens == list(prompt[:12])
+    assert events == [PromptCached(12)]
+    assert (g.take_prompt(5), g.take_prompt(5), g.take_prompt(5)) == (
+        prompt[12:17],
+        prompt[17:],
+        (),
+    )
+    assert g.prompt_left == 0
+    g.end()
+
+
+def test_a_whole_cached_prompt_still_evaluates_its_last_token() -> None:
+    prompt = (1, 2, 3)
+    g, events, _ = _generation(prompt, Slot(0, tokens=[1, 2, 3]))
+    g.begin(_model(ScriptedModel()))
+    assert events == [PromptCached(2)] and g.take_prompt(10) == (3,)
+    g.end()
+
+
+def test_a_much_longer_prefix_elsewhere_is_copied_and_dropped_if_never_decoded() -> None:
+    prompt = tuple(range(1, FORK_MIN_TOKENS + 10))
+    donor = Slot(1, tokens=list(prompt[:-1]))
+    slot = Slot(0)
+    g, _, done = _generation(prompt, slot, peers=(slot, donor))
+    model = ScriptedModel()
+    g.begin(_model(model))
+    assert model.copies == [(1, 0)] and g.reused == len(prompt) - 1
+    g.end()
+    g.end()  # safe twice
+    assert model.forgotten[-1] == (0, 0) and slot.tokens == [] and done == [True]
+
+
+def test_a_short_gain_is_evaluated_rather_than_copied() -> None:
+    prompt = tuple(range(1, FORK_MIN_TOKENS + 10))
+    donor = Slot(1, tokens=list(prompt[: FORK_MIN_TOKENS - 1]))
+    g, _, _ = _generation(prompt, Slot(0), peers=(donor,))
+    model = ScriptedModel()
+    g.begin(_model(model))
+    assert model.copies == [] and g.reused == 0
+    g.end()
+
+
+def test_tokens_become_text_until_the_end_of_turn() -> None:
+    g, events, done = _generation((1, 2), Slot(0))
+    model = _model(ScriptedModel())
+    g.begin(model)
+    assert not g.accept(model, 5) and g.next_token == 5
+    assert not g.accept(model, 6)
+    assert g.accept(model, END)
+    g.finish()
+    assert events[1:] == [
+        TextPiece("<5>"),
+        TextPiece("<6>"),
+        Finished("end_turn", None, input_tokens=2, output_tokens=2, cache_read_tokens=0),
+    ]
+    assert done == [True] and g.sampler is None
+
+
+def test_max_tokens_ends_the_generation() -> None:
+    g, events, _ = _generation((1, 2), Slot(0), max_tokens=2)
+    model = _model(ScriptedModel())
+    g.begin(model)
+    assert not g.accept(model, 5)
+    assert g.accept(model, 6)
+    g.finish()
+    finished = events[-1]
+    assert isinstance(finished, Finished) and finished.stop_reason == "max_tokens"
+    assert finished.output_tokens == 2
