@@ -231,6 +231,7 @@ def grammar_main(args: argparse.Namespace, model: Path, settings: Settings) -> i
         tokens=args.decode_tokens,
         reps=args.decode_reps,
         build_reps=args.reps,
+        threads=settings.threads,
         log=log,
     )
     if report is None:

@@ -24,10 +24,10 @@ from bench.targets import ServerProcess
 
 CLAUDE_CODE_TOOLS = Path(__file__).resolve().parents[2] / ".." / "shared" / "fixtures"
 CLAUDE_CODE_TOOLS = CLAUDE_CODE_TOOLS / "claude-code" / "default-tools.json"
-STORY = "Write a very long story about a dragon."
-# A forced call whose one string argument the model keeps writing until max_tokens.
+# One prompt for all three requests, so each finds the whole prompt in the KV cache: a story
+# the bundled model keeps writing, into a file for the forced call (`Write`'s `content`).
+PROMPT = "Write a very long story about a dragon into the file /tmp/dragon.txt."
 FORCED_TOOL = "Write"
-FORCED_PROMPT = "Write a very long story about a dragon into the file /tmp/dragon.txt."
 
 
 def load_tools(path: Path) -> list[dict[str, Any]] | None:
@@ -120,6 +120,91 @@ def build_times(tools: list[dict[str, Any]], model: Path, *, reps: int) -> dict[
     }
 
 
+# ---- sampling cost per token ----------------------------------------------------------------
+
+
+def sampling_costs(
+    tools: list[dict[str, Any]], model: Path, *, threads: int, tokens: int
+) -> dict[str, Any]:
+    """Milliseconds per token spent sampling a forced call in-process, three ways on the same
+    model: no grammar, the grammar first in llama.cpp's chain (every candidate checked), and
+    pensieved's `Sampler` (the grammar checks the chain's pick). Greedy, so the last two must
+    produce the same tokens."""
+    import llama_cpp
+
+    from pensieved.engine.grammar import request_grammar
+    from pensieved.engine.grammar_cache import GrammarCache
+    from pensieved.engine.sampler import Sampler, _chain
+    from pensieved.engine.types import GenerationRequest, Sampling, ToolChoice, ToolSpec
+
+    specs = tuple(ToolSpec(t["name"], "", t.get("input_schema") or {}) for t in tools)
+    forced = ToolChoice("tool", FORCED_TOOL, parallel=False)
+    grammar, lazy = request_grammar(
+        GenerationRequest(messages=(), max_tokens=1, tools=specs, tool_choice=forced)
+    )
+    assert grammar is not None
+    greedy = Sampling(temperature=0.0)
+    llm: Any = llama_cpp.Llama(
+        model_path=str(model),
+        n_ctx=1024,
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
+    )
+    cache = GrammarCache(llm._model.vocab)
+    prompt = llm.tokenize(PROMPT.encode(), add_bos=True)
+
+    def run(pick: Callable[[Any], int]) -> tuple[list[int], float, float]:
+        llm.reset()
+        llm.eval(prompt)
+        out: list[int] = []
+        sampling = decoding = 0.0
+        for _ in range(tokens):
+            started = time.perf_counter()
+            token = pick(llm.ctx)
+            middle = time.perf_counter()
+            llm.eval([token])
+            sampling += middle - started
+            decoding += time.perf_counter() - middle
+            out.append(token)
+        return out, sampling / tokens * 1000, decoding / tokens * 1000
+
+    try:
+        parsed = cache.get(grammar, lazy=lazy)
+        assert parsed is not None
+        free = _chain(greedy, 1)
+        first = _chain(greedy, 1, parsed.clone())
+        checked = Sampler(greedy, parsed, seed=1, n_vocab=llm.n_vocab())
+        try:
+            _, free_ms, decode_ms = run(
+                lambda ctx: int(llama_cpp.llama_sampler_sample(free.sampler, ctx, -1))
+            )
+            first_out, first_ms, _ = run(
+                lambda ctx: int(llama_cpp.llama_sampler_sample(first.sampler, ctx, -1))
+            )
+            checked_out, checked_ms, _ = run(lambda ctx: checked.sample(ctx, -1))
+        finally:
+            free.close()
+            first.close()
+            checked.close()
+    finally:
+        cache.close()
+        llm.close()
+    return {
+        "tokens": tokens,
+        "threads": threads,
+        "decode_ms_per_token": decode_ms,
+        "sample_ms_per_token": {
+            "no_grammar": free_ms,
+            "grammar_first": first_ms,
+            "grammar_checked_after": checked_ms,
+        },
+        "refused_first_picks": checked.resampled,
+        "whole_vocabulary_steps": checked.full,
+        "same_tokens": first_out == checked_out,
+    }
+
+
 # ---- decode rate ---------------------------------------------------------------------------
 
 
@@ -176,22 +261,22 @@ def stream_timed(port: int, body: dict[str, Any]) -> Timed:
 
 
 def decode_bodies(tools: list[dict[str, Any]], max_tokens: int) -> dict[str, dict[str, Any]]:
-    """The three requests compared: the same tools (so the same prompt prefix) each time."""
+    """The three requests compared: the same prompt and tools, only tool_choice differs."""
 
-    def body(prompt: str, choice: dict[str, Any]) -> dict[str, Any]:
+    def body(choice: dict[str, Any]) -> dict[str, Any]:
         return {
             "model": "claude-sonnet-4-5",
             "max_tokens": max_tokens,
             "temperature": 0,
             "tools": tools,
             "tool_choice": choice,
-            "messages": [{"role": "user", "content": prompt}],
+            "messages": [{"role": "user", "content": PROMPT}],
         }
 
     return {
-        "free_text": body(STORY, {"type": "none"}),
-        "forced_tool_call": body(FORCED_PROMPT, {"type": "tool", "name": FORCED_TOOL}),
-        "auto_free_text": body(STORY, {"type": "auto"}),
+        "free_text": body({"type": "none"}),
+        "forced_tool_call": body({"type": "tool", "name": FORCED_TOOL}),
+        "auto_free_text": body({"type": "auto"}),
     }
 
 
@@ -203,10 +288,16 @@ def decode_rates(
     reps: int,
     log: Callable[[str], None],
 ) -> dict[str, Any]:
+    """Tokens per second of each request, all of the same length: that of the forced call
+    (which may end before `tokens`), so that per-request costs weigh the same on each."""
     bodies = decode_bodies(tools, tokens)
+    length = tokens
     for name, body in bodies.items():  # warm: the prompt in the KV cache, the grammar parsed
-        result = stream_timed(server.port, {**body, "max_tokens": 4})
-        log(f"grammar warm-up {name}: {result.blocks}")
+        result = stream_timed(server.port, body)
+        log(f"grammar warm-up {name}: {result.output_tokens} tokens, {result.blocks}")
+        if name == "forced_tool_call":
+            length = max(result.output_tokens, 2)
+    bodies = decode_bodies(tools, length)
     rates: dict[str, list[float]] = {name: [] for name in bodies}
     produced: dict[str, list[int]] = {name: [] for name in bodies}
     blocks: dict[str, list[str]] = {}
@@ -225,7 +316,7 @@ def decode_rates(
     medians = {name: _median(values) for name, values in rates.items()}
     free = medians["free_text"] or 0.0
     return {
-        "max_tokens": tokens,
+        "max_tokens": length,
         "tokens_per_s": medians,
         "forced_over_free": (medians["forced_tool_call"] or 0.0) / free if free else None,
         "auto_over_free": (medians["auto_free_text"] or 0.0) / free if free else None,
@@ -277,6 +368,21 @@ def table(report: dict[str, Any]) -> str:
         f"{decode['max_tokens']} tokens generated, medians of {report['settings']['reps']} runs.",
         "",
     ]
+    sampling = report.get("sampling")
+    if sampling:
+        ms = sampling["sample_ms_per_token"]
+        lines += [
+            f"Sampling cost per token, in-process ({sampling['threads']} thread(s), "
+            f"{sampling['tokens']} tokens of the forced call, greedy): decoding "
+            f"{sampling['decode_ms_per_token']:.1f} ms; sampling without a grammar "
+            f"{ms['no_grammar']:.2f} ms, with the grammar first in llama.cpp's chain "
+            f"{ms['grammar_first']:.2f} ms, with the grammar checking the pick (pensieved) "
+            f"{ms['grammar_checked_after']:.2f} ms. The grammar refused "
+            f"{sampling['refused_first_picks']} first picks; "
+            f"{sampling['whole_vocabulary_steps']} needed the whole vocabulary. Same tokens "
+            f"both ways: {'yes' if sampling['same_tokens'] else 'NO'}.",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -288,6 +394,8 @@ def run(
     tokens: int,
     reps: int,
     build_reps: int,
+    threads: int,
+    sample_tokens: int = 64,
     log: Callable[[str], None],
 ) -> dict[str, Any] | None:
     """The grammar report, or None (after saying why) when there are no captured tools."""
@@ -301,6 +409,8 @@ def run(
         f"grammar build: cold {report['build']['cold_s'] * 1000:.1f} ms, "
         f"cached {report['build']['cached_s'] * 1000:.2f} ms"
     )
+    report["sampling"] = sampling_costs(tools, model, threads=threads, tokens=sample_tokens)
+    log(f"grammar sampling: {report['sampling']}")
     short = without_descriptions(copy.deepcopy(tools))
     server = start()
     try:

@@ -32,7 +32,7 @@ log = logging.getLogger("pensieved.engine")
 
 # Parsed grammars kept per model. Each distinct tool set, tool_choice and output schema is one;
 # a Claude Code session uses two or three (its tools with `auto`, the title request's schema),
-# and Claude Code's tool set parses into ~1 MB of rules.
+# so this holds several sessions' worth; Claude Code's tool set is ~8,000 rules.
 MAX_PARSED = 16
 
 

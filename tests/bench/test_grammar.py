@@ -59,6 +59,21 @@ def test_table_says_whether_the_goals_are_met() -> None:
             "auto_over_free": 0.99,
         },
     }
+    report["sampling"] = {
+        "tokens": 64,
+        "threads": 1,
+        "decode_ms_per_token": 20.0,
+        "sample_ms_per_token": {
+            "no_grammar": 0.2,
+            "grammar_first": 6.1,
+            "grammar_checked_after": 1.2,
+        },
+        "refused_first_picks": 46,
+        "whole_vocabulary_steps": 4,
+        "same_tokens": True,
+    }
     text = table(report)
+    assert "grammar first in llama.cpp's chain 6.10 ms" in text
+    assert "Same tokens both ways: yes." in text
     assert "| grammar for the tool set, cached < 50 ms | 4.00 ms (cold 120 ms) | yes |" in text
     assert "| 0.75 (60.0 vs 80.0 tok/s) | no |" in text
