@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from pensieved.config import Config
+from pensieve.config import Config
 from pensieved.engine.grammar import loosest_grammar, request_grammar
 from pensieved.engine.service import Engine
 from pensieved.engine.types import GenerationRequest, ToolChoice, ToolSpec
