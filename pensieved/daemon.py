@@ -47,7 +47,6 @@ from pensieve.sockets import (
 )
 from pensieve.wire import (
     ConfigResponse,
-    DecodeStatus,
     HttpStatus,
     Issue,
     ModelStatus,
@@ -64,7 +63,7 @@ from pensieved.api.app import make_app
 from pensieved.cli import build_parser, overrides_from
 from pensieved.control.server import make_control_app
 from pensieved.crashlog import enable_faulthandler, stderr_log, supervisor_from_environment
-from pensieved.engine.service import Engine, EngineStatus, default_model_path
+from pensieved.engine.service import Engine, default_model_path
 from pensieved.listeners import ListenError, Listeners
 from pensieved.logsetup import configure_logging
 from pensieved.reload import Plan, Reloader, plan_changes, watch_config, watch_model_files
@@ -146,7 +145,9 @@ class Daemon:
                 url=url,
                 error=http_error,
             ),
-            model=_model_status(engine),
+            model=ModelStatus.model_validate(engine.model, from_attributes=True)
+            if engine.model
+            else None,
             model_loading=self.reloader.model_loading
             or (self._boot_model() if engine.state == "loading" else None),
             aliases=engine.aliases,
@@ -312,24 +313,6 @@ class Daemon:
             self.abandoned_load = True
         await self.engine.close()
         log.info("stopped")
-
-
-def _model_status(engine: EngineStatus) -> ModelStatus | None:
-    model = engine.model
-    if model is None:
-        return None
-    return ModelStatus(
-        name=model.name,
-        path=model.path,
-        size_bytes=model.size_bytes,
-        context_size=model.context_size,
-        gpu_layers=model.gpu_layers,
-        threads=model.threads,
-        slots=model.slots,
-        kv_bytes_per_slot=model.kv_bytes_per_slot,
-        cached_tokens=model.cached_tokens,
-        decode=DecodeStatus.model_validate(model.decode, from_attributes=True),
-    )
 
 
 def load_startup_config(

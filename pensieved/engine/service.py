@@ -190,14 +190,12 @@ class ModelFacts:
     path: str
     size_bytes: int
     context_size: int
-    training_context: int
     gpu_layers: int
     threads: int
     slots: int
     kv_bytes_per_slot: int
     cached_tokens: list[int]
     decode: DecodeStats
-    warnings: list[str]
 
 
 @dataclass(frozen=True)
@@ -551,18 +549,12 @@ class Engine:
                 path=str(model.settings.path),
                 size_bytes=model.size_bytes,
                 context_size=model.n_ctx,
-                training_context=model.n_ctx_train,
                 gpu_layers=model.settings.gpu_layers,
                 threads=model.settings.effective_threads,
                 slots=model.slots,
                 kv_bytes_per_slot=model.kv_bytes_per_slot(),
                 cached_tokens=[len(slot.tokens) for slot in runtime.scheduler.slots],
                 decode=dataclasses.replace(runtime.scheduler.decode_stats),
-                warnings=(
-                    [f"context_size {model.n_ctx} exceeds the training context {model.n_ctx_train}"]
-                    if model.training_context_exceeded
-                    else []
-                ),
             )
         return EngineStatus(self._state, self._error, facts, dict(self.config.model.aliases))
 
