@@ -194,30 +194,59 @@ async def watch_model_files(
     stop: asyncio.Event,
 ) -> None:
     """Call `on_change` once the model file `waiting_for()` names appears or changes (None:
-    nothing to wait for, as while a model is loaded).
+    nothing to wait for, as while a model is loaded); a file that failed is retried once.
 
-    A file must look the same on two polls in a row first: a model still being copied
-    would otherwise be loaded (and fail) once a second.
+    The file must then look the same for a second: a model still being copied would
+    otherwise be loaded (and fail) once a second.
     """
-    previous: tuple[float, int] | None = None
+    from watchfiles import awatch  # deferred: only the daemon needs it
+
     attempted: tuple[float, int] | None = None
     while not stop.is_set():
-        await _sleep_or_stop(stop, 1.0)
         path = waiting_for()
-        if path is None:
-            previous = attempted = None
+        if path is None or not path.parent.is_dir():
+            attempted = attempted if path else None
+            await _sleep_or_stop(stop, 1.0)
             continue
-        try:
-            info = path.stat()
-        except OSError:
-            info = None
-        seen = (info.st_mtime, info.st_size) if info is not None else None
-        stable = seen is not None and seen == previous
-        previous = seen
-        if stable and seen != attempted:
+        # Woken by a change, or every few seconds to follow what `waiting_for` names.
+        async for _changes in awatch(
+            path.parent,
+            watch_filter=_named(path.name),
+            recursive=False,
+            stop_event=stop,
+            rust_timeout=5000,
+            yield_on_timeout=True,
+        ):
+            break
+        seen = await _settled(path, stop)
+        if seen is not None and seen != attempted and waiting_for() == path:
             attempted = seen
             log.info("model file %s changed; loading it", path)
             await on_change()
+
+
+def _named(name: str) -> Callable[[object, str], bool]:
+    return lambda _change, changed: os.path.basename(changed) == name
+
+
+def _identity(path: Path) -> tuple[float, int] | None:
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return info.st_mtime, info.st_size
+
+
+async def _settled(path: Path, stop: asyncio.Event) -> tuple[float, int] | None:
+    """`path`'s identity once it has stayed the same for a second (None: no such file)."""
+    seen = _identity(path)
+    while seen is not None and not stop.is_set():
+        await _sleep_or_stop(stop, 1.0)
+        now = _identity(path)
+        if now == seen:
+            break
+        seen = now
+    return seen
 
 
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:

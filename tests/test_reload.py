@@ -11,7 +11,7 @@ from pensieve.config import Config, ConfigError, parse_config
 from pensieve.wire import ReloadResult
 from pensieved.engine.service import Engine
 from pensieved.errors import ModelLoadError
-from pensieved.reload import Reloader, action_for, plan_changes
+from pensieved.reload import Reloader, action_for, plan_changes, watch_model_files
 
 
 def test_actions_per_key() -> None:
@@ -159,3 +159,32 @@ def test_a_failed_background_load_marks_the_last_reload_failed(tmp_path: Path) -
     assert reloader.last is not None
     assert not reloader.last.ok and not reloader.last.model_loading
     assert reloader.last.error == "cannot load b.gguf: not a GGUF file"
+
+
+def test_model_file_watch_loads_a_file_once_it_appears_and_settles(tmp_path: Path) -> None:
+    model = tmp_path / "later.gguf"
+    calls: list[tuple[float, int]] = []
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        changed = asyncio.Event()
+
+        async def on_change() -> None:
+            info = model.stat()
+            calls.append((info.st_mtime, info.st_size))
+            changed.set()
+
+        watcher = asyncio.ensure_future(watch_model_files(lambda: model, on_change, stop))
+        await asyncio.sleep(0.3)
+        assert not calls  # nothing there yet
+        with model.open("wb") as f:  # written in pieces, as a copy does
+            for _ in range(3):
+                f.write(b"x" * 1000)
+                f.flush()
+                await asyncio.sleep(0.3)
+        await asyncio.wait_for(changed.wait(), 15)
+        stop.set()
+        await asyncio.wait_for(watcher, 10)
+
+    asyncio.run(scenario())
+    assert [size for _, size in calls] == [3000]  # only the finished file was loaded
