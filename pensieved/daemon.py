@@ -49,7 +49,6 @@ from pensieve.wire import (
     ConfigResponse,
     HttpStatus,
     Issue,
-    ModelStatus,
     PreviousExit,
     ProcessStatus,
     ReloadResult,
@@ -66,7 +65,7 @@ from pensieved.crashlog import enable_faulthandler, stderr_log, supervisor_from_
 from pensieved.engine.service import Engine, default_model_path
 from pensieved.listeners import ListenError, Listeners
 from pensieved.logsetup import configure_logging
-from pensieved.reload import Plan, Reloader, plan_changes, watch_config, watch_model_files
+from pensieved.reload import Plan, Reloader, watch_config, watch_model_files
 
 log = logging.getLogger("pensieved")
 
@@ -145,9 +144,7 @@ class Daemon:
                 url=url,
                 error=http_error,
             ),
-            model=ModelStatus.model_validate(engine.model, from_attributes=True)
-            if engine.model
-            else None,
+            model=engine.model,
             model_loading=self.reloader.model_loading
             or (self._boot_model() if engine.state == "loading" else None),
             aliases=engine.aliases,
@@ -237,9 +234,8 @@ class Daemon:
         except ConfigError as exc:
             issues = [Issue(path=i.path, message=i.message) for i in exc.issues]
             return ValidateResponse(valid=False, source=exc.source, issues=issues)
-        engine_ok = self.engine.state in ("ready", "no_model")
-        plan = plan_changes(self.config, new, self.engine.config, engine_ok)
-        return ValidateResponse(valid=True, source=path, changes=plan.changes)
+        changes = self.reloader.plan(self.config, new).changes
+        return ValidateResponse(valid=True, source=path, changes=changes)
 
     # ---- run --------------------------------------------------------------------------------
 

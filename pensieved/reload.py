@@ -114,6 +114,9 @@ class Reloader:
         new = self.read()
         if self._model_task is not None and not self._model_task.done():
             await asyncio.wait([self._model_task])
+        return self.plan(running, new)
+
+    def plan(self, running: Config, new: Config) -> Plan:
         engine = self.engine
         return plan_changes(running, new, engine.config, engine.state in ("ready", "no_model"))
 

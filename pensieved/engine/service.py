@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import fnmatch
 import logging
 import threading
@@ -22,7 +21,8 @@ from typing import Literal, TypeVar
 from pensieve.activity import Activity
 from pensieve.config import Config
 from pensieve.paths import bundled_model_path, cache_dir
-from pensieved.engine.batcher import Batcher, DecodeStats
+from pensieve.wire import DecodeStatus, ModelStatus
+from pensieved.engine.batcher import Batcher
 from pensieved.engine.grammar import loosest_grammar, request_grammar
 from pensieved.engine.grammar_cache import ParsedGrammar
 from pensieved.engine.model import LoadedModel, ModelSettings
@@ -183,26 +183,10 @@ class Stats:
 
 
 @dataclass(frozen=True)
-class ModelFacts:
-    """The default model as `status` and /health show it."""
-
-    name: str
-    path: str
-    size_bytes: int
-    context_size: int
-    gpu_layers: int
-    threads: int
-    slots: int
-    kv_bytes_per_slot: int
-    cached_tokens: list[int]
-    decode: DecodeStats
-
-
-@dataclass(frozen=True)
 class EngineStatus:
     state: EngineState
     error: str | None
-    model: ModelFacts | None
+    model: ModelStatus | None  # the default model
     aliases: dict[str, str]
 
 
@@ -325,11 +309,6 @@ class Engine:
     def degrade(self, error: str) -> None:
         """No model can be loaded until an outside problem (the config file) is fixed."""
         self._state, self._error = "error", error
-
-    def needs_load(self, config: Config) -> bool:
-        """Whether `config` asks for models other than those loaded (or the last load failed)."""
-        ok = self._state in ("ready", "no_model")
-        return not ok or model_load_key(self.config) != model_load_key(config)
 
     def load_progress(self, path: Path, fraction: float) -> bool:
         """Called from the loading thread as llama.cpp reads `path`'s weights (`fraction` of
@@ -544,7 +523,7 @@ class Engine:
         facts = None
         if runtime is not None:
             model = runtime.model
-            facts = ModelFacts(
+            facts = ModelStatus(
                 name=model.name,
                 path=str(model.settings.path),
                 size_bytes=model.size_bytes,
@@ -554,7 +533,9 @@ class Engine:
                 slots=model.slots,
                 kv_bytes_per_slot=model.kv_bytes_per_slot(),
                 cached_tokens=[len(slot.tokens) for slot in runtime.scheduler.slots],
-                decode=dataclasses.replace(runtime.scheduler.decode_stats),
+                decode=DecodeStatus.model_validate(
+                    runtime.scheduler.decode_stats, from_attributes=True
+                ),
             )
         return EngineStatus(self._state, self._error, facts, dict(self.config.model.aliases))
 
@@ -572,4 +553,4 @@ class Engine:
             await asyncio.to_thread(runtime.close, prefix_store_for(self.config))
 
 
-__all__ = ["Engine", "EngineStatus", "ModelFacts", "ModelRuntime", "PensieveError", "Session"]
+__all__ = ["Engine", "EngineStatus", "ModelRuntime", "PensieveError", "Session"]
