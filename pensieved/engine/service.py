@@ -211,21 +211,19 @@ class _Models:
         return self.default
 
 
+@dataclass(frozen=True)
 class Session:
     """One Messages request on the engine, from admission to its last event."""
 
-    def __init__(
-        self, engine: Engine, request_id: str, runtime: ModelRuntime, prepared: PreparedPrompt
-    ) -> None:
-        self._engine = engine
-        self._request_id = request_id
-        self.runtime = runtime
-        self.prepared = prepared
+    engine: Engine
+    request_id: str
+    runtime: ModelRuntime
+    prepared: PreparedPrompt
 
     async def events(self) -> AsyncIterator[Event]:
         """The generation's events; the activity record follows its phases."""
-        activity, work_id = self._engine.activity, self._request_id
-        async for event in self._engine.generate(self.runtime, self.prepared):
+        activity, work_id = self.engine.activity, self.request_id
+        async for event in self.engine.generate(self.runtime, self.prepared):
             # A few phase changes per request, never one per token.
             if isinstance(event, PromptCached):
                 fresh = self.prepared.input_tokens - event.cache_read_tokens
