@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-import httpx
+import httpx2 as httpx
 
 from tests.integration.daemon import sse_events, start_daemon
 
