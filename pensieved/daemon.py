@@ -219,6 +219,7 @@ class Daemon:
             self.reloader.begin_model_load(self.load_models(new), model)
         else:
             self.engine.apply_live_settings(new)
+            self.engine.drop_stale_error()
         self.config, self.config_error = new, None
         for change in plan.changes:
             log.info("config %s: %r -> %r (%s)", change.key, change.old, change.new, change.action)

@@ -342,8 +342,12 @@ class Engine:
         """Settings that need no model reload (aliases among models already loaded, limits)."""
         self.config = config
         self._models = _Models(config, self._models.default, self._models.by_path)
+
+    def drop_stale_error(self) -> None:
+        """A config that needs no model load makes a failed alias load moot (the alias is
+        gone, or points at a loaded model)."""
         if self._state == "ready":
-            self._error = None  # a failed alias load is moot once the alias is gone
+            self._error = None
 
     # ---- requests --------------------------------------------------------------------------
 
