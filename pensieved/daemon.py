@@ -216,7 +216,7 @@ class Daemon:
                 new.model_copy(update={"model": self.engine.config.model})
             )
             model = str(default_model_path(new) or "")
-            self.reloader.begin_model_load(self.load_models(new), model)
+            self.reloader.begin_model_load(self.engine.load(new), model)
         else:
             self.engine.apply_live_settings(new)
             self.engine.drop_stale_error()
@@ -245,13 +245,8 @@ class Daemon:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def load_models(self, config: Config) -> None:
-        """`Engine.load`, recorded in the activity file (a crash in llama.cpp names it)."""
-        with self.activity.loading(str(default_model_path(config) or "(aliases only)")):
-            await self.engine.load(config)
-
     async def _first_load(self) -> None:
-        await self.load_models(self.config)
+        await self.engine.load(self.config)
         if self.engine.state == "no_model":
             log.warning("no model configured and the bundled model is not installed")
 

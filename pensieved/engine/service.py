@@ -255,8 +255,13 @@ class Engine:
         """Load the models `config` asks for next to the current ones, then swap them in.
 
         Models whose file and settings are unchanged are kept, not reloaded. On failure the
-        current models stay and the error is raised (and recorded in `self.error`).
+        current models stay and the error is raised (and recorded in `self.error`). The
+        activity record shows the load (a crash in llama.cpp names it).
         """
+        with self.activity.loading(str(default_model_path(config) or "(aliases only)")):
+            await self._load(config)
+
+    async def _load(self, config: Config) -> None:
         old = self._models
         default_path = default_model_path(config)
         wanted = wanted_models(config)
