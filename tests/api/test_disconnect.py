@@ -10,11 +10,15 @@ import tornado.iostream
 from pensieved.api.disconnect import cancel_on_hangup
 
 
+async def _forever() -> None:
+    await asyncio.Event().wait()
+
+
 def test_a_hang_up_cancels_the_task_and_pipelined_bytes_stay_unread() -> None:
     async def scenario() -> None:
         ours, theirs = socket.socketpair()
         stream = tornado.iostream.IOStream(ours)
-        work = asyncio.ensure_future(asyncio.Event().wait())
+        work = asyncio.ensure_future(_forever())
         watcher = asyncio.ensure_future(cancel_on_hangup(stream, work))
         theirs.sendall(b"GET / HTTP/1.1\r\n")  # a pipelining client's next request
         await asyncio.sleep(0.5)
