@@ -1,2 +1,2 @@
-"""pensieved, the daemon: the HTTP API (`api/`) calls the engine (`engine/`, the only importer of
-llama_cpp); `control/` serves the Unix socket. Imports `pensieve` (shared), never `pensievectl`."""
+"""pensieved, the daemon: lifecycle, listeners, hot reload, API (`api/`), engine (`engine/`, the
+only llama_cpp importer), control socket (`control/`). Imports `pensieve`, never pensievectl."""

@@ -12,7 +12,6 @@ import asyncio
 import logging
 import os
 import signal
-import socket
 import sys
 import time
 from collections.abc import Coroutine
@@ -21,7 +20,6 @@ from typing import Any
 
 import psutil
 import tornado.httpserver
-import tornado.netutil
 
 from pensieve import __version__
 from pensieve.activity import Activity, read_activity
@@ -49,10 +47,8 @@ from pensieve.sockets import (
 )
 from pensieve.wire import (
     ConfigResponse,
-    DecodeStatus,
     HttpStatus,
     Issue,
-    ModelStatus,
     PreviousExit,
     ProcessStatus,
     ReloadResult,
@@ -62,32 +58,16 @@ from pensieve.wire import (
     ValidateResponse,
     WorkItem,
 )
-from pensieved.api import limits
 from pensieved.api.app import make_app
 from pensieved.cli import build_parser, overrides_from
 from pensieved.control.server import make_control_app
 from pensieved.crashlog import enable_faulthandler, stderr_log, supervisor_from_environment
 from pensieved.engine.service import Engine, default_model_path
-from pensieved.errors import LoadCancelledError, ModelLoadError
+from pensieved.listeners import ListenError, Listeners
 from pensieved.logsetup import configure_logging
-from pensieved.reload import Reloader, watch_config, watch_model_files
+from pensieved.reload import Plan, Reloader, watch_config, watch_model_files
 
 log = logging.getLogger("pensieved")
-
-
-class ListenError(Exception):
-    pass
-
-
-def bind_http(config: Config) -> list[socket.socket]:
-    host, port = config.server.host, config.server.port
-    try:
-        return tornado.netutil.bind_sockets(port, host)
-    except OSError as exc:
-        raise ListenError(
-            f"cannot listen on {host}:{port}: {exc.strerror or exc}; another server may be "
-            "using the port: stop it or set server.port (or --port) to a free one"
-        ) from exc
 
 
 class Daemon:
@@ -113,92 +93,22 @@ class Daemon:
         # A model load still inside llama.cpp when the drain ended: main() exits without
         # waiting for it (see _drain).
         self.abandoned_load = False
-        self.engine = Engine(config)
+        self.engine = Engine(config, self.activity)
         if config_error is not None:
             # Degraded: serve 503s that say why until the file is fixed (the watcher notices).
-            self.engine.state = "error"
-            self.engine.error = f"{config_error}\nfix the file: pensieved reloads it by itself"
-        self.reloader = Reloader(
-            self, config_path, overrides, missing_ok=missing_ok, listen_error=ListenError
-        )
+            self.engine.degrade(f"{config_error}\nfix the file: pensieved reloads it by itself")
+        self.reloader = Reloader(self.engine, config_path, overrides, missing_ok=missing_ok)
+        self.listeners = Listeners(make_app(self.engine))
         self.started_at = time.time()
         self._stop = asyncio.Event()
-        # The newest server is last; older ones linger after a rebind until their
-        # connections finish, and are closed on stop.
-        self._servers: list[tornado.httpserver.HTTPServer] = []
-        self.http_sockets: list[socket.socket] = []
-        self.http_error: str | None = None
         self._tasks: set[asyncio.Task[object]] = set()
         self._process = psutil.Process()
         self._process.cpu_percent(None)  # the first call only sets the baseline
 
-    # ---- HTTP listener ----------------------------------------------------------------------
-
-    def _serve(self, config: Config, sockets: list[socket.socket]) -> None:
-        server = tornado.httpserver.HTTPServer(
-            make_app(self.engine, self.activity),
-            idle_connection_timeout=config.server.idle_connection_timeout_s,
-            body_timeout=config.server.idle_connection_timeout_s,
-            max_body_size=config.server.max_body_bytes,
-            # Bodies are streamed to the handlers (which apply the live limit), so the stream
-            # buffer holds only headers and one chunk at a time.
-            max_buffer_size=limits.STREAM_BUFFER_BYTES,
-            max_header_size=limits.HARD_MAX_HEADER_BYTES,
-            xheaders=False,
-        )
-        server.add_sockets(sockets)
-        self._servers.append(server)
-        self.http_sockets = sockets
-        self.http_error = None
-        address = sockets[0].getsockname()
-        log.info("pensieved %s listening on http://%s:%d", __version__, address[0], address[1])
-
-    def _start_http(self, config: Config) -> None:
-        try:
-            self._serve(config, bind_http(config))
-        except ListenError as exc:
-            if self.config_error is None:
-                raise
-            # Degraded already: keep the control socket up rather than crash-loop.
-            self.http_error = str(exc)
-            log.error("%s", exc)
-
-    def rebind_http(self, config: Config) -> None:
-        """Bind the new address before closing the old one, so no connection is refused."""
-        old = self._servers[-1] if self.http_sockets else None
-        try:
-            sockets = bind_http(config)
-        except ListenError:
-            if old is None or config.server.port not in self._bound_ports():
-                raise
-            # Same port on an overlapping address (127.0.0.1 -> localhost): it cannot be
-            # bound twice, so close the old listener first and put it back on failure.
-            old.stop()
-            self.http_sockets = []
-            try:
-                sockets = bind_http(config)
-            except ListenError:
-                self._serve(self.config, bind_http(self.config))
-                raise
-        self._serve(config, sockets)
-        if old is not None:
-            old.stop()  # stops listening; its open connections finish their requests
-
-    def _bound_ports(self) -> set[int]:
-        return {int(s.getsockname()[1]) for s in self.http_sockets}
-
-    def update_http_limits(self, config: Config) -> None:
-        for server in self._servers:
-            params = server.conn_params
-            params.max_body_size = config.server.max_body_bytes
-            params.body_timeout = config.server.idle_connection_timeout_s
-            params.header_timeout = config.server.idle_connection_timeout_s
-
     # ---- control operations -----------------------------------------------------------------
 
     def status(self) -> StatusResponse:
-        info = self.engine.describe()
-        model = info["model"]
+        engine = self.engine.status()
         stats = self.engine.stats
         with self._process.oneshot():
             times = self._process.cpu_times()
@@ -208,47 +118,36 @@ class Daemon:
                 cpu_time_s=times.user + times.system,
                 threads=self._process.num_threads(),
             )
-        port = (
-            self.http_sockets[0].getsockname()[1] if self.http_sockets else self.config.server.port
-        )
+        address = self.listeners.address()
         url = None
-        if self.http_sockets:
-            host = self.http_sockets[0].getsockname()[0]
-            url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
-        error = info["error"]
-        if self.http_error:
-            error = f"{error}; {self.http_error}" if error else self.http_error
+        if address is not None:
+            host = address[0]
+            url = f"http://{f'[{host}]' if ':' in host else host}:{address[1]}"
+        http_error = self.listeners.error
+        error = engine.error
+        if http_error:
+            error = f"{error}; {http_error}" if error else http_error
         return StatusResponse(
             pid=os.getpid(),
             version=__version__,
             started_at=self.started_at,
             uptime_s=time.time() - self.started_at,
-            state=self.engine.state,
+            state=engine.state,
             error=error,
             config_file=str(self.config_path),
             config_error=self.config_error,
             socket_path=str(self.control.path),
             log_file=self.config.logging.file,
             http=HttpStatus(
-                host=self.config.server.host, port=port, url=url, error=self.http_error
+                host=self.config.server.host,
+                port=address[1] if address else self.config.server.port,
+                url=url,
+                error=http_error,
             ),
-            model=ModelStatus(
-                name=model["name"],
-                path=model["path"],
-                size_bytes=model["size_bytes"],
-                context_size=model["context_size"],
-                gpu_layers=model["gpu_layers"],
-                threads=model["threads"],
-                slots=model["slots"],
-                kv_bytes_per_slot=model["kv_bytes_per_slot"],
-                cached_tokens=model["cached_tokens"],
-                decode=DecodeStatus(**model["decode"]),
-            )
-            if model
-            else None,
+            model=engine.model,
             model_loading=self.reloader.model_loading
-            or (self._boot_model() if self.engine.state == "loading" else None),
-            aliases=info["aliases"],
+            or (self._boot_model() if engine.state == "loading" else None),
+            aliases=engine.aliases,
             process=process,
             requests=RequestStatus(
                 served=stats.requests_served,
@@ -284,7 +183,51 @@ class Daemon:
         return StopResponse(pid=os.getpid(), drain_timeout_ms=self.config.server.drain_timeout_ms)
 
     async def reload(self, trigger: str) -> ReloadResult:
-        return await self.reloader.reload(trigger)
+        async with self.reloader.lock:
+            try:
+                plan = await self.reloader.next_plan(self.config)
+            except ConfigError as exc:
+                log.error("config not reloaded, the running config stays: %s", exc)
+                self.config_error = str(exc)
+                result = ReloadResult(time=time.time(), trigger=trigger, ok=False, error=str(exc))
+            else:
+                result = self.apply(plan, trigger)
+        self.reloader.last = result
+        return result
+
+    def apply(self, plan: Plan, trigger: str) -> ReloadResult:
+        """Put a reload plan in force: listeners, logging, limits, then the models."""
+        now, new = time.time(), plan.config
+        # Also when nothing listens: a degraded start may have found its address busy.
+        if plan.rebind or not self.listeners.listening:
+            try:
+                self.listeners.rebind(new)
+            except ListenError as exc:
+                log.error("config not reloaded, the running config stays: %s", exc)
+                return ReloadResult(
+                    time=now, trigger=trigger, ok=False, error=str(exc), changes=plan.changes
+                )
+        if plan.logging:
+            configure_logging(new.logging)
+        self.listeners.update_limits(new)
+        if plan.model_load:
+            # Everything but the models applies now; the models follow when loaded.
+            self.engine.apply_live_settings(
+                new.model_copy(update={"model": self.engine.config.model})
+            )
+            model = str(default_model_path(new) or "")
+            self.reloader.begin_model_load(self.engine.load(new), model)
+        else:
+            self.engine.apply_live_settings(new)
+            self.engine.drop_stale_error()
+        self.config, self.config_error = new, None
+        for change in plan.changes:
+            log.info("config %s: %r -> %r (%s)", change.key, change.old, change.new, change.action)
+        if not plan.changes and not plan.model_load:
+            log.info("config reloaded (%s): nothing changed", trigger)
+        return ReloadResult(
+            time=now, trigger=trigger, ok=True, changes=plan.changes, model_loading=plan.model_load
+        )
 
     def validate(self, path: str) -> ValidateResponse:
         try:
@@ -292,7 +235,8 @@ class Daemon:
         except ConfigError as exc:
             issues = [Issue(path=i.path, message=i.message) for i in exc.issues]
             return ValidateResponse(valid=False, source=exc.source, issues=issues)
-        return ValidateResponse(valid=True, source=path, changes=self.reloader.plan(new).changes)
+        changes = self.reloader.plan(self.config, new).changes
+        return ValidateResponse(valid=True, source=path, changes=changes)
 
     # ---- run --------------------------------------------------------------------------------
 
@@ -301,21 +245,16 @@ class Daemon:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def load_models(self, config: Config) -> None:
-        """`Engine.load`, recorded in the activity file (a crash in llama.cpp names it)."""
-        with self.activity.loading(str(default_model_path(config) or "(aliases only)")):
-            await self.engine.load(config)
+    async def _first_load(self) -> None:
+        await self.engine.load(self.config)
+        if self.engine.state == "no_model":
+            log.warning("no model configured and the bundled model is not installed")
 
-    async def _load_models(self, config: Config) -> None:
-        try:
-            await self.load_models(config)
-        except LoadCancelledError as exc:
-            log.info("%s", exc)
-        except ModelLoadError as exc:
-            log.error("%s", exc)
-        else:
-            if self.engine.state == "no_model":
-                log.warning("no model configured and the bundled model is not installed")
+    def _model_awaited(self) -> Path | None:
+        """The model file to load once it appears: only while none could be loaded."""
+        if self.engine.state != "error" or self.config_error is not None:
+            return None
+        return default_model_path(self.config)
 
     def request_stop(self) -> None:
         if not self._stop.is_set():
@@ -327,14 +266,16 @@ class Daemon:
         control = tornado.httpserver.HTTPServer(make_control_app(self))
         control.add_socket(self.control.sock)
         log.info("control socket: %s", self.control.path)
-        self._start_http(self.config)
+        self.listeners.start(self.config, tolerate_failure=self.config_error is not None)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload("sighup")))
         if self.config_error is None:
-            self.reloader.begin_model_load(self._load_models(self.config))
+            self.reloader.begin_model_load(self._first_load(), None)
         self._spawn(watch_config(self.config_path, lambda: self.reload("watch"), self._stop))
-        self._spawn(watch_model_files(self.reloader, self._stop))
+        self._spawn(
+            watch_model_files(self._model_awaited, lambda: self.reload("model"), self._stop)
+        )
         await self._stop.wait()
         # A model load may take minutes: it is abandoned at once rather than waited for.
         self.engine.cancel_loads()
@@ -345,8 +286,7 @@ class Daemon:
         return DaemonExit.OK
 
     async def _drain(self) -> None:
-        for server in self._servers:
-            server.stop()  # no new connections
+        self.listeners.stop_accepting()
         self.engine.start_draining()
         deadline = time.monotonic() + self.config.server.drain_timeout_ms / 1000
         while self.engine.stats.in_flight and time.monotonic() < deadline:
@@ -357,8 +297,7 @@ class Daemon:
             end = time.monotonic() + 5
             while self.engine.stats.in_flight and time.monotonic() < end:
                 await asyncio.sleep(0.05)
-        for server in self._servers:
-            await server.close_all_connections()
+        await self.listeners.close_connections()
         # Loads see the cancellation at llama.cpp's next progress call, within milliseconds;
         # one stuck elsewhere (creating the context) is left behind: main() exits without it.
         if not await self.engine.wait_loads(2.0):

@@ -15,18 +15,15 @@ import asyncio
 import contextlib
 import logging
 import os
-import socket
-import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from pensieve.config import Config, ConfigError, apply_overrides, diff_configs, load_config_file
+from pensieve.config import Config, apply_overrides, diff_configs, load_config_file
 from pensieve.wire import Change, ChangeAction, ReloadResult
-from pensieved.engine.service import Engine, default_model_path, wanted_models
+from pensieved.engine.service import Engine, model_load_key
 from pensieved.errors import LoadCancelledError, ModelLoadError
-from pensieved.logsetup import configure_logging
 
 log = logging.getLogger("pensieved.reload")
 
@@ -56,14 +53,11 @@ def action_for(key: str) -> ChangeAction:
     return "live"
 
 
-def model_key(config: Config) -> tuple[object, ...]:
-    """Everything that decides which model objects must exist (what `Engine.load` builds)."""
-    wanted = wanted_models(config)
-    return (default_model_path(config), tuple(sorted(wanted.items(), key=lambda i: str(i[0]))))
-
-
 @dataclass
 class Plan:
+    """What a new config needs; the daemon applies it (`Daemon.apply`)."""
+
+    config: Config
     changes: list[Change] = field(default_factory=list)
     rebind: bool = False
     model_load: bool = False
@@ -77,52 +71,30 @@ def plan_changes(running: Config, new: Config, engine_config: Config, engine_ok:
     load is retried even when the file did not change, and an alias that points at a file not
     loaded yet needs a load although aliases alone are live.
     """
-    plan = Plan()
+    plan = Plan(new)
     for key, (old, value) in diff_configs(running, new).items():
         plan.changes.append(Change(key=key, old=old, new=value, action=action_for(key)))
     keys = {c.key for c in plan.changes}
     plan.rebind = bool(keys & _REBIND_KEYS)
     plan.logging = any(k.startswith("logging.") for k in keys)
-    plan.model_load = not engine_ok or model_key(engine_config) != model_key(new)
+    plan.model_load = not engine_ok or model_load_key(engine_config) != model_load_key(new)
     return plan
 
 
-class ReloadTarget(Protocol):
-    """What the reloader changes: the daemon."""
-
-    config: Config
-    config_error: str | None
-    engine: Engine
-    http_sockets: list[socket.socket]  # empty: no HTTP listener (its address was busy)
-
-    def rebind_http(self, config: Config) -> None:
-        """Listen per `config` (new listener first); raise ListenError on failure."""
-
-    def update_http_limits(self, config: Config) -> None:
-        """Apply body size and idle timeouts to new connections."""
-
-    async def load_models(self, config: Config) -> None:
-        """`Engine.load(config)`, recorded as work in progress."""
-
-
 class Reloader:
+    """Reads and plans config changes, one at a time, and keeps the record of the last one
+    and of the model load it started."""
+
     def __init__(
-        self,
-        target: ReloadTarget,
-        config_path: Path,
-        overrides: dict[str, object],
-        *,
-        missing_ok: bool,
-        listen_error: type[Exception],
+        self, engine: Engine, config_path: Path, overrides: dict[str, object], *, missing_ok: bool
     ) -> None:
-        self.target = target
+        self.engine = engine
         self.config_path = config_path
         self.overrides = overrides
         self.missing_ok = missing_ok
-        self.listen_error = listen_error
         self.last: ReloadResult | None = None
         self.model_loading: str | None = None
-        self._lock = asyncio.Lock()
+        self.lock = asyncio.Lock()
         self._model_task: asyncio.Task[None] | None = None
 
     def read(self, path: Path | None = None) -> Config:
@@ -133,69 +105,38 @@ class Reloader:
             config = load_config_file(path)
         return apply_overrides(config, self.overrides) if self.overrides else config
 
-    def plan(self, new: Config) -> Plan:
-        engine = self.target.engine
-        engine_ok = engine.state in ("ready", "no_model")
-        return plan_changes(self.target.config, new, engine.config, engine_ok)
+    async def next_plan(self, running: Config) -> Plan:
+        """The plan from `running` to the file's config; raises ConfigError.
 
-    async def reload(self, trigger: str) -> ReloadResult:
-        async with self._lock:
-            result = await self._reload(trigger)
-        self.last = result
-        return result
-
-    async def _reload(self, trigger: str) -> ReloadResult:
-        now = time.time()
-        try:
-            new = self.read()
-        except ConfigError as exc:
-            log.error("config not reloaded, the running config stays: %s", exc)
-            self.target.config_error = str(exc)
-            return ReloadResult(time=now, trigger=trigger, ok=False, error=str(exc))
-        # One model load at a time: a change that arrives during a load is applied after it,
-        # against what actually got loaded.
+        Call it holding `lock`. One model load at a time: a change that arrives during a load
+        is planned after it, against what actually got loaded.
+        """
+        new = self.read()
         if self._model_task is not None and not self._model_task.done():
             await asyncio.wait([self._model_task])
-        plan = self.plan(new)
-        # Also when nothing listens: a degraded start may have found its address busy.
-        if plan.rebind or not self.target.http_sockets:
-            try:
-                self.target.rebind_http(new)
-            except self.listen_error as exc:
-                log.error("config not reloaded, the running config stays: %s", exc)
-                return ReloadResult(
-                    time=now, trigger=trigger, ok=False, error=str(exc), changes=plan.changes
-                )
-        if plan.logging:
-            configure_logging(new.logging)
-        self.target.update_http_limits(new)
-        engine = self.target.engine
-        if plan.model_load:
-            # Everything but the models applies now; the models follow when loaded.
-            engine.apply_live_settings(new.model_copy(update={"model": engine.config.model}))
-            self.model_loading = str(default_model_path(new) or "")
-            self._model_task = asyncio.create_task(self._load_models(new, trigger))
-        else:
-            engine.apply_live_settings(new)
-            if engine.state == "ready":
-                engine.error = None  # a failed alias load is moot once the alias is gone
-        self.target.config = new
-        self.target.config_error = None
-        for change in plan.changes:
-            log.info("config %s: %r -> %r (%s)", change.key, change.old, change.new, change.action)
-        if not plan.changes and not plan.model_load:
-            log.info("config reloaded (%s): nothing changed", trigger)
-        return ReloadResult(
-            time=now, trigger=trigger, ok=True, changes=plan.changes, model_loading=plan.model_load
-        )
+        return self.plan(running, new)
 
-    async def _load_models(self, config: Config, trigger: str) -> None:
+    def plan(self, running: Config, new: Config) -> Plan:
+        engine = self.engine
+        return plan_changes(running, new, engine.config, engine.state in ("ready", "no_model"))
+
+    def begin_model_load(self, load: Coroutine[Any, Any, None], model: str | None) -> None:
+        """Run a model load that later reloads wait for; `model` names it in `status` while
+        it runs (None: the first load at start, which `status` shows otherwise).
+
+        Without this a reload during the first load would start a second, concurrent load
+        of the same files, and one of the two copies would never be freed.
+        """
+        self.model_loading = model
+        self._model_task = asyncio.create_task(self._track_load(load))
+
+    async def _track_load(self, load: Coroutine[Any, Any, None]) -> None:
         try:
-            await self.target.load_models(config)
+            await load
         except LoadCancelledError as exc:
             log.info("%s", exc)
         except ModelLoadError as exc:
-            serving = self.target.engine.default_model is not None
+            serving = self.engine.default_model is not None
             note = "; the previous model keeps serving" if serving else ""
             log.error("%s%s", exc, note)
             if self.last is not None and self.last.model_loading:
@@ -207,18 +148,6 @@ class Reloader:
                 self.last = self.last.model_copy(update={"model_loading": False})
         finally:
             self.model_loading = None
-
-    def begin_model_load(self, load: Coroutine[Any, Any, None]) -> None:
-        """Run a model load that later reloads wait for (the daemon's first load at start).
-
-        Without this a reload during the first load would start a second, concurrent load
-        of the same files, and one of the two copies would never be freed.
-        """
-        self._model_task = asyncio.create_task(load)
-
-    async def wait_model_loaded(self) -> None:
-        if self._model_task is not None:
-            await asyncio.wait([self._model_task])
 
 
 async def watch_config(
@@ -262,32 +191,65 @@ async def watch_config(
             await _sleep_or_stop(stop, 1.0)
 
 
-async def watch_model_files(reloader: Reloader, stop: asyncio.Event) -> None:
-    """While no model could be loaded, retry once the model file appears or changes.
+async def watch_model_files(
+    waiting_for: Callable[[], Path | None],
+    on_change: Callable[[], Awaitable[object]],
+    stop: asyncio.Event,
+) -> None:
+    """Call `on_change` once the model file `waiting_for()` names appears or changes (None:
+    nothing to wait for, as while a model is loaded); a file that failed is retried once.
 
-    A file must look the same on two polls in a row first: a model still being copied
-    would otherwise be loaded (and fail) once a second.
+    The file must then look the same for a second: a model still being copied would
+    otherwise be loaded (and fail) once a second.
     """
-    engine = reloader.target.engine
-    previous: tuple[float, int] | None = None
+    from watchfiles import awatch  # deferred: only the daemon needs it
+
     attempted: tuple[float, int] | None = None
     while not stop.is_set():
-        await _sleep_or_stop(stop, 1.0)
-        if engine.state != "error" or reloader.target.config_error is not None:
-            previous = attempted = None
+        path = waiting_for()
+        if path is None or not path.parent.is_dir():
+            attempted = attempted if path else None
+            await _sleep_or_stop(stop, 1.0)
             continue
-        path = default_model_path(reloader.target.config)
-        try:
-            info = path.stat() if path is not None else None
-        except OSError:
-            info = None
-        seen = (info.st_mtime, info.st_size) if info is not None else None
-        stable = seen is not None and seen == previous
-        previous = seen
-        if stable and seen != attempted:
+        # Woken by a change, or every few seconds to follow what `waiting_for` names.
+        async for _changes in awatch(
+            path.parent,
+            watch_filter=_named(path.name),
+            recursive=False,
+            stop_event=stop,
+            rust_timeout=5000,
+            yield_on_timeout=True,
+        ):
+            break
+        seen = await _settled(path, stop)
+        if seen is not None and seen != attempted and waiting_for() == path:
             attempted = seen
             log.info("model file %s changed; loading it", path)
-            await reloader.reload("model")
+            await on_change()
+
+
+def _named(name: str) -> Callable[[object, str], bool]:
+    return lambda _change, changed: os.path.basename(changed) == name
+
+
+def _identity(path: Path) -> tuple[float, int] | None:
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return info.st_mtime, info.st_size
+
+
+async def _settled(path: Path, stop: asyncio.Event) -> tuple[float, int] | None:
+    """`path`'s identity once it has stayed the same for a second (None: no such file)."""
+    seen = _identity(path)
+    while seen is not None and not stop.is_set():
+        await _sleep_or_stop(stop, 1.0)
+        now = _identity(path)
+        if now == seen:
+            break
+        seen = now
+    return seen
 
 
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
-from pensieve.config import parse_config
-from pensieved.reload import action_for, plan_changes
+import pytest
+
+from pensieve.config import Config, ConfigError, parse_config
+from pensieve.wire import ReloadResult
+from pensieved.engine.service import Engine
+from pensieved.errors import ModelLoadError
+from pensieved.reload import Reloader, action_for, plan_changes, watch_model_files
 
 
 def test_actions_per_key() -> None:
@@ -79,3 +85,106 @@ def test_load_need_is_judged_against_what_the_engine_loaded(tmp_path: Path) -> N
     loaded = parse_config({"model": {"model_path": a}})
     wanted = parse_config({"model": {"model_path": b}})
     assert plan_changes(wanted, wanted, loaded, engine_ok=True).model_load
+
+
+def test_the_plan_carries_the_new_config_and_what_it_needs() -> None:
+    old = parse_config({})
+    new = parse_config({"logging": {"level": "debug"}, "server": {"socket_path": "/tmp/x.sock"}})
+    plan = plan_changes(old, new, old, engine_ok=True)
+    assert plan.config is new
+    assert plan.logging and not plan.rebind and not plan.model_load
+    assert {c.key: c.action for c in plan.changes} == {
+        "logging.level": "live",
+        "server.socket_path": "restart",
+    }
+
+
+def _reloader(tmp_path: Path, text: str, overrides: dict[str, object]) -> Reloader:
+    path = tmp_path / "config.json"
+    path.write_text(text or "{}")
+    return Reloader(Engine(Config()), path, overrides, missing_ok=False)
+
+
+def test_next_plan_reads_the_file_with_the_flags_on_top(tmp_path: Path) -> None:
+    reloader = _reloader(
+        tmp_path, '{"server": {"port": 9000, "host": "127.0.0.2"}}', {"server.port": 9100}
+    )
+    plan = asyncio.run(reloader.next_plan(Config()))
+    assert (plan.config.server.host, plan.config.server.port) == ("127.0.0.2", 9100)
+    assert plan.rebind
+    # The engine has loaded nothing yet: the models are (re)loaded.
+    assert plan.model_load
+
+
+def test_next_plan_refuses_an_invalid_file(tmp_path: Path) -> None:
+    reloader = _reloader(tmp_path, '{"server": {"port": "x"}}', {})
+    with pytest.raises(ConfigError, match=r"server\.port"):
+        asyncio.run(reloader.next_plan(Config()))
+
+
+def test_a_plan_waits_for_the_model_load_in_progress(tmp_path: Path) -> None:
+    reloader = _reloader(tmp_path, "", {})
+
+    async def scenario() -> None:
+        release = asyncio.Event()
+
+        async def load() -> None:
+            await release.wait()
+
+        reloader.begin_model_load(load(), "a.gguf")
+        assert reloader.model_loading == "a.gguf"
+        planning = asyncio.ensure_future(reloader.next_plan(Config()))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not planning.done()
+        release.set()
+        await planning
+        assert reloader.model_loading is None
+
+    asyncio.run(scenario())
+
+
+def test_a_failed_background_load_marks_the_last_reload_failed(tmp_path: Path) -> None:
+    reloader = _reloader(tmp_path, "", {})
+    reloader.last = ReloadResult(time=0.0, trigger="watch", ok=True, model_loading=True)
+
+    async def scenario() -> None:
+        async def load() -> None:
+            raise ModelLoadError("cannot load b.gguf: not a GGUF file")
+
+        reloader.begin_model_load(load(), "b.gguf")
+        await reloader.next_plan(Config())  # waits for the load
+
+    asyncio.run(scenario())
+    assert reloader.last is not None
+    assert not reloader.last.ok and not reloader.last.model_loading
+    assert reloader.last.error == "cannot load b.gguf: not a GGUF file"
+
+
+def test_model_file_watch_loads_a_file_once_it_appears_and_settles(tmp_path: Path) -> None:
+    model = tmp_path / "later.gguf"
+    calls: list[tuple[float, int]] = []
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        changed = asyncio.Event()
+
+        async def on_change() -> None:
+            info = model.stat()
+            calls.append((info.st_mtime, info.st_size))
+            changed.set()
+
+        watcher = asyncio.ensure_future(watch_model_files(lambda: model, on_change, stop))
+        await asyncio.sleep(0.3)
+        assert not calls  # nothing there yet
+        with model.open("wb") as f:  # written in pieces, as a copy does
+            for _ in range(3):
+                f.write(b"x" * 1000)
+                f.flush()
+                await asyncio.sleep(0.3)
+        await asyncio.wait_for(changed.wait(), 15)
+        stop.set()
+        await asyncio.wait_for(watcher, 10)
+
+    asyncio.run(scenario())
+    assert [size for _, size in calls] == [3000]  # only the finished file was loaded

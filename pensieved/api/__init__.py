@@ -1,1 +1,2 @@
-"""The HTTP surface: Tornado handlers speaking the Anthropic Messages API."""
+"""The Anthropic Messages API over HTTP: handlers, wire models, the SSE encoder, limits, security.
+Imports tornado, `pensieve` and the engine's service and types; the engine never imports it."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import tornado.web
 
-from pensieve.activity import Activity
 from pensieved.api.handlers import (
     CountTokensHandler,
     HealthHandler,
@@ -16,9 +15,8 @@ from pensieved.api.handlers import (
 from pensieved.engine.service import Engine
 
 
-def make_app(engine: Engine, activity: Activity | None = None) -> tornado.web.Application:
-    # The activity record names the requests that were running if the process crashes.
-    args = {"engine": engine, "activity": activity or Activity()}
+def make_app(engine: Engine) -> tornado.web.Application:
+    args = {"engine": engine}
     return tornado.web.Application(
         [
             (r"/", RootHandler, args),

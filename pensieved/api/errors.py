@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import json
-
 from pensieved import errors as e
+from pensieved.api.models import ErrorDetail, ErrorEnvelope
 
 # Most specific first: the first matching class wins.
 _MAP: tuple[tuple[type[Exception], int, str], ...] = (
@@ -45,12 +44,8 @@ def classify(exc: BaseException) -> tuple[int, str, str] | None:
     return None
 
 
-def envelope(error_type: str, message: str) -> dict[str, object]:
-    return {"type": "error", "error": {"type": error_type, "message": message}}
-
-
-def envelope_bytes(error_type: str, message: str) -> bytes:
-    return json.dumps(envelope(error_type, message), ensure_ascii=False).encode()
+def envelope(error_type: str, message: str) -> ErrorEnvelope:
+    return ErrorEnvelope(error=ErrorDetail(type=error_type, message=message))
 
 
 def internal_message(request_id: str) -> str:

@@ -7,7 +7,6 @@ import contextlib
 import json
 import logging
 import os
-import socket
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -17,27 +16,22 @@ import tornado.web
 from pydantic import BaseModel, ValidationError
 
 from pensieve import __version__
-from pensieve.activity import Activity
-from pensieved.api import limits, security, sse
+from pensieved.api import limits, security
 from pensieved.api.convert import new_id, to_generation_request
+from pensieved.api.disconnect import cancel_on_hangup
 from pensieved.api.errors import STATUS_TYPES, classify, envelope, internal_message
 from pensieved.api.models import (
     CountTokensRequest,
     CountTokensResponse,
-    Message,
     MessagesRequest,
     ModelInfo,
     ModelList,
-    Usage,
 )
-from pensieved.api.replies import ReplyBuilder
-from pensieved.engine.service import Engine, ModelRuntime
-from pensieved.engine.types import Failed, Finished, Heartbeat, PreparedPrompt, PromptCached
+from pensieved.api.sse import AnthropicStream, whole_message
+from pensieved.engine.service import Engine, Session
 from pensieved.errors import InvalidRequestError, NotFoundError, PensieveError
 
 log = logging.getLogger("pensieved.api")
-# How often a running request checks that its client is still connected.
-DISCONNECT_POLL_S = 0.2
 access_log = logging.getLogger("pensieved.access")
 
 M = TypeVar("M", bound=BaseModel)
@@ -72,9 +66,8 @@ class BaseHandler(tornado.web.RequestHandler):
     _body_refused: bool = False
     _chunks: list[bytes] | None = None
 
-    def initialize(self, engine: Engine, activity: Activity) -> None:
+    def initialize(self, engine: Engine) -> None:
         self.engine = engine
-        self.activity = activity
 
     def set_default_headers(self) -> None:
         # Called again by clear() when an error replaces the response: the id must survive.
@@ -153,7 +146,7 @@ class BaseHandler(tornado.web.RequestHandler):
         else:
             error_type, message = STATUS_TYPES.get(status_code, "api_error"), self._reason
         self.set_status(status_code)
-        self.finish(json.dumps(envelope(error_type, message), ensure_ascii=False))
+        self.finish(json.dumps(envelope(error_type, message).model_dump(), ensure_ascii=False))
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         if classify(value) is not None or isinstance(value, tornado.web.HTTPError):
@@ -205,17 +198,17 @@ class HealthHandler(BaseHandler):
         return bool(server.api_key or server.api_key_file)
 
     def get(self) -> None:
-        info = self.engine.describe()
-        model = info["model"] or {}
-        ready = self.engine.state == "ready"
+        status = self.engine.status()
+        model = status.model
+        ready = status.state == "ready"
         self.write_json(
             {
-                "status": "ok" if ready else self.engine.state,
-                "error": info["error"],
-                "model": model.get("name"),
+                "status": "ok" if ready else status.state,
+                "error": status.error,
+                "model": model.name if model else None,
                 # /health needs no key; with a key configured, file paths are not for strangers.
-                "model_path": None if self._key_required() else model.get("path"),
-                "context_size": model.get("context_size"),
+                "model_path": None if self._key_required() or not model else model.path,
+                "context_size": model.context_size if model else None,
                 "version": __version__,
                 "in_flight": self.engine.stats.in_flight,
             },
@@ -233,11 +226,11 @@ def _created_at(path: str | None) -> str:
 
 class ModelsHandler(BaseHandler):
     def _info(self, model_id: str) -> ModelInfo:
-        described = self.engine.describe()["model"] or {}
+        model = self.engine.status().model
         return ModelInfo(
             id=model_id,
-            display_name=described.get("name") or model_id,
-            created_at=_created_at(described.get("path")),
+            display_name=(model.name if model else "") or model_id,
+            created_at=_created_at(model.path if model else None),
         )
 
     def get(self, model_id: str | None = None) -> None:
@@ -262,24 +255,11 @@ class ModelsHandler(BaseHandler):
 class CountTokensHandler(BaseHandler):
     async def post(self) -> None:
         body = self.parse_body(CountTokensRequest)
-        request = to_generation_request(body)
         what = f"POST /v1/messages/count_tokens model={body.model}"
-        self.activity.begin(self.request_id, what, "rendering and tokenizing the prompt")
-        try:
-            count = await self.engine.count_tokens(body.model, request)
-        finally:
-            self.activity.end(self.request_id)
+        count = await self.engine.count_tokens(
+            body.model, to_generation_request(body), request_id=self.request_id, what=what
+        )
         self.write_json(CountTokensResponse(input_tokens=count))
-
-
-def _usage(prompt_tokens: int, cached: int, output_tokens: int) -> Usage:
-    """Anthropic's accounting: `input_tokens` excludes the tokens read from the cache, so
-    `input_tokens + cache_read_input_tokens` is the whole prompt (what count_tokens says)."""
-    return Usage(
-        input_tokens=prompt_tokens - cached,
-        output_tokens=output_tokens,
-        cache_read_input_tokens=cached,
-    )
 
 
 class MessagesHandler(BaseHandler):
@@ -301,155 +281,39 @@ class MessagesHandler(BaseHandler):
             top_k=body.top_k,
             stop_sequences=body.stop_sequences,
         )
-        # Counted from before tokenizing: a drain waits for it, and a full server says so
-        # before spending any work on it.
-        self.engine.admit()
         what = (
             f"POST /v1/messages model={body.model} stream={str(bool(body.stream)).lower()} "
             f"max_tokens={body.max_tokens}"
         )
-        self.activity.begin(self.request_id, what, "rendering and tokenizing the prompt")
-        try:
-            runtime, prepared = await self.engine.prepare(body.model, request)
-            self.activity.phase(
-                self.request_id, f"waiting for a slot ({prepared.input_tokens} prompt tokens)"
-            )
+        async with self.engine.session(
+            body.model, request, request_id=self.request_id, what=what
+        ) as session:
+            run = self._stream if body.stream else self._complete
+            self._task = asyncio.ensure_future(run(body.model, session))
+            stream = self.request.connection.stream  # type: ignore[union-attr]
+            watcher = asyncio.ensure_future(cancel_on_hangup(stream, self._task))
             try:
-                run = self._stream if body.stream else self._complete
-                self._task = asyncio.ensure_future(run(body.model, runtime, prepared))
-                watcher = asyncio.ensure_future(self._watch_disconnect(self._task))
-                try:
-                    await self._task
-                except asyncio.CancelledError:
-                    log.info(
-                        "client went away; generation cancelled (request-id %s)", self.request_id
-                    )
-                finally:
-                    watcher.cancel()
+                await self._task
+            except asyncio.CancelledError:
+                log.info("client went away; generation cancelled (request-id %s)", self.request_id)
             finally:
-                self.engine.release(runtime)
-        finally:
-            self.engine.done()
-            self.activity.end(self.request_id)
+                watcher.cancel()
 
-    def _track(self, event: object, prepared: PreparedPrompt) -> None:
-        """Phase changes for the activity record: a few per request, never per token."""
-        if isinstance(event, PromptCached):
-            fresh = prepared.input_tokens - event.cache_read_tokens
-            self.activity.phase(
-                self.request_id,
-                f"evaluating the prompt ({fresh} new tokens, {event.cache_read_tokens} cached)",
-            )
-        elif not isinstance(event, Heartbeat | Finished | Failed):
-            self.activity.phase(self.request_id, "generating")
+    async def _complete(self, model_name: str, session: Session) -> None:
+        prompt_tokens = session.prepared.input_tokens
+        self.write_json(await whole_message(model_name, prompt_tokens, session.events()))
 
-    async def _watch_disconnect(self, task: asyncio.Task[None]) -> None:
-        """Cancel `task` as soon as the client hangs up.
-
-        Tornado learns of a closed connection only when a write fails, and nothing is written
-        while a long prompt is evaluated (or a non-streamed reply generated); peeking at the
-        socket sees the EOF at once and consumes nothing a pipelining client sent.
-        """
-        stream = self.request.connection.stream  # type: ignore[union-attr]
-        while not task.done():
-            await asyncio.sleep(DISCONNECT_POLL_S)
-            sock = stream.socket
-            if sock is None or stream.closed():
-                task.cancel()
-                return
-            try:
-                peeked = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-            except (BlockingIOError, InterruptedError):
-                continue
-            except OSError:
-                peeked = b""
-            if not peeked:
-                task.cancel()
-                return
-
-    async def _complete(
-        self, model_name: str, runtime: ModelRuntime, prepared: PreparedPrompt
-    ) -> None:
-        reply = ReplyBuilder()
-        finished: Finished | None = None
-        async for event in self.engine.generate(runtime, prepared):
-            self._track(event, prepared)
-            if isinstance(event, Finished):
-                finished = event
-            elif isinstance(event, Failed):
-                raise event.error
-            elif not isinstance(event, PromptCached | Heartbeat):
-                reply.feed(event)
-        assert finished is not None
-        reply.finish()
-        message = Message(
-            id=new_id("msg_"),
-            model=model_name,
-            content=reply.blocks,
-            stop_reason=finished.stop_reason,
-            stop_sequence=finished.stop_sequence,
-            usage=_usage(prepared.input_tokens, finished.cache_read_tokens, finished.output_tokens),
-        )
-        self.write_json(message)
-
-    async def _send(self, data: dict[str, Any]) -> None:
-        self.write(sse.event(data))
-        await self.flush()
-
-    async def _stream(
-        self, model_name: str, runtime: ModelRuntime, prepared: PreparedPrompt
-    ) -> None:
+    async def _stream(self, model_name: str, session: Session) -> None:
         self.set_header("Content-Type", "text/event-stream; charset=utf-8")
         self.set_header("Cache-Control", "no-cache")
         self.set_header("X-Accel-Buffering", "no")
-        reply = ReplyBuilder()
-        started = False
+        encoder = AnthropicStream(model_name, session.prepared.input_tokens)
         try:
-            async for event in self.engine.generate(runtime, prepared):
-                self._track(event, prepared)
-                if isinstance(event, Heartbeat):
-                    if started:
-                        await self._send({"type": "ping"})
-                    else:
-                        # Still waiting for a slot: Anthropic's stream opens with
-                        # message_start, so only an SSE comment keeps the connection alive.
-                        self.write(b": waiting for a slot\n\n")
-                        await self.flush()
-                elif isinstance(event, PromptCached):
-                    # Sent once a slot is known, so the usage split into cached and new
-                    # prompt tokens is already right in message_start.
-                    usage = _usage(prepared.input_tokens, event.cache_read_tokens, 0)
-                    skeleton = Message(
-                        id=new_id("msg_"),
-                        model=model_name,
-                        content=[],
-                        stop_reason=None,
-                        stop_sequence=None,
-                        usage=usage,
-                    )
-                    start = {"type": "message_start", "message": skeleton.model_dump(mode="json")}
-                    await self._send(start)
-                    started = True
-                elif isinstance(event, Finished):
-                    await self._send_blocks(reply.finish())
-                    usage = _usage(
-                        prepared.input_tokens, event.cache_read_tokens, event.output_tokens
-                    )
-                    await self._send(
-                        {
-                            "type": "message_delta",
-                            "delta": {
-                                "stop_reason": event.stop_reason,
-                                "stop_sequence": event.stop_sequence,
-                            },
-                            "usage": usage.model_dump(mode="json"),
-                        }
-                    )
-                    await self._send({"type": "message_stop"})
-                elif isinstance(event, Failed):
-                    raise event.error
-                else:
-                    await self._send_blocks(reply.feed(event))
+            async for event in session.events():
+                data = encoder.feed(event)
+                if data:
+                    self.write(data)
+                    await self.flush()
         except tornado.iostream.StreamClosedError:
             log.info("client closed the stream (request-id %s)", self.request_id)
         except asyncio.CancelledError:
@@ -460,16 +324,6 @@ class MessagesHandler(BaseHandler):
             await self._stream_error(exc)
         self.finish()
 
-    _pinged = False
-
-    async def _send_blocks(self, payloads: list[dict[str, Any]]) -> None:
-        for payload in payloads:
-            await self._send(payload)
-            if not self._pinged and payload["type"] == "content_block_start":
-                # Anthropic's order: the first block opens, then a ping.
-                self._pinged = True
-                await self._send({"type": "ping"})
-
     async def _stream_error(self, exc: Exception) -> None:
         """Headers are gone: the error travels as an SSE `error` event."""
         known = classify(exc)
@@ -479,7 +333,8 @@ class MessagesHandler(BaseHandler):
         else:
             _, error_type, message = known
         with contextlib.suppress(tornado.iostream.StreamClosedError):
-            await self._send(envelope(error_type, message))
+            self.write(AnthropicStream.error(error_type, message))
+            await self.flush()
 
 
 class NotFoundHandler(BaseHandler):

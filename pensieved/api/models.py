@@ -13,47 +13,49 @@ from pydantic import BaseModel, ConfigDict, Field
 # ---- request content blocks ----------------------------------------------------------------
 
 
-class _Wire(BaseModel):
+class _ExtraIgnored(BaseModel):
+    """Request shapes: fields we do not act on are dropped, not refused."""
+
     model_config = ConfigDict(extra="ignore")
 
 
-class TextBlock(_Wire):
+class TextBlock(_ExtraIgnored):
     type: Literal["text"]
     text: str = Field(description="The text.")
 
 
-class ImageBlock(_Wire):
+class ImageBlock(_ExtraIgnored):
     type: Literal["image"]
     source: dict[str, Any] = Field(description="base64, url or file source of the image.")
 
 
-class DocumentBlock(_Wire):
+class DocumentBlock(_ExtraIgnored):
     type: Literal["document"]
     source: dict[str, Any] = Field(description="The document's source.")
     title: str | None = None
 
 
-class ToolUseBlock(_Wire):
+class ToolUseBlock(_ExtraIgnored):
     type: Literal["tool_use"]
     id: str = Field(description="The tool call's id, referenced by the tool_result.")
     name: str = Field(description="The tool that was called.")
     input: dict[str, Any] = Field(description="Arguments of the call.")
 
 
-class ToolResultBlock(_Wire):
+class ToolResultBlock(_ExtraIgnored):
     type: Literal["tool_result"]
     tool_use_id: str = Field(description="The id of the tool_use this answers.")
     content: str | list[TextBlock | ImageBlock | DocumentBlock] | None = None
     is_error: bool = False
 
 
-class ThinkingBlock(_Wire):
+class ThinkingBlock(_ExtraIgnored):
     type: Literal["thinking"]
     thinking: str
     signature: str | None = None
 
 
-class RedactedThinkingBlock(_Wire):
+class RedactedThinkingBlock(_ExtraIgnored):
     type: Literal["redacted_thinking"]
     data: str
 
@@ -70,7 +72,7 @@ ContentBlock = Annotated[
 ]
 
 
-class InputMessage(_Wire):
+class InputMessage(_ExtraIgnored):
     role: Literal["user", "assistant", "system"] = Field(
         description="user or assistant (system is accepted mid-conversation, as Claude Code "
         "sends it)."
@@ -78,7 +80,7 @@ class InputMessage(_Wire):
     content: str | list[ContentBlock] = Field(description="A string or a list of blocks.")
 
 
-class Tool(_Wire):
+class Tool(_ExtraIgnored):
     name: str = Field(min_length=1, max_length=128, description="Tool name.")
     description: str = Field("", description="What the tool does, for the model.")
     input_schema: dict[str, Any] = Field(
@@ -86,7 +88,7 @@ class Tool(_Wire):
     )
 
 
-class ToolChoice(_Wire):
+class ToolChoice(_ExtraIgnored):
     type: Literal["auto", "any", "tool", "none"] = Field(
         description="auto: the model decides; any: it must call some tool; tool: it must call "
         "the tool `name`; none: it must not call a tool."
@@ -97,7 +99,7 @@ class ToolChoice(_Wire):
     )
 
 
-class ThinkingConfig(_Wire):
+class ThinkingConfig(_ExtraIgnored):
     type: Literal["enabled", "disabled", "adaptive"] = Field(
         description="enabled/adaptive: return `<think>` reasoning as thinking blocks; "
         "disabled: leave it out."
@@ -107,20 +109,20 @@ class ThinkingConfig(_Wire):
     )
 
 
-class OutputFormat(_Wire):
+class OutputFormat(_ExtraIgnored):
     type: Literal["json_schema"] = Field(description="Only JSON-schema output is defined.")
     schema_: dict[str, Any] = Field(
         alias="schema", description="The JSON schema the reply's text must satisfy."
     )
 
 
-class OutputConfig(_Wire):
+class OutputConfig(_ExtraIgnored):
     format: OutputFormat | None = Field(
         None, description="Structured output: the reply is JSON valid against the schema."
     )
 
 
-class _PromptFields(_Wire):
+class _PromptFields(_ExtraIgnored):
     model: str = Field(min_length=1, description="Requested model name; echoed back.")
     messages: list[InputMessage] = Field(min_length=1, description="The conversation.")
     system: str | list[TextBlock] | None = Field(None, description="System prompt.")
@@ -215,5 +217,75 @@ class ErrorDetail(BaseModel):
 
 
 class ErrorEnvelope(BaseModel):
+    """An error reply's body, and the stream's `error` event."""
+
     type: Literal["error"] = "error"
     error: ErrorDetail
+
+
+# ---- stream events (in the order a stream sends them) ---------------------------------------
+
+
+class MessageStart(BaseModel):
+    type: Literal["message_start"] = "message_start"
+    message: Message = Field(description="The reply so far: no content, prompt usage.")
+
+
+class ContentBlockStart(BaseModel):
+    type: Literal["content_block_start"] = "content_block_start"
+    index: int
+    content_block: OutBlock = Field(description="The block, still empty.")
+
+
+class TextDelta(BaseModel):
+    type: Literal["text_delta"] = "text_delta"
+    text: str
+
+
+class ThinkingDelta(BaseModel):
+    type: Literal["thinking_delta"] = "thinking_delta"
+    thinking: str
+
+
+class InputJsonDelta(BaseModel):
+    type: Literal["input_json_delta"] = "input_json_delta"
+    partial_json: str = Field(description="The next piece of the tool call's JSON input.")
+
+
+class SignatureDelta(BaseModel):
+    type: Literal["signature_delta"] = "signature_delta"
+    signature: str
+
+
+class ContentBlockDelta(BaseModel):
+    type: Literal["content_block_delta"] = "content_block_delta"
+    index: int
+    delta: TextDelta | ThinkingDelta | InputJsonDelta | SignatureDelta
+
+
+class ContentBlockStop(BaseModel):
+    type: Literal["content_block_stop"] = "content_block_stop"
+    index: int
+
+
+class Ping(BaseModel):
+    type: Literal["ping"] = "ping"
+
+
+class StopInfo(BaseModel):
+    stop_reason: str | None
+    stop_sequence: str | None
+
+
+class MessageDelta(BaseModel):
+    type: Literal["message_delta"] = "message_delta"
+    delta: StopInfo
+    usage: Usage = Field(description="The whole request's usage.")
+
+
+class MessageStop(BaseModel):
+    type: Literal["message_stop"] = "message_stop"
+
+
+BlockEvent = ContentBlockStart | ContentBlockDelta | ContentBlockStop
+StreamEvent = MessageStart | BlockEvent | Ping | MessageDelta | MessageStop | ErrorEnvelope

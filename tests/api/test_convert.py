@@ -116,8 +116,8 @@ def feed_all(events: list[Any]) -> tuple[ReplyBuilder, list[dict[str, Any]]]:
     builder = ReplyBuilder()
     payloads: list[dict[str, Any]] = []
     for event in events:
-        payloads += builder.feed(event)
-    payloads += builder.finish()
+        payloads += [e.model_dump(mode="json") for e in builder.feed(event)]
+    payloads += [e.model_dump(mode="json") for e in builder.finish()]
     return builder, payloads
 
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
+
+import httpx2 as httpx
 
 from tests.integration.daemon import sse_events, start_daemon
 
@@ -44,12 +45,20 @@ def test_a_stream_waiting_to_start_sends_comments_then_opens_with_message_start(
     try:
         long_prompt = LONG_PROMPT
         short = {**long_prompt, "stream": True, "messages": [{"role": "user", "content": "Hi"}]}
+        evaluating = threading.Event()
+
+        def hold(client: httpx.Client) -> None:
+            body = {**long_prompt, "stream": True}
+            with client.stream("POST", "/v1/messages", json=body) as held:
+                for line in held.iter_lines():
+                    # message_start: it has its slot, and its prompt evaluation begins.
+                    if line == "event: message_start":
+                        evaluating.set()
+
         with d.http() as first, d.http() as second:
-            holder = threading.Thread(
-                target=first.post, args=("/v1/messages",), kwargs={"json": long_prompt}
-            )
+            holder = threading.Thread(target=hold, args=(first,))
             holder.start()
-            time.sleep(0.3)  # the long prompt is being evaluated
+            assert evaluating.wait(60)
             r = second.post("/v1/messages", json=short)
             holder.join()
         assert r.status_code == 200

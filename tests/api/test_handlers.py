@@ -1,0 +1,270 @@
+"""The Messages handler in-process, over real HTTP, with an engine whose generation is scripted.
+
+The session (admission, activity record, release) is the engine's real one; only prompt
+preparation and generation are replaced, so these tests pin the stream's event order, the
+usage split, errors mid-stream and cancellation on disconnect without a model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, cast
+
+import tornado.testing
+import tornado.web
+
+from pensieve.config import Config
+from pensieved.api.app import make_app
+from pensieved.engine.service import Engine, ModelRuntime
+from pensieved.engine.types import (
+    Event,
+    Failed,
+    Finished,
+    GenerationRequest,
+    Heartbeat,
+    PreparedPrompt,
+    PromptCached,
+    TextPiece,
+    ThinkingPiece,
+    ToolCallDelta,
+    ToolCallEnd,
+    ToolCallStart,
+)
+from pensieved.errors import EngineError, RequestTimeoutError
+
+PROMPT_TOKENS = 10
+
+
+@dataclass
+class _Runtime:
+    users: int = 0
+
+
+class Hang:
+    """A script step: the generation waits here until it is cancelled."""
+
+
+class ScriptedEngine(Engine):
+    def __init__(self, script: list[Event | Hang]) -> None:
+        super().__init__(Config())
+        self.script = script
+        self.runtime = _Runtime()
+        self.cancelled = asyncio.Event()
+        self.phases: list[str] = []
+
+    async def _prepare(
+        self, name: str, request: GenerationRequest
+    ) -> tuple[ModelRuntime, PreparedPrompt]:
+        self.runtime.users += 1
+        prepared = PreparedPrompt(request, tuple(range(PROMPT_TOKENS)), request.max_tokens)
+        return cast(ModelRuntime, self.runtime), prepared
+
+    async def generate(
+        self, runtime: ModelRuntime, prepared: PreparedPrompt
+    ) -> AsyncIterator[Event]:
+        for step in self.script:
+            self.phases += [e.phase for e in self.activity.entries.values()]
+            if isinstance(step, Hang):
+                try:
+                    await asyncio.Event().wait()
+                except asyncio.CancelledError:
+                    self.cancelled.set()
+                    raise
+            else:
+                yield step
+
+
+def sse_events(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: ")]
+
+
+def body(stream: bool) -> bytes:
+    messages = [{"role": "user", "content": "Hi"}]
+    return json.dumps(
+        {"model": "m", "max_tokens": 50, "stream": stream, "messages": messages}
+    ).encode()
+
+
+def done(input_tokens: int = PROMPT_TOKENS, output: int = 2, cached: int = 3) -> Finished:
+    return Finished("end_turn", None, input_tokens, output, cached)
+
+
+class HandlerCase(tornado.testing.AsyncHTTPTestCase):
+    script: list[Event | Hang] = []
+
+    def get_app(self) -> tornado.web.Application:
+        self.engine = ScriptedEngine(self.script)
+        return make_app(self.engine)
+
+    def post(self, stream: bool) -> tornado.httpclient.HTTPResponse:
+        return self.fetch("/v1/messages", method="POST", body=body(stream), raise_error=False)
+
+    def events(self) -> tuple[bytes, list[dict[str, Any]]]:
+        response = self.post(stream=True)
+        assert response.code == 200, response.body
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        text = response.body.decode()
+        return response.body, sse_events(text)
+
+    def assert_session_over(self) -> None:
+        stats = self.engine.stats
+        assert (stats.in_flight, stats.requests_served) == (0, 1)
+        assert self.engine.runtime.users == 0
+        assert self.engine.activity.entries == {}
+
+
+class TestStreamOrder(HandlerCase):
+    script = [
+        Heartbeat(),
+        PromptCached(3),
+        Heartbeat(),
+        ThinkingPiece("hm"),
+        TextPiece("Hel"),
+        TextPiece("lo"),
+        done(),
+    ]
+
+    def test_events_in_anthropic_order(self) -> None:
+        raw, events = self.events()
+        assert [e["type"] for e in events] == [
+            "message_start",
+            "ping",  # a keep-alive once the stream has begun
+            "content_block_start",
+            "ping",  # after the first block start, as Anthropic sends it
+            "content_block_delta",
+            "content_block_delta",  # the thinking block's signature
+            "content_block_stop",
+            "content_block_start",
+            "content_block_delta",
+            "content_block_delta",
+            "content_block_stop",
+            "message_delta",
+            "message_stop",
+        ]
+        # Before message_start only an SSE comment may keep the connection alive.
+        assert raw.startswith(b": waiting for a slot\n\nevent: message_start\ndata: {")
+        assert b'event: ping\ndata: {"type":"ping"}\n\n' in raw  # compact JSON, named events
+        assert events[7]["content_block"] == {"type": "text", "text": ""}
+        assert [e["delta"].get("text") for e in events[8:10]] == ["Hel", "lo"]
+        self.assert_session_over()
+
+    def test_usage_split_into_cached_and_new_prompt_tokens(self) -> None:
+        _, events = self.events()
+        start = events[0]["message"]["usage"]
+        assert (start["input_tokens"], start["cache_read_input_tokens"]) == (7, 3)
+        assert start["output_tokens"] == 0
+        end = events[-2]
+        assert end["usage"]["input_tokens"] + end["usage"]["cache_read_input_tokens"] == 10
+        assert end["usage"]["output_tokens"] == 2
+        assert end["delta"] == {"stop_reason": "end_turn", "stop_sequence": None}
+
+    def test_activity_follows_the_phases(self) -> None:
+        self.events()
+        assert self.engine.phases[0] == f"waiting for a slot ({PROMPT_TOKENS} prompt tokens)"
+        assert "evaluating the prompt (7 new tokens, 3 cached)" in self.engine.phases
+        assert self.engine.phases[-1] == "generating"
+
+    def test_whole_reply_has_the_streamed_blocks(self) -> None:
+        response = self.post(stream=False)
+        assert response.code == 200
+        message = json.loads(response.body)
+        assert [b["type"] for b in message["content"]] == ["thinking", "text"]
+        assert message["content"][1]["text"] == "Hello"
+        assert message["usage"]["input_tokens"] == 7
+        assert message["usage"]["cache_read_input_tokens"] == 3
+        self.assert_session_over()
+
+
+class TestToolCallStream(HandlerCase):
+    script = [
+        PromptCached(0),
+        ToolCallStart("Read"),
+        ToolCallDelta('{"a":'),
+        ToolCallDelta(" 1}"),
+        ToolCallEnd({"a": 1}),
+        Finished("tool_use", None, PROMPT_TOKENS, 5, 0),
+    ]
+
+    def test_tool_use_block_streams_its_json(self) -> None:
+        _, events = self.events()
+        assert [e["type"] for e in events][:3] == ["message_start", "content_block_start", "ping"]
+        assert events[1]["content_block"]["type"] == "tool_use"
+        assert events[1]["content_block"]["input"] == {}
+        deltas = [e["delta"]["partial_json"] for e in events if e["type"] == "content_block_delta"]
+        assert "".join(deltas) == '{"a": 1}'
+        assert events[-2]["delta"]["stop_reason"] == "tool_use"
+
+
+class TestEmptyReply(HandlerCase):
+    script = [PromptCached(0), Finished("max_tokens", None, PROMPT_TOKENS, 0, 0)]
+
+    def test_an_empty_reply_still_has_one_text_block(self) -> None:
+        _, events = self.events()
+        assert [e["type"] for e in events] == [
+            "message_start",
+            "content_block_start",
+            "ping",
+            "content_block_stop",
+            "message_delta",
+            "message_stop",
+        ]
+
+
+class TestErrorMidStream(HandlerCase):
+    script = [PromptCached(0), TextPiece("Hi"), Failed(EngineError("decode failed"))]
+
+    def test_error_event_ends_the_stream(self) -> None:
+        _, events = self.events()
+        names = [e["type"] for e in events]
+        assert names[-1] == "error" and "message_stop" not in names, names
+        assert events[-1]["error"] == {"type": "api_error", "message": "decode failed"}
+        self.assert_session_over()
+
+    def test_whole_reply_gets_an_http_error(self) -> None:
+        response = self.post(stream=False)
+        assert response.code == 500
+        assert json.loads(response.body)["error"]["message"] == "decode failed"
+        self.assert_session_over()
+
+
+class TestErrorBeforeTheStreamOpens(HandlerCase):
+    script = [Failed(RequestTimeoutError("timed out waiting for a slot"))]
+
+    def test_plain_http_error_when_nothing_was_sent(self) -> None:
+        response = self.post(stream=True)
+        assert response.code == 504
+        assert json.loads(response.body) == {
+            "type": "error",
+            "error": {"type": "timeout_error", "message": "timed out waiting for a slot"},
+        }
+        self.assert_session_over()
+
+
+class TestDisconnect(HandlerCase):
+    script = [PromptCached(0), Hang()]
+
+    @tornado.testing.gen_test(timeout=10)
+    async def test_client_hanging_up_cancels_the_generation(self) -> None:
+        for stream in (False, True):
+            raw = body(stream)
+            request = (
+                f"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1:{self.get_http_port()}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(raw)}\r\n\r\n"
+            ).encode() + raw
+            sock = socket.create_connection(("127.0.0.1", self.get_http_port()))
+            sock.sendall(request)
+            while self.engine.stats.in_flight == 0 or not self.engine.phases:
+                await asyncio.sleep(0.01)
+            sock.close()
+            await asyncio.wait_for(self.engine.cancelled.wait(), 5)
+            while self.engine.stats.in_flight:
+                await asyncio.sleep(0.01)
+            assert self.engine.runtime.users == 0
+            assert self.engine.activity.entries == {}
+            self.engine.cancelled.clear()
+            self.engine.phases.clear()
+        assert self.engine.stats.requests_served == 2
