@@ -224,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def grammar_main(args: argparse.Namespace, model: Path, settings: Settings) -> int:
+    host = machine()
     report = grammar_bench.run(
         Path(args.tools),
         model,
@@ -238,7 +239,7 @@ def grammar_main(args: argparse.Namespace, model: Path, settings: Settings) -> i
         return 0
     report = {
         "generated_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": machine(),
+        "machine": host,
         "model": {"path": str(model), "size_bytes": model.stat().st_size},
         "settings": {**dataclasses.asdict(settings), "reps": args.decode_reps},
         **report,

@@ -70,6 +70,7 @@ _GBNF_TOKENS = re.compile(
 
 
 def grammar_size(grammar: str) -> GrammarSize:
+    """Measure `grammar` the way llama.cpp's parser will meet it (without parsing it)."""
     depth = deepest = rules = 0
     for match in _GBNF_TOKENS.finditer(grammar):
         token = match.group(0)
