@@ -181,9 +181,9 @@ def test_the_real_claude_code_cli_gets_an_answer_with_its_workflow_tool(
         # Two ends the CLI reports as its own errors, each only after a complete reply: the
         # daemon's MAX_OUTPUT ceiling ended a rambling reply (stop_reason max_tokens), or the
         # model called a tool, which would need a second turn (--max-turns 1).
+        said = result.stdout + result.stderr
         assert (
-            "exceeded the 32000 output token maximum" in result.stdout
-            or "Reached max turns (1)" in result.stdout
+            "exceeded the 32000 output token maximum" in said or "Reached max turns (1)" in said
         ), result
     else:
         assert result.stdout.strip(), result
