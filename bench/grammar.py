@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.targets import ServerProcess
+from bench.targets import ServerProcess, stream_events
 
 CLAUDE_CODE_TOOLS = Path(__file__).resolve().parents[2] / ".." / "shared" / "fixtures"
 CLAUDE_CODE_TOOLS = CLAUDE_CODE_TOOLS / "claude-code" / "default-tools.json"
@@ -225,38 +225,21 @@ class Timed:
 def stream_timed(port: int, body: dict[str, Any]) -> Timed:
     """A streamed request, timed from message_start (sent before the prompt is evaluated;
     with the prompt cached, one token) to message_stop: the decode loop, tool call or not."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=900)
-    conn.request(
-        "POST",
-        "/v1/messages",
-        body=json.dumps({**body, "stream": True}).encode(),
-        headers={"content-type": "application/json", "anthropic-version": "2023-06-01"},
-    )
-    response = conn.getresponse()
-    if response.status != 200:
-        raise RuntimeError(f"HTTP {response.status}: {response.read()[:500]!r}")
     start = stop = 0.0
     tokens = 0
     reason: str | None = None
     blocks: list[str] = []
-    for raw in response:
-        if not raw.startswith(b"data:"):
-            continue
-        event = json.loads(raw[5:])
+    for at, event in stream_events(port, body):
         kind = event.get("type")
         if kind == "message_start":
-            start = time.perf_counter()
+            start = at
         elif kind == "content_block_start":
             blocks.append(event["content_block"]["type"])
         elif kind == "message_delta":
             tokens = int((event.get("usage") or {}).get("output_tokens") or 0)
             reason = (event.get("delta") or {}).get("stop_reason")
         elif kind == "message_stop":
-            stop = time.perf_counter()
-            break
-        elif kind == "error":
-            raise RuntimeError(f"stream error: {event}")
-    conn.close()
+            stop = at
     return Timed(tokens, stop - start, reason, blocks)
 
 

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,45 +50,58 @@ class StreamResult:
     text: str = ""
 
 
-def stream_message(port: int, body: dict[str, Any], timeout: float = 900) -> StreamResult:
-    """POST a streamed /v1/messages request and timestamp its SSE events."""
+def stream_events(
+    port: int, body: dict[str, Any], timeout: float = 900
+) -> Iterator[tuple[float, dict[str, Any]]]:
+    """POST a streamed /v1/messages request; yield each SSE event with its arrival time in
+    seconds since sending, up to message_stop. An HTTP or stream error raises."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    payload = json.dumps({**body, "stream": True}).encode()
-    started = time.perf_counter()
-    conn.request(
-        "POST",
-        "/v1/messages",
-        body=payload,
-        headers={"content-type": "application/json", "anthropic-version": "2023-06-01"},
-    )
-    response = conn.getresponse()
-    if response.status != 200:
-        raise RuntimeError(f"HTTP {response.status}: {response.read()[:500]!r}")
+    try:
+        started = time.perf_counter()
+        conn.request(
+            "POST",
+            "/v1/messages",
+            body=json.dumps({**body, "stream": True}).encode(),
+            headers={"content-type": "application/json", "anthropic-version": "2023-06-01"},
+        )
+        response = conn.getresponse()
+        if response.status != 200:
+            raise RuntimeError(f"HTTP {response.status}: {response.read()[:500]!r}")
+        for raw in response:
+            if not raw.startswith(b"data:"):
+                continue
+            event = json.loads(raw[5:])
+            if event.get("type") == "error":
+                raise RuntimeError(f"stream error: {event}")
+            yield time.perf_counter() - started, event
+            if event.get("type") == "message_stop":
+                return
+    finally:
+        conn.close()
+
+
+def stream_message(port: int, body: dict[str, Any], timeout: float = 900) -> StreamResult:
+    """A streamed /v1/messages request with every text delta timestamped."""
     deltas: list[float] = []
     parts: list[str] = []
     usage: dict[str, Any] = {}
     end: float | None = None
-    for raw in response:
-        if not raw.startswith(b"data:"):
-            continue
-        event = json.loads(raw[5:])
+    last = 0.0
+    for at, event in stream_events(port, body, timeout):
+        last = at
         kind = event.get("type")
         if kind == "content_block_delta":
             text = event.get("delta", {}).get("text", "")
             if text:
-                deltas.append(time.perf_counter() - started)
+                deltas.append(at)
                 parts.append(text)
         elif kind == "message_start":
             usage.update(event.get("message", {}).get("usage") or {})
         elif kind == "message_delta":
             usage.update({k: v for k, v in (event.get("usage") or {}).items() if v is not None})
         elif kind == "message_stop":
-            end = time.perf_counter() - started
-            break
-        elif kind == "error":
-            raise RuntimeError(f"stream error: {event}")
-    conn.close()
-    total = end if end is not None else time.perf_counter() - started
+            end = at
+    total = end if end is not None else last  # a stream cut short: its last event
     return StreamResult(
         ttft_s=deltas[0] if deltas else total,
         delta_times=deltas,
