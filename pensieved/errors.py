@@ -15,6 +15,9 @@ class PensieveError(Exception):
 class InvalidRequestError(PensieveError):
     """The client's request is malformed or asks for something impossible (400)."""
 
+    # The request field at fault, when one is known (OpenAI's envelope reports it).
+    param: str | None = None
+
 
 class PromptTooLongError(InvalidRequestError):
     def __init__(self, prompt_tokens: int, context_size: int) -> None:
@@ -25,6 +28,17 @@ class PromptTooLongError(InvalidRequestError):
 
 class UnsupportedContentError(InvalidRequestError):
     """A content type the loaded model cannot take (e.g. images without vision)."""
+
+
+class UnsupportedParameterError(InvalidRequestError):
+    """A request field Pensieve does not implement, or a value of it that it cannot honour
+    (OpenAI's `n > 1`, `logprobs`); refused rather than silently ignored."""
+
+    def __init__(self, param: str, message: str, *, value_only: bool = False) -> None:
+        self.param = param
+        # OpenAI's codes: the field itself is unknown, or only this value of it is.
+        self.code = "unsupported_value" if value_only else "unsupported_parameter"
+        super().__init__(f"{param}: {message}")
 
 
 class NotFoundError(PensieveError):

@@ -12,6 +12,7 @@ from pensieved.api.handlers import (
     NotFoundHandler,
     RootHandler,
 )
+from pensieved.api.openai.handlers import ChatCompletionsHandler
 from pensieved.engine.service import Engine
 
 
@@ -25,6 +26,7 @@ def make_app(engine: Engine) -> tornado.web.Application:
             (r"/v1/messages/count_tokens", CountTokensHandler, args),
             (r"/v1/models", ModelsHandler, args),
             (r"/v1/models/([^/]+)", ModelsHandler, args),
+            (r"/v1/chat/completions", ChatCompletionsHandler, args),
         ],
         default_handler_class=NotFoundHandler,
         default_handler_args=args,

@@ -7,8 +7,9 @@ import contextlib
 import json
 import logging
 import os
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import tornado.http1connection
 import tornado.iostream
@@ -29,6 +30,7 @@ from pensieved.api.models import (
 )
 from pensieved.api.sse import AnthropicStream, whole_message
 from pensieved.engine.service import Engine, Session
+from pensieved.engine.types import Event, GenerationRequest
 from pensieved.errors import InvalidRequestError, NotFoundError, PensieveError
 
 log = logging.getLogger("pensieved.api")
@@ -145,8 +147,16 @@ class BaseHandler(tornado.web.RequestHandler):
             error_type, message = "api_error", internal_message(getattr(self, "request_id", "-"))
         else:
             error_type, message = STATUS_TYPES.get(status_code, "api_error"), self._reason
+        status_code, body = self.error_reply(status_code, error_type, message, exc)
         self.set_status(status_code)
-        self.finish(json.dumps(envelope(error_type, message).model_dump(), ensure_ascii=False))
+        self.finish(body)
+
+    def error_reply(
+        self, status: int, error_type: str, message: str, exc: BaseException | None
+    ) -> tuple[int, str]:
+        """The status and body of an error reply: Anthropic's envelope, unless a dialect's
+        handler says otherwise."""
+        return status, json.dumps(envelope(error_type, message).model_dump(), ensure_ascii=False)
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         if classify(value) is not None or isinstance(value, tornado.web.HTTPError):
@@ -178,7 +188,9 @@ class BaseHandler(tornado.web.RequestHandler):
         try:
             return model.model_validate(data)
         except ValidationError as exc:
-            raise InvalidRequestError(validation_message(exc)) from None
+            error = InvalidRequestError(validation_message(exc))
+            error.param = _field_path(tuple(exc.errors()[0]["loc"])) if exc.errors() else None
+            raise error from None
 
 
 class RootHandler(BaseHandler):
@@ -216,12 +228,15 @@ class HealthHandler(BaseHandler):
         )
 
 
-def _created_at(path: str | None) -> str:
+def _created(path: str | None) -> int:
     try:
-        stamp = os.stat(path).st_mtime if path else 0.0
+        return int(os.stat(path).st_mtime) if path else 0
     except OSError:
-        stamp = 0.0
-    return datetime.fromtimestamp(stamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return 0
+
+
+def _created_at(path: str | None) -> str:
+    return datetime.fromtimestamp(_created(path), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class ModelsHandler(BaseHandler):
@@ -231,6 +246,7 @@ class ModelsHandler(BaseHandler):
             id=model_id,
             display_name=(model.name if model else "") or model_id,
             created_at=_created_at(model.path if model else None),
+            created=_created(model.path if model else None),
         )
 
     def get(self, model_id: str | None = None) -> None:
@@ -262,8 +278,16 @@ class CountTokensHandler(BaseHandler):
         self.write_json(CountTokensResponse(input_tokens=count))
 
 
-class MessagesHandler(BaseHandler):
-    """POST /v1/messages, streaming or not. A closed connection cancels the generation."""
+class StreamEncoder(Protocol):
+    def feed(self, event: Event) -> bytes:
+        """The bytes to send for `event` (maybe none); a `Failed` event raises its error."""
+        ...
+
+
+class GenerationHandler(BaseHandler):
+    """What every generating endpoint shares, whatever its dialect: one engine session per
+    request, run as a task that a closed connection cancels, and SSE streaming whose errors
+    travel in-band once the headers are sent."""
 
     _task: asyncio.Task[None] | None = None
 
@@ -271,25 +295,18 @@ class MessagesHandler(BaseHandler):
         if self._task is not None and not self._task.done():
             self._task.cancel()
 
-    async def post(self) -> None:
-        body = self.parse_body(MessagesRequest)
-        request = to_generation_request(
-            body,
-            max_tokens=body.max_tokens,
-            temperature=body.temperature,
-            top_p=body.top_p,
-            top_k=body.top_k,
-            stop_sequences=body.stop_sequences,
-        )
-        what = (
-            f"POST /v1/messages model={body.model} stream={str(bool(body.stream)).lower()} "
-            f"max_tokens={body.max_tokens}"
-        )
+    async def generate(
+        self,
+        model_name: str,
+        request: GenerationRequest,
+        what: str,
+        run: Callable[[Session], Coroutine[Any, Any, None]],
+    ) -> None:
+        """Admit `request`, then `run` the session until it ends or the client goes away."""
         async with self.engine.session(
-            body.model, request, request_id=self.request_id, what=what
+            model_name, request, request_id=self.request_id, what=what
         ) as session:
-            run = self._stream if body.stream else self._complete
-            self._task = asyncio.ensure_future(run(body.model, session))
+            self._task = asyncio.ensure_future(run(session))
             stream = self.request.connection.stream  # type: ignore[union-attr]
             watcher = asyncio.ensure_future(cancel_on_hangup(stream, self._task))
             try:
@@ -299,15 +316,10 @@ class MessagesHandler(BaseHandler):
             finally:
                 watcher.cancel()
 
-    async def _complete(self, model_name: str, session: Session) -> None:
-        prompt_tokens = session.prepared.input_tokens
-        self.write_json(await whole_message(model_name, prompt_tokens, session.events()))
-
-    async def _stream(self, model_name: str, session: Session) -> None:
+    async def stream_events(self, session: Session, encoder: StreamEncoder) -> None:
         self.set_header("Content-Type", "text/event-stream; charset=utf-8")
         self.set_header("Cache-Control", "no-cache")
         self.set_header("X-Accel-Buffering", "no")
-        encoder = AnthropicStream(model_name, session.prepared.input_tokens)
         try:
             async for event in session.events():
                 data = encoder.feed(event)
@@ -325,16 +337,52 @@ class MessagesHandler(BaseHandler):
         self.finish()
 
     async def _stream_error(self, exc: Exception) -> None:
-        """Headers are gone: the error travels as an SSE `error` event."""
+        """Headers are gone: the error travels as an SSE event."""
         known = classify(exc)
         if known is None:
             log.error("generation failed (request-id %s)", self.request_id, exc_info=exc)
-            error_type, message = "api_error", internal_message(self.request_id)
+            status, error_type, message = 500, "api_error", internal_message(self.request_id)
         else:
-            _, error_type, message = known
+            status, error_type, message = known
         with contextlib.suppress(tornado.iostream.StreamClosedError):
-            self.write(AnthropicStream.error(error_type, message))
+            self.write(self.stream_error(status, error_type, message, exc))
             await self.flush()
+
+    def stream_error(self, status: int, error_type: str, message: str, exc: Exception) -> bytes:
+        """The SSE bytes that carry an error in this dialect's stream."""
+        raise NotImplementedError
+
+
+class MessagesHandler(GenerationHandler):
+    """POST /v1/messages, streaming or not. A closed connection cancels the generation."""
+
+    async def post(self) -> None:
+        body = self.parse_body(MessagesRequest)
+        request = to_generation_request(
+            body,
+            max_tokens=body.max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=body.top_k,
+            stop_sequences=body.stop_sequences,
+        )
+        what = (
+            f"POST /v1/messages model={body.model} stream={str(bool(body.stream)).lower()} "
+            f"max_tokens={body.max_tokens}"
+        )
+
+        async def run(session: Session) -> None:
+            if body.stream:
+                encoder = AnthropicStream(body.model, session.prepared.input_tokens)
+                await self.stream_events(session, encoder)
+            else:
+                prompt_tokens = session.prepared.input_tokens
+                self.write_json(await whole_message(body.model, prompt_tokens, session.events()))
+
+        await self.generate(body.model, request, what, run)
+
+    def stream_error(self, status: int, error_type: str, message: str, exc: Exception) -> bytes:
+        return AnthropicStream.error(error_type, message)
 
 
 class NotFoundHandler(BaseHandler):

@@ -202,6 +202,7 @@ def check_request_shape(data: dict[str, Any]) -> None:
         ("system", MAX_BLOCKS_PER_MESSAGE, "blocks"),
         ("tools", MAX_TOOLS, "tools"),
         ("stop_sequences", MAX_STOP_SEQUENCES, "stop sequences"),
+        ("stop", MAX_STOP_SEQUENCES, "stop sequences"),  # OpenAI's name
     ):
         value = data.get(key)
         if isinstance(value, list):

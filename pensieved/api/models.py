@@ -198,13 +198,20 @@ class CountTokensResponse(BaseModel):
 
 
 class ModelInfo(BaseModel):
+    """One model, in both SDKs' shapes at once: /v1/models serves Anthropic's and OpenAI's
+    clients, and each reads its own fields and ignores the others'."""
+
     type: Literal["model"] = "model"
     id: str
     display_name: str
     created_at: str
+    object: Literal["model"] = Field("model", description="OpenAI's type tag.")
+    created: int = Field(description="OpenAI's: created_at as Unix time.")
+    owned_by: str = Field("pensieve", description="OpenAI's: who serves the model.")
 
 
 class ModelList(BaseModel):
+    object: Literal["list"] = Field("list", description="OpenAI's type tag.")
     data: list[ModelInfo]
     has_more: bool
     first_id: str | None
