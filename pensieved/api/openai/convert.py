@@ -33,6 +33,7 @@ from pensieved.engine.types import (
     Sampling,
     ToolCall,
     ToolChoice,
+    ToolChoiceMode,
     ToolSpec,
 )
 from pensieved.errors import (
@@ -53,6 +54,7 @@ IGNORED_FIELDS = frozenset(
 EXTENSION_FIELDS = frozenset({"top_k"})
 # Only these `reasoning_effort` values mean "no reasoning".
 NO_REASONING = frozenset({"none", "minimal"})
+_CHOICE_MODES: dict[str, ToolChoiceMode] = {"none": "none", "auto": "auto", "required": "any"}
 # Any JSON object: the older JSON mode.
 JSON_OBJECT_SCHEMA: dict[str, Any] = {"type": "object"}
 
@@ -102,7 +104,7 @@ def _refuse_unsupported(request: ChatCompletionRequest) -> None:
         )
 
 
-def _text(content: str | list[TextPart] | list[TextPart | RefusalPart], where: str) -> str:
+def _text(content: str | list[TextPart] | list[TextPart | RefusalPart]) -> str:
     if isinstance(content, str):
         return content
     return "\n".join(p.text if isinstance(p, TextPart) else p.refusal for p in content)
@@ -146,13 +148,13 @@ def _arguments(text: str, where: str) -> dict[str, Any]:
 def _convert_message(index: int, message: Message, call_names: dict[str, str]) -> ChatMessage:
     where = f"messages.{index}"
     if isinstance(message, SystemMessage | DeveloperMessage):
-        return ChatMessage(role="system", content=_text(message.content, where))
+        return ChatMessage(role="system", content=_text(message.content))
     if isinstance(message, UserMessage):
         return ChatMessage(role="user", content=_user_text(message, where))
     if isinstance(message, ToolMessage):
         return ChatMessage(
             role="tool",
-            content=_text(message.content, where),
+            content=_text(message.content),
             tool_call_id=message.tool_call_id,
             name=call_names.get(message.tool_call_id),
         )
@@ -163,7 +165,7 @@ def _convert_message(index: int, message: Message, call_names: dict[str, str]) -
         arguments = _arguments(call.function.arguments, at)
         calls.append(ToolCall(id=call.id, name=call.function.name, arguments=arguments))
         call_names[call.id] = call.function.name
-    content = _text(message.content, where) if message.content is not None else ""
+    content = _text(message.content) if message.content is not None else ""
     return ChatMessage(role="assistant", content=content, tool_calls=tuple(calls))
 
 
@@ -189,6 +191,8 @@ def to_engine_tools(request: ChatCompletionRequest) -> tuple[ToolSpec, ...]:
 def to_engine_tool_choice(request: ChatCompletionRequest) -> ToolChoice:
     choice = request.tool_choice
     names = [t.function.name for t in request.tools or ()]
+    mode: ToolChoiceMode
+    name: str | None
     if choice is None:
         mode, name = "auto", None
     elif isinstance(choice, NamedToolChoice):
@@ -200,14 +204,14 @@ def to_engine_tool_choice(request: ChatCompletionRequest) -> ToolChoice:
             error.param = "tool_choice"
             raise error
     else:
-        mode, name = {"none": "none", "auto": "auto", "required": "any"}[choice], None
+        mode, name = _CHOICE_MODES[choice], None
     if mode == "any" and not names:
         error = InvalidRequestError("tool_choice: 'required' needs `tools` with at least one tool")
         error.param = "tool_choice"
         raise error
     # As on the Messages side: a forced call is one call, or a small model keeps calling.
     parallel = mode == "auto" and request.parallel_tool_calls is not False
-    return ToolChoice(mode=mode, name=name, parallel=parallel)  # type: ignore[arg-type]
+    return ToolChoice(mode=mode, name=name, parallel=parallel)
 
 
 def output_schema(request: ChatCompletionRequest) -> dict[str, Any] | None:

@@ -72,7 +72,7 @@ def usage(finished: Finished) -> CompletionUsage:
     )
 
 
-def data_line(payload: ChatCompletionChunk | ErrorEnvelope) -> bytes:
+def data_line(payload: ChatCompletionChunk) -> bytes:
     """One SSE `data:` line. Unset fields are left out, except the two every OpenAI chunk
     choice carries even when null (clients index them directly)."""
     data = payload.model_dump(mode="json", exclude_none=True)
@@ -180,8 +180,10 @@ class OpenAIStream:
 
     @staticmethod
     def error(payload: ErrorEnvelope) -> bytes:
-        """The chunk that ends a stream whose headers are already sent."""
-        return data_line(payload)
+        """The chunk that ends a stream whose headers are already sent (all four keys, as in
+        an error reply's body)."""
+        text = json.dumps(payload.model_dump(mode="json"), ensure_ascii=False)
+        return f"data: {text}\n\n".encode()
 
 
 async def whole_completion(model_name: str, events: AsyncIterator[Event]) -> ChatCompletion:
