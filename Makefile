@@ -19,7 +19,16 @@ CLAUDE_DIR := $(VENV)/claude-code
 CLAUDE_STAMP := $(CLAUDE_DIR)/.installed-$(CLAUDE_CODE_VERSION)
 export PENSIEVE_TEST_CLAUDE := $(abspath $(CLAUDE_DIR))/node_modules/.bin/claude
 
-.PHONY: install run test lint typecheck unit integration man clean packaging-deps claude-code
+# The `llm` CLI from PyPI: a real third-party client of the OpenAI-compatible API, for the test
+# that runs it against the daemon. Its own venv: its dependencies are not ours. Pinned, so a
+# new release cannot change what the test exercises.
+LLM_CLI_VERSION := 0.36
+LLM_DIR := $(VENV)/llm-cli
+LLM_STAMP := $(LLM_DIR)/.installed-$(LLM_CLI_VERSION)
+export PENSIEVE_TEST_LLM := $(abspath $(LLM_DIR))/bin/llm
+
+.PHONY: install run test lint typecheck unit integration man clean packaging-deps claude-code \
+	llm-cli
 
 # Re-run when the pinned version, the install logic or the check it runs changes, and when
 # llama.cpp's libraries in the venv were replaced by something else (a hand-made reinstall).
@@ -47,7 +56,7 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-test: lint typecheck packaging-deps claude-code
+test: lint typecheck packaging-deps claude-code llm-cli
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 # npm does not always run the package's postinstall, which puts the native binary in place.
@@ -61,10 +70,18 @@ $(CLAUDE_STAMP):
 
 claude-code: $(CLAUDE_STAMP)
 
+$(LLM_STAMP):
+	$(PYTHON) -m venv $(LLM_DIR)
+	$(LLM_DIR)/bin/pip install --quiet llm==$(LLM_CLI_VERSION)
+	$(PENSIEVE_TEST_LLM) --version
+	touch $@
+
+llm-cli: $(LLM_STAMP)
+
 unit: install
 	$(BIN)/pytest --ignore=tests/integration $(PYTEST_ARGS)
 
-integration: install claude-code
+integration: install claude-code llm-cli
 	$(BIN)/pytest tests/integration $(PYTEST_ARGS)
 
 # Regenerate man/pensieved.8 and man/pensievectl.1 from the real argparse parsers.
