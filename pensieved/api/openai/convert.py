@@ -166,6 +166,7 @@ def _convert_message(index: int, message: Message, call_names: dict[str, str]) -
         calls.append(ToolCall(id=call.id, name=call.function.name, arguments=arguments))
         call_names[call.id] = call.function.name
     content = _text(message.content) if message.content is not None else ""
+    content = content or message.refusal or ""
     return ChatMessage(role="assistant", content=content, tool_calls=tuple(calls))
 
 

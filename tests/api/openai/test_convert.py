@@ -103,6 +103,11 @@ MESSAGE_CASES: list[tuple[str, list[dict[str, Any]], list[ChatMessage]]] = [
         [USER, {"role": "assistant", "content": [{"type": "refusal", "refusal": "no"}]}],
         [ChatMessage(role="user", content="hi"), ChatMessage(role="assistant", content="no")],
     ),
+    (
+        "an earlier refusal given as the refusal field, too",
+        [USER, {"role": "assistant", "content": None, "refusal": "no"}],
+        [ChatMessage(role="user", content="hi"), ChatMessage(role="assistant", content="no")],
+    ),
 ]
 
 
