@@ -307,14 +307,19 @@ class GenerationHandler(BaseHandler):
             model_name, request, request_id=self.request_id, what=what
         ) as session:
             self._task = asyncio.ensure_future(run(session))
-            stream = self.request.connection.stream  # type: ignore[union-attr]
-            watcher = asyncio.ensure_future(cancel_on_hangup(stream, self._task))
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                log.info("client went away; generation cancelled (request-id %s)", self.request_id)
-            finally:
-                watcher.cancel()
+            await self._watch_hangup()
+
+    async def _watch_hangup(self) -> None:
+        """Run `_task` to its end, cancelling it as soon as the client hangs up."""
+        assert self._task is not None
+        stream = self.request.connection.stream  # type: ignore[union-attr]
+        watcher = asyncio.ensure_future(cancel_on_hangup(stream, self._task))
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            log.info("client went away; generation cancelled (request-id %s)", self.request_id)
+        finally:
+            watcher.cancel()
 
     async def stream_events(self, session: Session, encoder: StreamEncoder) -> None:
         self.set_header("Content-Type", "text/event-stream; charset=utf-8")
