@@ -96,6 +96,8 @@ def _refuse_unsupported(request: ChatCompletionRequest) -> None:
     for name, value in (request.model_extra or {}).items():
         if value is None or name in IGNORED_FIELDS or name in EXTENSION_FIELDS:
             continue
+        if name == "modalities" and value == ["text"]:
+            continue  # text out is what every reply is
         hint = ""
         if name in ("functions", "function_call"):
             hint = " (the deprecated function-calling fields: send `tools` and `tool_choice`)"

@@ -180,7 +180,11 @@ OPTION_CASES: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
     ("reasoning_effort asks for reasoning", {"reasoning_effort": "low"}, {"thinking": True}),
     ("reasoning_effort none", {"reasoning_effort": "none"}, {"thinking": False}),
     ("n=1 and zero penalties are fine", {"n": 1, "presence_penalty": 0, "logprobs": False}, {}),
-    ("ignored fields", {"user": "u", "store": False, "metadata": {"a": "b"}, "foo": None}, {}),
+    (
+        "ignored fields",
+        {"user": "u", "store": False, "metadata": {"a": "b"}, "foo": None, "modalities": ["text"]},
+        {},
+    ),
 ]
 
 
@@ -228,6 +232,12 @@ REFUSALS: list[tuple[dict[str, Any], type[InvalidRequestError], str, str]] = [
         "unsupported_parameter",
     ),
     ({"audio": {"voice": "alloy"}}, UnsupportedParameterError, "audio", "unsupported_parameter"),
+    (
+        {"modalities": ["text", "audio"]},
+        UnsupportedParameterError,
+        "modalities",
+        "unsupported_parameter",
+    ),
     (
         {
             "messages": [
