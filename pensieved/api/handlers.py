@@ -16,7 +16,7 @@ import tornado.web
 from pydantic import BaseModel, ValidationError
 
 from pensieve import __version__
-from pensieved.api import limits, security
+from pensieved.api import forward, limits, security
 from pensieved.api.convert import new_id, to_generation_request
 from pensieved.api.disconnect import cancel_on_hangup
 from pensieved.api.errors import STATUS_TYPES, classify, envelope, internal_message
@@ -30,6 +30,7 @@ from pensieved.api.models import (
 from pensieved.api.sse import AnthropicStream, whole_message
 from pensieved.engine.service import Engine, Session
 from pensieved.errors import InvalidRequestError, NotFoundError, PensieveError
+from pensieved.upstream.pool import Upstreams
 
 log = logging.getLogger("pensieved.api")
 access_log = logging.getLogger("pensieved.access")
@@ -66,8 +67,9 @@ class BaseHandler(tornado.web.RequestHandler):
     _body_refused: bool = False
     _chunks: list[bytes] | None = None
 
-    def initialize(self, engine: Engine) -> None:
+    def initialize(self, engine: Engine, upstreams: Upstreams | None = None) -> None:
         self.engine = engine
+        self.upstreams = upstreams or Upstreams(lambda: engine.config)
 
     def set_default_headers(self) -> None:
         # Called again by clear() when an error replaces the response: the id must survive.
@@ -255,6 +257,12 @@ class ModelsHandler(BaseHandler):
 class CountTokensHandler(BaseHandler):
     async def post(self) -> None:
         body = self.parse_body(CountTokensRequest)
+        route = self.upstreams.route_for(body.model)
+        if route is not None:
+            await forward.count_tokens(
+                self, self.upstreams, self.engine, route, body, self.request_id
+            )
+            return
         what = f"POST /v1/messages/count_tokens model={body.model}"
         count = await self.engine.count_tokens(
             body.model, to_generation_request(body), request_id=self.request_id, what=what
@@ -273,6 +281,14 @@ class MessagesHandler(BaseHandler):
 
     async def post(self) -> None:
         body = self.parse_body(MessagesRequest)
+        route = self.upstreams.route_for(body.model)
+        if route is not None:
+            # Upstream routes come first: such a name never needs a local model.
+            self._task = asyncio.ensure_future(
+                forward.messages(self, self.upstreams, self.engine, route, body, self.request_id)
+            )
+            await self._watch_hangup()
+            return
         request = to_generation_request(
             body,
             max_tokens=body.max_tokens,
@@ -290,14 +306,19 @@ class MessagesHandler(BaseHandler):
         ) as session:
             run = self._stream if body.stream else self._complete
             self._task = asyncio.ensure_future(run(body.model, session))
-            stream = self.request.connection.stream  # type: ignore[union-attr]
-            watcher = asyncio.ensure_future(cancel_on_hangup(stream, self._task))
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                log.info("client went away; generation cancelled (request-id %s)", self.request_id)
-            finally:
-                watcher.cancel()
+            await self._watch_hangup()
+
+    async def _watch_hangup(self) -> None:
+        """Run `_task` to its end, cancelling it as soon as the client hangs up."""
+        assert self._task is not None
+        stream = self.request.connection.stream  # type: ignore[union-attr]
+        watcher = asyncio.ensure_future(cancel_on_hangup(stream, self._task))
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            log.info("client went away; generation cancelled (request-id %s)", self.request_id)
+        finally:
+            watcher.cancel()
 
     async def _complete(self, model_name: str, session: Session) -> None:
         prompt_tokens = session.prepared.input_tokens
