@@ -102,14 +102,17 @@ class Call:
         if future.cancelled():
             self._queue.put_nowait(_END)
             return
-        response = future.result()
-        if response.error is not None and response.code == 599:
+        # Connection failures and timeouts raise even with raise_error=False.
+        error = future.exception()
+        if error is None and future.result().code == 599:
+            error = future.result().error
+        if error is not None:
             connection = _Connection.live.get(id(self.request))
             connected = connection.connected if connection is not None else True
-            message = str(response.error)
-            timed_out = isinstance(response.error, tornado.simple_httpclient.HTTPTimeoutError)
+            message = str(error)
+            timed_out = isinstance(error, tornado.simple_httpclient.HTTPTimeoutError)
             self.failure = Failure(
-                response.error,
+                error,
                 connected=connected and "while connecting" not in message,
                 timed_out=timed_out,
                 during_connect="while connecting" in message or not connected,
