@@ -205,7 +205,14 @@ class _ToolCalls:
     def feed(self, index: int, name: str | None, arguments: str | None) -> list[Event]:
         out: list[Event] = []
         if index not in self.seen:
-            out += self.close()
+            try:
+                out += self.close()
+            except UpstreamError:
+                raise UpstreamError(
+                    f"the upstream began another tool call before the arguments of {self.name!r} "
+                    "were a complete JSON object: it interleaves parallel tool calls, which "
+                    "cannot be streamed as Anthropic tool_use blocks"
+                ) from None
             if not name:
                 raise UpstreamError("the upstream's stream began a tool call without its name")
             self.seen.add(index)
