@@ -228,6 +228,12 @@ def _created_at(path: str | None) -> str:
 
 class ModelsHandler(BaseHandler):
     def _info(self, model_id: str) -> ModelInfo:
+        route = self.upstreams.route_for(model_id)
+        if route is not None:
+            sent = route.config.model or model_id
+            return ModelInfo(
+                id=model_id, display_name=f"{sent} (upstream)", created_at=_created_at(None)
+            )
         model = self.engine.status().model
         return ModelInfo(
             id=model_id,
@@ -237,12 +243,14 @@ class ModelsHandler(BaseHandler):
 
     def get(self, model_id: str | None = None) -> None:
         if model_id is not None:
-            self.engine.runtime_for(model_id)  # 503 when nothing could serve it
+            if self.upstreams.route_for(model_id) is None:
+                self.engine.runtime_for(model_id)  # 503 when nothing could serve it
             self.write_json(self._info(model_id))
             return
         model = self.engine.default_model
         ids = [model.settings.path.stem] if model else []
         ids += [p for p in self.engine.config.model.aliases if p not in ids]
+        ids += [r.pattern for r in self.upstreams.routes() if r.pattern not in ids]
         data = [self._info(i) for i in ids]
         self.write_json(
             ModelList(

@@ -74,7 +74,9 @@ def _message(message: ChatMessage) -> Any:
             )
             for call in message.tool_calls
         ]
-        return AssistantMessage(content=message.content or None, tool_calls=calls or None)
+        # Content stays a string even when empty: some servers' templates (llama-cpp-python's
+        # chatml-function-calling) read it on every assistant message.
+        return AssistantMessage(content=message.content, tool_calls=calls or None)
     return UserMessage(content=message.content)
 
 

@@ -156,6 +156,11 @@ def test_local_names_stay_local(front: DaemonProcess, upstream: DaemonProcess) -
     assert reply.model == "claude-haiku-4-5"
     assert _served(front) == before_front + 1
     assert _served(upstream) == before_up
+    # /v1/models knows both kinds of name.
+    listed = [m.id for m in front.client().models.list()]
+    assert "opus-anth-*" in listed and "opus-oai-*" in listed
+    info = front.client().models.retrieve("opus-anth-4")
+    assert info.display_name == "big-remote (upstream)"
 
 
 def test_upstream_key_never_reaches_client_or_log(front: DaemonProcess) -> None:
@@ -178,6 +183,12 @@ def test_upstream_key_never_reaches_client_or_log(front: DaemonProcess) -> None:
             },
         )
     assert r.status_code == 200
+    # A reload that changes the route logs the change, with the key masked.
+    config = json.loads(front.config_path.read_text())
+    config["model"]["upstreams"]["opus-anth-*"]["timeout_ms"] = 600_001
+    write_config(front.config_path, config)
+    assert control_reload(front.socket_path)["ok"]
+    assert "model.upstreams" in front.log_text()
     for response in (r, bad):
         assert UPSTREAM_KEY not in response.text
         assert all(UPSTREAM_KEY not in v for v in response.headers.values())
@@ -227,15 +238,26 @@ def test_openai_tool_call_round_trip(front: DaemonProcess) -> None:
     client = front.client()
     ask: Any = [{"role": "user", "content": "What is the weather in Paris for the next 3 days?"}]
     forced: Any = {"type": "tool", "name": "get_weather"}
+    # Greedy: the small model's sampled strings may hold raw newlines, which are not JSON.
     reply = client.messages.create(
-        model="opus-oai-1", max_tokens=80, tools=[WEATHER], tool_choice=forced, messages=ask
+        model="opus-oai-1",
+        max_tokens=80,
+        extra_body={"temperature": 0},
+        tools=[WEATHER],
+        tool_choice=forced,
+        messages=ask,
     )  # type: ignore[arg-type]
     calls = [b for b in reply.content if b.type == "tool_use"]
     assert reply.stop_reason == "tool_use" and len(calls) == 1
     jsonschema.validate(calls[0].input, WEATHER["input_schema"])
     # Streamed: the input_json_delta pieces assemble to the block's input.
     with client.messages.stream(
-        model="opus-oai-1", max_tokens=80, tools=[WEATHER], tool_choice=forced, messages=ask
+        model="opus-oai-1",
+        max_tokens=80,
+        extra_body={"temperature": 0},
+        tools=[WEATHER],
+        tool_choice=forced,
+        messages=ask,
     ) as stream:  # type: ignore[arg-type]
         pieces = [
             e.delta.partial_json
@@ -288,7 +310,7 @@ def test_upstream_down(front: DaemonProcess) -> None:
         )
     error = caught.value
     assert error.status_code == 502
-    assert error.body["type"] == "api_error"  # type: ignore[index]
+    assert error.body["error"]["type"] == "api_error"  # type: ignore[index]
     url = _route_status(front, "down-*")["urls"][0]["url"]
     assert url in str(error.message) and "could not be reached" in str(error.message)
     status = _route_status(front, "down-*")["urls"][0]
@@ -309,7 +331,7 @@ def test_upstream_500(front: DaemonProcess, llama: LlamaServer) -> None:
         )
     error = caught.value
     assert error.status_code == 502
-    assert error.body["type"] == "api_error"  # type: ignore[index]
+    assert error.body["error"]["type"] == "api_error"  # type: ignore[index]
     assert f"upstream {llama.base_url}" in str(error.message) and "(500)" in str(error.message)
     _still_serving(front)
 
@@ -322,7 +344,7 @@ def test_upstream_slow_times_out(front: DaemonProcess) -> None:
         )
     error = caught.value
     assert error.status_code == 504
-    assert error.body["type"] == "timeout_error"  # type: ignore[index]
+    assert error.body["error"]["type"] == "timeout_error"  # type: ignore[index]
     assert "timeout_ms (100 ms)" in str(error.message)
     assert time.monotonic() - started < 30
     _still_serving(front)
@@ -362,7 +384,7 @@ def test_upstream_overloaded(front: DaemonProcess, busy_upstream: DaemonProcess)
                 model="busy-1", max_tokens=5, messages=[{"role": "user", "content": "Hi"}]
             )
         assert caught.value.status_code == 529
-        assert caught.value.body["type"] == "overloaded_error"  # type: ignore[index]
+        assert caught.value.body["error"]["type"] == "overloaded_error"  # type: ignore[index]
         assert busy_upstream.base_url in str(caught.value.message)
     finally:
         stop.set()
@@ -390,6 +412,8 @@ def test_route_concurrency_limit(front: DaemonProcess) -> None:
 def test_client_disconnect_cancels_the_upstream_request(
     front: DaemonProcess, upstream: DaemonProcess
 ) -> None:
+    # Earlier tests' requests have ended (a held stream ends a moment after its test).
+    wait_for(lambda: control_status(upstream.socket_path)["requests"]["in_flight"] == 0, 60)
     before = control_status(upstream.socket_path)["requests"]
     left = ("client closed the stream", "client went away; generation cancelled")
     noticed = sum(upstream.log_text().count(line) for line in left)

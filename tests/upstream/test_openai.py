@@ -60,7 +60,7 @@ def test_request_messages_and_options() -> None:
     assert call["id"] == "toolu_1" and json.loads(call["function"]["arguments"]) == {
         "city": "Paris"
     }
-    assert "content" not in body["messages"][2]  # only a call: content is null, left out
+    assert body["messages"][2]["content"] == ""  # only a call: empty, but present
     assert body["messages"][3] == {"role": "tool", "content": "Sunny", "tool_call_id": "toolu_1"}
     assert body["tools"][0]["function"] == {
         "name": "weather",
