@@ -195,6 +195,9 @@ class UpstreamConfig(_Section):
                 raise ValueError(f"{url!r} is not an http:// or https:// URL with a host")
             if parts.query or parts.fragment:
                 raise ValueError(f"{url!r}: a base URL has no query or fragment")
+            if parts.username or parts.password:
+                # URLs are shown in status and in error messages; keys must never be.
+                raise ValueError("credentials do not go in the URL: use api_key or api_key_file")
         return [url.rstrip("/") for url in value]
 
     @model_validator(mode="after")

@@ -139,6 +139,7 @@ def test_loopback_lookalike_host_needs_a_key() -> None:
         ({"urls": []}, "model.upstreams.claude-opus-*.urls", "at least 1"),
         ({"urls": ["gpu-box:8000"]}, "model.upstreams.claude-opus-*.urls", "http://"),
         ({"urls": ["http://x/?a=1"]}, "model.upstreams.claude-opus-*.urls", "query"),
+        ({"urls": ["http://u:pw@x"]}, "model.upstreams.claude-opus-*.urls", "api_key"),
         (
             {"urls": ["http://x"], "protocol": "grpc"},
             "model.upstreams.claude-opus-*.protocol",
