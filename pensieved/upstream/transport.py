@@ -48,15 +48,17 @@ class _Client(tornado.simple_httpclient.SimpleAsyncHTTPClient):
         return _Connection
 
 
-_client: _Client | None = None
+_client: tuple[asyncio.AbstractEventLoop, _Client] | None = None
 
 
 def client() -> _Client:
-    """One client per process (created on the event loop that uses it)."""
+    """One client per event loop (the daemon has one; tests start several)."""
     global _client
-    if _client is None:
-        _client = _Client(force_instance=True, max_clients=_MAX_CLIENTS, max_body_size=_MAX_BODY)
-    return _client
+    loop = asyncio.get_running_loop()
+    if _client is None or _client[0] is not loop:
+        made = _Client(force_instance=True, max_clients=_MAX_CLIENTS, max_body_size=_MAX_BODY)
+        _client = (loop, made)
+    return _client[1]
 
 
 @dataclass

@@ -9,6 +9,7 @@ upstream pensieved answering 529, an upstream killed mid-test.
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -315,6 +316,10 @@ def test_upstream_down(front: DaemonProcess) -> None:
     assert url in str(error.message) and "could not be reached" in str(error.message)
     status = _route_status(front, "down-*")["urls"][0]
     assert status["state"] == "backing_off" and status["errors_by_kind"]["unreachable"] >= 1
+    shown = run_ctl("status", config=front.config_path, timeout=30).stdout
+    row = next(line for line in shown.splitlines() if line.strip().startswith(url))
+    assert "backing_off" in row and re.search(r" [1-9][0-9]* errors", row)
+    assert "last error:" in shown and "could not be reached" in shown
     _still_serving(front)
 
 
