@@ -9,6 +9,7 @@ upstream pensieved answering 529, an upstream killed mid-test.
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 import time
@@ -22,6 +23,7 @@ import jsonschema
 import pytest
 
 from tests.integration.daemon import (
+    REPO,
     DaemonProcess,
     control_status,
     run_ctl,
@@ -37,6 +39,9 @@ from tests.integration.upstreams import (
     unused_url,
 )
 
+FIXTURES = Path(
+    os.environ.get("PENSIEVE_CLAUDE_FIXTURES", REPO.parent / "shared" / "fixtures" / "claude-code")
+)
 UPSTREAM_KEY = "upstream-secret-key-5f1c9a"
 BILLING = "x-anthropic-billing-header: cc_version=2.1.197; cc_entrypoint=cli; cch=0a1b2;"
 WEATHER = {
@@ -211,6 +216,38 @@ def test_count_tokens_asks_an_anthropic_upstream(
     ).messages.count_tokens(model="big-remote", messages=messages)
     assert via_front.input_tokens == direct.input_tokens
     assert not (via_front.model_extra or {}).get("estimate")
+
+
+@pytest.mark.skipif(
+    not (FIXTURES / "bare.json").is_file(), reason=f"no captured Claude Code requests at {FIXTURES}"
+)
+def test_claude_code_requests_through_an_anthropic_route(
+    front: DaemonProcess, upstream: DaemonProcess
+) -> None:
+    """Claude Code's own requests (captured), with its headers, through the route."""
+    for name, path in (("bare", "/v1/messages"), ("interactive-count-tokens-1", None)):
+        capture = json.loads((FIXTURES / f"{name}.json").read_text())
+        body = {**capture["body"], "model": "opus-anth-cc"}
+        headers = {
+            k: v
+            for k, v in capture["headers"].items()
+            if k.lower() not in {"host", "content-length", "connection", "accept-encoding"}
+        }
+        with (
+            httpx.Client(base_url=front.base_url, timeout=600) as http,
+            http.stream("POST", capture["path"], json=body, headers=headers) as r,
+        ):
+            assert r.status_code == 200, r.read()
+            if path is None:  # count_tokens: the upstream's own count
+                assert json.loads(r.read())["input_tokens"] > 100
+                continue
+            kinds = []
+            for event in sse_events(r.iter_lines()):
+                kinds.append(event["type"])
+                if event["type"] == "content_block_delta":
+                    break  # enough: the stream runs; hanging up ends it upstream
+        assert kinds[0] == "message_start" and "content_block_start" in kinds
+    assert "x-anthropic-billing-header" not in upstream.log_text()
 
 
 # ---- protocol openai ------------------------------------------------------------------------
