@@ -100,3 +100,22 @@ def test_unreadable_key_file_names_the_key(tmp_path: object) -> None:
     with pytest.raises(UpstreamError, match=r"model\.upstreams\.m-\*\.api_key_file"):
         asyncio.run(go())
     assert route.load.in_flight == 0
+
+
+def test_metrics_rows_for_the_lead_to_render() -> None:
+    holder = _Holder(_config({"m-*": {"urls": ["http://a:1"]}}))
+    upstreams = Upstreams(lambda: holder.config)
+    route = upstreams.route_for("m-1")
+    assert route is not None
+    endpoint = route.endpoints[0]
+    endpoint.requests = 3
+    endpoint.record_latency(0.25)
+    endpoint.record_error("http_500", "failed", backoff_s=10)
+    rows = {
+        (name, tuple(sorted(labels.items()))): value for name, labels, value in upstreams.metrics()
+    }
+    labels = (("route", "m-*"), ("url", "http://a:1"))
+    assert rows[("pensieve_upstream_requests_total", labels)] == 3
+    assert rows[("pensieve_upstream_up", labels)] == 0
+    assert rows[("pensieve_upstream_latency_ms", labels)] == 250
+    assert rows[("pensieve_upstream_errors_total", (("kind", "http_500"), *labels))] == 1
