@@ -493,7 +493,14 @@ def test_two_urls_one_killed(tmp_path: Path) -> None:
     second = start_daemon(tmp_path / "u2")
     front = start_daemon(
         tmp_path / "front",
-        {"model": {"upstreams": {"opus-*": _route([first.base_url, second.base_url])}}},
+        # A back-off longer than the test: a loaded machine must not see it expire.
+        {
+            "model": {
+                "upstreams": {
+                    "opus-*": _route([first.base_url, second.base_url], backoff_ms=600_000)
+                }
+            }
+        },
     )
     try:
         client = front.client()
