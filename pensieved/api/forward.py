@@ -10,6 +10,7 @@ key (if any) is added by `pensieved.upstream`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -37,6 +38,9 @@ _FORWARDED_HEADERS = ("anthropic-version", "anthropic-beta")
 _NO_COUNT_ENDPOINT = frozenset({404, 405, 501})
 # Rough size of a token in characters, for an estimate without any tokenizer.
 _CHARS_PER_TOKEN = 4
+# Sent while a stream waits for the upstream's reply, as a local stream does while its prompt
+# is evaluated, so clients and proxies keep waiting.
+UPSTREAM_WAITING = b": waiting for the upstream\n\n"
 
 
 def normalized_body(raw: bytes, model: str) -> dict[str, Any]:
@@ -92,6 +96,46 @@ async def _stream_error(
         await handler.flush()
 
 
+class _Pinger:
+    """Writes SSE comments every `ping_s` until stopped (the upstream has replied)."""
+
+    def __init__(self, handler: tornado.web.RequestHandler, ping_s: float) -> None:
+        self._task = asyncio.ensure_future(self._run(handler, ping_s))
+
+    @staticmethod
+    async def _run(handler: tornado.web.RequestHandler, ping_s: float) -> None:
+        while True:
+            await asyncio.sleep(ping_s)
+            if not handler._headers_written:
+                _start_stream(handler)
+            handler.write(UPSTREAM_WAITING)
+            await handler.flush()
+
+    async def stop(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, tornado.iostream.StreamClosedError):
+            await self._task
+
+
+@contextlib.asynccontextmanager
+async def _kept_alive(
+    handler: tornado.web.RequestHandler, stream: bool, ping_s: float, request_id: str
+) -> AsyncIterator[_Pinger | None]:
+    """A streamed request's wait for its upstream is kept alive with comments; an upstream
+    error after one was sent travels as an SSE `error` event (the status is gone)."""
+    pinger = _Pinger(handler, ping_s) if stream else None
+    try:
+        yield pinger
+    except PensieveError as exc:
+        if not handler._headers_written or handler._finished:
+            raise
+        await _stream_error(handler, exc, request_id)
+        handler.finish()
+    finally:
+        if pinger is not None:
+            await pinger.stop()
+
+
 async def messages(
     handler: tornado.web.RequestHandler,
     upstreams: Upstreams,
@@ -106,11 +150,13 @@ async def messages(
         f"max_tokens={body.max_tokens} upstream={route.pattern}"
     )
     engine.activity.begin(request_id, what, f"waiting for upstream route {route.pattern!r}")
+    ping_s = engine.config.server.keepalive_ping_s
     try:
-        if route.config.protocol == "anthropic":
-            await _anthropic(handler, upstreams, route, body, request_id)
-        else:
-            await _openai(handler, upstreams, route, body, request_id)
+        async with _kept_alive(handler, bool(body.stream), ping_s, request_id) as pinger:
+            if route.config.protocol == "anthropic":
+                await _anthropic(handler, upstreams, route, body, request_id, pinger)
+            else:
+                await _openai(handler, upstreams, route, body, request_id, pinger)
     finally:
         engine.activity.end(request_id)
 
@@ -121,15 +167,19 @@ async def _anthropic(
     route: Route,
     body: MessagesRequest,
     request_id: str,
+    pinger: _Pinger | None,
 ) -> None:
     payload = normalized_body(handler.request.body, route.target_model(body.model))
     async with upstreams.call(route, "/v1/messages", payload, _headers(handler)) as reply:
+        if pinger is not None:
+            await pinger.stop()
         if not body.stream:
             data = await reply.read()
             handler.set_header("Content-Type", "application/json")
             handler.finish(data)
             return
-        _start_stream(handler)
+        if not handler._headers_written:
+            _start_stream(handler)
         tail = b"\n\n"
         try:
             async for chunk in reply.chunks():
@@ -157,6 +207,7 @@ async def _openai(
     route: Route,
     body: MessagesRequest,
     request_id: str,
+    pinger: _Pinger | None,
 ) -> None:
     request = to_generation_request(
         body,
@@ -169,6 +220,8 @@ async def _openai(
     stream = bool(body.stream)
     payload = openai.chat_request(request, route.target_model(body.model), stream=stream)
     async with upstreams.call(route, "/v1/chat/completions", payload, {}) as reply:
+        if pinger is not None:
+            await pinger.stop()
         if not stream:
             events = openai.reply_events(await reply.read(), thinking=request.thinking)
             message = await whole_message(body.model, 0, _events(events))

@@ -571,3 +571,48 @@ def test_reload_repoints_a_route_while_a_stream_is_in_flight(tmp_path: Path) -> 
         front.stop()
         second.stop()
         first.stop()
+
+
+@pytest.mark.timeout(600)
+def test_a_stream_waiting_for_its_upstream_is_kept_alive(tmp_path: Path) -> None:
+    # One slot, and its own keep-alive far away: a queued request hears nothing from it.
+    queued = start_daemon(
+        tmp_path / "u", {"model": {"slots": 1}, "server": {"keepalive_ping_s": 120}}
+    )
+    front = start_daemon(
+        tmp_path / "front",
+        {
+            "model": {"upstreams": {"q-*": _route(queued.base_url)}},
+            "server": {"keepalive_ping_s": 0.3},
+        },
+    )
+    ready, stop = threading.Event(), threading.Event()
+    holder = threading.Thread(target=_hold_stream, args=(queued.base_url, "local", ready, stop))
+    holder.start()
+    try:
+        assert ready.wait(120)
+        body = {
+            "model": "q-1",
+            "max_tokens": 5,
+            "stream": True,
+            "messages": [{"role": "user", "content": "Hi"}],
+        }
+        lines = []
+        with (
+            httpx.Client(base_url=front.base_url, timeout=300) as http,
+            http.stream("POST", "/v1/messages", json=body) as r,
+        ):
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                lines.append(line)
+                if lines.count(": waiting for the upstream") == 2:
+                    stop.set()  # the slot frees, and the queued request runs
+        first_event = next(i for i, line in enumerate(lines) if line.startswith("event:"))
+        assert lines[:first_event].count(": waiting for the upstream") >= 2
+        events = list(sse_events(lines))
+        assert events[0]["type"] == "message_start" and events[-1]["type"] == "message_stop"
+    finally:
+        stop.set()
+        holder.join(120)
+        front.stop()
+        queued.stop()
