@@ -13,8 +13,17 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from pensieve.paths import MAX_SOCKET_PATH_BYTES
 
@@ -136,6 +145,68 @@ class LoggingConfig(_Section):
         return value.lower() if isinstance(value, str) else value
 
 
+class UpstreamConfig(_Section):
+    """One upstream route: requests for matching model names go to another server."""
+
+    urls: list[str] = Field(
+        min_length=1,
+        description="Base URLs of the upstream server(s), e.g. `http://gpu-box:8000`; with "
+        "several, each request goes to the one with the fewest requests outstanding.",
+    )
+    protocol: Literal["anthropic", "openai"] = Field(
+        "anthropic",
+        description="`anthropic`: the server has a native /v1/messages (vLLM, llama-server, "
+        "Ollama 0.14+); `openai`: it has /v1/chat/completions and Pensieve converts.",
+    )
+    model: str | None = Field(
+        None, description="Model name sent upstream; null: the name the client asked for."
+    )
+    api_key: SecretStr | None = Field(
+        None, description="Key sent to the upstream (never to clients, never logged)."
+    )
+    api_key_file: str | None = Field(
+        None, description="A file whose first line is the upstream key (instead of `api_key`)."
+    )
+    timeout_ms: int = Field(
+        600_000, ge=100, description="Longest time one upstream request may take, in ms."
+    )
+    connect_timeout_ms: int = Field(
+        5_000, ge=100, description="Longest wait for a connection to an upstream URL, in ms."
+    )
+    max_concurrent_requests: int = Field(
+        16,
+        ge=1,
+        le=4096,
+        description="Requests sent to this route at once; beyond it: 529 overloaded.",
+    )
+    backoff_ms: int = Field(
+        30_000,
+        ge=0,
+        description="After a URL fails (refused, reset, 5xx), skip it this long while another "
+        "URL of the route can take the request.",
+    )
+
+    @field_validator("urls")
+    @classmethod
+    def _http_urls(cls, value: list[str]) -> list[str]:
+        for url in value:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"{url!r} is not an http:// or https:// URL with a host")
+            if parts.query or parts.fragment:
+                raise ValueError(f"{url!r}: a base URL has no query or fragment")
+            if parts.username or parts.password:
+                # URLs are shown in status and in error messages; keys must never be.
+                raise ValueError("credentials do not go in the URL: use api_key or api_key_file")
+        return [url.rstrip("/") for url in value]
+
+    @model_validator(mode="after")
+    def _one_key(self) -> UpstreamConfig:
+        if self.api_key is not None and self.api_key_file is not None:
+            raise ValueError("set api_key or api_key_file, not both")
+        return self
+
+
 class ModelConfig(_Section):
     model_path: str | None = Field(
         None, description="GGUF model file; null means the bundled SmolLM2-135M-Instruct."
@@ -184,6 +255,12 @@ class ModelConfig(_Section):
         default_factory=dict,
         description="Requested model name patterns (fnmatch, e.g. `claude-haiku-*`) mapped "
         "to GGUF files; names that match none use `model_path`.",
+    )
+    upstreams: dict[str, UpstreamConfig] = Field(
+        default_factory=dict,
+        description="Requested model name patterns (fnmatch, e.g. `claude-opus-*`) served by "
+        "another server instead of a local model. They are checked before `aliases`: a name "
+        "that matches an upstream pattern never loads a local model.",
     )
 
     @field_validator("model_type")
@@ -280,6 +357,24 @@ def diff_configs(old: Config, new: Config) -> dict[str, tuple[Any, Any]]:
             if before != value:
                 changes[f"{section}.{key}"] = (before, value)
     return changes
+
+
+def upstream_key(name: str, upstream: UpstreamConfig) -> str | None:
+    """An upstream route's key (from `api_key_file` when that is used); `name` is its pattern."""
+    if upstream.api_key is not None:
+        return upstream.api_key.get_secret_value()
+    if upstream.api_key_file is None:
+        return None
+    where = f"model.upstreams.{name}.api_key_file"
+    try:
+        text = Path(upstream.api_key_file).expanduser().read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(where, [ConfigIssue(where, f"cannot read: {exc}")]) from None
+    lines = text.strip().splitlines()
+    key = lines[0].strip() if lines else ""
+    if not key:
+        raise ConfigError(where, [ConfigIssue(where, "file is empty")])
+    return key
 
 
 def api_key(config: Config) -> str | None:

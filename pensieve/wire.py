@@ -132,6 +132,39 @@ class PreviousExit(_ControlModel):
     )
 
 
+class UpstreamURLStatus(_ControlModel):
+    url: str = Field(description="The upstream's base URL.")
+    state: str = Field(
+        description="`up` (its last request went through), `failing` (its last one failed), "
+        "`backing_off` (skipped for now after a failure) or `unknown` (not used yet)."
+    )
+    outstanding: int = Field(description="Requests sent to it and not finished.")
+    requests: int = Field(description="Requests sent to it since start.")
+    errors: int = Field(description="Requests that failed there since start.")
+    errors_by_kind: dict[str, int] = Field(
+        default_factory=dict,
+        description="Those failures by kind: unreachable, timeout, connection, overloaded, "
+        "http_<status>.",
+    )
+    last_error: str | None = Field(None, description="The most recent failure, for the user.")
+    last_error_at: float | None = Field(None, description="Unix time of that failure.")
+    latency_ms: float | None = Field(
+        None, description="Average time from sending a request to the reply's headers."
+    )
+    backing_off_s: float = Field(0.0, description="Seconds until it is tried again first.")
+
+
+class UpstreamStatus(_ControlModel):
+    pattern: str = Field(description="The model-name pattern the route serves.")
+    protocol: str = Field(description="`anthropic` or `openai`.")
+    model: str | None = Field(None, description="The model name sent upstream (null: as asked).")
+    max_concurrent_requests: int = Field(description="The route's limit on requests in flight.")
+    in_flight: int = Field(description="The route's requests in flight now.")
+    requests: int = Field(description="Requests routed here since start.")
+    refused: int = Field(0, description="Requests refused (529) at the route's limit.")
+    urls: list[UpstreamURLStatus] = Field(description="Each URL's health.")
+
+
 class StatusResponse(_ControlModel):
     pid: int = Field(description="The daemon's process id.")
     version: str = Field(description="pensieved version.")
@@ -162,6 +195,9 @@ class StatusResponse(_ControlModel):
         None,
         description="The previous daemon for this config file died (a crash, a kill) and this "
         "one started after it (launchd and systemd restart it).",
+    )
+    upstreams: list[UpstreamStatus] = Field(
+        default_factory=list, description="`model.upstreams` routes and their URLs' health."
     )
 
 

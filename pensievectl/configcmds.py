@@ -176,8 +176,8 @@ def run_config_show(ctx: CommandContext, as_json: bool) -> int:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except OSError:
         raw = {}
-    effective = config.model_dump()
-    sources = _sources(raw, overrides, Config().model_dump())
+    effective = config.model_dump(mode="json")
+    sources = _sources(raw, overrides, Config().model_dump(mode="json"))
     if as_json:
         payload = {
             "config_file": str(path),

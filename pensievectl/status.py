@@ -135,6 +135,30 @@ def _cache_rows(model: ModelStatus) -> list[tuple[str, str]]:
     return rows
 
 
+def _upstream_rows(s: StatusResponse) -> list[tuple[str, str]]:
+    """One row per upstream route, a line per URL: state, load, latency, errors."""
+    rows = []
+    for route in s.upstreams:
+        sent = f" as {route.model}" if route.model else ""
+        text = (
+            f"{route.pattern} -> {route.protocol}{sent}: {route.in_flight} in flight "
+            f"(max {route.max_concurrent_requests}), {route.requests} routed"
+        )
+        if route.refused:
+            text += f", {route.refused} refused as overloaded"
+        for url in route.urls:
+            latency = f", {url.latency_ms:.0f} ms to headers" if url.latency_ms is not None else ""
+            line = f"\n    {url.url}: {url.state}, {url.outstanding} outstanding, "
+            line += f"{url.requests} requests, {url.errors} errors{latency}"
+            if url.state == "backing_off":
+                line += f" (retried first again in {url.backing_off_s:.0f} s)"
+            if url.last_error and url.state != "up":
+                line += f"\n      last error: {url.last_error}"
+            text += line
+        rows.append(("upstream", text))
+    return rows
+
+
 def format_status(s: StatusResponse, config_problem: str | None = None) -> str:
     serving = "serving" if s.state == "ready" else f"NOT serving ({s.state})"
     lines = [
@@ -172,6 +196,7 @@ def format_status(s: StatusResponse, config_problem: str | None = None) -> str:
         rows.append(("error", s.error))
     if s.aliases:
         rows.append(("aliases", ", ".join(f"{k} -> {v}" for k, v in s.aliases.items())))
+    rows += _upstream_rows(s)
     proc = s.process
     rows.append(
         (

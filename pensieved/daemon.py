@@ -55,6 +55,7 @@ from pensieve.wire import (
     RequestStatus,
     StatusResponse,
     StopResponse,
+    UpstreamStatus,
     ValidateResponse,
     WorkItem,
 )
@@ -66,6 +67,7 @@ from pensieved.engine.service import Engine, default_model_path
 from pensieved.listeners import ListenError, Listeners
 from pensieved.logsetup import configure_logging
 from pensieved.reload import Plan, Reloader, watch_config, watch_model_files
+from pensieved.upstream.pool import Upstreams
 
 log = logging.getLogger("pensieved")
 
@@ -98,7 +100,10 @@ class Daemon:
             # Degraded: serve 503s that say why until the file is fixed (the watcher notices).
             self.engine.degrade(f"{config_error}\nfix the file: pensieved reloads it by itself")
         self.reloader = Reloader(self.engine, config_path, overrides, missing_ok=missing_ok)
-        self.listeners = Listeners(make_app(self.engine))
+        # Upstream routes follow the config in force at once (a reload's model load does
+        # not hold them back).
+        self.upstreams = Upstreams(lambda: self.config)
+        self.listeners = Listeners(make_app(self.engine, self.upstreams))
         self.started_at = time.time()
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task[object]] = set()
@@ -163,6 +168,7 @@ class Daemon:
             previous_exit=PreviousExit(**self.previous_exit.to_dict())
             if self.previous_exit is not None
             else None,
+            upstreams=[UpstreamStatus.model_validate(u) for u in self.upstreams.status()],
         )
 
     def running_config(self) -> ConfigResponse:
@@ -285,11 +291,14 @@ class Daemon:
         control.stop()
         return DaemonExit.OK
 
+    def _in_flight(self) -> int:
+        return self.engine.stats.in_flight + self.upstreams.in_flight
+
     async def _drain(self) -> None:
         self.listeners.stop_accepting()
         self.engine.start_draining()
         deadline = time.monotonic() + self.config.server.drain_timeout_ms / 1000
-        while self.engine.stats.in_flight and time.monotonic() < deadline:
+        while self._in_flight() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if self.engine.stats.in_flight:
             log.warning("drain timeout: ending %d request(s) early", self.engine.stats.in_flight)

@@ -102,3 +102,25 @@ class RequestTooLargeError(PensieveError):
 class LlamaBuildError(ModelLoadError):
     """The installed llama.cpp dies on this CPU: it was built for instructions the machine
     traps (AMX on Intel Xeons). Only a rebuild helps; no model can be loaded meanwhile."""
+
+
+class UpstreamError(PensieveError):
+    """An upstream server (a `model.upstreams` route) failed, answered with an error, or could
+    not be reached (502); the message names the route and the URL, never its key."""
+
+
+class UpstreamRejectedError(InvalidRequestError):
+    """The upstream refused the request as invalid (its 4xx); the message passes its reason on."""
+
+    def __init__(self, message: str, status: int) -> None:
+        self.status = status
+        super().__init__(message)
+
+
+class UpstreamTimeoutError(RequestTimeoutError):
+    """The upstream took longer than its route's `timeout_ms` (504)."""
+
+
+class UpstreamOverloadedError(OverloadedError):
+    """The upstream said it is overloaded or rate-limited (429, 503, 529), or the route
+    already has `max_concurrent_requests` requests in flight (529)."""

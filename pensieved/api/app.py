@@ -14,10 +14,12 @@ from pensieved.api.handlers import (
 )
 from pensieved.api.openai.handlers import ChatCompletionsHandler
 from pensieved.engine.service import Engine
+from pensieved.upstream.pool import Upstreams
 
 
-def make_app(engine: Engine) -> tornado.web.Application:
-    args = {"engine": engine}
+def make_app(engine: Engine, upstreams: Upstreams | None = None) -> tornado.web.Application:
+    # One Upstreams for every handler: URL health and route load are shared state.
+    args = {"engine": engine, "upstreams": upstreams or Upstreams(lambda: engine.config)}
     return tornado.web.Application(
         [
             (r"/", RootHandler, args),

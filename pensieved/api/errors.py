@@ -19,6 +19,7 @@ _MAP: tuple[tuple[type[Exception], int, str], ...] = (
     (e.ChatTemplateError, 500, "api_error"),
     (e.EngineError, 500, "api_error"),
     (e.ModelLoadError, 503, "api_error"),
+    (e.UpstreamError, 502, "api_error"),
 )
 
 # Statuses Tornado raises by itself (HTTPError) mapped to Anthropic's types.

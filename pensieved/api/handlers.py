@@ -17,7 +17,7 @@ import tornado.web
 from pydantic import BaseModel, ValidationError
 
 from pensieve import __version__
-from pensieved.api import limits, security
+from pensieved.api import forward, limits, security
 from pensieved.api.convert import new_id, to_generation_request
 from pensieved.api.disconnect import cancel_on_hangup
 from pensieved.api.errors import STATUS_TYPES, classify, envelope, internal_message
@@ -32,6 +32,7 @@ from pensieved.api.sse import AnthropicStream, whole_message
 from pensieved.engine.service import Engine, Session
 from pensieved.engine.types import Event, GenerationRequest
 from pensieved.errors import InvalidRequestError, NotFoundError, PensieveError
+from pensieved.upstream.pool import Upstreams
 
 log = logging.getLogger("pensieved.api")
 access_log = logging.getLogger("pensieved.access")
@@ -68,8 +69,9 @@ class BaseHandler(tornado.web.RequestHandler):
     _body_refused: bool = False
     _chunks: list[bytes] | None = None
 
-    def initialize(self, engine: Engine) -> None:
+    def initialize(self, engine: Engine, upstreams: Upstreams | None = None) -> None:
         self.engine = engine
+        self.upstreams = upstreams or Upstreams(lambda: engine.config)
 
     def set_default_headers(self) -> None:
         # Called again by clear() when an error replaces the response: the id must survive.
@@ -241,6 +243,15 @@ def _created_at(path: str | None) -> str:
 
 class ModelsHandler(BaseHandler):
     def _info(self, model_id: str) -> ModelInfo:
+        route = self.upstreams.route_for(model_id)
+        if route is not None:
+            sent = route.config.model or model_id
+            return ModelInfo(
+                id=model_id,
+                display_name=f"{sent} (upstream)",
+                created_at=_created_at(None),
+                created=_created(None),
+            )
         model = self.engine.status().model
         return ModelInfo(
             id=model_id,
@@ -251,12 +262,14 @@ class ModelsHandler(BaseHandler):
 
     def get(self, model_id: str | None = None) -> None:
         if model_id is not None:
-            self.engine.runtime_for(model_id)  # 503 when nothing could serve it
+            if self.upstreams.route_for(model_id) is None:
+                self.engine.runtime_for(model_id)  # 503 when nothing could serve it
             self.write_json(self._info(model_id))
             return
         model = self.engine.default_model
         ids = [model.settings.path.stem] if model else []
         ids += [p for p in self.engine.config.model.aliases if p not in ids]
+        ids += [r.pattern for r in self.upstreams.routes() if r.pattern not in ids]
         data = [self._info(i) for i in ids]
         self.write_json(
             ModelList(
@@ -271,6 +284,12 @@ class ModelsHandler(BaseHandler):
 class CountTokensHandler(BaseHandler):
     async def post(self) -> None:
         body = self.parse_body(CountTokensRequest)
+        route = self.upstreams.route_for(body.model)
+        if route is not None:
+            await forward.count_tokens(
+                self, self.upstreams, self.engine, route, body, self.request_id
+            )
+            return
         what = f"POST /v1/messages/count_tokens model={body.model}"
         count = await self.engine.count_tokens(
             body.model, to_generation_request(body), request_id=self.request_id, what=what
@@ -363,6 +382,14 @@ class MessagesHandler(GenerationHandler):
 
     async def post(self) -> None:
         body = self.parse_body(MessagesRequest)
+        route = self.upstreams.route_for(body.model)
+        if route is not None:
+            # Upstream routes come first: such a name never needs a local model.
+            self._task = asyncio.ensure_future(
+                forward.messages(self, self.upstreams, self.engine, route, body, self.request_id)
+            )
+            await self._watch_hangup()
+            return
         request = to_generation_request(
             body,
             max_tokens=body.max_tokens,

@@ -76,7 +76,8 @@ class AnthropicStream:
             )
             return frame(MessageStart(message=skeleton))
         if isinstance(event, Finished):
-            total = usage(self._prompt_tokens, event.cache_read_tokens, event.output_tokens)
+            # From the event: an upstream reply learns its prompt's size only at its end.
+            total = usage(event.input_tokens, event.cache_read_tokens, event.output_tokens)
             stop = StopInfo(stop_reason=event.stop_reason, stop_sequence=event.stop_sequence)
             events: list[StreamEvent] = [*self._reply.finish()]
             events += [MessageDelta(delta=stop, usage=total), MessageStop()]
@@ -119,5 +120,5 @@ async def whole_message(
         content=reply.blocks,
         stop_reason=finished.stop_reason,
         stop_sequence=finished.stop_sequence,
-        usage=usage(prompt_tokens, finished.cache_read_tokens, finished.output_tokens),
+        usage=usage(finished.input_tokens, finished.cache_read_tokens, finished.output_tokens),
     )

@@ -14,6 +14,7 @@ from pensieve.config import (
     diff_configs,
     load_config_file,
     parse_config,
+    upstream_key,
 )
 
 
@@ -127,3 +128,82 @@ def test_loopback_lookalike_host_needs_a_key() -> None:
     assert paths_of(info.value) == ["server.host"]
     assert parse_config({"server": {"host": "127.0.0.2"}}).server.host == "127.0.0.2"
     assert parse_config({"server": {"host": "::1"}}).server.host == "::1"
+
+
+# ---- model.upstreams ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("route", "path", "fragment"),
+    [
+        ({"urls": []}, "model.upstreams.claude-opus-*.urls", "at least 1"),
+        ({"urls": ["gpu-box:8000"]}, "model.upstreams.claude-opus-*.urls", "http://"),
+        ({"urls": ["http://x/?a=1"]}, "model.upstreams.claude-opus-*.urls", "query"),
+        ({"urls": ["http://u:pw@x"]}, "model.upstreams.claude-opus-*.urls", "api_key"),
+        (
+            {"urls": ["http://x"], "protocol": "grpc"},
+            "model.upstreams.claude-opus-*.protocol",
+            "openai",
+        ),
+        (
+            {"urls": ["http://x"], "timeout": 5},
+            "model.upstreams.claude-opus-*.timeout",
+            "unknown key",
+        ),
+        (
+            {"urls": ["http://x"], "timeout_ms": 10},
+            "model.upstreams.claude-opus-*.timeout_ms",
+            "100",
+        ),
+        (
+            {"urls": ["http://x"], "max_concurrent_requests": 0},
+            "model.upstreams.claude-opus-*.max_concurrent_requests",
+            "1",
+        ),
+        (
+            {"urls": ["http://x"], "api_key": "k", "api_key_file": "/k"},
+            "model.upstreams.claude-opus-*",
+            "not both",
+        ),
+        ({}, "model.upstreams.claude-opus-*.urls", "required"),
+    ],
+)
+def test_upstream_errors_name_key_path(route: dict[str, object], path: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({"model": {"upstreams": {"claude-opus-*": route}}})
+    assert path in paths_of(info.value), info.value.issues
+    message = next(i.message for i in info.value.issues if i.path == path)
+    assert fragment in message
+
+
+def test_upstream_key_is_masked_everywhere_it_is_shown(tmp_path: Path) -> None:
+    data = {"model": {"upstreams": {"o-*": {"urls": ["http://gpu:8000/"], "api_key": "s3cret"}}}}
+    config = parse_config(data)
+    route = config.model.upstreams["o-*"]
+    assert route.urls == ["http://gpu:8000"]  # the trailing slash is dropped
+    assert upstream_key("o-*", route) == "s3cret"
+    assert "s3cret" not in json.dumps(config.model_dump(mode="json"))
+    assert "s3cret" not in repr(config)
+    changed = parse_config(
+        {"model": {"upstreams": {"o-*": {**data["model"]["upstreams"]["o-*"], "api_key": "new"}}}}
+    )
+    diff = diff_configs(config, changed)
+    assert "model.upstreams" in diff and "s3cret" not in repr(diff) and "new" not in repr(diff)
+    # Flags on top keep the key (a dump and re-validation must not lose it).
+    assert (
+        upstream_key("o-*", apply_overrides(config, {"server.port": 9000}).model.upstreams["o-*"])
+        == "s3cret"
+    )
+
+
+def test_upstream_key_file(tmp_path: Path) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_text("from-file\n")
+    route = parse_config(
+        {"model": {"upstreams": {"o-*": {"urls": ["http://x"], "api_key_file": str(key_file)}}}}
+    ).model.upstreams["o-*"]
+    assert upstream_key("o-*", route) == "from-file"
+    key_file.write_text("")
+    with pytest.raises(ConfigError) as info:
+        upstream_key("o-*", route)
+    assert paths_of(info.value) == ["model.upstreams.o-*.api_key_file"]
