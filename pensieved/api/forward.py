@@ -1,11 +1,14 @@
-"""Messages and count_tokens requests for a model name that a `model.upstreams` route serves.
+"""Requests for a model name that a `model.upstreams` route serves: Messages, count_tokens
+and Chat Completions.
 
 By the time these run, the handler has done everything a local request gets: Host, Origin
 and key checks, size and shape limits, validation. Protocol `anthropic` forwards the request
 with the local normalization applied and streams the upstream's bytes back as they come;
 protocol `openai` goes through the engine's request and event types, so its reply is encoded
-by the same code as a local model's. The client's own key is never forwarded: the route's
-key (if any) is added by `pensieved.upstream`.
+by the same code as a local model's. A Chat Completions request goes to the upstream's own
+`/v1/chat/completions` whatever the route's protocol (vLLM, llama-server, Ollama and pensieved
+serve both dialects), passed through as the client sent it but for the model name. The
+client's own key is never forwarded: the route's key (if any) is added by `pensieved.upstream`.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import tornado.iostream
@@ -28,7 +31,7 @@ from pensieved.engine.service import Engine
 from pensieved.engine.types import Event
 from pensieved.errors import ModelUnavailableError, PensieveError, UpstreamRejectedError
 from pensieved.upstream import openai
-from pensieved.upstream.pool import Route, Upstreams
+from pensieved.upstream.pool import Reply, Route, Upstreams
 
 log = logging.getLogger("pensieved.api")
 
@@ -41,6 +44,13 @@ _CHARS_PER_TOKEN = 4
 # Sent while a stream waits for the upstream's reply, as a local stream does while its prompt
 # is evaluated, so clients and proxies keep waiting.
 UPSTREAM_WAITING = b": waiting for the upstream\n\n"
+
+# The SSE bytes that carry an error in the client's dialect: (status, type, message, exc).
+ErrorEvent = Callable[[int, str, str, Exception], bytes]
+
+
+def _anthropic_error(status: int, error_type: str, message: str, exc: Exception) -> bytes:
+    return AnthropicStream.error(error_type, message)
 
 
 def normalized_body(raw: bytes, model: str) -> dict[str, Any]:
@@ -81,18 +91,21 @@ def _start_stream(handler: tornado.web.RequestHandler) -> None:
 
 
 async def _stream_error(
-    handler: tornado.web.RequestHandler, exc: Exception, request_id: str
+    handler: tornado.web.RequestHandler,
+    exc: Exception,
+    request_id: str,
+    error_event: ErrorEvent = _anthropic_error,
 ) -> None:
-    """Headers are gone: the error travels as an SSE `error` event."""
+    """Headers are gone: the error travels as an SSE error event."""
     known = classify(exc)
     if known is None:
         log.error("upstream stream failed (request-id %s)", request_id, exc_info=exc)
-        error_type, message = "api_error", internal_message(request_id)
+        status, error_type, message = 500, "api_error", internal_message(request_id)
     else:
-        _, error_type, message = known
+        status, error_type, message = known
         log.warning("upstream stream failed (request-id %s): %s", request_id, message)
     with contextlib.suppress(tornado.iostream.StreamClosedError):
-        handler.write(AnthropicStream.error(error_type, message))
+        handler.write(error_event(status, error_type, message, exc))
         await handler.flush()
 
 
@@ -119,7 +132,11 @@ class _Pinger:
 
 @contextlib.asynccontextmanager
 async def _kept_alive(
-    handler: tornado.web.RequestHandler, stream: bool, ping_s: float, request_id: str
+    handler: tornado.web.RequestHandler,
+    stream: bool,
+    ping_s: float,
+    request_id: str,
+    error_event: ErrorEvent = _anthropic_error,
 ) -> AsyncIterator[_Pinger | None]:
     """A streamed request's wait for its upstream is kept alive with comments; an upstream
     error after one was sent travels as an SSE `error` event (the status is gone)."""
@@ -129,7 +146,7 @@ async def _kept_alive(
     except PensieveError as exc:
         if not handler._headers_written or handler._finished:
             raise
-        await _stream_error(handler, exc, request_id)
+        await _stream_error(handler, exc, request_id, error_event)
         handler.finish()
     finally:
         if pinger is not None:
@@ -154,26 +171,62 @@ async def messages(
     try:
         async with _kept_alive(handler, bool(body.stream), ping_s, request_id) as pinger:
             if route.config.protocol == "anthropic":
-                await _anthropic(handler, upstreams, route, body, request_id, pinger)
+                payload = normalized_body(handler.request.body, route.target_model(body.model))
+                await _passthrough(
+                    handler,
+                    upstreams.call(route, "/v1/messages", payload, _headers(handler)),
+                    bool(body.stream),
+                    request_id,
+                    pinger,
+                    _anthropic_error,
+                )
             else:
                 await _openai(handler, upstreams, route, body, request_id, pinger)
     finally:
         engine.activity.end(request_id)
 
 
-async def _anthropic(
+async def chat_completions(
     handler: tornado.web.RequestHandler,
     upstreams: Upstreams,
+    engine: Engine,
     route: Route,
-    body: MessagesRequest,
+    model: str,
+    stream: bool,
+    request_id: str,
+    error_event: ErrorEvent,
+) -> None:
+    """Serve one Chat Completions request through `route`: the client's body with the route's
+    model name, to the upstream's `/v1/chat/completions`, and its reply back untouched."""
+    what = (
+        f"POST /v1/chat/completions model={model} stream={str(stream).lower()} "
+        f"upstream={route.pattern}"
+    )
+    engine.activity.begin(request_id, what, f"waiting for upstream route {route.pattern!r}")
+    ping_s = engine.config.server.keepalive_ping_s
+    payload: dict[str, Any] = json.loads(handler.request.body)
+    payload["model"] = route.target_model(model)
+    try:
+        async with _kept_alive(handler, stream, ping_s, request_id, error_event) as pinger:
+            call = upstreams.call(route, "/v1/chat/completions", payload, {})
+            await _passthrough(handler, call, stream, request_id, pinger, error_event)
+    finally:
+        engine.activity.end(request_id)
+
+
+async def _passthrough(
+    handler: tornado.web.RequestHandler,
+    call: contextlib.AbstractAsyncContextManager[Reply],
+    stream: bool,
     request_id: str,
     pinger: _Pinger | None,
+    error_event: ErrorEvent,
 ) -> None:
-    payload = normalized_body(handler.request.body, route.target_model(body.model))
-    async with upstreams.call(route, "/v1/messages", payload, _headers(handler)) as reply:
+    """The upstream's reply, whole or streamed, sent on as it arrives."""
+    async with call as reply:
         if pinger is not None:
             await pinger.stop()
-        if not body.stream:
+        if not stream:
             data = await reply.read()
             handler.set_header("Content-Type", "application/json")
             handler.finish(data)
@@ -192,7 +245,7 @@ async def _anthropic(
         except PensieveError as exc:
             if tail != b"\n\n":
                 handler.write(b"\n\n")  # end the upstream's half-sent event first
-            await _stream_error(handler, exc, request_id)
+            await _stream_error(handler, exc, request_id, error_event)
         handler.finish()
 
 

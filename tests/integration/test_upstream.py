@@ -616,3 +616,48 @@ def test_a_stream_waiting_for_its_upstream_is_kept_alive(tmp_path: Path) -> None
         holder.join(120)
         front.stop()
         queued.stop()
+
+
+# ---- Chat Completions on an upstream route --------------------------------------------------
+
+
+def _openai_client(front: DaemonProcess) -> Any:
+    import openai
+
+    return openai.OpenAI(base_url=f"{front.base_url}/v1", api_key="client-key", max_retries=0)
+
+
+@pytest.mark.parametrize("model", ["opus-oai-1", "opus-anth-1"])
+def test_chat_completions_through_either_protocol(
+    front: DaemonProcess, upstream: DaemonProcess, model: str
+) -> None:
+    # Whatever the route's protocol, the upstream's own /v1/chat/completions answers: the
+    # llama-cpp-python server for one route, the upstream pensieved for the other.
+    before_up = _served(upstream)
+    client = _openai_client(front)
+    messages = [{"role": "user", "content": "Say hello"}]
+    whole = client.chat.completions.create(model=model, max_tokens=8, messages=messages)
+    assert whole.object == "chat.completion"
+    assert whole.choices[0].message.content
+    assert whole.choices[0].finish_reason in ("stop", "length")
+    chunks = list(
+        client.chat.completions.create(model=model, max_tokens=8, messages=messages, stream=True)
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text
+    assert any(c.choices and c.choices[0].finish_reason for c in chunks)
+    served_upstream = _served(upstream) - before_up
+    assert served_upstream == (2 if model == "opus-anth-1" else 0)
+
+
+def test_chat_completions_upstream_down_is_an_openai_error(front: DaemonProcess) -> None:
+    import openai
+
+    with pytest.raises(openai.InternalServerError) as caught:
+        _openai_client(front).chat.completions.create(
+            model="down-1", max_tokens=5, messages=[{"role": "user", "content": "Hi"}]
+        )
+    assert caught.value.status_code == 502
+    body = caught.value.body
+    assert isinstance(body, dict) and "could not be reached" in body["message"]
+    _still_serving(front)

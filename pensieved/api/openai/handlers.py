@@ -7,8 +7,10 @@ and speaks OpenAI's error envelope (every error on this path, before or during t
 
 from __future__ import annotations
 
+import asyncio
 import json
 
+from pensieved.api import forward
 from pensieved.api.handlers import GenerationHandler
 from pensieved.api.openai.convert import to_generation_request
 from pensieved.api.openai.errors import openai_error
@@ -22,6 +24,24 @@ class ChatCompletionsHandler(GenerationHandler):
         body = self.parse_body(ChatCompletionRequest)
         request = to_generation_request(body)
         stream = bool(body.stream)
+        route = self.upstreams.route_for(body.model)
+        if route is not None:
+            # Validated and converted like a local request (so refusals are the same), then
+            # passed on: the upstream speaks this dialect itself.
+            self._task = asyncio.ensure_future(
+                forward.chat_completions(
+                    self,
+                    self.upstreams,
+                    self.engine,
+                    route,
+                    body.model,
+                    stream,
+                    self.request_id,
+                    self.stream_error,
+                )
+            )
+            await self._watch_hangup()
+            return
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         limit = body.max_completion_tokens or body.max_tokens
         what = (
