@@ -16,7 +16,21 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from pensieved.api.openai.models import (
+from pensieved.engine.types import (
+    ChatMessage,
+    Event,
+    Finished,
+    GenerationRequest,
+    PromptCached,
+    StopReason,
+    TextPiece,
+    ThinkingPiece,
+    ToolCallDelta,
+    ToolCallEnd,
+    ToolCallStart,
+)
+from pensieved.errors import UpstreamError
+from pensieved.openai_wire import (
     AssistantMessage,
     ChatCompletion,
     ChatCompletionChunk,
@@ -35,20 +49,6 @@ from pensieved.api.openai.models import (
     ToolMessage,
     UserMessage,
 )
-from pensieved.engine.types import (
-    ChatMessage,
-    Event,
-    Finished,
-    GenerationRequest,
-    PromptCached,
-    StopReason,
-    TextPiece,
-    ThinkingPiece,
-    ToolCallDelta,
-    ToolCallEnd,
-    ToolCallStart,
-)
-from pensieved.errors import UpstreamError
 
 _STOP_REASONS: dict[str, StopReason] = {
     "stop": "end_turn",

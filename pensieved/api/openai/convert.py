@@ -12,21 +12,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pensieved.api.openai.models import (
-    AssistantMessage,
-    ChatCompletionRequest,
-    DeveloperMessage,
-    ImagePart,
-    Message,
-    NamedToolChoice,
-    RefusalPart,
-    ResponseFormatJSONObject,
-    ResponseFormatJSONSchema,
-    SystemMessage,
-    TextPart,
-    ToolMessage,
-    UserMessage,
-)
 from pensieved.engine.types import (
     ChatMessage,
     GenerationRequest,
@@ -40,6 +25,21 @@ from pensieved.errors import (
     InvalidRequestError,
     UnsupportedContentError,
     UnsupportedParameterError,
+)
+from pensieved.openai_wire import (
+    AssistantMessage,
+    ChatCompletionRequest,
+    DeveloperMessage,
+    ImagePart,
+    Message,
+    NamedToolChoice,
+    RefusalPart,
+    ResponseFormatJSONObject,
+    ResponseFormatJSONSchema,
+    SystemMessage,
+    TextPart,
+    ToolMessage,
+    UserMessage,
 )
 
 # No max_tokens: as many as the context and `model.max_output_tokens` allow (the engine

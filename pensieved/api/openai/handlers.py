@@ -14,9 +14,9 @@ from pensieved.api import forward
 from pensieved.api.handlers import GenerationHandler
 from pensieved.api.openai.convert import to_generation_request
 from pensieved.api.openai.errors import openai_error
-from pensieved.api.openai.models import ChatCompletionRequest
 from pensieved.api.openai.stream import OpenAIStream, whole_completion
 from pensieved.engine.service import Session
+from pensieved.openai_wire import ChatCompletionRequest
 
 
 class ChatCompletionsHandler(GenerationHandler):

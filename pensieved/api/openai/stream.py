@@ -30,7 +30,9 @@ from pensieved.api.models import (
     TextDelta,
     ThinkingDelta,
 )
-from pensieved.api.openai.models import (
+from pensieved.api.replies import ReplyBuilder
+from pensieved.engine.types import Event, Failed, Finished, Heartbeat, PromptCached, StopReason
+from pensieved.openai_wire import (
     ChatCompletion,
     ChatCompletionChunk,
     Choice,
@@ -46,8 +48,6 @@ from pensieved.api.openai.models import (
     ResponseMessage,
     ToolCall,
 )
-from pensieved.api.replies import ReplyBuilder
-from pensieved.engine.types import Event, Failed, Finished, Heartbeat, PromptCached, StopReason
 
 DONE = b"data: [DONE]\n\n"
 # SSE comments: clients skip them, proxies and idle timers see traffic.

@@ -11,13 +11,13 @@ from pensieved.api.openai.convert import (
     UNBOUNDED_MAX_TOKENS,
     to_generation_request,
 )
-from pensieved.api.openai.models import ChatCompletionRequest
 from pensieved.engine.types import ChatMessage, GenerationRequest, ToolCall, ToolChoice
 from pensieved.errors import (
     InvalidRequestError,
     UnsupportedContentError,
     UnsupportedParameterError,
 )
+from pensieved.openai_wire import ChatCompletionRequest
 
 USER = {"role": "user", "content": "hi"}
 WEATHER = {

@@ -11,7 +11,6 @@ from typing import Any
 import openai.types.chat as sdk
 import pytest
 
-from pensieved.api.openai.models import ErrorDetail, ErrorEnvelope
 from pensieved.api.openai.stream import OpenAIStream, whole_completion
 from pensieved.engine.types import (
     Event,
@@ -26,6 +25,7 @@ from pensieved.engine.types import (
     ToolCallStart,
 )
 from pensieved.errors import EngineError
+from pensieved.openai_wire import ErrorDetail, ErrorEnvelope
 
 TEXT_EVENTS: list[Event] = [
     Heartbeat(),

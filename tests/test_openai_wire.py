@@ -9,7 +9,7 @@ import openai.types.chat as sdk
 import pytest
 from pydantic import ValidationError
 
-from pensieved.api.openai.models import (
+from pensieved.openai_wire import (
     AssistantMessage,
     ChatCompletion,
     ChatCompletionChunk,
@@ -33,7 +33,7 @@ from pensieved.api.openai.models import (
     ToolMessage,
     UserMessage,
 )
-from pensieved.api.openai.models import Choice as WholeChoice
+from pensieved.openai_wire import Choice as WholeChoice
 
 FULL_REQUEST: dict[str, Any] = {
     "model": "gpt-4o",

@@ -1,5 +1,8 @@
 """OpenAI Chat Completions wire shapes (pydantic), for both sides of the wire.
 
+It sits beside the layers rather than in one: the API layer (`api/openai/`) serves this
+dialect and `upstream/` speaks it to other servers, and neither imports the other.
+
 The daemon parses requests with them and builds its replies from them; a client of an
 OpenAI-protocol server (pensieved's upstreams) builds requests with them and parses replies
 and chunks. Every model therefore keeps fields it does not declare (`extra="allow"`): real
