@@ -45,7 +45,10 @@ def model_key(model: LoadedModel) -> str:
         "size": size,
         "mtime_ns": mtime_ns,
         "context": model.n_ctx,
-        "slots": settings.slots,  # a saved state records the context's sequence count
+        "slots": model.slots,  # a saved state records the context's sequence count
+        "pool": model.pool_tokens,
+        "kv_cache_type": settings.kv_cache_type,
+        "layout": "unified",
         "gpu_layers": settings.gpu_layers,
         "flash_attention": settings.flash_attention,  # changes the V cache layout
         "llama_cpp_python": importlib.metadata.version("llama-cpp-python"),

@@ -545,6 +545,7 @@ class Engine:
                 decode=DecodeStatus.model_validate(
                     runtime.scheduler.decode_stats, from_attributes=True
                 ),
+                kv=model.kv_status(),
             )
         return EngineStatus(self._state, self._error, facts, dict(self.config.model.aliases))
 

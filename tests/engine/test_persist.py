@@ -57,6 +57,14 @@ class FakeModel:
     n_ctx: int
     file_identity: tuple[str, int, int]
 
+    @property
+    def slots(self) -> int | str:
+        return self.settings.slots
+
+    @property
+    def pool_tokens(self) -> int:
+        return self.n_ctx * 5 // 4
+
 
 def key_of(settings: ModelSettings, n_ctx: int = 2048) -> str:
     stat = settings.path.stat()
@@ -76,6 +84,7 @@ def test_the_key_changes_with_the_model_file_and_its_settings(tmp_path: Path) ->
     assert key != key_of(settings, n_ctx=4096)
     assert key != key_of(replace(settings, gpu_layers=-1))
     assert key != key_of(replace(settings, flash_attention="off"))
+    assert key != key_of(replace(settings, kv_cache_type="q8_0"))
     os.utime(model, ns=(1, 1))
     assert key != key_of(settings)
 
