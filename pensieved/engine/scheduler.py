@@ -2,7 +2,8 @@
 
 Each request gets the free slot whose KV cache is a prefix of its prompt (only the new suffix
 is evaluated), else an empty slot (a prefix another slot holds is shared into it), else the
-slot sharing the longest prefix when that reuses at least as much as it throws away, else evicts the free slot that is cheapest to lose: GreedyDual-Size, where
+slot sharing the longest prefix when that reuses at least as much as it throws away, else
+evicts the free slot that is cheapest to lose: GreedyDual-Size, where
 a slot's value is its cached token count (what re-reading it would cost) plus an inflation
 that grows with every eviction, so long conversations survive a stream of short side requests
 while stale caches still age out. Requests that find no free slot wait in FIFO order.
