@@ -73,8 +73,7 @@ def test_four_sessions_on_one_prefix_share_its_cells(tmp: Path) -> None:
             replies: list[dict[str, Any]] = []
             questions = ["How do I run the tests?", "Where is the config?", "What is a slot?"]
             threads = [
-                threading.Thread(target=lambda q=q: replies.append(ask(http, q)))
-                for q in questions
+                threading.Thread(target=lambda q=q: replies.append(ask(http, q))) for q in questions
             ]
             for thread in threads:
                 thread.start()
