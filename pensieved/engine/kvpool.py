@@ -104,6 +104,15 @@ class CellPool:
             ]
             return len(self._holders), self.shared, slots
 
+    def common(self, a: int, b: int) -> int:
+        """How many leading positions slots `a` and `b` hold in the very same cells."""
+        left, right = self._cells[a], self._cells[b]
+        n = min(len(left), len(right))
+        i = 0
+        while i < n and left[i] == right[i]:
+            i += 1
+        return i
+
     def own(self, index: int) -> int:
         """Cells only slot `index` holds: what forgetting it would free."""
         return self._own(self._cells[index])

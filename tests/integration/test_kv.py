@@ -100,9 +100,9 @@ def test_four_sessions_on_one_prefix_share_its_cells(tmp: Path) -> None:
 
 
 def test_eviction_under_pressure_keeps_a_running_sessions_prefix(tmp: Path) -> None:
-    # Pool: 1024 + 256 cells. A (idle, prefix + a long question of its own), B (running,
+    # Pool: 1280 + 320 cells. A (idle, prefix + a long question of its own), B (running,
     # sharing the prefix), then C (unrelated, long) cannot fit beside all of A.
-    daemon = start_daemon(tmp, {"model": {"slots": 3, "context_size": 1024}})
+    daemon = start_daemon(tmp, {"model": {"slots": 3, "context_size": 1280}})
     own_question = "Please read this carefully. " + "The build is slow. " * 60
     unrelated = "You are a poet. " + "Roses are red and violets are blue. " * 55
     try:
@@ -178,3 +178,33 @@ def test_auto_sizes_fit_a_memory_budget(tmp: Path) -> None:
     assert "capped by model.memory_budget_mb 200" in kv["sizing"]
     assert "capped by model.memory_budget_mb 200" in text  # the startup log says it too
     assert kv["warning"] and "Claude Code" in kv["warning"]
+
+
+def test_saved_caches_restore_with_their_prefix_shared(tmp: Path) -> None:
+    config = {"model": {"slots": 3, "context_size": 2048}}
+    daemon = start_daemon(tmp, config)
+    try:
+        with patient(daemon) as http:
+            first = ask(http, "Which file should I edit first?")
+            for question in ("How do I run the tests?", "Where is the config?"):
+                ask(http, question)
+            before = kv_of(daemon)
+    finally:
+        stopped(daemon)
+    files = sorted((tmp / "kv").glob("*/slot-*.kv"))
+    assert len(files) == 3, files
+    sizes = [f.stat().st_size for f in files]
+    # The prefix is on disk once: the two later sessions saved only their own tails.
+    assert max(sizes[1:]) < 0.2 * sizes[0], sizes
+
+    daemon = start_daemon(tmp, config)
+    try:
+        after = kv_of(daemon)
+        with patient(daemon) as http:
+            again = ask(http, "What is a slot?")
+    finally:
+        stopped(daemon)
+    assert "restored 3 KV cache(s)" in daemon.log_text()
+    assert after["cells_used"] == before["cells_used"]
+    assert after["cells_shared"] == before["cells_shared"] >= prompt_tokens(first["usage"]) - 30
+    assert again["usage"]["cache_read_input_tokens"] >= prompt_tokens(first["usage"]) - 30
