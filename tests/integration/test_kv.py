@@ -100,9 +100,10 @@ def test_four_sessions_on_one_prefix_share_its_cells(tmp: Path) -> None:
 
 
 def test_eviction_under_pressure_keeps_a_running_sessions_prefix(tmp: Path) -> None:
-    # Pool: 1280 + 320 cells. A (idle, prefix + a long question of its own), B (running,
-    # sharing the prefix), then C (unrelated, long) cannot fit beside all of A.
-    daemon = start_daemon(tmp, {"model": {"slots": 3, "context_size": 1280}})
+    # Pool: 1152 * 1.25 rounded up to 1536 cells. A (idle: the ~700-token prefix and ~300
+    # tokens of its own), B (running, sharing the prefix), then C (unrelated, ~640 tokens)
+    # fits beside the prefix and B, not beside all of A as well.
+    daemon = start_daemon(tmp, {"model": {"slots": 3, "context_size": 1152}})
     own_question = "Please read this carefully. " + "The build is slow. " * 60
     unrelated = "You are a poet. " + "Roses are red and violets are blue. " * 55
     try:
@@ -111,7 +112,7 @@ def test_eviction_under_pressure_keeps_a_running_sessions_prefix(tmp: Path) -> N
             a_tokens = prompt_tokens(a["usage"])
             body = {
                 "model": MODEL,
-                "max_tokens": 120,
+                "max_tokens": 60,
                 "temperature": 0,
                 "stream": True,
                 "system": PREFIX,
