@@ -187,7 +187,7 @@ def plan_kv(
     source = (
         f"model.memory_budget_mb {model.memory_budget_mb}"
         if model.memory_budget_mb is not None
-        else f"half of physical memory ({_gb(budget * 2)})"
+        else f"the default budget, half of physical memory ({_gb(budget)})"
     )
     if model.context_size != "auto":
         context = model.context_size
