@@ -283,6 +283,8 @@ def grammar_main(args: argparse.Namespace, model: Path, settings: Settings) -> i
 
 
 def claude_code_main(args: argparse.Namespace, model: Path, settings: Settings) -> int:
+    from pensieved.engine.memory import read_shape
+
     base = claude_code_bench.load_request(Path(args.request))
     if base is None:
         print(f"skipped: no captured Claude Code request at {args.request}", file=sys.stderr)
@@ -319,11 +321,17 @@ def claude_code_main(args: argparse.Namespace, model: Path, settings: Settings) 
         server.name = name
         try:
             report["targets"][name] = claude_code_bench.run_target(
-                server, base, tokens=args.concurrent_tokens, log=log
+                server,
+                base,
+                tokens=args.concurrent_tokens,
+                log=log,
+                kv_computed=side.context_size
+                * side.slots
+                * read_shape(model).bytes_per_token(side.kv_cache_type),
             )
-        except (RuntimeError, OSError) as exc:
-            log(f"{name} failed: {exc}")
-            report["targets"][name] = {"error": str(exc)[:300]}
+        except Exception as exc:  # one target's failure must not lose the others' figures
+            log(f"{name} failed: {exc!r}")
+            report["targets"][name] = {"error": repr(exc)[:300]}
         finally:
             server.stop()
     report["machine"]["load_average_at_end"] = list(os.getloadavg())

@@ -67,6 +67,22 @@ def with_first_message(base: dict[str, Any], text: str, max_tokens: int) -> dict
     return {**body, "max_tokens": max_tokens, "temperature": 0}
 
 
+def tools_as_text(body: dict[str, Any]) -> dict[str, Any]:
+    """For llama-server: the tools written into the system prompt as JSON.
+
+    Its chat template for a model without a tool format drops `tools` (the bundled model's
+    request came to ~3,000 tokens instead of ~20,000); as text, its prompt is about as long as
+    pensieved's, which renders the tools itself. Both sides report their prompt's tokens.
+    """
+    tools = body.get("tools")
+    if not tools:
+        return body
+    system = body.get("system") or []
+    blocks = [{"type": "text", "text": system}] if isinstance(system, str) else list(system)
+    blocks.append({"type": "text", "text": "# Tools\n" + json.dumps(tools)})
+    return {k: v for k, v in body.items() if k != "tools"} | {"system": blocks}
+
+
 def continued(body: dict[str, Any], reply: str, text: str, max_tokens: int) -> dict[str, Any]:
     """Turn 2: the first request, its reply, and a new user message."""
     messages = [
@@ -77,7 +93,7 @@ def continued(body: dict[str, Any], reply: str, text: str, max_tokens: int) -> d
     return {**body, "messages": messages, "max_tokens": max_tokens}
 
 
-def kv_bytes(server: ServerProcess) -> dict[str, Any]:
+def kv_bytes(server: ServerProcess, computed: int | None = None) -> dict[str, Any]:
     """What the target has allocated for its KV cache, and (pensieved) what is in use."""
     if server.name.startswith("pensieved") and server.workdir is not None:
         from pensieve.client import ControlClient
@@ -98,7 +114,9 @@ def kv_bytes(server: ServerProcess) -> dict[str, Any]:
         log = server.log_path.read_text(errors="replace")
     except OSError:
         log = ""
-    return {"allocated_bytes": llama_server_kv_bytes(log)}
+    logged = llama_server_kv_bytes(log)
+    # llama-server logs its buffers only at a verbose level; its cache is --ctx-size cells.
+    return {"allocated_bytes": logged or computed, "from": "log" if logged else "ctx-size"}
 
 
 def llama_server_kv_bytes(log: str) -> int | None:
@@ -152,8 +170,15 @@ def concurrent(server: ServerProcess, base: dict[str, Any], tokens: int) -> dict
 
 
 def run_target(
-    server: ServerProcess, base: dict[str, Any], *, tokens: int, log: Callable[[str], None]
+    server: ServerProcess,
+    base: dict[str, Any],
+    *,
+    tokens: int,
+    log: Callable[[str], None],
+    kv_computed: int | None = None,
 ) -> dict[str, Any]:
+    if not server.name.startswith("pensieved"):
+        base = tools_as_text(base)
     first_body = with_first_message(base, FIRST, 16)
     cold = stream_message(server.port, first_body, timeout=7200)
     log(f"{server.name}: cold {cold.ttft_s:.1f}s for {cold.input_tokens} tokens")
@@ -168,7 +193,7 @@ def run_target(
         "turn2": timed(second),
         "new_session": timed(new),
         "four_sessions": four,
-        "kv": kv_bytes(server),
+        "kv": kv_bytes(server, kv_computed),
     }
     result["ratios"] = target_ratios(result)
     return result
@@ -206,7 +231,7 @@ def sides(settings: Settings, kv_types: list[str]) -> list[tuple[str, Settings, 
 
 def compare(report: dict[str, Any]) -> dict[str, Any]:
     """Ratios across targets: q8_0 against f16, pensieved against llama-server."""
-    targets = report["targets"]
+    targets = {k: v for k, v in report["targets"].items() if "error" not in v}
     out: dict[str, Any] = {}
     f16, q8 = targets.get("pensieved f16"), targets.get("pensieved q8_0")
     if f16 and q8:
