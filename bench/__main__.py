@@ -303,6 +303,8 @@ def claude_code_main(args: argparse.Namespace, model: Path, settings: Settings) 
         "targets": {},
     }
     kv_types = [t for t in args.kv_types.split(",") if t]
+    output = Path(args.output)
+    markdown = Path(args.markdown) if args.markdown else output.with_suffix(".md")
     for name, side, kind in claude_code_bench.sides(settings, kv_types):
         if kind == "llama-server" and binary is None:
             log(f"{name} skipped: {why}")
@@ -334,15 +336,13 @@ def claude_code_main(args: argparse.Namespace, model: Path, settings: Settings) 
             report["targets"][name] = {"error": repr(exc)[:300]}
         finally:
             server.stop()
-    report["machine"]["load_average_at_end"] = list(os.getloadavg())
-    report["ratios"] = claude_code_bench.compare(report)
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2) + "\n")
-    markdown = Path(args.markdown) if args.markdown else output.with_suffix(".md")
-    text = claude_code_bench.table(report)
-    markdown.write_text(text)
-    print(text)
+        # Written after every target: a run of many minutes that is cut short keeps its figures.
+        report["machine"]["load_average_at_end"] = list(os.getloadavg())
+        report["ratios"] = claude_code_bench.compare(report)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(report, indent=2) + "\n")
+        markdown.write_text(claude_code_bench.table(report))
+    print(markdown.read_text() if markdown.exists() else "no target ran")
     log(f"wrote {output} and {markdown}")
     return 0
 
