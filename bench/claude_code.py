@@ -31,7 +31,12 @@ from bench.targets import ServerProcess, Settings, StreamResult, stream_events, 
 FIXTURE = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures" / "claude-code"
 FIXTURE = FIXTURE / "default-tools.json"
 FIRST = "Say hello"
-SECOND = "Now list the files of this project and say what each one is for."
+# About as many new tokens as a new session brings (its first message, and the ~1,500 tokens
+# of agent list Claude Code sends after it), so turn 2 is the reference for "evaluating only
+# the new tokens" at the same depth, in a slot that already holds the prefix.
+SECOND = "Here is the build log; say which step failed.\n" + "".join(
+    f"step {i}: compiled src/module_{i}.c in {i % 7 + 1} ms, no warnings\n" for i in range(68)
+)
 NEW_SESSION = "Explain in two sentences what this repository is for."
 CONCURRENT = (
     "Write a long story about a dragon.",
