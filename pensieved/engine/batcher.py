@@ -198,8 +198,7 @@ class Batcher:
             # Every sampled token needs its cell; a prompt needs at least one to progress.
             if cells.free >= max(decoding, 1):
                 return min(self._capacity, cells.free)
-            newest = running.pop()
-            self._active.remove(newest)
+            newest = running.pop()  # `running` is self._active: it leaves the batch here
             log.warning(
                 "KV cache full (%d cells, all held by %d running requests): ending the newest",
                 cells.capacity,
