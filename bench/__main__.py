@@ -18,6 +18,7 @@ from typing import Any
 
 import psutil
 
+from bench import claude_code as claude_code_bench
 from bench import grammar as grammar_bench
 from bench.report import ratios, table
 from bench.targets import (
@@ -78,18 +79,41 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="captured Claude Code request whose body.tools the grammar workload uses",
     )
     parser.add_argument(
+        "--claude-code",
+        action="store_true",
+        help="only the Claude Code workload: sessions on one shared ~20k-token prefix (cold, "
+        "turn 2, new session, four at once) and their KV memory, on pensieved per --kv-types "
+        "and llama-server unified and not (--request; --context-size defaults to 32768 here)",
+    )
+    parser.add_argument(
+        "--request",
+        default=str(claude_code_bench.FIXTURE),
+        help="captured Claude Code request the --claude-code workload is built from",
+    )
+    parser.add_argument(
+        "--kv-types", default="f16,q8_0", help="pensieved KV cache types for --claude-code"
+    )
+    parser.add_argument(
         "--output",
         help="JSON report path (default: bench/results.json, or bench/grammar.json with --grammar)",
     )
     parser.add_argument("--markdown", help="table path (default: next to --output, .md)")
     args = parser.parse_args(argv)
+    if args.claude_code and "--context-size" not in (argv if argv is not None else sys.argv):
+        args.context_size = 32768
     if args.quick:
         args.reps, args.decode_reps, args.decode_tokens, args.prefix_tokens = 1, 1, 16, 300
         args.concurrency_reps = 1
         args.turns, args.concurrent_tokens, args.clients, args.startups = 2, 8, "1,2", 1
         args.slots, args.context_size = 2, 2048
     if args.output is None:
-        args.output = "bench/grammar.json" if args.grammar else "bench/results.json"
+        args.output = (
+            "bench/grammar.json"
+            if args.grammar
+            else "bench/claude_code.json"
+            if args.claude_code
+            else "bench/results.json"
+        )
     return args
 
 
@@ -132,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.grammar:
         return grammar_main(args, model, settings)
+    if args.claude_code:
+        return claude_code_main(args, model, settings)
     report: dict[str, Any] = {
         "generated_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": machine(),
@@ -252,6 +278,71 @@ def grammar_main(args: argparse.Namespace, model: Path, settings: Settings) -> i
     text = grammar_bench.table(report)
     markdown.write_text(text)
     print(text)
+    log(f"wrote {output} and {markdown}")
+    return 0
+
+
+def claude_code_main(args: argparse.Namespace, model: Path, settings: Settings) -> int:
+    from pensieved.engine.memory import read_shape
+
+    base = claude_code_bench.load_request(Path(args.request))
+    if base is None:
+        print(f"skipped: no captured Claude Code request at {args.request}", file=sys.stderr)
+        return 0
+    binary, why = (None, "skipped (--no-llama-server)")
+    if not args.no_llama_server:
+        binary, why = find_llama_server(args.llama_server)
+    report: dict[str, Any] = {
+        "generated_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "model": {"path": str(model), "size_bytes": model.stat().st_size},
+        "settings": {**dataclasses.asdict(settings), "concurrent_tokens": args.concurrent_tokens},
+        "request": args.request,
+        "llama_server": {"binary": str(binary) if binary else None, "status": why},
+        "notes": ["one run per target: a cold prefill of the prefix takes minutes on a CPU"],
+        "targets": {},
+    }
+    kv_types = [t for t in args.kv_types.split(",") if t]
+    output = Path(args.output)
+    markdown = Path(args.markdown) if args.markdown else output.with_suffix(".md")
+    for name, side, kind in claude_code_bench.sides(settings, kv_types):
+        if kind == "llama-server" and binary is None:
+            log(f"{name} skipped: {why}")
+            report["notes"].append(f"{name} skipped: {why}")
+            continue
+        log(f"starting {name}")
+        try:
+            server = (
+                start_pensieved(model, side)
+                if kind == "pensieved"
+                else start_llama_server(binary, model, side)  # type: ignore[arg-type]
+            )
+        except RuntimeError as exc:
+            report["targets"][name] = {"error": f"did not start: {str(exc)[:300]}"}
+            continue
+        server.name = name
+        try:
+            report["targets"][name] = claude_code_bench.run_target(
+                server,
+                base,
+                tokens=args.concurrent_tokens,
+                log=log,
+                kv_computed=side.context_size
+                * side.slots
+                * read_shape(model).bytes_per_token(side.kv_cache_type),
+            )
+        except Exception as exc:  # one target's failure must not lose the others' figures
+            log(f"{name} failed: {exc!r}")
+            report["targets"][name] = {"error": repr(exc)[:300]}
+        finally:
+            server.stop()
+        # Written after every target: a run of many minutes that is cut short keeps its figures.
+        report["machine"]["load_average_at_end"] = list(os.getloadavg())
+        report["ratios"] = claude_code_bench.compare(report)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(report, indent=2) + "\n")
+        markdown.write_text(claude_code_bench.table(report))
+    print(markdown.read_text() if markdown.exists() else "no target ran")
     log(f"wrote {output} and {markdown}")
     return 0
 

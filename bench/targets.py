@@ -182,6 +182,8 @@ class Settings:
     context_size: int  # per slot
     batch_size: int
     flash_attention: str  # auto, on, off
+    kv_cache_type: str = "f16"  # f16, q8_0, q4_0 on every side
+    llama_unified: bool = False  # llama-server with --kv-unified (one pool of cells)
 
 
 def start_pensieved(model: Path, settings: Settings) -> ServerProcess:
@@ -202,6 +204,7 @@ def start_pensieved(model: Path, settings: Settings) -> ServerProcess:
             "context_size": settings.context_size,
             "batch_size": settings.batch_size,
             "flash_attention": settings.flash_attention,
+            "kv_cache_type": settings.kv_cache_type,
             "max_output_tokens": settings.context_size,
             # Cold means cold: no KV caches saved by an earlier run.
             "prefix_cache_mb": 0,
@@ -263,9 +266,14 @@ def llama_server_args(binary: Path, model: Path, port: int, settings: Settings) 
         "--parallel",
         str(settings.slots),
         # Not unified: every slot gets the same context pensieved gives each of its slots.
-        "--no-kv-unified",
+        # Unified: one pool of that total size, any slot may use all of it.
+        "--kv-unified" if settings.llama_unified else "--no-kv-unified",
         "--ctx-size",
         str(settings.context_size * settings.slots),
+        "--cache-type-k",
+        settings.kv_cache_type,
+        "--cache-type-v",
+        settings.kv_cache_type,
         "--batch-size",
         str(settings.batch_size),
         "--ubatch-size",

@@ -77,6 +77,33 @@ class DecodeStatus(_ControlModel):
     )
 
 
+class KvSlotStatus(_ControlModel):
+    slot: int = Field(description="The slot (a KV sequence of the model's context).")
+    tokens: int = Field(description="Tokens its cache holds.")
+    own_cells: int = Field(description="Cells only it holds: what evicting it would free.")
+    cost_bytes: int = Field(
+        description="What it really costs: its own cells plus its share of each shared cell."
+    )
+
+
+class KvStatus(_ControlModel):
+    cache_type: str = Field(description="Storage type of K and V: f16, q8_0 or q4_0.")
+    flash_attention: str = Field(
+        description="`on`, `off` or `auto` (llama.cpp decides), and why when Pensieve chose."
+    )
+    pool_cells: int = Field(description="Token cells of the one KV cache all slots share.")
+    cells_used: int = Field(description="Cells holding a token of some slot.")
+    cells_shared: int = Field(description="Cells held by more than one slot (a common prefix).")
+    bytes_per_token: int = Field(description="Memory of one cell: K and V of every layer.")
+    allocated_bytes: int = Field(description="Memory of the whole KV cache, used or not.")
+    budget_bytes: int = Field(description="The memory budget sizes were chosen against.")
+    sizing: str = Field(description="The context and slots chosen, and why.")
+    warning: str | None = Field(
+        None, description="A plain warning, e.g. a context too small for Claude Code."
+    )
+    slots: list[KvSlotStatus] = Field(description="Each slot's part of the cache.")
+
+
 class ModelStatus(_ControlModel):
     name: str = Field(description="Model name from the GGUF metadata.")
     path: str = Field(description="The GGUF file.")
@@ -90,6 +117,7 @@ class ModelStatus(_ControlModel):
     )
     cached_tokens: list[int] = Field(description="Tokens each slot's KV cache holds now.")
     decode: DecodeStatus
+    kv: KvStatus | None = Field(None, description="The shared KV cache: sizes, use, sharing.")
 
 
 class ProcessStatus(_ControlModel):

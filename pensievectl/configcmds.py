@@ -178,12 +178,15 @@ def run_config_show(ctx: CommandContext, as_json: bool) -> int:
         raw = {}
     effective = config.model_dump(mode="json")
     sources = _sources(raw, overrides, Config().model_dump(mode="json"))
+    sizing = _auto_sizing(ctx, effective)
     if as_json:
         payload = {
             "config_file": str(path),
             "values": effective,
             "sources": sources,
         }
+        if sizing is not None:
+            payload["auto_sizes"] = sizing
         ctx.say(json.dumps(payload, indent=2))
         return 0
     exists = "" if path.exists() else " (absent: defaults)"
@@ -194,7 +197,23 @@ def run_config_show(ctx: CommandContext, as_json: bool) -> int:
             dotted = f"{section}.{key}"
             description = fields[key].description or ""
             ctx.say(f"{dotted} = {_show(value)}  [{sources[dotted]}]  # {description}")
+    if sizing is not None:
+        ctx.say(f"# auto sizes: {sizing}")
     return 0
+
+
+def _auto_sizing(ctx: CommandContext, effective: dict[str, Any]) -> str | None:
+    """What `auto` context and slots became, from the daemon running this config."""
+    model = effective.get("model", {})
+    if "auto" not in (model.get("context_size"), model.get("slots")):
+        return None
+    status = _running_daemon(ctx)
+    if status is None or status.model is None or status.model.kv is None:
+        return (
+            "chosen when the model loads (from the budget, the weights and the model's "
+            "shape); `pensievectl status` shows the choice"
+        )
+    return status.model.kv.sizing
 
 
 def _show_running_instead(ctx: CommandContext, file_error: str, as_json: bool) -> int:

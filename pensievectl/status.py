@@ -23,7 +23,7 @@ from pensievectl.context import CommandContext
 from pensievectl.errors import CtlError, exit_status_for
 
 if TYPE_CHECKING:
-    from pensieve.wire import ModelStatus, PreviousExit, ReloadResult, StatusResponse
+    from pensieve.wire import KvStatus, ModelStatus, PreviousExit, ReloadResult, StatusResponse
 
 
 def examine_dead(record: RunRecord, exit_status: int | None = None) -> Death:
@@ -108,11 +108,36 @@ def describe_reload(result: ReloadResult | None) -> str:
     return f"{when} ({result.trigger}) FAILED: {result.error}"
 
 
+def _kv_rows(kv: KvStatus) -> list[tuple[str, str]]:
+    """The shared KV cache: size and type, use and sharing, each slot's real cost."""
+    per_slot = ", ".join(f"{slot.tokens} ({human_bytes(slot.cost_bytes)})" for slot in kv.slots)
+    rows = [
+        (
+            "kv cache",
+            f"{human_bytes(kv.allocated_bytes)} for {kv.pool_cells} tokens shared by all slots, "
+            f"{kv.cache_type} ({human_bytes(kv.bytes_per_token)} per token), flash attention "
+            f"{kv.flash_attention}",
+        ),
+        (
+            "kv in use",
+            f"{kv.cells_used} cells, {kv.cells_shared} of them shared; tokens (real cost) per "
+            f"slot: {per_slot}",
+        ),
+        ("sizes", f"{kv.sizing}; budget {human_bytes(kv.budget_bytes)}"),
+    ]
+    if kv.warning:
+        rows.append(("WARNING", kv.warning))
+    return rows
+
+
 def _cache_rows(model: ModelStatus) -> list[tuple[str, str]]:
     """KV memory and slot contents; decode batching and its Python overhead."""
     rows = []
     per_slot = model.kv_bytes_per_slot
-    if per_slot:
+    kv = model.kv
+    if kv is not None:
+        rows += _kv_rows(kv)
+    elif per_slot:
         cached = ", ".join(str(n) for n in model.cached_tokens)
         rows.append(
             (

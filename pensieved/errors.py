@@ -79,6 +79,20 @@ class OverloadedError(PensieveError):
         super().__init__(message)
 
 
+class KvCacheFullError(OverloadedError):
+    """Running requests alone fill the model's KV cache; the newest one is ended (529, so a
+    client retries once another has finished)."""
+
+    def __init__(self, cells: int, running: int) -> None:
+        super().__init__(
+            f"the model's KV cache is full: {running} running requests hold all of its "
+            f"{cells} token cells, so this one was ended; retry when another has finished, or "
+            "give the cache more room (model.memory_budget_mb, model.kv_cache_type q8_0, or a "
+            "smaller model.context_size)",
+            retry_after_s=5,
+        )
+
+
 class RequestTimeoutError(PensieveError):
     """The request waited plus ran longer than `server.request_timeout_ms`."""
 

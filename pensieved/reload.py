@@ -39,6 +39,8 @@ _MODEL_KEYS = frozenset(
         "model.batch_size",
         "model.slots",
         "model.mmap",
+        "model.kv_cache_type",
+        "model.memory_budget_mb",
     }
 )
 

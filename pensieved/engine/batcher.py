@@ -24,7 +24,7 @@ from typing import Any, Protocol
 from pensieved.engine.generation import Generation
 from pensieved.engine.llama import lib
 from pensieved.engine.model import LoadedModel
-from pensieved.errors import EngineError
+from pensieved.errors import EngineError, KvCacheFullError
 
 log = logging.getLogger("pensieved.engine")
 
@@ -146,7 +146,10 @@ class Batcher:
         self._active = running
         if not running:
             return
-        adds = plan_step(running, self._capacity, self.stats.steps)
+        room = self._make_room(running)
+        if room <= 0:
+            return
+        adds = plan_step(running, room, self.stats.steps)
         # (generation, batch index of its logits or -1, tokens it added to its sequence)
         plan: list[tuple[Generation, int, tuple[int, ...]]] = []
         n = 0
@@ -168,15 +171,62 @@ class Batcher:
                 self._active.remove(generation)
             return
         after = time.perf_counter()
+        cells = self._model.cells
         for generation, _, added in plan:
             generation.slot.tokens.extend(added)
-            generation.decoded = True
+            cells.append(generation.seq, len(added))
         self._sample(plan)
         stats = self.stats
         stats.steps += 1
         stats.tokens += n
         stats.llama_s += after - before
         stats.python_s += time.perf_counter() - after + before - started
+
+    def _make_room(self, running: list[Generation]) -> int:
+        """Batch room this step, within the free cells of the KV cache.
+
+        When the cache is full, idle slots give up cells (see kvpool.py); when running
+        generations alone fill it, the newest is ended so the others can go on.
+        """
+        cells = self._model.cells
+        while running:
+            decoding = sum(1 for g in running if g.next_token is not None)
+            reading = sum(g.prompt_left for g in running if g.next_token is None)
+            wanted = min(self._capacity, decoding + reading)
+            if wanted > cells.free:
+                self._evict(running, wanted)
+            # Every sampled token needs its cell; a prompt needs at least one to progress.
+            if cells.free >= max(decoding, 1):
+                return min(self._capacity, cells.free)
+            newest = running.pop()  # `running` is self._active: it leaves the batch here
+            log.warning(
+                "KV cache full (%d cells, all held by %d running requests): ending the newest",
+                cells.capacity,
+                len(running) + 1,
+            )
+            kept = self._model.forget(newest.seq, cells.private_from(newest.seq))
+            del newest.slot.tokens[kept:]
+            newest.fail(KvCacheFullError(cells.capacity, len(running) + 1))
+        return 0
+
+    def _evict(self, running: list[Generation], wanted: int) -> None:
+        peers = running[0].peers
+        busy = {g.seq for g in running}
+        idle = sorted(
+            (slot for slot in peers if slot.index not in busy and slot.tokens),
+            key=lambda slot: slot.last_used,
+        )
+        by_index = {slot.index: slot for slot in idle}
+        for eviction in self._model.cells.plan_eviction(wanted, by_index):
+            slot = by_index[eviction.index]
+            kept = self._model.forget(slot.index, eviction.keep)
+            log.info(
+                "KV cache full: slot %d keeps %d of its %d cached tokens",
+                slot.index,
+                kept,
+                len(slot.tokens),
+            )
+            del slot.tokens[kept:]
 
     def _put(self, i: int, token: int, position: int, seq: int, *, logits: bool) -> None:
         batch = self._batch
@@ -237,9 +287,10 @@ def plan_step(
 
     Sampled tokens come first (when there are more streams than batch room, which ones wait
     rotates with `step`); prompt chunks fill the rest in arrival order, so the oldest prompt
-    finishes first. The result is in sequence order: with a KV stream per slot, llama.cpp
-    evaluates only runs of consecutive, increasing sequence ids in one pass, and any other
-    order costs extra passes (a 4-stream step took 1.4 times as long).
+    finishes first. The result is in sequence order. (That mattered with a KV stream per
+    slot, where llama.cpp evaluated only runs of consecutive sequence ids in one pass; the
+    unified cache takes any order in one pass, and what limits a step instead is the cache's
+    free cells, which `capacity` already accounts for.)
     """
     room = capacity
     decoding = [g for g in running if g.next_token is not None]

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pensieved.engine.model import LoadedModel
 from pensieved.engine.output import OutputRouter
 from pensieved.engine.sampler import Sampler
-from pensieved.engine.slots import FORK_MIN_TOKENS, Slot, best_donor
+from pensieved.engine.slots import Slot, best_donor
 from pensieved.engine.textstream import TextStream
 from pensieved.engine.types import Event, Failed, Finished, PreparedPrompt, PromptCached
 
@@ -50,10 +50,7 @@ class Generation:
         self._decoder = TextStream()
         self._ended = False
         self._model: LoadedModel | None = None
-        # A copied KV stream only lands at the next decode: until one ran, the copy is unsafe
-        # to keep (see `end`).
-        self.forked = False
-        self.decoded = False
+        self.shared_from: int | None = None  # the slot whose prefix this one took
 
     @property
     def seq(self) -> int:
@@ -71,18 +68,19 @@ class Generation:
     def begin(self, model: LoadedModel) -> None:
         """Trim the slot to the reused prefix and get ready to sample. May raise.
 
-        When another slot (busy or not) holds a much longer prefix of this prompt, such as the
-        system prompt and tools of a second agent session or a subagent, its KV stream is
-        copied here first, so both share the work already done and neither loses its cache.
+        When another slot (busy or not) holds a longer prefix of this prompt, such as the
+        system prompt and tools of a second agent session or a subagent, this slot takes that
+        prefix's cells: the same cells, shared in the unified KV cache, so neither the memory
+        nor the work is repeated, and neither slot loses its cache.
         """
         self._model = model
         tokens = self.prepared.tokens
         donor, shared = best_donor(self.slot, self.peers, tokens)
         own = shared if donor is self.slot else self.slot.shared_prefix(tokens)
-        if shared - own >= FORK_MIN_TOKENS:
-            model.copy_sequence(donor.index, self.seq)
+        if shared > own:
+            model.share_prefix(donor.index, self.seq, shared)
             self.slot.tokens = donor.tokens[:shared]
-            self.forked = True
+            self.shared_from = donor.index
             own = shared
         # Reuse the cached prefix; keep at least one token to evaluate so logits are fresh.
         wanted = max(0, min(own, len(tokens) - 1))
@@ -145,9 +143,6 @@ class Generation:
         if self._ended:
             return
         self._ended = True
-        if self.forked and not self.decoded and self._model is not None:
-            self._model.forget(self.seq, 0)
-            self.slot.tokens.clear()
         if self.sampler is not None:
             self.sampler.close()
             self.sampler = None

@@ -13,13 +13,23 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import psutil
 
+from pensieve.config import ModelConfig
+from pensieve.wire import KvSlotStatus, KvStatus
 from pensieved.engine import selftest
 from pensieved.engine.grammar_cache import GrammarCache, ParsedGrammar
+from pensieved.engine.kvpool import CellPool
 from pensieved.engine.llama import init_backend, internals, lib, progress_callback
+from pensieved.engine.memory import (
+    AGENT_CONTEXT,
+    KvCacheType,
+    KvPlan,
+    plan_kv,
+    shape_from_metadata,
+)
 from pensieved.errors import GrammarError, LoadCancelledError, ModelLoadError
 
 log = logging.getLogger("pensieved.engine")
@@ -30,13 +40,24 @@ class ModelSettings:
     """Everything that requires reloading the model when it changes."""
 
     path: Path
-    context_size: int
+    context_size: int | Literal["auto"]
     gpu_layers: int
     threads: int | None
     batch_size: int
-    slots: int
+    slots: int | Literal["auto"]
     mmap: bool = False
     flash_attention: str = "auto"  # auto, on, off
+    kv_cache_type: KvCacheType = "f16"
+    memory_budget_mb: int | None = None
+
+    def sizing(self) -> ModelConfig:
+        """The config keys `memory.plan_kv` resolves `auto` from."""
+        return ModelConfig(
+            context_size=self.context_size,
+            slots=self.slots,
+            kv_cache_type=self.kv_cache_type,
+            memory_budget_mb=self.memory_budget_mb,
+        )
 
     @property
     def effective_threads(self) -> int:
@@ -45,12 +66,21 @@ class ModelSettings:
         return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
+def flash_attention_for(settings: ModelSettings) -> str:
+    """`on`, `off` or `auto`: a quantized V cache needs flash attention, so `auto` turns it
+    on (the config refuses `off` with a quantized cache)."""
+    if settings.kv_cache_type != "f16" and settings.flash_attention == "auto":
+        return "on"
+    return settings.flash_attention
+
+
 class LoadedModel:
     """One llama_model and one llama.cpp context holding a KV sequence per slot.
 
     A single context decodes every slot's next token in one batch (llama-server's continuous
     batching), and its scratch buffers are allocated once, not once per slot. The KV cache is
-    split per sequence (not unified), so each slot has `context_size` cells of its own.
+    unified: one pool of cells for every slot, where a prefix several slots share is stored
+    once (`share_prefix`); `cells` keeps the books of who holds what.
     """
 
     def __init__(
@@ -84,19 +114,6 @@ class LoadedModel:
         self._load_cancelled = False
         if keep_loading is not None:
             model_params.progress_callback = self._progress_callback(keep_loading)
-        ctx_params = c.llama_context_default_params()
-        ctx_params.n_ctx = settings.context_size * settings.slots
-        ctx_params.n_seq_max = settings.slots
-        ctx_params.kv_unified = False
-        ctx_params.n_batch = settings.batch_size
-        ctx_params.n_ubatch = settings.batch_size
-        ctx_params.n_threads = settings.effective_threads
-        ctx_params.n_threads_batch = settings.effective_threads
-        ctx_params.no_perf = True
-        ctx_params.flash_attn_type = {
-            "on": c.LLAMA_FLASH_ATTN_TYPE_ENABLED,
-            "off": c.LLAMA_FLASH_ATTN_TYPE_DISABLED,
-        }.get(settings.flash_attention, c.LLAMA_FLASH_ATTN_TYPE_AUTO)
         self._model: Any = None
         self._context: Any = None
         self._grammars: GrammarCache | None = None
@@ -108,8 +125,11 @@ class LoadedModel:
             self._model = _internals.LlamaModel(
                 path_model=str(path), params=model_params, verbose=True
             )
+            self.metadata: dict[str, str] = dict(self._model.metadata())
+            self.plan: KvPlan = self._plan(settings)
+            self.flash_attention = flash_attention_for(settings)
             self._context = _internals.LlamaContext(
-                model=self._model, params=ctx_params, verbose=True
+                model=self._model, params=self._context_params(settings), verbose=True
             )
         except (ValueError, RuntimeError, OSError) as exc:
             self.close()
@@ -121,11 +141,14 @@ class LoadedModel:
         self.vocab: Any = self._model.vocab
         self.n_vocab: int = int(c.llama_vocab_n_tokens(self.vocab))
         self._grammars = GrammarCache(self.vocab)
-        self.metadata: dict[str, str] = dict(self._model.metadata())
         self.chat_template: str | None = self.metadata.get("tokenizer.chat_template")
-        self.slots: int = settings.slots
-        # Per slot: what one conversation may hold, prompt and reply together.
-        self.n_ctx: int = int(c.llama_n_ctx_seq(self.ctx))
+        self.slots: int = self.plan.slots
+        self.scratch_seq = self.slots
+        # Per slot: what one conversation may hold, prompt and reply together. The pool is
+        # larger; a slot's limit is ours to keep (prompts are fitted to it).
+        self.pool_tokens: int = int(c.llama_n_ctx(self.ctx))
+        self.n_ctx: int = min(self.plan.context_size, self.pool_tokens)
+        self.cells = CellPool(self.pool_tokens, self.slots + 1)
         self.n_batch: int = settings.batch_size
         self.n_ctx_train: int = self._model.n_ctx_train()
         # Sliding-window attention: a sequence's saved state keeps only the window.
@@ -144,6 +167,61 @@ class LoadedModel:
                 path.name,
                 self.n_ctx_train,
             )
+
+    def _plan(self, settings: ModelSettings) -> KvPlan:
+        """Context and slots, `auto` resolved against the memory budget (see memory.py)."""
+        try:
+            shape = shape_from_metadata(self.metadata)
+        except ValueError:
+            if settings.context_size == "auto":
+                raise
+            # An unusual architecture: explicit sizes still load, only the estimates are off.
+            return KvPlan(
+                context_size=settings.context_size,
+                slots=4 if settings.slots == "auto" else settings.slots,
+                pool_tokens=settings.context_size,
+                bytes_per_token=0,
+                kv_cache_type=settings.kv_cache_type,
+                budget_bytes=0,
+                weights_bytes=self.size_bytes,
+                reason=f"context {settings.context_size} as configured",
+            )
+        plan = plan_kv(settings.sizing(), shape, self.size_bytes)
+        log.info("%s: %s", settings.path.name, plan.reason)
+        if not plan.fits:
+            log.warning(
+                "%s needs %.1f GB (weights and KV cache), over its memory budget of %.1f GB",
+                settings.path.name,
+                plan.total_bytes / 1024**3,
+                plan.budget_bytes / 1024**3,
+            )
+        return plan
+
+    def _context_params(self, settings: ModelSettings) -> Any:
+        c = lib()
+
+        plan = self.plan
+        ctx_params = c.llama_context_default_params()
+        # One pool of cells for every slot (see kvpool.py); one more sequence than slots is
+        # the scratch sequence persistence stages a slot's own tail in.
+        ctx_params.n_ctx = plan.pool_tokens
+        ctx_params.n_seq_max = plan.slots + 1
+        ctx_params.kv_unified = True
+        cache_type = {"q8_0": c.GGML_TYPE_Q8_0, "q4_0": c.GGML_TYPE_Q4_0}.get(
+            settings.kv_cache_type, c.GGML_TYPE_F16
+        )
+        ctx_params.type_k = cache_type
+        ctx_params.type_v = cache_type
+        ctx_params.n_batch = settings.batch_size
+        ctx_params.n_ubatch = settings.batch_size
+        ctx_params.n_threads = settings.effective_threads
+        ctx_params.n_threads_batch = settings.effective_threads
+        ctx_params.no_perf = True
+        ctx_params.flash_attn_type = {
+            "on": c.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+            "off": c.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+        }.get(self.flash_attention, c.LLAMA_FLASH_ATTN_TYPE_AUTO)
+        return ctx_params
 
     def _progress_callback(self, keep_loading: Callable[[float], bool]) -> Any:
         def progress(fraction: float, _user_data: Any) -> bool:
@@ -206,16 +284,8 @@ class LoadedModel:
         return self.n_ctx > self.n_ctx_train
 
     def kv_bytes_per_slot(self) -> int:
-        """Size of one slot's KV cache (f16 K and V), from the model's shape metadata."""
-        arch = self.metadata.get("general.architecture", "")
-        try:
-            layers = int(self.metadata[f"{arch}.block_count"])
-            embd = int(self.metadata[f"{arch}.embedding_length"])
-            heads = int(self.metadata[f"{arch}.attention.head_count"])
-            kv_heads = int(self.metadata.get(f"{arch}.attention.head_count_kv", heads))
-        except (KeyError, ValueError):
-            return 0
-        return self.n_ctx * layers * 2 * kv_heads * (embd // heads) * 2
+        """What one slot at the full context would take on its own (its tokens unshared)."""
+        return self.n_ctx * self.plan.bytes_per_token
 
     def forget(self, seq: int, keep: int) -> int:
         """Drop sequence `seq`'s KV cells from position `keep` on; the positions kept.
@@ -225,16 +295,62 @@ class LoadedModel:
         c = lib()
 
         if keep > 0 and c.llama_memory_seq_rm(self.memory, seq, keep, -1):
+            self.cells.trim(seq, keep)
             return keep
         c.llama_memory_seq_rm(self.memory, seq, -1, -1)
+        self.cells.trim(seq, 0)
         return 0
 
-    def copy_sequence(self, source: int, target: int) -> None:
-        """Make sequence `target` a copy of sequence `source` (the data moves at next decode)."""
+    def share_prefix(self, source: int, target: int, count: int) -> None:
+        """Make sequence `target` hold `source`'s first `count` positions: the same cells,
+        not a copy (in the unified cache `llama_memory_seq_cp` only marks them shared)."""
         c = lib()
 
-        # Sequences live in separate KV streams, which llama.cpp copies whole (p0 = p1 = -1).
-        c.llama_memory_seq_cp(self.memory, source, target, -1, -1)
+        c.llama_memory_seq_rm(self.memory, target, -1, -1)
+        c.llama_memory_seq_cp(self.memory, source, target, 0, count)
+        self.cells.share(source, target, count)
+
+    def kv_status(self) -> KvStatus:
+        """The shared KV cache for `status`: sizes and why, use, sharing, each slot's cost."""
+        used, shared, parts = self.cells.snapshot()
+        per_token = self.plan.bytes_per_token
+        flash = self.flash_attention
+        if flash != self.settings.flash_attention:
+            flash += f" (a {self.settings.kv_cache_type} V cache needs flash attention)"
+        elif flash == "auto":
+            flash += " (llama.cpp uses it where the backend supports it)"
+        warning = None
+        if self.n_ctx < AGENT_CONTEXT:
+            warning = (
+                f"context {self.n_ctx} is below the {AGENT_CONTEXT} tokens Claude Code needs "
+                "(its system prompt and tools alone take about 20k): raise "
+                "model.memory_budget_mb or model.context_size, or use model.kv_cache_type q8_0"
+            )
+        return KvStatus(
+            cache_type=self.settings.kv_cache_type,
+            flash_attention=flash,
+            pool_cells=self.pool_tokens,
+            cells_used=used,
+            cells_shared=shared,
+            bytes_per_token=per_token,
+            allocated_bytes=self.kv_bytes(),
+            budget_bytes=self.plan.budget_bytes,
+            sizing=self.plan.reason,
+            warning=warning,
+            slots=[
+                KvSlotStatus(
+                    slot=part.index,
+                    tokens=part.tokens,
+                    own_cells=part.own,
+                    cost_bytes=round(part.cost * per_token),
+                )
+                for part in parts[: self.slots]
+            ],
+        )
+
+    def kv_bytes(self) -> int:
+        """The KV cache allocated: every cell of the pool, used or not."""
+        return self.pool_tokens * self.plan.bytes_per_token
 
     def close(self) -> None:
         # Parsed grammars point at the model's vocabulary; the context goes before the model.

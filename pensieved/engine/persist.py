@@ -6,6 +6,11 @@ unloaded, its most recently used slots (of at least MIN_TOKENS) are written, tok
 state, under the cache directory; when the same model is loaded again with the same settings,
 they are read back into its slots, and the router reuses them like any warm slot.
 
+Slots that share a prefix's cells (see kvpool.py) save it once: a slot whose first positions
+are the same cells as a slot saved before it writes only its own tail (staged in the model's
+scratch sequence, the one part of its cells llama.cpp can export alone) and names that slot
+as its base; at restore the tail is read back and the base's prefix shared into it again.
+
 Each model's files live in a directory named by a key over everything that makes a KV state
 valid: the model file (path, size, modification time), the settings that shape its context,
 and the llama.cpp build. A changed model or setting gets a new key, so stale states are never
@@ -32,7 +37,7 @@ from pensieved.engine.slots import Slot
 
 log = logging.getLogger("pensieved.engine")
 
-MAGIC = b"PENSIEVE-KV 1\n"
+MAGIC = b"PENSIEVE-KV 2\n"
 # Shorter prefixes are quick to evaluate again; not worth the disk and the read at load.
 MIN_TOKENS = 512
 
@@ -45,7 +50,10 @@ def model_key(model: LoadedModel) -> str:
         "size": size,
         "mtime_ns": mtime_ns,
         "context": model.n_ctx,
-        "slots": settings.slots,  # a saved state records the context's sequence count
+        "slots": model.slots,  # a saved state records the context's sequence count
+        "pool": model.pool_tokens,
+        "kv_cache_type": settings.kv_cache_type,
+        "layout": "unified",
         "gpu_layers": settings.gpu_layers,
         "flash_attention": settings.flash_attention,  # changes the V cache layout
         "llama_cpp_python": importlib.metadata.version("llama-cpp-python"),
@@ -79,8 +87,6 @@ class PrefixStore:
         """
         if not self.enabled or not persistable(model):
             return 0
-        c = lib()
-
         target = self.directory / model_key(model)
         keep = sorted(
             (slot for slot in slots if len(slot.tokens) >= MIN_TOKENS),
@@ -90,29 +96,29 @@ class PrefixStore:
         started = time.monotonic()
         shutil.rmtree(target, ignore_errors=True)
         written = used = 0
+        saved: list[tuple[int, Slot]] = []  # (file number, slot) of what is on disk
         for slot in keep:
-            size = int(c.llama_state_seq_get_size(model.ctx, slot.index))
-            if used + size > self.budget_bytes:
+            base, shared = _base_for(model, slot, saved)
+            state = self._export(model, slot, shared)
+            if state is None:
+                continue
+            if used + len(state) > self.budget_bytes:
                 log.info(
                     "not saving slot %d's KV cache (%d tokens, %.0f MB): over "
                     "model.prefix_cache_mb; raise it to keep this cache across restarts",
                     slot.index,
                     len(slot.tokens),
-                    size / 1e6,
+                    len(state) / 1e6,
                 )
                 continue
-            buffer = (ctypes.c_uint8 * size)()
-            got = int(c.llama_state_seq_get_data(model.ctx, buffer, size, slot.index))
-            if got == 0:
-                log.warning("llama.cpp could not export slot %d's KV cache", slot.index)
-                continue
             try:
-                _write(target / f"slot-{written}.kv", slot, memoryview(buffer)[:got])
+                _write(target / f"slot-{written}.kv", slot, state, base, shared)
             except OSError as exc:
                 log.warning("cannot save KV caches to %s: %s", target, exc)
                 break
+            saved.append((written, slot))
             written += 1
-            used += got
+            used += len(state)
         if written:
             log.info(
                 "saved %d KV cache(s) of %s (%.0f MB) in %.1fs",
@@ -124,39 +130,63 @@ class PrefixStore:
             self._prune(keep=target)
         return written
 
+    def _export(self, model: LoadedModel, slot: Slot, skip: int) -> memoryview | None:
+        """Slot's KV state, without its first `skip` positions (those are saved elsewhere)."""
+        c = lib()
+
+        seq = slot.index
+        if skip:
+            # The tail alone, in the scratch sequence: seq_cp shares the cells, nothing moves.
+            seq = model.scratch_seq
+            c.llama_memory_seq_rm(model.memory, seq, -1, -1)
+            c.llama_memory_seq_cp(model.memory, slot.index, seq, skip, -1)
+        try:
+            size = int(c.llama_state_seq_get_size(model.ctx, seq))
+            buffer = (ctypes.c_uint8 * size)()
+            got = int(c.llama_state_seq_get_data(model.ctx, buffer, size, seq))
+        finally:
+            if skip:
+                c.llama_memory_seq_rm(model.memory, seq, -1, -1)
+        if got == 0:
+            log.warning("llama.cpp could not export slot %d's KV cache", slot.index)
+            return None
+        return memoryview(buffer)[:got]
+
     def restore(self, model: LoadedModel, slots: Sequence[Slot]) -> int:
         """Read saved states into empty slots; the count restored. Bad files are deleted."""
         if not self.enabled or not persistable(model):
             return 0
-        c = lib()
-
         try:
             source = self.directory / model_key(model)
-            files = sorted(source.glob("slot-*.kv"))
+            # Numeric order: a slot's base is always saved before it.
+            files = sorted(source.glob("slot-*.kv"), key=_file_number)
         except OSError:
             return 0
-        empty = [slot for slot in slots if not slot.tokens]
+        empty = iter([slot for slot in slots if not slot.tokens])
+        placed: dict[int, Slot] = {}  # file number -> the slot it went to
         restored = 0
         started = time.monotonic()
-        for path, slot in zip(files, empty, strict=False):
+        for path in files:
             try:
-                tokens, state = _read(path)
+                number = _file_number(path)
+                tokens, state, base, shared = _read(path)
             except (OSError, ValueError) as exc:
                 log.warning("discarding saved KV cache %s: %s", path, exc)
                 path.unlink(missing_ok=True)
                 continue
-            if len(tokens) >= model.n_ctx:
-                path.unlink(missing_ok=True)
+            donor = placed.get(base) if base is not None else None
+            if len(tokens) >= model.n_ctx or (base is not None and donor is None):
+                path.unlink(missing_ok=True)  # too long now, or its base is gone
                 continue
-            buffer = (ctypes.c_uint8 * len(state)).from_buffer(state)
-            loaded = c.llama_state_seq_set_data(model.ctx, buffer, len(state), slot.index)
-            last = c.llama_memory_seq_pos_max(model.memory, slot.index)
-            if not loaded or last + 1 != len(tokens):
+            slot = next(empty, None)
+            if slot is None:
+                break
+            if not _load(model, slot, state, donor, shared, len(tokens)):
                 log.warning("llama.cpp refused saved KV cache %s; deleting it", path)
-                model.forget(slot.index, 0)
                 path.unlink(missing_ok=True)
                 continue
             slot.tokens = tokens
+            placed[number] = slot
             restored += 1
         if restored:
             log.info(
@@ -183,9 +213,53 @@ class PrefixStore:
                 total -= sizes[folder]
 
 
-def _write(path: Path, slot: Slot, state: memoryview) -> None:
+def _file_number(path: Path) -> int:
+    digits = path.stem.removeprefix("slot-")
+    return int(digits) if digits.isdigit() else -1
+
+
+def _base_for(
+    model: LoadedModel, slot: Slot, saved: list[tuple[int, Slot]]
+) -> tuple[int | None, int]:
+    """The saved slot whose cells `slot` shares the longest prefix of, and that length."""
+    best: tuple[int | None, int] = (None, 0)
+    for number, other in saved:
+        common = model.cells.common(slot.index, other.index)
+        if common > best[1]:
+            best = (number, common)
+    return best if best[1] >= MIN_TOKENS else (None, 0)
+
+
+def _load(
+    model: LoadedModel,
+    slot: Slot,
+    state: bytearray,
+    donor: Slot | None,
+    shared: int,
+    length: int,
+) -> bool:
+    """Read one saved state into `slot`, sharing `donor`'s first `shared` cells into it."""
+    c = lib()
+
+    buffer = (ctypes.c_uint8 * len(state)).from_buffer(state)
+    loaded = c.llama_state_seq_set_data(model.ctx, buffer, len(state), slot.index)
+    if loaded and donor is not None:
+        c.llama_memory_seq_cp(model.memory, donor.index, slot.index, 0, shared)
+    first = c.llama_memory_seq_pos_min(model.memory, slot.index)
+    last = c.llama_memory_seq_pos_max(model.memory, slot.index)
+    if not loaded or first != 0 or last + 1 != length:
+        model.forget(slot.index, 0)
+        return False
+    # The books: the donor's cells, then the ones just read.
+    if donor is not None:
+        model.cells.share(donor.index, slot.index, shared)
+    model.cells.append(slot.index, length - shared)
+    return True
+
+
+def _write(path: Path, slot: Slot, state: memoryview, base: int | None, shared: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = json.dumps({"tokens": slot.tokens}).encode()
+    meta = json.dumps({"tokens": slot.tokens, "base": base, "shared": shared}).encode()
     partial = path.with_suffix(".partial")
     with partial.open("wb") as f:
         f.write(MAGIC)
@@ -195,7 +269,8 @@ def _write(path: Path, slot: Slot, state: memoryview) -> None:
     os.replace(partial, path)
 
 
-def _read(path: Path) -> tuple[list[int], bytearray]:
+def _read(path: Path) -> tuple[list[int], bytearray, int | None, int]:
+    """Tokens, KV state, the file number of its base (or None) and the positions shared."""
     with path.open("rb") as f:
         if f.read(len(MAGIC)) != MAGIC:
             raise ValueError("not a Pensieve KV cache file")
@@ -206,10 +281,17 @@ def _read(path: Path) -> tuple[list[int], bytearray]:
         if len(MAGIC) + 16 + meta_len + state_len != os.fstat(f.fileno()).st_size:
             raise ValueError("sizes in the header do not match the file")
         meta = json.loads(f.read(meta_len))
-        tokens = meta.get("tokens") if isinstance(meta, dict) else None
+        if not isinstance(meta, dict):
+            raise ValueError("bad metadata")
+        tokens = meta.get("tokens")
         if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
             raise ValueError("bad token list")
+        base, shared = meta.get("base"), meta.get("shared", 0)
+        if base is not None and not isinstance(base, int):
+            raise ValueError("bad base")
+        if not isinstance(shared, int) or not 0 <= shared < max(len(tokens), 1):
+            raise ValueError("bad shared length")
         state = bytearray(state_len)
         if f.readinto(state) != state_len:
             raise ValueError("truncated state")
-    return tokens, state
+    return tokens, state, base, shared

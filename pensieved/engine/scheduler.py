@@ -1,8 +1,9 @@
 """Slots, queueing and the bridge between the batcher thread and the event loop.
 
-Each request gets the free slot whose KV cache shares the longest prefix with its prompt (only
-the new suffix is evaluated) when that reuses at least as much as it throws away. Otherwise it
-takes an empty slot, else evicts the free slot that is cheapest to lose: GreedyDual-Size, where
+Each request gets the free slot whose KV cache is a prefix of its prompt (only the new suffix
+is evaluated), else an empty slot (a prefix another slot holds is shared into it), else the
+slot sharing the longest prefix when that reuses at least as much as it throws away, else
+evicts the free slot that is cheapest to lose: GreedyDual-Size, where
 a slot's value is its cached token count (what re-reading it would cost) plus an inflation
 that grows with every eviction, so long conversations survive a stream of short side requests
 while stale caches still age out. Requests that find no free slot wait in FIFO order.
@@ -35,19 +36,24 @@ def choose_slot(
 ) -> Slot:
     """The slot to run `tokens` on; `value` maps slot index to its eviction priority.
 
-    The longest shared prefix wins when it reuses at least as many tokens as it discards: a
-    chat template's common header (a handful of tokens) must not make a short side request
-    overwrite a long conversation. Otherwise an empty slot, else the lowest `value` (least
-    recently used when no values are given, or on ties).
+    A slot whose whole cache is a prefix of `tokens` (a conversation's next turn) wins.
+    Otherwise an empty slot: whatever prefix another slot holds is shared into it (see
+    `Generation.begin`), so nothing cached is dropped. Without one, the longest shared prefix
+    wins when it reuses at least as many tokens as it discards: a chat template's common
+    header (a handful of tokens) must not make a short side request overwrite a long
+    conversation. Otherwise the lowest `value` (least recently used when no values are
+    given, or on ties).
     """
     shared = {slot.index: slot.shared_prefix(tokens) for slot in free}
     best = max(free, key=lambda slot: (shared[slot.index], -slot.last_used))
     reused = shared[best.index]
-    if reused > 0 and reused >= len(best.tokens) - reused:
+    if reused > 0 and reused == len(best.tokens):
         return best
     empty = [slot for slot in free if not slot.tokens]
     if empty:
         return min(empty, key=lambda slot: slot.last_used)
+    if reused > 0 and reused >= len(best.tokens) - reused:
+        return best
     values = value or {}
     return min(free, key=lambda slot: (values.get(slot.index, 0.0), slot.last_used))
 

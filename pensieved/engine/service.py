@@ -70,6 +70,8 @@ def settings_for(config: Config, path: Path) -> ModelSettings:
         slots=m.slots,
         mmap=m.mmap,
         flash_attention=m.flash_attention,
+        kv_cache_type=m.kv_cache_type,
+        memory_budget_mb=m.memory_budget_mb,
     )
 
 
@@ -272,7 +274,7 @@ class Engine:
                 if current is not None and current.model.settings == settings:
                     by_path[path] = current
                     continue
-                log.info("loading model %s (context %d)", path, settings.context_size)
+                log.info("loading model %s (context %s)", path, settings.context_size)
                 started = time.monotonic()
                 by_path[path] = await _in_own_thread(
                     self._load_threads,
@@ -543,6 +545,7 @@ class Engine:
                 decode=DecodeStatus.model_validate(
                     runtime.scheduler.decode_stats, from_attributes=True
                 ),
+                kv=model.kv_status(),
             )
         return EngineStatus(self._state, self._error, facts, dict(self.config.model.aliases))
 

@@ -25,13 +25,6 @@ class Slot:
         return i
 
 
-# A copy moves the donor's whole KV stream (all `context_size` cells, whatever it holds) at
-# the start of the next decode step: a memory copy of a few ms on a Mac's GPU, tens of ms on
-# a CPU, against 10-20 ms per prompt token evaluated on a laptop CPU (less on a GPU). Below
-# this many tokens gained, evaluating them costs about as much as the copy.
-FORK_MIN_TOKENS = 32
-
-
 def best_donor(slot: Slot, peers: Sequence[Slot], tokens: tuple[int, ...]) -> tuple[Slot, int]:
     """The slot sharing the longest prefix with `tokens` (`slot` itself on ties)."""
     best, shared = slot, slot.shared_prefix(tokens)

@@ -21,3 +21,11 @@ def test_llama_server_gets_the_same_work_as_pensieved() -> None:
     assert value("--ctx-size") == str(4 * 8192)
     assert value("--batch-size") == value("--ubatch-size") == "256"
     assert value("--flash-attn") == "on"
+    assert value("--cache-type-k") == value("--cache-type-v") == "f16"
+
+
+def test_llama_server_unified_and_quantized() -> None:
+    settings = Settings(3, 4, 8192, 256, "on", kv_cache_type="q8_0", llama_unified=True)
+    args = llama_server_args(Path("/bin/llama-server"), Path("/m.gguf"), 8123, settings)
+    assert "--kv-unified" in args and "--no-kv-unified" not in args
+    assert args[args.index("--cache-type-v") + 1] == "q8_0"

@@ -7,7 +7,7 @@ from typing import Any, cast
 
 from pensieved.engine.generation import Generation
 from pensieved.engine.model import LoadedModel
-from pensieved.engine.slots import FORK_MIN_TOKENS, Slot
+from pensieved.engine.slots import Slot
 from pensieved.engine.types import (
     ChatMessage,
     Event,
@@ -25,15 +25,15 @@ class ScriptedModel:
     n_vocab = 100
 
     def __init__(self) -> None:
-        self.copies: list[tuple[int, int]] = []
+        self.shares: list[tuple[int, int, int]] = []
         self.forgotten: list[tuple[int, int]] = []
 
     def forget(self, seq: int, keep: int) -> int:
         self.forgotten.append((seq, keep))
         return keep
 
-    def copy_sequence(self, source: int, target: int) -> None:
-        self.copies.append((source, target))
+    def share_prefix(self, source: int, target: int, count: int) -> None:
+        self.shares.append((source, target, count))
 
     def is_end_of_generation(self, token: int) -> bool:
         return token == END
@@ -83,26 +83,37 @@ def test_a_whole_cached_prompt_still_evaluates_its_last_token() -> None:
     g.end()
 
 
-def test_a_much_longer_prefix_elsewhere_is_copied_and_dropped_if_never_decoded() -> None:
-    prompt = tuple(range(1, FORK_MIN_TOKENS + 10))
+def test_a_longer_prefix_elsewhere_is_shared_and_kept_when_the_request_ends_early() -> None:
+    prompt = tuple(range(1, 40))
     donor = Slot(1, tokens=list(prompt[:-1]))
     slot = Slot(0)
     g, _, done = _generation(prompt, slot, peers=(slot, donor))
     model = ScriptedModel()
     g.begin(_model(model))
-    assert model.copies == [(1, 0)] and g.reused == len(prompt) - 1
+    assert model.shares == [(1, 0, len(prompt) - 1)] and g.reused == len(prompt) - 1
     g.end()
     g.end()  # safe twice
-    assert model.forgotten[-1] == (0, 0) and slot.tokens == [] and done == [True]
+    # Shared cells are there at once (no copy is pending), so an early end keeps them.
+    assert slot.tokens == list(prompt[:-1]) and done == [True]
 
 
-def test_a_short_gain_is_evaluated_rather_than_copied() -> None:
-    prompt = tuple(range(1, FORK_MIN_TOKENS + 10))
-    donor = Slot(1, tokens=list(prompt[: FORK_MIN_TOKENS - 1]))
-    g, _, _ = _generation(prompt, Slot(0), peers=(donor,))
+def test_even_a_short_gain_is_shared_since_sharing_copies_nothing() -> None:
+    prompt = tuple(range(1, 40))
+    donor = Slot(1, tokens=list(prompt[:3]))
+    g, _, _ = _generation(prompt, Slot(0, tokens=[1, 2]), peers=(donor,))
     model = ScriptedModel()
     g.begin(_model(model))
-    assert model.copies == [] and g.reused == 0
+    assert model.shares == [(1, 0, 3)] and g.reused == 3
+    g.end()
+
+
+def test_an_equal_prefix_elsewhere_is_not_taken() -> None:
+    prompt = tuple(range(1, 40))
+    donor = Slot(1, tokens=list(prompt[:5]))
+    g, _, _ = _generation(prompt, Slot(0, tokens=list(prompt[:5])), peers=(donor,))
+    model = ScriptedModel()
+    g.begin(_model(model))
+    assert model.shares == [] and g.reused == 5
     g.end()
 
 

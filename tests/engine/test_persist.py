@@ -16,11 +16,20 @@ from pensieved.engine.slots import Slot
 def test_a_saved_slot_reads_back_exactly(tmp_path: Path) -> None:
     path = tmp_path / "k" / "slot-0.kv"
     state = bytes(range(256)) * 10
-    _write(path, Slot(0, tokens=[5, 6, 7]), memoryview(state))
-    tokens, read = _read(path)
-    assert tokens == [5, 6, 7]
+    _write(path, Slot(0, tokens=[5, 6, 7]), memoryview(state), None, 0)
+    tokens, read, base, shared = _read(path)
+    assert tokens == [5, 6, 7] and (base, shared) == (None, 0)
     assert bytes(read) == state
     assert not list(tmp_path.glob("k/*.partial"))
+
+
+def test_a_tail_names_its_base_and_the_positions_it_shares(tmp_path: Path) -> None:
+    path = tmp_path / "slot-1.kv"
+    _write(path, Slot(2, tokens=[1, 2, 3, 4]), memoryview(b"tail"), 0, 3)
+    assert _read(path)[2:] == (0, 3)
+    _write(path, Slot(2, tokens=[1, 2]), memoryview(b"tail"), 0, 2)
+    with pytest.raises(ValueError, match="shared"):
+        _read(path)  # nothing of its own: not a tail
 
 
 @pytest.mark.parametrize(
@@ -34,7 +43,7 @@ def test_a_saved_slot_reads_back_exactly(tmp_path: Path) -> None:
 )
 def test_damaged_files_are_refused(tmp_path: Path, damage: object) -> None:
     path = tmp_path / "slot-0.kv"
-    _write(path, Slot(0, tokens=[1, 2]), memoryview(b"x" * 100))
+    _write(path, Slot(0, tokens=[1, 2]), memoryview(b"x" * 100), None, 0)
     path.write_bytes(damage(path.read_bytes()))  # type: ignore[operator]
     with pytest.raises(ValueError):
         _read(path)
@@ -57,6 +66,14 @@ class FakeModel:
     n_ctx: int
     file_identity: tuple[str, int, int]
 
+    @property
+    def slots(self) -> int | str:
+        return self.settings.slots
+
+    @property
+    def pool_tokens(self) -> int:
+        return self.n_ctx * 5 // 4
+
 
 def key_of(settings: ModelSettings, n_ctx: int = 2048) -> str:
     stat = settings.path.stat()
@@ -76,6 +93,7 @@ def test_the_key_changes_with_the_model_file_and_its_settings(tmp_path: Path) ->
     assert key != key_of(settings, n_ctx=4096)
     assert key != key_of(replace(settings, gpu_layers=-1))
     assert key != key_of(replace(settings, flash_attention="off"))
+    assert key != key_of(replace(settings, kv_cache_type="q8_0"))
     os.utime(model, ns=(1, 1))
     assert key != key_of(settings)
 

@@ -49,9 +49,17 @@ def test_without_empty_slot_the_cheapest_cache_is_evicted() -> None:
     assert choose_slot(slots, (*header, 8, 8), values).index == 1
 
 
-def test_a_branching_prompt_keeps_its_slot_when_it_reuses_more_than_it_drops() -> None:
+def test_a_branching_prompt_takes_an_empty_slot_where_the_prefix_is_shared() -> None:
+    # The shared KV cache gives the empty slot the system prompt's cells without a copy, so
+    # the other conversation's own turns need not be overwritten.
     system = list(range(10, 60))
     slots = [slot(0, system + [1] * 20, 1.0), slot(1, [], 5.0)]
+    assert choose_slot(slots, (*system, 2, 2)).index == 1
+
+
+def test_without_empty_slot_a_branching_prompt_keeps_its_slot_when_it_reuses_more() -> None:
+    system = list(range(10, 60))
+    slots = [slot(0, system + [1] * 20, 1.0), slot(1, [7] * 30, 5.0)]
     assert choose_slot(slots, (*system, 2, 2)).index == 0
 
 

@@ -75,7 +75,12 @@ def test_config_show_names_the_source_of_each_value(
     assert shown["values"]["server"]["socket_path"] == sock
     code, out, _ = _run(["--config", str(config), "config", "show"], capsys)
     assert "server.port = 9001  [file]" in out
-    assert "model.context_size = 8192  [default]" in out
+    assert 'model.context_size = "auto"  [default]' in out
+    # No daemon runs this config: where the choice will be shown instead.
+    assert "# auto sizes: chosen when the model loads" in out
+    assert "auto_sizes" in json.loads(
+        _run(["--config", str(config), "config", "show", "--json"], capsys)[1]
+    )
 
 
 def test_config_show_of_an_invalid_file_fails_with_key_paths(

@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bench.claude_code import (
+    FIRST,
+    FIXTURE,
+    continued,
+    llama_server_kv_bytes,
+    load_request,
+    target_ratios,
+    with_first_message,
+)
+
+
+def captured() -> dict[str, object]:
+    base = load_request(FIXTURE)
+    if base is None:
+        pytest.skip(f"no captured Claude Code request at {FIXTURE}")
+    return base
+
+
+def test_the_fixture_is_read_from_the_shared_folder_beside_the_repository() -> None:
+    assert FIXTURE.resolve().parts[-4:] == (
+        "shared",
+        "fixtures",
+        "claude-code",
+        "default-tools.json",
+    )
+
+
+def test_an_absent_request_is_none(tmp_path: Path) -> None:
+    assert load_request(tmp_path / "none.json") is None
+
+
+def test_a_new_session_keeps_system_tools_and_reminder_and_changes_the_first_message() -> None:
+    base = captured()
+    new = with_first_message(base, "Another task.", 8)
+    assert new["system"] == base["system"] and new["tools"] == base["tools"]
+    assert FIRST in str(base["messages"]) and FIRST not in str(new["messages"])
+    assert "Another task." in str(new["messages"])
+    assert "system-reminder" in str(new["messages"][0])
+    assert new["max_tokens"] == 8 and "metadata" not in new
+    turn2 = continued(new, "Hi.", "Next.", 4)
+    assert turn2["messages"][-2:] == [
+        {"role": "assistant", "content": "Hi."},
+        {"role": "user", "content": "Next."},
+    ]
+
+
+def test_llama_servers_kv_buffers_are_summed_from_its_log() -> None:
+    log = (
+        "llama_kv_cache:        CPU KV buffer size =   720.00 MiB\n"
+        "llama_kv_cache:        CPU KV buffer size =    80.50 MiB\n"
+    )
+    assert llama_server_kv_bytes(log) == round(800.5 * 1024 * 1024)
+    assert llama_server_kv_bytes("nothing") is None
+
+
+def test_a_new_session_is_compared_with_evaluating_only_its_new_tokens() -> None:
+    turn = {"ttft_s": 2.0, "input_tokens": 20_100, "cache_read_tokens": 20_000}
+    new = {"ttft_s": 1.5, "input_tokens": 20_050, "cache_read_tokens": 20_000}
+    result = {"turn2": turn, "new_session": new, "kv": {}, "cold": turn}
+    # 100 new tokens took 2 s, so 50 should take 1 s; 1.5 s is 1.5 times that.
+    assert target_ratios(result)["new_session_over_new_tokens_only"] == pytest.approx(1.5)
