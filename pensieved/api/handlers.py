@@ -27,9 +27,11 @@ from pensieved.api.models import (
     ModelInfo,
     ModelList,
 )
-from pensieved.api.sse import AnthropicStream, whole_message
+from pensieved.api.sse import WAITING_COMMENT, AnthropicStream, whole_message
 from pensieved.engine.service import Engine, Session
+from pensieved.engine.types import GenerationRequest
 from pensieved.errors import InvalidRequestError, NotFoundError, PensieveError
+from pensieved.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 log = logging.getLogger("pensieved.api")
 access_log = logging.getLogger("pensieved.access")
@@ -148,6 +150,13 @@ class BaseHandler(tornado.web.RequestHandler):
         self.set_status(status_code)
         self.finish(json.dumps(envelope(error_type, message).model_dump(), ensure_ascii=False))
 
+    # The endpoint label of pensieve_requests_total; None: not counted (probes, /metrics).
+    endpoint: str | None = None
+
+    def on_finish(self) -> None:
+        if self.endpoint is not None:
+            self.engine.metrics.requests.inc(endpoint=self.endpoint, status=str(self.get_status()))
+
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         if classify(value) is not None or isinstance(value, tornado.web.HTTPError):
             log.info("%s %s -> %s", self.request.method, self.request.path, value)
@@ -252,7 +261,17 @@ class ModelsHandler(BaseHandler):
         )
 
 
+class MetricsHandler(BaseHandler):
+    """GET /metrics: Prometheus's text format, behind the same checks as the API."""
+
+    def get(self) -> None:
+        self.set_header("Content-Type", METRICS_CONTENT_TYPE)
+        self.finish(self.engine.metrics.registry.render())
+
+
 class CountTokensHandler(BaseHandler):
+    endpoint = "count_tokens"
+
     async def post(self) -> None:
         body = self.parse_body(CountTokensRequest)
         what = f"POST /v1/messages/count_tokens model={body.model}"
@@ -266,6 +285,7 @@ class MessagesHandler(BaseHandler):
     """POST /v1/messages, streaming or not. A closed connection cancels the generation."""
 
     _task: asyncio.Task[None] | None = None
+    endpoint = "messages"
 
     def on_connection_close(self) -> None:
         if self._task is not None and not self._task.done():
@@ -285,8 +305,37 @@ class MessagesHandler(BaseHandler):
             f"POST /v1/messages model={body.model} stream={str(bool(body.stream)).lower()} "
             f"max_tokens={body.max_tokens}"
         )
+        try:
+            await self._serve(body, request, what)
+        except tornado.iostream.StreamClosedError:
+            log.info("client went away while its model loaded (request-id %s)", self.request_id)
+        except PensieveError as exc:
+            if not self._headers_written:
+                raise
+            # Keep-alives went out while the model loaded: the error ends the stream.
+            await self._stream_error(exc)
+            self.finish()
+
+    async def _keepalive(self) -> None:
+        """While a streamed request waits for its model to load: open the stream and keep it
+        alive with SSE comments (no event may come before message_start)."""
+        if not self._headers_written:
+            self._stream_headers()
+        self.write(WAITING_COMMENT)
+        await self.flush()
+
+    def _stream_headers(self) -> None:
+        self.set_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.set_header("Cache-Control", "no-cache")
+        self.set_header("X-Accel-Buffering", "no")
+
+    async def _serve(self, body: MessagesRequest, request: GenerationRequest, what: str) -> None:
         async with self.engine.session(
-            body.model, request, request_id=self.request_id, what=what
+            body.model,
+            request,
+            request_id=self.request_id,
+            what=what,
+            on_wait=self._keepalive if body.stream else None,
         ) as session:
             run = self._stream if body.stream else self._complete
             self._task = asyncio.ensure_future(run(body.model, session))
@@ -304,9 +353,8 @@ class MessagesHandler(BaseHandler):
         self.write_json(await whole_message(model_name, prompt_tokens, session.events()))
 
     async def _stream(self, model_name: str, session: Session) -> None:
-        self.set_header("Content-Type", "text/event-stream; charset=utf-8")
-        self.set_header("Cache-Control", "no-cache")
-        self.set_header("X-Accel-Buffering", "no")
+        if not self._headers_written:
+            self._stream_headers()
         encoder = AnthropicStream(model_name, session.prepared.input_tokens)
         try:
             async for event in session.events():
