@@ -194,13 +194,32 @@ def alias_target(value: str | AliasTarget) -> AliasTarget:
     return value if isinstance(value, AliasTarget) else AliasTarget(model_path=value)
 
 
+MIN_CONTEXT = 256
+MAX_CONTEXT = 1_048_576
+MAX_SLOTS = 64
+
+
+def _int_or_auto(value: Any, low: int, high: int) -> Any:
+    # Checked before the union, so an error names the key, not one of the union's members.
+    if value == "auto":
+        return value
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"must be an integer or 'auto', not {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"must be 'auto' or between {low} and {high}, not {value}")
+    return value
+
+
 class ModelConfig(_Section):
     model_path: str | None = Field(
         None, description="GGUF model file; null means the bundled SmolLM2-135M-Instruct."
     )
     model_type: str = Field("gguf", description="Model file format; only `gguf` is supported.")
-    context_size: int = Field(
-        8192, ge=256, le=1_048_576, description="Context window in tokens (prompt + reply)."
+    context_size: int | Literal["auto"] = Field(
+        "auto",
+        description="Context window of one conversation in tokens (prompt + reply); `auto`: "
+        "the model's training context, capped by what `memory_budget_mb` leaves for the KV "
+        "cache after the weights.",
     )
     gpu_layers: int = Field(
         -1, ge=-1, description="Layers offloaded to the GPU (Metal): -1 all, 0 none."
@@ -219,8 +238,11 @@ class ModelConfig(_Section):
         description="Memory-map the weights instead of reading them in: loads faster, but "
         "replacing the file in place while the daemon runs crashes it (SIGBUS).",
     )
-    slots: int = Field(
-        4, ge=1, le=64, description="KV-cache slots: conversations kept warm at once."
+    slots: int | Literal["auto"] = Field(
+        "auto",
+        description="Conversations kept warm and decoded at once; `auto`: 4 (an agent's main "
+        "conversation plus its subagents). In the shared KV cache a slot costs memory only "
+        "for the tokens it does not share with another.",
     )
     prefix_cache_mb: int = Field(
         4096,
@@ -237,6 +259,21 @@ class ModelConfig(_Section):
         8192,
         ge=1,
         description="Ceiling on `max_tokens` of one request (larger requests are clamped).",
+    )
+    memory_budget_mb: int | None = Field(
+        None,
+        ge=64,
+        description="Memory (MB) one model may use, weights plus KV cache; `auto` sizes fit in "
+        "it. null: half of physical memory, which leaves the other half to the system and "
+        "the user's own programs (editor, browser, the agent itself) and stays below the "
+        "about two thirds of memory macOS lets the GPU hold.",
+    )
+    kv_cache_type: Literal["f16", "q8_0", "q4_0"] = Field(
+        "f16",
+        description="Storage type of the KV cache's K and V (llama-server's --cache-type-k/-v): "
+        "q8_0 takes about half the memory of f16, q4_0 about a quarter, at some quality "
+        "cost. A quantized V needs flash attention: with `flash_attention: auto` it is "
+        "turned on, with `off` the config is refused.",
     )
     aliases: dict[str, AliasValue] = Field(
         default_factory=dict,
@@ -269,6 +306,16 @@ class ModelConfig(_Section):
     def _template(cls, value: str | None) -> str | None:
         return _check_chat_template(value)
 
+    @field_validator("context_size", mode="before")
+    @classmethod
+    def _context_range(cls, value: Any) -> Any:
+        return _int_or_auto(value, MIN_CONTEXT, MAX_CONTEXT)
+
+    @field_validator("slots", mode="before")
+    @classmethod
+    def _slots_range(cls, value: Any) -> Any:
+        return _int_or_auto(value, 1, MAX_SLOTS)
+
     @field_validator("model_type")
     @classmethod
     def _gguf_only(cls, value: str) -> str:
@@ -293,6 +340,16 @@ def _cross_checks(config: Config) -> list[ConfigIssue]:
                 "server.host",
                 f"{host!r} is reachable from other machines: set server.api_key "
                 "(or server.api_key_file) before binding beyond loopback",
+            )
+        )
+    model = config.model
+    if model.kv_cache_type != "f16" and model.flash_attention == "off":
+        issues.append(
+            ConfigIssue(
+                "model.kv_cache_type",
+                f"{model.kv_cache_type!r} needs flash attention (llama.cpp cannot store V "
+                "quantized without it) but model.flash_attention is 'off': set "
+                "model.flash_attention to 'auto' or 'on', or use 'f16'",
             )
         )
     return issues

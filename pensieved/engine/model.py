@@ -13,13 +13,20 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import psutil
 
+from pensieve.config import ModelConfig
 from pensieved.engine import selftest
 from pensieved.engine.grammar_cache import GrammarCache, ParsedGrammar
 from pensieved.engine.llama import init_backend, internals, lib, progress_callback
+from pensieved.engine.memory import (
+    KvCacheType,
+    KvPlan,
+    plan_kv,
+    shape_from_metadata,
+)
 from pensieved.errors import GrammarError, LoadCancelledError, ModelLoadError
 
 log = logging.getLogger("pensieved.engine")
@@ -30,13 +37,24 @@ class ModelSettings:
     """Everything that requires reloading the model when it changes."""
 
     path: Path
-    context_size: int
+    context_size: int | Literal["auto"]
     gpu_layers: int
     threads: int | None
     batch_size: int
-    slots: int
+    slots: int | Literal["auto"]
     mmap: bool = False
     flash_attention: str = "auto"  # auto, on, off
+    kv_cache_type: KvCacheType = "f16"
+    memory_budget_mb: int | None = None
+
+    def sizing(self) -> ModelConfig:
+        """The config keys `memory.plan_kv` resolves `auto` from."""
+        return ModelConfig(
+            context_size=self.context_size,
+            slots=self.slots,
+            kv_cache_type=self.kv_cache_type,
+            memory_budget_mb=self.memory_budget_mb,
+        )
 
     @property
     def effective_threads(self) -> int:
@@ -84,19 +102,6 @@ class LoadedModel:
         self._load_cancelled = False
         if keep_loading is not None:
             model_params.progress_callback = self._progress_callback(keep_loading)
-        ctx_params = c.llama_context_default_params()
-        ctx_params.n_ctx = settings.context_size * settings.slots
-        ctx_params.n_seq_max = settings.slots
-        ctx_params.kv_unified = False
-        ctx_params.n_batch = settings.batch_size
-        ctx_params.n_ubatch = settings.batch_size
-        ctx_params.n_threads = settings.effective_threads
-        ctx_params.n_threads_batch = settings.effective_threads
-        ctx_params.no_perf = True
-        ctx_params.flash_attn_type = {
-            "on": c.LLAMA_FLASH_ATTN_TYPE_ENABLED,
-            "off": c.LLAMA_FLASH_ATTN_TYPE_DISABLED,
-        }.get(settings.flash_attention, c.LLAMA_FLASH_ATTN_TYPE_AUTO)
         self._model: Any = None
         self._context: Any = None
         self._grammars: GrammarCache | None = None
@@ -108,8 +113,10 @@ class LoadedModel:
             self._model = _internals.LlamaModel(
                 path_model=str(path), params=model_params, verbose=True
             )
+            self.metadata: dict[str, str] = dict(self._model.metadata())
+            self.plan: KvPlan = self._plan(settings)
             self._context = _internals.LlamaContext(
-                model=self._model, params=ctx_params, verbose=True
+                model=self._model, params=self._context_params(settings), verbose=True
             )
         except (ValueError, RuntimeError, OSError) as exc:
             self.close()
@@ -121,9 +128,8 @@ class LoadedModel:
         self.vocab: Any = self._model.vocab
         self.n_vocab: int = int(c.llama_vocab_n_tokens(self.vocab))
         self._grammars = GrammarCache(self.vocab)
-        self.metadata: dict[str, str] = dict(self._model.metadata())
         self.chat_template: str | None = self.metadata.get("tokenizer.chat_template")
-        self.slots: int = settings.slots
+        self.slots: int = self.plan.slots
         # Per slot: what one conversation may hold, prompt and reply together.
         self.n_ctx: int = int(c.llama_n_ctx_seq(self.ctx))
         self.n_batch: int = settings.batch_size
@@ -144,6 +150,54 @@ class LoadedModel:
                 path.name,
                 self.n_ctx_train,
             )
+
+    def _plan(self, settings: ModelSettings) -> KvPlan:
+        """Context and slots, `auto` resolved against the memory budget (see memory.py)."""
+        try:
+            shape = shape_from_metadata(self.metadata)
+        except ValueError:
+            if settings.context_size == "auto":
+                raise
+            # An unusual architecture: explicit sizes still load, only the estimates are off.
+            return KvPlan(
+                context_size=settings.context_size,
+                slots=4 if settings.slots == "auto" else settings.slots,
+                pool_tokens=settings.context_size,
+                bytes_per_token=0,
+                kv_cache_type=settings.kv_cache_type,
+                budget_bytes=0,
+                weights_bytes=self.size_bytes,
+                reason=f"context {settings.context_size} as configured",
+            )
+        plan = plan_kv(settings.sizing(), shape, self.size_bytes)
+        log.info("%s: %s", settings.path.name, plan.reason)
+        if not plan.fits:
+            log.warning(
+                "%s needs %.1f GB (weights and KV cache), over its memory budget of %.1f GB",
+                settings.path.name,
+                plan.total_bytes / 1024**3,
+                plan.budget_bytes / 1024**3,
+            )
+        return plan
+
+    def _context_params(self, settings: ModelSettings) -> Any:
+        c = lib()
+
+        plan = self.plan
+        ctx_params = c.llama_context_default_params()
+        ctx_params.n_ctx = plan.context_size * plan.slots
+        ctx_params.n_seq_max = plan.slots
+        ctx_params.kv_unified = False
+        ctx_params.n_batch = settings.batch_size
+        ctx_params.n_ubatch = settings.batch_size
+        ctx_params.n_threads = settings.effective_threads
+        ctx_params.n_threads_batch = settings.effective_threads
+        ctx_params.no_perf = True
+        ctx_params.flash_attn_type = {
+            "on": c.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+            "off": c.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+        }.get(settings.flash_attention, c.LLAMA_FLASH_ATTN_TYPE_AUTO)
+        return ctx_params
 
     def _progress_callback(self, keep_loading: Callable[[float], bool]) -> Any:
         def progress(fraction: float, _user_data: Any) -> bool:

@@ -86,6 +86,8 @@ def settings_for(config: Config, path: Path) -> ModelSettings:
         slots=m.slots,
         mmap=m.mmap,
         flash_attention=m.flash_attention,
+        kv_cache_type=m.kv_cache_type,
+        memory_budget_mb=m.memory_budget_mb,
     )
 
 
@@ -422,7 +424,7 @@ class Engine:
             await self._make_room(entry)
         path = entry.path
         entry.set_state("loading")
-        log.info("loading model %s (context %d)", path, entry.settings.context_size)
+        log.info("loading model %s (context %s)", path, entry.settings.context_size)
         started = time.monotonic()
         try:
             with self.activity.loading(str(path)):

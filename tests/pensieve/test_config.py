@@ -66,6 +66,16 @@ def test_defaults() -> None:
         ({"server": {"max_concurrent_requests": 0}}, "server.max_concurrent_requests", "1"),
         ({"server": {"socket_path": "/tmp/" + "x" * 200}}, "server.socket_path", "104"),
         ({"server": {"host": "0.0.0.0"}}, "server.host", "api_key"),
+        ({"model": {"context_size": "big"}}, "model.context_size", "'auto'"),
+        ({"model": {"slots": 0}}, "model.slots", "between 1 and 64"),
+        ({"model": {"slots": True}}, "model.slots", "integer or 'auto'"),
+        ({"model": {"memory_budget_mb": 10}}, "model.memory_budget_mb", "64"),
+        ({"model": {"kv_cache_type": "q5_1"}}, "model.kv_cache_type", "q8_0"),
+        (
+            {"model": {"kv_cache_type": "q4_0", "flash_attention": "off"}},
+            "model.kv_cache_type",
+            "model.flash_attention",
+        ),
     ],
 )
 def test_errors_name_key_path(data: dict[str, object], path: str, fragment: str) -> None:
@@ -127,3 +137,11 @@ def test_loopback_lookalike_host_needs_a_key() -> None:
     assert paths_of(info.value) == ["server.host"]
     assert parse_config({"server": {"host": "127.0.0.2"}}).server.host == "127.0.0.2"
     assert parse_config({"server": {"host": "::1"}}).server.host == "::1"
+
+
+def test_sizes_default_to_auto_and_accept_numbers() -> None:
+    assert (Config().model.context_size, Config().model.slots) == ("auto", "auto")
+    model = parse_config({"model": {"context_size": 32768, "slots": 2}}).model
+    assert (model.context_size, model.slots) == (32768, 2)
+    quantized = parse_config({"model": {"kv_cache_type": "q8_0", "flash_attention": "auto"}})
+    assert quantized.model.kv_cache_type == "q8_0"
