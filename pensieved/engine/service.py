@@ -34,6 +34,7 @@ from pensieve.wire import DecodeStatus, ModelEntryStatus, ModelStatus
 from pensieved.engine.batcher import Batcher
 from pensieved.engine.grammar import loosest_grammar, request_grammar
 from pensieved.engine.grammar_cache import ParsedGrammar
+from pensieved.engine.memory import budget_bytes, plan_for_file
 from pensieved.engine.model import LoadedModel, ModelSettings
 from pensieved.engine.persist import PrefixStore, saved_summary
 from pensieved.engine.prompt import (
@@ -248,6 +249,7 @@ class ModelEntry:
     error: str | None = None  # why its last load failed
     task: asyncio.Task[None] | None = None  # the load or unload under way
     waiting: int = 0  # requests waiting for it to load
+    need_bytes: int | None = None  # weights plus KV cache, from its GGUF header (0: unknown)
 
     @property
     def path(self) -> Path:
@@ -456,7 +458,9 @@ class Engine:
             others = [
                 e for e in self._models.entries.values() if e is not entry and e.state != "unloaded"
             ]
-            if len(others) < self.config.model.max_loaded_models:
+            if len(others) < self.config.model.max_loaded_models and await self._fits(
+                entry, others
+            ):
                 return
             idle = [e for e in others if e.state == "loaded" and not e.busy]
             if idle:
@@ -472,6 +476,24 @@ class Engine:
                     retry_after_s=5,
                 )
             await asyncio.sleep(0.05)
+
+    async def _fits(self, entry: ModelEntry, others: list[ModelEntry]) -> bool:
+        """Whether `entry` fits `model.memory_budget_mb` beside `others`: the budget holds
+        every loaded model's weights and KV cache together. A model too large for the budget
+        on its own still loads once nothing else is left (its load reports the problem)."""
+        if not others:
+            return True
+        for e in (entry, *others):
+            if e.need_bytes is None:
+                e.need_bytes = await asyncio.to_thread(self._need_bytes, e.path)
+        budget = budget_bytes(self.config.model)
+        return sum(e.need_bytes or 0 for e in (entry, *others)) <= budget
+
+    def _need_bytes(self, path: Path) -> int:
+        try:
+            return plan_for_file(self.config.model, path).total_bytes
+        except (OSError, ValueError):  # unreadable or too large: the load says why
+            return 0
 
     async def _start_unload(self, entry: ModelEntry, reason: str) -> None:
         """Unload `entry` as its own task (a request arriving meanwhile waits for it)."""
