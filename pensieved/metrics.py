@@ -147,7 +147,7 @@ class Histogram(_Metric):
             for bound, bucket in zip(self.buckets, counts, strict=True):
                 running += bucket
                 out.append(
-                    f"{self.name}_bucket{_labels_text((*key, ('le', _number(bound))))} {running}"
+                    f"{self.name}_bucket{_labels_text((*key, ('le', repr(float(bound)))))} {running}"
                 )
             out.append(f"{self.name}_bucket{_labels_text((*key, ('le', '+Inf')))} {n}")
             out.append(f"{self.name}_sum{_labels_text(key)} {_number(total)}")
