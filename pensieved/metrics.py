@@ -146,9 +146,8 @@ class Histogram(_Metric):
             running = 0
             for bound, bucket in zip(self.buckets, counts, strict=True):
                 running += bucket
-                out.append(
-                    f"{self.name}_bucket{_labels_text((*key, ('le', repr(float(bound)))))} {running}"
-                )
+                le = ("le", repr(float(bound)))
+                out.append(f"{self.name}_bucket{_labels_text((*key, le))} {running}")
             out.append(f"{self.name}_bucket{_labels_text((*key, ('le', '+Inf')))} {n}")
             out.append(f"{self.name}_sum{_labels_text(key)} {_number(total)}")
             out.append(f"{self.name}_count{_labels_text(key)} {n}")
