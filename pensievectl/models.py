@@ -52,7 +52,7 @@ def format_models(reply: ModelsResponse, now: float | None = None) -> str:
     lines.append(f"({policy}; at most {reply.max_loaded_models} loaded at once)")
     for m in reply.models:
         if m.error:
-            lines.append(f"{m.file}: last load failed: {m.error}")
+            lines.append(f"{m.file}: {m.error}")
     return "\n".join(lines)
 
 

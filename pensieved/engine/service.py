@@ -34,7 +34,7 @@ from pensieve.wire import DecodeStatus, ModelEntryStatus, ModelStatus
 from pensieved.engine.batcher import Batcher
 from pensieved.engine.grammar import loosest_grammar, request_grammar
 from pensieved.engine.grammar_cache import ParsedGrammar
-from pensieved.engine.memory import budget_bytes, plan_for_file
+from pensieved.engine.memory import budget_bytes, plan_for_file, read_gguf_metadata
 from pensieved.engine.model import LoadedModel, ModelSettings
 from pensieved.engine.persist import PrefixStore, saved_summary
 from pensieved.engine.prompt import (
@@ -250,6 +250,8 @@ class ModelEntry:
     task: asyncio.Task[None] | None = None  # the load or unload under way
     waiting: int = 0  # requests waiting for it to load
     need_bytes: int | None = None  # weights plus KV cache, from its GGUF header (0: unknown)
+    has_template: bool | None = None  # its GGUF carries a chat template (None: not read yet)
+    template_problem: str | None = None  # a name it serves has no template to use
 
     @property
     def path(self) -> Path:
@@ -290,12 +292,17 @@ class _Models:
         """The entry serving `name`, its `chat_template` setting and that setting's key."""
         for pattern, target in alias_targets(self.config).items():
             if fnmatch.fnmatchcase(name, pattern):
-                path = Path(target.model_path).expanduser()
-                setting = target.chat_template
-                if setting is None and path == self.default_path:
-                    setting = self.config.model.chat_template
-                return self.entries.get(path), setting, f"model.aliases.{pattern}.chat_template"
+                return self.resolve_pattern(pattern, target)
         return self.default_entry, self.config.model.chat_template, "model.chat_template"
+
+    def resolve_pattern(
+        self, pattern: str, target: AliasTarget
+    ) -> tuple[ModelEntry | None, str | None, str]:
+        path = Path(target.model_path).expanduser()
+        setting = target.chat_template
+        if setting is None and path == self.default_path:
+            setting = self.config.model.chat_template
+        return self.entries.get(path), setting, f"model.aliases.{pattern}.chat_template"
 
     def names_of(self, path: Path) -> list[str]:
         names = [
@@ -410,6 +417,7 @@ class Engine:
         self._state = "ready" if default is not None else "no_model"
         self._check_default_template()
         self._retire_dropped(old.entries, entries)
+        self._spawn_template_check()
 
     def _retire_dropped(self, old: dict[Path, ModelEntry], new: dict[Path, ModelEntry]) -> None:
         retired = [entry for path, entry in old.items() if new.get(path) is not entry]
@@ -654,6 +662,7 @@ class Engine:
         self._check_default_template()
         with contextlib.suppress(RuntimeError):  # no loop: nothing was loaded either
             self._retire_dropped(old.entries, entries)
+            self._spawn_template_check()
 
     def drop_stale_error(self) -> None:
         """A config that needs no model load makes a failed alias load moot (the alias is
@@ -679,6 +688,28 @@ class Engine:
             self._template_error = message
         elif self._template_error is not None and (entry is None or runtime is not None):
             self._template_error = None
+
+    def _spawn_template_check(self) -> None:
+        task = asyncio.get_running_loop().create_task(self._check_alias_templates())
+        task.add_done_callback(_retrieve)
+
+    async def _check_alias_templates(self) -> None:
+        """Report an alias whose model has no chat template and that names none, from the
+        GGUF's header, before any request is refused for it (status, `models`, the log)."""
+        models = self._models
+        for pattern, target in alias_targets(models.config).items():
+            entry, setting, key = models.resolve_pattern(pattern, target)
+            if entry is None:
+                continue
+            if entry.has_template is None:
+                entry.has_template = await asyncio.to_thread(_gguf_has_template, entry.path)
+            if setting is None and entry.has_template is False:
+                message = missing_template_message(entry.path, key)
+                if entry.template_problem != message:
+                    log.error("%s", message)
+                entry.template_problem = message
+            elif entry.template_problem is not None and key in entry.template_problem:
+                entry.template_problem = None
 
     # ---- requests --------------------------------------------------------------------------
 
@@ -978,7 +1009,7 @@ class Engine:
                     last_used=entry.used_at if (runtime or entry.last_used) else None,
                     unloaded_at=entry.unloaded_at if entry.state == "unloaded" else None,
                     load_s=entry.load_s,
-                    error=entry.error,
+                    error=entry.error or entry.template_problem,
                     chat_template=template,
                     memory_bytes=(
                         runtime.model.size_bytes
@@ -1020,6 +1051,13 @@ class Engine:
                     await asyncio.wait({entry.task}, timeout=5)
             if entry.runtime is not None:
                 await self._unload(entry, "stop")
+
+
+def _gguf_has_template(path: Path) -> bool | None:
+    try:
+        return "tokenizer.chat_template" in read_gguf_metadata(path)
+    except (OSError, ValueError):
+        return None  # missing or unreadable: its load will say why
 
 
 def _retrieve(task: asyncio.Task[None]) -> None:

@@ -181,11 +181,17 @@ def test_a_base_model_without_template_is_reported_until_one_is_set(
 
 
 def test_pensievectl_models_lists_loads_and_unloads(tmp_path: Path, gemma: str) -> None:
-    config = {"model": {"aliases": {"small-*": {"model_path": gemma, "chat_template": "gemma"}}}}
-    d = start_daemon(tmp_path, config)
+    aliases = {"small-*": {"model_path": gemma, "chat_template": "gemma"}, "raw-*": gemma}
+    d = start_daemon(tmp_path, {"model": {"aliases": aliases}})
     try:
+        # The alias without a template is reported from the GGUF's header, before any use.
+        wait_for(
+            lambda: "raw-*" in (entry(control_status(d.socket_path), GEMMA.name)["error"] or ""), 30
+        )
         listed = run_ctl("models", socket_path=d.socket_path)
         assert listed.returncode == 0, listed.stderr
+        assert "set model.aliases.raw-*.chat_template" in listed.stdout
+        assert "set model.aliases.raw-*.chat_template" in d.log_text()
         lines = listed.stdout.splitlines()
         assert lines[0].split()[:3] == ["MODEL", "STATE", "SINCE"]
         assert any(
@@ -221,7 +227,7 @@ def test_pensievectl_models_refuses_a_model_that_cannot_load(tmp_path: Path) -> 
         assert failed.returncode == 1
         assert "model file not found" in failed.stderr
         listed = run_ctl("models", socket_path=d.socket_path)
-        assert "last load failed: model file not found" in listed.stdout
+        assert "missing.gguf: model file not found" in listed.stdout
         with d.http() as http:  # the request for it fails clearly; the default still serves
             r = http.post("/v1/messages", json=ask("Hi", model="ghost-1"))
             assert r.status_code == 503 and "missing.gguf" in r.json()["error"]["message"]

@@ -52,7 +52,7 @@ def test_the_table_shows_state_memory_caches_and_last_use() -> None:
     assert "b.gguf" in lines[2] and "unloaded" in lines[2] and "1h 0m ago" in lines[2]
     assert "20000 (2.0 MB)" in lines[2] and lines[2].endswith("claude-haiku-*")
     assert "(idle unload after 15m 0s; at most 2 loaded at once)" in lines
-    assert "b.gguf: last load failed: model file not found: /m/b.gguf" in lines
+    assert "b.gguf: model file not found: /m/b.gguf" in lines
 
 
 def test_no_idle_unload_is_said_plainly() -> None:
