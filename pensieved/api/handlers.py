@@ -247,8 +247,8 @@ class ModelsHandler(BaseHandler):
             self.engine.runtime_for(model_id)  # 503 when nothing could serve it
             self.write_json(self._info(model_id))
             return
-        model = self.engine.default_model
-        ids = [model.settings.path.stem] if model else []
+        default = self.engine.default_model_name  # listed also while idle-unloaded
+        ids = [default] if default else []
         ids += [p for p in self.engine.config.model.aliases if p not in ids]
         data = [self._info(i) for i in ids]
         self.write_json(

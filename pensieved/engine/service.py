@@ -507,7 +507,9 @@ class Engine:
         """Unload `entry` as its own task (a request arriving meanwhile waits for it)."""
         task = asyncio.get_running_loop().create_task(self._unload(entry, reason))
         entry.task = task
-        await task
+        # Shielded: a caller cancelled meanwhile (the idle watcher at a stop) must not leave
+        # the model half closed; close() waits for the task instead.
+        await asyncio.shield(task)
 
     async def _unload(self, entry: ModelEntry, reason: str) -> None:
         """Save `entry`'s KV caches and free its model; only call when it is not busy."""
@@ -957,6 +959,12 @@ class Engine:
             "Requests admitted and not finished.",
             lambda: [({}, float(self.stats.in_flight))],
         )
+
+    @property
+    def default_model_name(self) -> str | None:
+        """The default model's name, loaded or not (its file's stem)."""
+        entry = self._models.default_entry
+        return entry.path.stem if entry is not None else None
 
     @property
     def default_model(self) -> LoadedModel | None:
