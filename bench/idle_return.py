@@ -4,11 +4,12 @@ Goal (issue 15): after an idle unload, a request with the same prefix as before 
 token within the model's load time plus 1.2 x the time to evaluate only its new tokens, and
 reports `cache_read_input_tokens` > 0. In one run, per round:
 
-- `cold`: the prefix plus a question, on a model that has never seen it;
-- `after idle`: once the model was unloaded for idleness, the conversation's next turn;
-- `warm reference`: the same next turn with another question of the same length, on the
-  loaded model (only the new tokens are evaluated): the "1.2 x" reference;
-- `load`: the reload's own duration, from `pensievectl models`' status.
+- `cold`: a long prefix plus a question, on a model that has never seen it;
+- `warm reference`: that conversation's next turn on the loaded model (only the new tokens
+  are evaluated): the "1.2 x" reference;
+- `after idle`: a second conversation of the same shape whose model was unloaded for
+  idleness between its two turns (the same new tokens, its prefix read back from disk);
+- `load`: that reload's own duration, as the daemon's status reports it.
 
 Also the daemon's resident memory while loaded and once unloaded.
 """
@@ -65,6 +66,24 @@ def wait_state(socket_path: str, state: str, timeout: float = 120) -> None:
         time.sleep(0.1)
 
 
+def first_turn(words: str) -> dict[str, Any]:
+    return {
+        "model": "m",
+        "max_tokens": 8,
+        "temperature": 0,
+        "messages": [{"role": "user", "content": f"Summarise: {words}"}],
+    }
+
+
+def second_turn(words: str, question: str) -> dict[str, Any]:
+    body = first_turn(words)
+    body["messages"] += [
+        {"role": "assistant", "content": "I will summarise the list in one sentence."},
+        {"role": "user", "content": question},
+    ]
+    return body
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.idle_return", description=__doc__)
     parser.add_argument("--model", help="GGUF file (default: the bundled model)")
@@ -104,34 +123,28 @@ def main(argv: list[str] | None = None) -> int:
         wait_state(sock, "loaded")
         daemon = psutil.Process(proc.pid)
         for round_ in range(args.rounds):
-            prefix = f"Round {round_}. Summarise: " + " ".join(
-                f"item{n}" for n in range(args.words)
+            # Two conversations of the same shape: X stays loaded (the reference), Y's model
+            # is unloaded between its two turns. The assistant turn is fixed text, so both
+            # second turns bring the same new tokens.
+            x, y = (
+                " ".join(f"{word}{n}" for n in range(args.words)) for word in ("alpha", "bravo")
             )
-            first = {"model": "m", "max_tokens": 8, "temperature": 0}
-            first["messages"] = [{"role": "user", "content": prefix}]
-            cold = stream_message(port, first)
+            question = f"Round {round_}: now list the first three items, please."
+            cold = stream_message(port, first_turn(x))
+            warm = stream_message(port, second_turn(x, question))
+            stream_message(port, first_turn(y))
             loaded_rss = daemon.memory_info().rss
-            turn = [
-                {"role": "user", "content": prefix},
-                {"role": "assistant", "content": cold.text or "ok"},
-            ]
             wait_state(sock, "unloaded", timeout=idle_s + 60)
             time.sleep(0.5)
             idle_rss = daemon.memory_info().rss
-            question = "Now list the first three items, please."
-            after = stream_message(
-                port, {**first, "messages": [*turn, {"role": "user", "content": question}]}
-            )
+            after = stream_message(port, second_turn(y, question))
             load_s = default_model(sock)["load_s"]
-            other = "Now list the final three items, please."
-            warm = stream_message(
-                port, {**first, "messages": [*turn, {"role": "user", "content": other}]}
-            )
             rows.append(
                 {
                     "prompt_tokens": after.input_tokens + after.cache_read_tokens,
                     "cold_ttft_s": cold.ttft_s,
                     "after_idle_ttft_s": after.ttft_s,
+                    "after_idle_new_tokens": after.input_tokens,
                     "after_idle_cache_read": after.cache_read_tokens,
                     "load_s": load_s,
                     "warm_new_tokens": warm.input_tokens,
