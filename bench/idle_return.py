@@ -71,7 +71,7 @@ def first_turn(words: str) -> dict[str, Any]:
         "model": "m",
         "max_tokens": 8,
         "temperature": 0,
-        "messages": [{"role": "user", "content": f"Summarise: {words}"}],
+        "messages": [{"role": "user", "content": f"{words}\nSummarise that list."}],
     }
 
 
@@ -129,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
             x, y = (
                 " ".join(f"{word}{n}" for n in range(args.words)) for word in ("alpha", "bravo")
             )
-            question = f"Round {round_}: now list the first three items, please."
+            question = "Now list the first three items, please."
+            # The round opens the prompt: nothing is shared with an earlier round's caches.
+            x, y = f"(round {round_}) {x}", f"(round {round_}) {y}"
             cold = stream_message(port, first_turn(x))
             warm = stream_message(port, second_turn(x, question))
             stream_message(port, first_turn(y))
