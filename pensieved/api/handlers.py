@@ -27,7 +27,7 @@ from pensieved.api.models import (
     ModelInfo,
     ModelList,
 )
-from pensieved.api.sse import WAITING_COMMENT, AnthropicStream, whole_message
+from pensieved.api.sse import LOADING_COMMENT, AnthropicStream, whole_message
 from pensieved.engine.service import Engine, Session
 from pensieved.engine.types import GenerationRequest
 from pensieved.errors import InvalidRequestError, NotFoundError, PensieveError
@@ -321,7 +321,7 @@ class MessagesHandler(BaseHandler):
         alive with SSE comments (no event may come before message_start)."""
         if not self._headers_written:
             self._stream_headers()
-        self.write(WAITING_COMMENT)
+        self.write(LOADING_COMMENT)
         await self.flush()
 
     def _stream_headers(self) -> None:

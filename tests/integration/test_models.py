@@ -142,7 +142,7 @@ def test_two_aliases_take_turns_with_one_model_loaded(tmp_path: Path, gemma: str
         assert names[0] == "message_start" and names[-1] == "message_stop", names[-3:]
         assert held["events"][-2]["usage"]["output_tokens"] > 0
         assert r.status_code == 200
-        assert r.text.startswith(": waiting"), r.text[:80]
+        assert r.text.startswith(": loading the model"), r.text[:80]
         waited = [e["type"] for e in sse_events(r.text.splitlines())]
         assert waited[0] == "message_start" and waited[-1] == "message_stop"
         status = control_status(d.socket_path)
