@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from pensieve.config import parse_config
-from pensieved.engine import service
+from pensieved.engine import lifecycle
 from pensieved.engine.service import Engine
 from pensieved.errors import ModelLoadError, OverloadedError
 
@@ -62,7 +62,7 @@ def loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         loaded.append(settings.path.name)
         return FakeRuntime(FakeModel(settings.path.stem))
 
-    monkeypatch.setattr(service, "_load_runtime", fake_load)
+    monkeypatch.setattr(lifecycle, "_load_runtime", fake_load)
     return loaded
 
 
