@@ -207,7 +207,7 @@ class HealthHandler(BaseHandler):
         return bool(server.api_key or server.api_key_file)
 
     def get(self) -> None:
-        status = self.engine.status()
+        status = self.engine.status(models=False)
         model = status.model
         ready = status.state == "ready"
         self.write_json(
@@ -235,7 +235,7 @@ def _created_at(path: str | None) -> str:
 
 class ModelsHandler(BaseHandler):
     def _info(self, model_id: str) -> ModelInfo:
-        model = self.engine.status().model
+        model = self.engine.status(models=False).model
         return ModelInfo(
             id=model_id,
             display_name=(model.name if model else "") or model_id,

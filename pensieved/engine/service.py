@@ -612,13 +612,15 @@ class Engine(ModelLifecycle):
             )
         return out
 
-    def status(self) -> EngineStatus:
-        """State and default-model facts for /health and `status`."""
+    def status(self, *, models: bool = True) -> EngineStatus:
+        """State and default-model facts for /health and `status`; with every model's state
+        unless `models` is False (it reads the saved caches' headers: not for /health)."""
         runtime = self._models.default
         facts = self._model_status(runtime) if runtime is not None else None
         aliases = {p: t.model_path for p, t in alias_targets(self.config).items()}
         state = "error" if self._template_error and self._state == "ready" else self._state
-        return EngineStatus(state, self.error, facts, aliases, self.models_status())
+        listed = self.models_status() if models else []
+        return EngineStatus(state, self.error, facts, aliases, listed)
 
     def start_draining(self) -> None:
         self._draining = True
