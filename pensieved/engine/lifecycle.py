@@ -478,9 +478,20 @@ class ModelLifecycle:
                 await self._unload(entry, "reload")
                 log.info("released model %s", entry.path.name)
 
-    def _spawn_template_check(self) -> None:
-        task = asyncio.get_running_loop().create_task(self._check_alias_templates())
-        task.add_done_callback(retrieve)
+    def _after_config_change(self) -> None:
+        """After a config change: report missing chat templates, and unload idle models
+        beyond a lowered `model.max_loaded_models`."""
+        for job in (self._check_alias_templates(), self._unload_beyond_limit()):
+            task = asyncio.get_running_loop().create_task(job)
+            task.add_done_callback(retrieve)
+
+    async def _unload_beyond_limit(self) -> None:
+        while True:
+            loaded = [e for e in self._models.entries.values() if e.state == "loaded"]
+            idle = [e for e in loaded if not e.busy]
+            if len(loaded) <= self.config.model.max_loaded_models or not idle:
+                return
+            await self._start_unload(min(idle, key=lambda e: e.used_at), "room")
 
     async def _check_alias_templates(self) -> None:
         """Report an alias whose model has no chat template and that names none, from the

@@ -218,7 +218,7 @@ class Engine(ModelLifecycle):
         self._state = "ready" if default is not None else "no_model"
         self._check_default_template()
         self._retire_dropped(old.entries, entries)
-        self._spawn_template_check()
+        self._after_config_change()
 
     @property
     def state(self) -> EngineState:
@@ -263,7 +263,7 @@ class Engine(ModelLifecycle):
         self._check_default_template()
         with contextlib.suppress(RuntimeError):  # no loop: nothing was loaded either
             self._retire_dropped(old.entries, entries)
-            self._spawn_template_check()
+            self._after_config_change()
 
     def drop_stale_error(self) -> None:
         """A config that needs no model load makes a failed alias load moot (the alias is

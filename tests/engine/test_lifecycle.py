@@ -194,3 +194,23 @@ async def test_idle_models_are_unloaded_and_load_again_on_the_next_request(
         stop.set()
         await watcher
     assert engine.metrics.unloads.value(model="default", reason="idle") == 1
+
+
+@in_loop
+async def test_a_lowered_max_loaded_models_unloads_the_least_recently_used_at_once(
+    tmp_path: Path, loads: list[str]
+) -> None:
+    engine = engine_for(tmp_path, max_loaded_models=3)
+    await engine.load(engine.config)
+    await use(engine, "a-1")
+    await use(engine, "b-1")
+    assert list(states(engine).values()).count("loaded") == 3
+    lowered = engine.config.model_copy(
+        update={"model": engine.config.model.model_copy(update={"max_loaded_models": 1})}
+    )
+    engine.apply_live_settings(lowered)
+    deadline = time.monotonic() + 5
+    while list(states(engine).values()).count("loaded") > 1:
+        assert time.monotonic() < deadline, states(engine)
+        await asyncio.sleep(0.02)
+    assert states(engine)["b.gguf"] == "loaded"  # the most recently used one stays
