@@ -133,8 +133,10 @@ def main(argv: list[str] | None = None) -> int:
             # The round opens the prompt: nothing is shared with an earlier round's caches.
             x, y = f"(round {round_}) {x}", f"(round {round_}) {y}"
             cold = stream_message(port, first_turn(x))
-            warm = stream_message(port, second_turn(x, question))
             stream_message(port, first_turn(y))
+            # Both conversations are in the KV cache for both second turns: in a cache shared
+            # by the slots, a decode's attention spans every slot's cached tokens.
+            warm = stream_message(port, second_turn(x, question))
             loaded_rss = daemon.memory_info().rss
             wait_state(sock, "unloaded", timeout=idle_s + 60)
             time.sleep(0.5)
