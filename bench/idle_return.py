@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", help="GGUF file (default: the bundled model)")
     parser.add_argument("--words", type=int, default=600, help="size of the shared prefix")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--context-size", type=int, default=4096)
+    # Room for both conversations in the shared KV cache, so neither is evicted between turns.
+    parser.add_argument("--context-size", type=int, default=8192)
     args = parser.parse_args(argv)
     model = Path(args.model) if args.model else bundled_model_path()
     assert model is not None, "no model: install the bundled one or pass --model"
