@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         "model": {
             "model_path": str(model),
             "context_size": args.context_size,
-            "slots": 2,
+            # A slot per conversation of two rounds: none is taken over by the next round.
+            "slots": 4,
             "idle_unload_s": idle_s,
             "prefix_cache_dir": str(workdir / "kv"),
         },
