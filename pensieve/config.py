@@ -12,14 +12,16 @@ import ipaddress
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     SecretStr,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -207,6 +209,56 @@ class UpstreamConfig(_Section):
         return self
 
 
+# The chat templates pensieved ships, for GGUFs without one (base models) or with a broken one;
+# their Jinja sources live in pensieved/engine/templates.py (a test keeps the two in step).
+BUILTIN_CHAT_TEMPLATES = ("chatml", "gemma", "llama3")
+
+
+def _check_chat_template(value: str | None) -> str | None:
+    if value is None or value in BUILTIN_CHAT_TEMPLATES:
+        return value
+    if not Path(value).expanduser().is_file():
+        names = ", ".join(BUILTIN_CHAT_TEMPLATES)
+        raise ValueError(
+            f"{value!r} is neither a built-in template ({names}) nor an existing Jinja file"
+        )
+    return value
+
+
+class AliasTarget(_Section):
+    """An alias's model, when it needs more than a file name."""
+
+    model_path: str = Field(description="GGUF model file this alias serves.")
+    chat_template: str | None = Field(
+        None,
+        description="Chat template for this alias: a built-in name (chatml, gemma, llama3) or "
+        "a Jinja file; null: `model.chat_template`, else the one in the GGUF.",
+    )
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template(cls, value: str | None) -> str | None:
+        return _check_chat_template(value)
+
+
+def _alias_kind(value: Any) -> str:
+    return "object" if isinstance(value, dict | AliasTarget) else "path"
+
+
+# A plain string (the GGUF path) or an object; the tag picks one branch, so a wrong value gets
+# one error, not one per branch (config errors drop the tag from the key path).
+AliasValue = Annotated[
+    Annotated[str, Tag("path")] | Annotated[AliasTarget, Tag("object")],
+    Discriminator(_alias_kind),
+]
+_UNION_TAGS = frozenset({"path", "object"})
+
+
+def alias_target(value: str | AliasTarget) -> AliasTarget:
+    """Either alias shape as an object."""
+    return value if isinstance(value, AliasTarget) else AliasTarget(model_path=value)
+
+
 MIN_CONTEXT = 256
 MAX_CONTEXT = 1_048_576
 MAX_SLOTS = 64
@@ -288,10 +340,11 @@ class ModelConfig(_Section):
         "cost. A quantized V needs flash attention: with `flash_attention: auto` it is "
         "turned on, with `off` the config is refused.",
     )
-    aliases: dict[str, str] = Field(
+    aliases: dict[str, AliasValue] = Field(
         default_factory=dict,
         description="Requested model name patterns (fnmatch, e.g. `claude-haiku-*`) mapped "
-        "to GGUF files; names that match none use `model_path`.",
+        "to GGUF files, or to objects `{model_path, chat_template}`; names that match none use "
+        "`model_path`. An alias's model is loaded on its first request.",
     )
     upstreams: dict[str, UpstreamConfig] = Field(
         default_factory=dict,
@@ -299,6 +352,30 @@ class ModelConfig(_Section):
         "another server instead of a local model. They are checked before `aliases`: a name "
         "that matches an upstream pattern never loads a local model.",
     )
+    chat_template: str | None = Field(
+        None,
+        description="Chat template of `model_path`'s model, like llama-server's "
+        "--chat-template(-file): a built-in name (chatml, gemma, llama3) or a Jinja file; "
+        "null: the GGUF's own. Needed for base models, whose GGUF has none.",
+    )
+    idle_unload_s: float = Field(
+        900,
+        ge=0,
+        description="Unload a model (saving its KV caches first) after this many seconds "
+        "without a request; the next request reloads it warm. 0: never.",
+    )
+    max_loaded_models: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description="Models kept loaded at once; loading another unloads the least recently "
+        "used idle one (its KV caches saved first).",
+    )
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template(cls, value: str | None) -> str | None:
+        return _check_chat_template(value)
 
     @field_validator("context_size", mode="before")
     @classmethod
@@ -352,7 +429,11 @@ def _cross_checks(config: Config) -> list[ConfigIssue]:
 def _issues_from(error: ValidationError) -> list[ConfigIssue]:
     issues = []
     for item in error.errors(include_url=False):
-        path = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        loc = item["loc"]
+        # An alias value's union tag is not a key the user wrote.
+        if len(loc) > 3 and loc[:2] == ("model", "aliases") and loc[3] in _UNION_TAGS:
+            loc = loc[:3] + loc[4:]
+        path = ".".join(str(part) for part in loc) or "(top level)"
         message = item["msg"]
         if item["type"] == "extra_forbidden":
             message = "unknown key"

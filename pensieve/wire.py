@@ -120,6 +120,58 @@ class ModelStatus(_ControlModel):
     kv: KvStatus | None = Field(None, description="The shared KV cache: sizes, use, sharing.")
 
 
+ModelState = Literal["loaded", "loading", "unloading", "unloaded"]
+
+
+class ModelEntryStatus(_ControlModel):
+    file: str = Field(description="The GGUF file's name.")
+    path: str = Field(description="The GGUF file.")
+    names: list[str] = Field(
+        description="What serves from it: `(default)` for model.model_path, alias patterns."
+    )
+    state: ModelState = Field(description="`loaded`, `loading`, `unloading` or `unloaded`.")
+    since: float = Field(description="Unix time it entered this state.")
+    last_used: float | None = Field(
+        None, description="Unix time a request last let go of it (null: never used)."
+    )
+    unloaded_at: float | None = Field(None, description="When it was unloaded, if it is.")
+    load_s: float | None = Field(None, description="How long its last load took, in seconds.")
+    error: str | None = Field(None, description="Why its last load failed.")
+    chat_template: str | None = Field(
+        None, description="The `chat_template` setting in force for it (null: the GGUF's)."
+    )
+    memory_bytes: int = Field(
+        0, description="Weights plus KV caches while loaded (0 when unloaded)."
+    )
+    cached_tokens: int = Field(0, description="Tokens its slots' KV caches hold now.")
+    disk_cached_tokens: int = Field(
+        0, description="Tokens in its KV caches saved on disk (read back at its next load)."
+    )
+    disk_cache_bytes: int = Field(0, description="Size of those saved caches.")
+    model: ModelStatus | None = Field(None, description="Facts of the loaded model.")
+
+
+class ModelsResponse(_ControlModel):
+    models: list[ModelEntryStatus] = Field(description="Every model file the config names.")
+    aliases: dict[str, str] = Field(description="`model.aliases`: pattern -> model file.")
+    idle_unload_s: float = Field(description="`model.idle_unload_s` in force.")
+    max_loaded_models: int = Field(description="`model.max_loaded_models` in force.")
+
+
+class ModelActionRequest(_ControlModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(
+        description="A requested model name, an alias pattern, or a GGUF file's name or path."
+    )
+
+
+class ModelActionResponse(_ControlModel):
+    action: Literal["load", "unload"] = Field(description="What was done.")
+    model: ModelEntryStatus = Field(description="The model afterwards.")
+    seconds: float = Field(description="How long it took.")
+
+
 class ProcessStatus(_ControlModel):
     rss_bytes: int = Field(description="Resident memory.")
     cpu_percent: float = Field(description="CPU use since the previous status call (or start).")
@@ -226,6 +278,11 @@ class StatusResponse(_ControlModel):
     )
     upstreams: list[UpstreamStatus] = Field(
         default_factory=list, description="`model.upstreams` routes and their URLs' health."
+    )
+    models: list[ModelEntryStatus] = Field(
+        default_factory=list,
+        description="Every model file the config names: loaded, loading, unloading or "
+        "unloaded (and since when).",
     )
 
 

@@ -111,6 +111,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long to wait for a new model (default: 600)",
     )
 
+    models = commands.add_parser(
+        "models",
+        help="the configured models and aliases: loaded or not, memory, cached tokens, last use",
+    )
+    models.add_argument("--json", action="store_true", help="machine-readable output")
+    model_actions = models.add_subparsers(dest="models_command", metavar="ACTION")
+    for action, text in (
+        ("load", "load a model now (and restore its saved KV caches)"),
+        ("unload", "unload a model once its requests are done, saving its KV caches"),
+    ):
+        sub = model_actions.add_parser(action, help=text)
+        sub.add_argument(
+            "name",
+            metavar="NAME",
+            help="a requested model name, an alias pattern, or the GGUF file's name or path",
+        )
+        sub.add_argument(
+            "--json", dest="json_action", action="store_true", help="machine-readable output"
+        )
+
     config = commands.add_parser("config", help="show the effective config or write a default one")
     config_commands = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     show = config_commands.add_parser(
@@ -142,6 +162,13 @@ def dispatch(args: argparse.Namespace, ctx: CommandContext) -> int:
                 ctx, timeout=args.timeout, log_file=args.log_file, find_supervisor=find_supervisor
             )
         return lifecycle.run_stop(ctx, timeout=args.timeout, find_supervisor=find_supervisor)
+    if command == "models":
+        from pensievectl import models
+
+        as_json = bool(args.json or getattr(args, "json_action", False))
+        if args.models_command is None:
+            return models.run_models(ctx, as_json)
+        return models.run_model_action(ctx, args.models_command, args.name, as_json)
     from pensievectl import configcmds
 
     if command == "validate":

@@ -184,6 +184,14 @@ def _upstream_rows(s: StatusResponse) -> list[tuple[str, str]]:
     return rows
 
 
+def _default_unloaded(s: StatusResponse) -> str:
+    default = next((m for m in s.models if "(default)" in m.names), None)
+    if default is None or default.state == "loaded":
+        return "none loaded"
+    ago = human_duration(max(0.0, time.time() - default.since))
+    return f"{default.file} {default.state} {ago} ago; it loads on the next request"
+
+
 def format_status(s: StatusResponse, config_problem: str | None = None) -> str:
     serving = "serving" if s.state == "ready" else f"NOT serving ({s.state})"
     lines = [
@@ -214,7 +222,7 @@ def format_status(s: StatusResponse, config_problem: str | None = None) -> str:
         )
         rows += _cache_rows(model)
     else:
-        rows.append(("model", "none loaded"))
+        rows.append(("model", _default_unloaded(s)))
     if s.model_loading:
         rows.append(("loading", s.model_loading))
     if s.error:
@@ -222,6 +230,17 @@ def format_status(s: StatusResponse, config_problem: str | None = None) -> str:
     if s.aliases:
         rows.append(("aliases", ", ".join(f"{k} -> {v}" for k, v in s.aliases.items())))
     rows += _upstream_rows(s)
+    if len(s.models) > 1:
+        now = time.time()
+        rows.append(
+            (
+                "models",
+                "\n    ".join(
+                    f"{m.file} {m.state} ({human_duration(max(0.0, now - m.since))})"
+                    for m in s.models
+                ),
+            )
+        )
     proc = s.process
     rows.append(
         (

@@ -49,6 +49,8 @@ from pensieve.wire import (
     ConfigResponse,
     HttpStatus,
     Issue,
+    ModelActionResponse,
+    ModelsResponse,
     PreviousExit,
     ProcessStatus,
     ReloadResult,
@@ -169,6 +171,31 @@ class Daemon:
             if self.previous_exit is not None
             else None,
             upstreams=[UpstreamStatus.model_validate(u) for u in self.upstreams.status()],
+            models=engine.models,
+        )
+
+    def models(self) -> ModelsResponse:
+        engine = self.engine.status()
+        model = self.engine.config.model
+        return ModelsResponse(
+            models=engine.models,
+            aliases=engine.aliases,
+            idle_unload_s=model.idle_unload_s,
+            max_loaded_models=model.max_loaded_models,
+        )
+
+    async def model_action(self, action: str, name: str) -> ModelActionResponse:
+        """Load or unload the model `name` denotes (PensieveError when none does)."""
+        started = time.monotonic()
+        if action == "load":
+            entry = await self.engine.load_model(name)
+        else:
+            entry = await self.engine.unload_model(name)
+        status = next(m for m in self.engine.models_status() if m.path == str(entry.path))
+        return ModelActionResponse(
+            action="load" if action == "load" else "unload",
+            model=status,
+            seconds=time.monotonic() - started,
         )
 
     def running_config(self) -> ConfigResponse:
@@ -282,6 +309,7 @@ class Daemon:
         self._spawn(
             watch_model_files(self._model_awaited, lambda: self.reload("model"), self._stop)
         )
+        self._spawn(self.engine.unload_idle(self._stop))
         await self._stop.wait()
         # A model load may take minutes: it is abandoned at once rather than waited for.
         self.engine.cancel_loads()

@@ -49,6 +49,10 @@ class ModelUnavailableError(PensieveError):
     """No model is loaded (none configured, failed to load, or still loading): 503."""
 
 
+class NoChatTemplateError(ModelUnavailableError):
+    """The model has no chat template and the config names none: 503 until the config does."""
+
+
 class ModelLoadError(PensieveError):
     """A model file that cannot be loaded; the message names the file and the cause."""
 

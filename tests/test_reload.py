@@ -51,7 +51,7 @@ def test_live_changes_need_no_model_load(tmp_path: Path) -> None:
     assert all(c.action == "live" for c in plan.changes)
 
 
-def test_model_keys_and_new_alias_targets_need_a_load(tmp_path: Path) -> None:
+def test_model_keys_need_a_load(tmp_path: Path) -> None:
     a, b = str(tmp_path / "a.gguf"), str(tmp_path / "b.gguf")
     old = parse_config({"model": {"model_path": a}})
     for change in (
@@ -59,10 +59,19 @@ def test_model_keys_and_new_alias_targets_need_a_load(tmp_path: Path) -> None:
         {"model_path": a, "context_size": 4096},
         {"model_path": a, "gpu_layers": 0},
         {"model_path": a, "threads": 3},
-        {"model_path": a, "aliases": {"claude-haiku-*": b}},
     ):
         new = parse_config({"model": change})
         assert plan_changes(old, new, old, engine_ok=True).model_load, change
+
+
+def test_a_new_alias_target_loads_on_its_first_request_not_at_reload(tmp_path: Path) -> None:
+    a, b = str(tmp_path / "a.gguf"), str(tmp_path / "b.gguf")
+    old = parse_config({"model": {"model_path": a}})
+    for aliases in ({"claude-haiku-*": b}, {"claude-haiku-*": {"model_path": b}}):
+        new = parse_config({"model": {"model_path": a, "aliases": aliases}})
+        plan = plan_changes(old, new, old, engine_ok=True)
+        assert not plan.model_load, aliases
+        assert [(c.key, c.action) for c in plan.changes] == [("model.aliases", "live")]
 
 
 def test_port_change_rebinds() -> None:

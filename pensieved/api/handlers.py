@@ -28,10 +28,11 @@ from pensieved.api.models import (
     ModelInfo,
     ModelList,
 )
-from pensieved.api.sse import AnthropicStream, whole_message
+from pensieved.api.sse import LOADING_COMMENT, AnthropicStream, whole_message
 from pensieved.engine.service import Engine, Session
 from pensieved.engine.types import Event, GenerationRequest
 from pensieved.errors import InvalidRequestError, NotFoundError, PensieveError
+from pensieved.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from pensieved.upstream.pool import Upstreams
 
 log = logging.getLogger("pensieved.api")
@@ -160,6 +161,13 @@ class BaseHandler(tornado.web.RequestHandler):
         handler says otherwise."""
         return status, json.dumps(envelope(error_type, message).model_dump(), ensure_ascii=False)
 
+    # The endpoint label of pensieve_requests_total; None: not counted (probes, /metrics).
+    endpoint: str | None = None
+
+    def on_finish(self) -> None:
+        if self.endpoint is not None:
+            self.engine.metrics.requests.inc(endpoint=self.endpoint, status=str(self.get_status()))
+
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         if classify(value) is not None or isinstance(value, tornado.web.HTTPError):
             log.info("%s %s -> %s", self.request.method, self.request.path, value)
@@ -212,7 +220,7 @@ class HealthHandler(BaseHandler):
         return bool(server.api_key or server.api_key_file)
 
     def get(self) -> None:
-        status = self.engine.status()
+        status = self.engine.status(models=False)
         model = status.model
         ready = status.state == "ready"
         self.write_json(
@@ -252,7 +260,7 @@ class ModelsHandler(BaseHandler):
                 created_at=_created_at(None),
                 created=_created(None),
             )
-        model = self.engine.status().model
+        model = self.engine.status(models=False).model
         return ModelInfo(
             id=model_id,
             display_name=(model.name if model else "") or model_id,
@@ -266,8 +274,8 @@ class ModelsHandler(BaseHandler):
                 self.engine.runtime_for(model_id)  # 503 when nothing could serve it
             self.write_json(self._info(model_id))
             return
-        model = self.engine.default_model
-        ids = [model.settings.path.stem] if model else []
+        default = self.engine.default_model_name  # listed also while idle-unloaded
+        ids = [default] if default else []
         ids += [p for p in self.engine.config.model.aliases if p not in ids]
         ids += [r.pattern for r in self.upstreams.routes() if r.pattern not in ids]
         data = [self._info(i) for i in ids]
@@ -281,7 +289,17 @@ class ModelsHandler(BaseHandler):
         )
 
 
+class MetricsHandler(BaseHandler):
+    """GET /metrics: Prometheus's text format, behind the same checks as the API."""
+
+    def get(self) -> None:
+        self.set_header("Content-Type", METRICS_CONTENT_TYPE)
+        self.finish(self.engine.metrics.registry.render())
+
+
 class CountTokensHandler(BaseHandler):
+    endpoint = "count_tokens"
+
     async def post(self) -> None:
         body = self.parse_body(CountTokensRequest)
         route = self.upstreams.route_for(body.model)
@@ -320,13 +338,42 @@ class GenerationHandler(BaseHandler):
         request: GenerationRequest,
         what: str,
         run: Callable[[Session], Coroutine[Any, Any, None]],
+        *,
+        stream: bool,
     ) -> None:
-        """Admit `request`, then `run` the session until it ends or the client goes away."""
-        async with self.engine.session(
-            model_name, request, request_id=self.request_id, what=what
-        ) as session:
-            self._task = asyncio.ensure_future(run(session))
-            await self._watch_hangup()
+        """Admit `request`, then `run` the session until it ends or the client goes away. A
+        streamed request waiting for its model to load is kept alive meanwhile."""
+        try:
+            async with self.engine.session(
+                model_name,
+                request,
+                request_id=self.request_id,
+                what=what,
+                on_wait=self._keepalive if stream else None,
+            ) as session:
+                self._task = asyncio.ensure_future(run(session))
+                await self._watch_hangup()
+        except tornado.iostream.StreamClosedError:
+            log.info("client went away while its model loaded (request-id %s)", self.request_id)
+        except PensieveError as exc:
+            if not self._headers_written:
+                raise
+            # Keep-alives went out while the model loaded: the error ends the stream.
+            await self._stream_error(exc)
+            self.finish()
+
+    async def _keepalive(self) -> None:
+        """While a streamed request waits for its model to load: open the stream and keep it
+        alive with SSE comments (both dialects' clients skip them)."""
+        if not self._headers_written:
+            self._stream_headers()
+        self.write(LOADING_COMMENT)
+        await self.flush()
+
+    def _stream_headers(self) -> None:
+        self.set_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.set_header("Cache-Control", "no-cache")
+        self.set_header("X-Accel-Buffering", "no")
 
     async def _watch_hangup(self) -> None:
         """Run `_task` to its end, cancelling it as soon as the client hangs up."""
@@ -341,9 +388,8 @@ class GenerationHandler(BaseHandler):
             watcher.cancel()
 
     async def stream_events(self, session: Session, encoder: StreamEncoder) -> None:
-        self.set_header("Content-Type", "text/event-stream; charset=utf-8")
-        self.set_header("Cache-Control", "no-cache")
-        self.set_header("X-Accel-Buffering", "no")
+        if not self._headers_written:
+            self._stream_headers()
         try:
             async for event in session.events():
                 data = encoder.feed(event)
@@ -380,6 +426,8 @@ class GenerationHandler(BaseHandler):
 class MessagesHandler(GenerationHandler):
     """POST /v1/messages, streaming or not. A closed connection cancels the generation."""
 
+    endpoint = "messages"
+
     async def post(self) -> None:
         body = self.parse_body(MessagesRequest)
         route = self.upstreams.route_for(body.model)
@@ -411,7 +459,7 @@ class MessagesHandler(GenerationHandler):
                 prompt_tokens = session.prepared.input_tokens
                 self.write_json(await whole_message(body.model, prompt_tokens, session.events()))
 
-        await self.generate(body.model, request, what, run)
+        await self.generate(body.model, request, what, run, stream=bool(body.stream))
 
     def stream_error(self, status: int, error_type: str, message: str, exc: Exception) -> bytes:
         return AnthropicStream.error(error_type, message)

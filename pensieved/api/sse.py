@@ -28,6 +28,8 @@ from pensieved.engine.types import Event, Failed, Finished, Heartbeat, PromptCac
 
 # Keeps the connection alive while waiting for a slot, before the stream may send events.
 WAITING_COMMENT = b": waiting for a slot\n\n"
+# The same, while the request's model is loaded (after an idle unload, or to make room).
+LOADING_COMMENT = b": loading the model\n\n"
 
 
 def frame(event: StreamEvent) -> bytes:

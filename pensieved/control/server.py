@@ -6,6 +6,10 @@
     POST /v1/reload     ReloadResult: re-read the config file now and apply it
     POST /v1/validate   ValidateRequest -> ValidateResponse: the daemon's validator, and what
                         loading that file would change
+    GET  /v1/models     ModelsResponse: every configured model, loaded or not
+    POST /v1/models/load, /v1/models/unload
+                        ModelActionRequest -> ModelActionResponse: load a model now, or unload
+                        it (its KV caches saved) once its requests are done
 
 Only the socket's owner can connect (0600 in a 0700 directory), so there is no
 authentication here.
@@ -23,12 +27,16 @@ from pydantic import BaseModel, ValidationError
 from pensieve.wire import (
     ConfigResponse,
     ErrorResponse,
+    ModelActionRequest,
+    ModelActionResponse,
+    ModelsResponse,
     ReloadResult,
     StatusResponse,
     StopResponse,
     ValidateRequest,
     ValidateResponse,
 )
+from pensieved.errors import PensieveError
 
 log = logging.getLogger("pensieved.control")
 
@@ -45,6 +53,10 @@ class Controller(Protocol):
     async def reload(self, trigger: str) -> ReloadResult: ...
 
     def validate(self, path: str) -> ValidateResponse: ...
+
+    def models(self) -> ModelsResponse: ...
+
+    async def model_action(self, action: str, name: str) -> ModelActionResponse: ...
 
 
 class _Handler(tornado.web.RequestHandler):
@@ -98,6 +110,24 @@ class ValidateHandler(_Handler):
         self.reply(self.controller.validate(request.path))
 
 
+class ModelsHandler(_Handler):
+    def get(self) -> None:
+        self.reply(self.controller.models())
+
+
+class ModelActionHandler(_Handler):
+    async def post(self, action: str) -> None:
+        try:
+            request = ModelActionRequest.model_validate(json.loads(self.request.body or b"{}"))
+        except (ValueError, ValidationError) as exc:
+            raise tornado.web.HTTPError(400, f"bad models {action} request: {exc}") from None
+        try:
+            self.reply(await self.controller.model_action(action, request.name))
+        except PensieveError as exc:
+            # Unknown name (no model serves it), a load that failed: the user's to fix.
+            raise tornado.web.HTTPError(409, str(exc)) from None
+
+
 class _NotFound(_Handler):
     def prepare(self) -> None:
         raise tornado.web.HTTPError(404, f"no control operation at {self.request.path}")
@@ -112,6 +142,8 @@ def make_control_app(controller: Controller) -> tornado.web.Application:
             (r"/v1/stop", StopHandler, args),
             (r"/v1/reload", ReloadHandler, args),
             (r"/v1/validate", ValidateHandler, args),
+            (r"/v1/models", ModelsHandler, args),
+            (r"/v1/models/(load|unload)", ModelActionHandler, args),
         ],
         default_handler_class=_NotFound,
         default_handler_args=args,

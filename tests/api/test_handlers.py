@@ -34,7 +34,7 @@ from pensieved.engine.types import (
     ToolCallEnd,
     ToolCallStart,
 )
-from pensieved.errors import EngineError, RequestTimeoutError
+from pensieved.errors import EngineError, ModelLoadError, RequestTimeoutError
 
 PROMPT_TOKENS = 10
 
@@ -268,3 +268,46 @@ class TestDisconnect(HandlerCase):
             self.engine.cancelled.clear()
             self.engine.phases.clear()
         assert self.engine.stats.requests_served == 2
+
+
+class LoadingEngine(ScriptedEngine):
+    """A model that takes two keep-alive periods to load, then maybe fails."""
+
+    load_error: Exception | None = None
+
+    async def ensure_loaded(self, name: str, on_wait: Any = None) -> None:
+        for _ in range(2):
+            if on_wait is not None:
+                await on_wait()
+        if self.load_error is not None:
+            raise self.load_error
+
+
+class TestKeepAliveWhileTheModelLoads(HandlerCase):
+    script = [PromptCached(0), TextPiece("Hi"), done(cached=0)]
+
+    def get_app(self) -> tornado.web.Application:
+        self.engine = LoadingEngine(self.script)
+        return make_app(self.engine)
+
+    def test_a_stream_opens_with_comments_while_its_model_loads(self) -> None:
+        raw, events = self.events()
+        assert raw.startswith(b": loading the model\n\n: loading the model\n\nevent: message_start")
+        assert [e["type"] for e in events][-1] == "message_stop"
+        self.assert_session_over()
+
+    def test_a_load_that_fails_after_the_stream_opened_ends_it_with_an_error_event(self) -> None:
+        self.engine.load_error = ModelLoadError("cannot load model /m/x.gguf: bad file")
+        raw, events = self.events()
+        assert raw.startswith(b": loading the model\n\n")
+        assert events == [
+            {
+                "type": "error",
+                "error": {"type": "api_error", "message": "cannot load model /m/x.gguf: bad file"},
+            }
+        ]
+
+    def test_a_whole_reply_just_waits(self) -> None:
+        response = self.post(stream=False)
+        assert response.code == 200
+        assert json.loads(response.body)["content"] == [{"type": "text", "text": "Hi"}]

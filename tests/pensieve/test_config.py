@@ -225,3 +225,62 @@ def test_sizes_default_to_auto_and_accept_numbers() -> None:
     assert (model.context_size, model.slots) == (32768, 2)
     quantized = parse_config({"model": {"kv_cache_type": "q8_0", "flash_attention": "auto"}})
     assert quantized.model.kv_cache_type == "q8_0"
+
+
+def test_an_alias_is_a_path_or_an_object_with_a_chat_template(tmp_path: Path) -> None:
+    from pensieve.config import AliasTarget, alias_target
+
+    config = parse_config(
+        {
+            "model": {
+                "aliases": {
+                    "a-*": "/m/a.gguf",
+                    "b-*": {"model_path": "/m/b.gguf", "chat_template": "gemma"},
+                }
+            }
+        }
+    )
+    assert alias_target(config.model.aliases["a-*"]) == AliasTarget(model_path="/m/a.gguf")
+    assert alias_target(config.model.aliases["b-*"]).chat_template == "gemma"
+    # The dump round-trips through the validator (config show, generate, reload diffs).
+    assert parse_config(config.model_dump()) == config
+
+
+@pytest.mark.parametrize(
+    ("aliases", "path", "fragment"),
+    [
+        (
+            {"x": {"model_path": "/m", "chat_template": "nope"}},
+            "model.aliases.x.chat_template",
+            "built-in",
+        ),
+        ({"x": {"path": "/m"}}, "model.aliases.x.path", "unknown key"),
+        ({"x": {"chat_template": "gemma"}}, "model.aliases.x.model_path", "required"),
+    ],
+)
+def test_alias_object_errors_name_the_key(
+    aliases: dict[str, object], path: str, fragment: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({"model": {"aliases": aliases}})
+    assert path in paths_of(info.value), info.value.issues
+    assert fragment in next(i.message for i in info.value.issues if i.path == path)
+
+
+def test_chat_template_is_a_builtin_name_or_an_existing_file(tmp_path: Path) -> None:
+    template = tmp_path / "t.jinja"
+    template.write_text("{{ messages }}")
+    for value in ("chatml", "gemma", "llama3", str(template)):
+        assert parse_config({"model": {"chat_template": value}}).model.chat_template == value
+    with pytest.raises(ConfigError) as info:
+        parse_config({"model": {"chat_template": str(tmp_path / "missing.jinja")}})
+    assert paths_of(info.value) == ["model.chat_template"]
+    assert "chatml, gemma, llama3" in info.value.issues[0].message
+
+
+def test_idle_unload_and_max_loaded_models_bounds() -> None:
+    assert parse_config({"model": {"idle_unload_s": 0}}).model.idle_unload_s == 0
+    for key, value in (("idle_unload_s", -1), ("max_loaded_models", 0)):
+        with pytest.raises(ConfigError) as info:
+            parse_config({"model": {key: value}})
+        assert paths_of(info.value) == [f"model.{key}"]

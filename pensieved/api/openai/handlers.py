@@ -20,6 +20,8 @@ from pensieved.openai_wire import ChatCompletionRequest
 
 
 class ChatCompletionsHandler(GenerationHandler):
+    endpoint = "chat_completions"
+
     async def post(self) -> None:
         body = self.parse_body(ChatCompletionRequest)
         request = to_generation_request(body)
@@ -55,7 +57,7 @@ class ChatCompletionsHandler(GenerationHandler):
             else:
                 self.write_json(await whole_completion(body.model, session.events()))
 
-        await self.generate(body.model, request, what, run)
+        await self.generate(body.model, request, what, run, stream=stream)
 
     def error_reply(
         self, status: int, error_type: str, message: str, exc: BaseException | None
