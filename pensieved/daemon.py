@@ -105,6 +105,7 @@ class Daemon:
         # Upstream routes follow the config in force at once (a reload's model load does
         # not hold them back).
         self.upstreams = Upstreams(lambda: self.config)
+        self.upstreams.register_metrics(self.engine.metrics.registry)
         self.listeners = Listeners(make_app(self.engine, self.upstreams))
         self.started_at = time.time()
         self._stop = asyncio.Event()

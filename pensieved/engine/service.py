@@ -523,7 +523,7 @@ class Engine(ModelLifecycle):
         registry.gauge(
             "pensieve_kv_bytes",
             "Memory of the KV caches of a loaded model (all its slots).",
-            lambda: per_model(lambda rt: rt.model.kv_bytes_per_slot() * rt.model.slots),
+            lambda: per_model(lambda rt: rt.model.kv_bytes()),
             ("model",),
         )
         registry.gauge(

@@ -21,6 +21,7 @@ from tornado.httputil import HTTPHeaders
 
 from pensieve.config import Config, ConfigError, UpstreamConfig, upstream_key
 from pensieved.errors import PensieveError, UpstreamError, UpstreamOverloadedError
+from pensieved.metrics import Registry
 from pensieved.upstream import failures
 from pensieved.upstream.transport import Call, new_call
 
@@ -28,6 +29,29 @@ log = logging.getLogger("pensieved.upstream")
 
 # Weight of the newest sample in a URL's latency average.
 _LATENCY_WEIGHT = 0.3
+
+
+# GET /metrics' upstream figures: name -> (help, labels); `Upstreams.metrics` yields the rows.
+_METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "pensieve_upstream_requests_total": ("Requests sent to an upstream URL.", ("route", "url")),
+    "pensieve_upstream_outstanding": ("Requests in flight to an upstream URL.", ("route", "url")),
+    "pensieve_upstream_up": (
+        "1 while an upstream URL takes requests, 0 while it is backed off.",
+        ("route", "url"),
+    ),
+    "pensieve_upstream_latency_ms": (
+        "Time to an upstream URL's response headers (a moving average), in ms.",
+        ("route", "url"),
+    ),
+    "pensieve_upstream_errors_total": (
+        "Failed requests to an upstream URL, by kind.",
+        ("route", "url", "kind"),
+    ),
+    "pensieve_upstream_refused_total": (
+        "Requests a route refused as overloaded (its max_concurrent_requests).",
+        ("route",),
+    ),
+}
 
 
 @dataclass
@@ -298,6 +322,15 @@ class Upstreams:
                 }
             )
         return out
+
+    def register_metrics(self, registry: Registry) -> None:
+        """Each upstream figure as a gauge of `registry` (GET /metrics), read at scrape time."""
+
+        def reader(name: str) -> Callable[[], list[tuple[dict[str, str], float]]]:
+            return lambda: [(labels, v) for n, labels, v in self.metrics() if n == name]
+
+        for name, (help_text, labelnames) in _METRICS.items():
+            registry.gauge(name, help_text, reader(name), labelnames)
 
     def metrics(self) -> list[tuple[str, dict[str, str], float]]:
         """Per-URL counters and gauges as (name, labels, value), for `/metrics` to render."""

@@ -661,3 +661,25 @@ def test_chat_completions_upstream_down_is_an_openai_error(front: DaemonProcess)
     body = caught.value.body
     assert isinstance(body, dict) and "could not be reached" in body["message"]
     _still_serving(front)
+
+
+def test_metrics_show_each_upstream_url(front: DaemonProcess, upstream: DaemonProcess) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    front.client().messages.create(
+        model="opus-anth-1", max_tokens=4, messages=[{"role": "user", "content": "Hi"}]
+    )
+    with front.http() as http:
+        page = http.get("/metrics", headers={"x-api-key": "test-key"})
+    assert page.status_code == 200
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(page.text)
+        for s in family.samples
+    }
+    labels = (("route", "opus-anth-*"), ("url", upstream.base_url))
+    assert samples[("pensieve_upstream_requests_total", labels)] >= 1
+    assert samples[("pensieve_upstream_up", labels)] == 1
+    assert samples[("pensieve_upstream_latency_ms", labels)] > 0
+    # Every configured URL is listed, the one never reached too.
+    assert any(k[0] == "pensieve_upstream_up" and ("route", "down-*") in k[1] for k in samples)
