@@ -209,7 +209,8 @@ def target_ratios(result: dict[str, Any]) -> dict[str, Any]:
     turn2, new = result["turn2"], result["new_session"]
 
     def fresh(r: dict[str, Any]) -> int:
-        return max(1, r["input_tokens"] - r["cache_read_tokens"]) if r["input_tokens"] else 0
+        # Messages API usage: input_tokens are the ones not read from the cache.
+        return int(r["input_tokens"])
 
     ratios: dict[str, Any] = {}
     # The new session against evaluating only its new tokens, at the same depth: the
@@ -220,9 +221,9 @@ def target_ratios(result: dict[str, Any]) -> dict[str, Any]:
     kv = result["kv"]
     if kv.get("one_session_bytes"):
         ratios["kv_allocated_over_one_session"] = kv["allocated_bytes"] / kv["one_session_bytes"]
-        ratios["kv_used_over_one_session_used"] = kv["used_bytes"] / (
-            result["cold"]["input_tokens"] * kv["bytes_per_token"]
-        )
+        cold = result["cold"]
+        one = (cold["input_tokens"] + cold["cache_read_tokens"]) * kv["bytes_per_token"]
+        ratios["kv_used_over_one_session_used"] = kv["used_bytes"] / one
     return ratios
 
 

@@ -60,8 +60,9 @@ def test_llama_servers_kv_buffers_are_summed_from_its_log() -> None:
 
 
 def test_a_new_session_is_compared_with_evaluating_only_its_new_tokens() -> None:
-    turn = {"ttft_s": 2.0, "input_tokens": 20_100, "cache_read_tokens": 20_000}
-    new = {"ttft_s": 1.5, "input_tokens": 20_050, "cache_read_tokens": 20_000}
+    # Usage as the Messages API gives it: input_tokens are those not read from the cache.
+    turn = {"ttft_s": 2.0, "input_tokens": 100, "cache_read_tokens": 20_000}
+    new = {"ttft_s": 1.5, "input_tokens": 50, "cache_read_tokens": 20_000}
     result = {"turn2": turn, "new_session": new, "kv": {}, "cold": turn}
     # 100 new tokens took 2 s, so 50 should take 1 s; 1.5 s is 1.5 times that.
     assert target_ratios(result)["new_session_over_new_tokens_only"] == pytest.approx(1.5)
