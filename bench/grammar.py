@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.claude_code import FIXTURE
 from bench.targets import ServerProcess, stream_events
 
-CLAUDE_CODE_TOOLS = Path(__file__).resolve().parents[2] / ".." / "shared" / "fixtures"
-CLAUDE_CODE_TOOLS = CLAUDE_CODE_TOOLS / "claude-code" / "default-tools.json"
+CLAUDE_CODE_TOOLS = FIXTURE  # the same captured request as the Claude Code workload
 # One prompt for all three requests, so each finds the whole prompt in the KV cache: a story
 # the bundled model keeps writing, into a file for the forced call (`Write`'s `content`).
 PROMPT = "Write a very long story about a dragon into the file /tmp/dragon.txt."
