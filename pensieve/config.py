@@ -328,8 +328,9 @@ class ModelConfig(_Section):
     memory_budget_mb: int | None = Field(
         None,
         ge=64,
-        description="Memory (MB) one model may use, weights plus KV cache; `auto` sizes fit in "
-        "it. null: half of physical memory, which leaves the other half to the system and "
+        description="Memory (MB) for the loaded models together, weights plus KV caches: a "
+        "model's `auto` sizes fit in it, and a model that does not fit beside the others "
+        "unloads the least recently used idle one first. null: half of physical memory, which leaves the other half to the system and "
         "the user's own programs (editor, browser, the agent itself) and stays below the "
         "about two thirds of memory macOS lets the GPU hold.",
     )

@@ -51,7 +51,8 @@ def physical_memory_bytes() -> int:
 
 
 def budget_bytes(model: ModelConfig, physical: int | None = None) -> int:
-    """The memory one model may use, weights and KV cache together."""
+    """The memory budget: what one model's `auto` sizes fit in, and what the loaded models'
+    weights and KV caches must fit in together (`lifecycle.py`)."""
     if model.memory_budget_mb is not None:
         return model.memory_budget_mb * 1024 * 1024
     total = physical if physical is not None else physical_memory_bytes()
