@@ -330,9 +330,10 @@ class ModelConfig(_Section):
         ge=64,
         description="Memory (MB) for the loaded models together, weights plus KV caches: a "
         "model's `auto` sizes fit in it, and a model that does not fit beside the others "
-        "unloads the least recently used idle one first. null: half of physical memory, which leaves the other half to the system and "
-        "the user's own programs (editor, browser, the agent itself) and stays below the "
-        "about two thirds of memory macOS lets the GPU hold.",
+        "unloads the least recently used idle one first. null: half of physical memory, "
+        "which leaves the other half to the system and the user's own programs (editor, "
+        "browser, the agent itself) and stays below the about two thirds of memory macOS "
+        "lets the GPU hold.",
     )
     kv_cache_type: Literal["f16", "q8_0", "q4_0"] = Field(
         "f16",

@@ -11,6 +11,7 @@ from pensieved.api.models import (
     DocumentBlock,
     ImageBlock,
     InputMessage,
+    MessagesRequest,
     TextBlock,
     ThinkingBlock,
     ToolResultBlock,
@@ -144,6 +145,18 @@ def output_schema(request: _PromptFields) -> dict[str, Any] | None:
     fmt = request.output_config.format if request.output_config else None
     fmt = fmt or request.output_format
     return fmt.schema_ if fmt is not None else None
+
+
+def messages_request(body: MessagesRequest) -> GenerationRequest:
+    """A Messages request as the engine's request: its prompt and its sampling settings."""
+    return to_generation_request(
+        body,
+        max_tokens=body.max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        stop_sequences=body.stop_sequences,
+    )
 
 
 def to_generation_request(

@@ -23,7 +23,7 @@ from typing import Any
 import tornado.iostream
 import tornado.web
 
-from pensieved.api.convert import BILLING_HEADER_PREFIX, to_generation_request
+from pensieved.api.convert import BILLING_HEADER_PREFIX, messages_request, to_generation_request
 from pensieved.api.errors import classify, internal_message
 from pensieved.api.models import CountTokensRequest, MessagesRequest
 from pensieved.api.sse import AnthropicStream, whole_message
@@ -262,14 +262,7 @@ async def _openai(
     request_id: str,
     pinger: _Pinger | None,
 ) -> None:
-    request = to_generation_request(
-        body,
-        max_tokens=body.max_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        top_k=body.top_k,
-        stop_sequences=body.stop_sequences,
-    )
+    request = messages_request(body)
     stream = bool(body.stream)
     payload = openai.chat_request(request, route.target_model(body.model), stream=stream)
     async with upstreams.call(route, "/v1/chat/completions", payload, {}) as reply:

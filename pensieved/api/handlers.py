@@ -18,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 
 from pensieve import __version__
 from pensieved.api import forward, limits, security
-from pensieved.api.convert import new_id, to_generation_request
+from pensieved.api.convert import messages_request, new_id, to_generation_request
 from pensieved.api.disconnect import cancel_on_hangup
 from pensieved.api.errors import STATUS_TYPES, classify, envelope, internal_message
 from pensieved.api.models import (
@@ -438,14 +438,7 @@ class MessagesHandler(GenerationHandler):
             )
             await self._watch_hangup()
             return
-        request = to_generation_request(
-            body,
-            max_tokens=body.max_tokens,
-            temperature=body.temperature,
-            top_p=body.top_p,
-            top_k=body.top_k,
-            stop_sequences=body.stop_sequences,
-        )
+        request = messages_request(body)
         what = (
             f"POST /v1/messages model={body.model} stream={str(bool(body.stream)).lower()} "
             f"max_tokens={body.max_tokens}"

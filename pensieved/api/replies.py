@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import AsyncIterator
 
 from pensieved.api.convert import new_id
 from pensieved.api.models import (
@@ -27,12 +28,33 @@ from pensieved.api.models import (
 )
 from pensieved.engine.types import (
     Event,
+    Failed,
+    Finished,
+    Heartbeat,
+    PromptCached,
     TextPiece,
     ThinkingPiece,
     ToolCallDelta,
     ToolCallEnd,
     ToolCallStart,
 )
+
+
+async def collect(events: AsyncIterator[Event]) -> tuple[ReplyBuilder, Finished]:
+    """A whole generation's blocks, as a stream would have sent them, and how it ended; a
+    `Failed` event raises its error."""
+    reply = ReplyBuilder()
+    finished: Finished | None = None
+    async for event in events:
+        if isinstance(event, Finished):
+            finished = event
+        elif isinstance(event, Failed):
+            raise event.error
+        elif not isinstance(event, PromptCached | Heartbeat):
+            reply.feed(event)
+    assert finished is not None
+    reply.finish()
+    return reply, finished
 
 
 def thinking_signature(text: str) -> str:

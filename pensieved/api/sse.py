@@ -23,7 +23,7 @@ from pensieved.api.models import (
     StreamEvent,
     Usage,
 )
-from pensieved.api.replies import ReplyBuilder
+from pensieved.api.replies import ReplyBuilder, collect
 from pensieved.engine.types import Event, Failed, Finished, Heartbeat, PromptCached
 
 # Keeps the connection alive while waiting for a slot, before the stream may send events.
@@ -105,17 +105,7 @@ async def whole_message(
     model_name: str, prompt_tokens: int, events: AsyncIterator[Event]
 ) -> Message:
     """The non-streamed reply: the same blocks the stream would have sent."""
-    reply = ReplyBuilder()
-    finished: Finished | None = None
-    async for event in events:
-        if isinstance(event, Finished):
-            finished = event
-        elif isinstance(event, Failed):
-            raise event.error
-        elif not isinstance(event, PromptCached | Heartbeat):
-            reply.feed(event)
-    assert finished is not None
-    reply.finish()
+    reply, finished = await collect(events)
     return Message(
         id=new_id("msg_"),
         model=model_name,

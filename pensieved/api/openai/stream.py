@@ -30,7 +30,7 @@ from pensieved.api.models import (
     TextDelta,
     ThinkingDelta,
 )
-from pensieved.api.replies import ReplyBuilder
+from pensieved.api.replies import ReplyBuilder, collect
 from pensieved.engine.types import Event, Failed, Finished, Heartbeat, PromptCached, StopReason
 from pensieved.openai_wire import (
     ChatCompletion,
@@ -188,17 +188,7 @@ class OpenAIStream:
 
 async def whole_completion(model_name: str, events: AsyncIterator[Event]) -> ChatCompletion:
     """The non-streamed reply: what the stream would have sent, put together."""
-    reply = ReplyBuilder()
-    finished: Finished | None = None
-    async for event in events:
-        if isinstance(event, Finished):
-            finished = event
-        elif isinstance(event, Failed):
-            raise event.error
-        elif not isinstance(event, PromptCached | Heartbeat):
-            reply.feed(event)
-    assert finished is not None
-    reply.finish()
+    reply, finished = await collect(events)
     texts = [b.text for b in reply.blocks if isinstance(b, OutTextBlock)]
     thoughts = [b.thinking for b in reply.blocks if isinstance(b, OutThinkingBlock)]
     calls = [
