@@ -265,6 +265,13 @@ def wait_for(predicate: Any, timeout: float, interval: float = 0.05) -> float:
 
 def control_status(socket_path: str, timeout: float = 5.0) -> dict[str, Any]:
     """GET /v1/status on the control socket directly (fast: no subprocess)."""
+    return control_request(socket_path, "GET", "/v1/status", timeout=timeout)
+
+
+def control_request(
+    socket_path: str, method: str, path: str, body: bytes | None = None, timeout: float = 5.0
+) -> dict[str, Any]:
+    """One request to a daemon's control socket, its JSON reply parsed."""
     import http.client
 
     class _Conn(http.client.HTTPConnection):
@@ -276,7 +283,8 @@ def control_status(socket_path: str, timeout: float = 5.0) -> dict[str, Any]:
 
     conn = _Conn("localhost", timeout=timeout)
     try:
-        conn.request("GET", "/v1/status")
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        conn.request(method, path, body=body, headers=headers)
         data: dict[str, Any] = json.loads(conn.getresponse().read())
     finally:
         conn.close()

@@ -3,10 +3,7 @@ server, on 127.0.0.1, started and stopped by the tests."""
 
 from __future__ import annotations
 
-import http.client
-import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +14,7 @@ from typing import Any
 import httpx2 as httpx
 
 from pensieve.paths import bundled_model_path
-from tests.integration.daemon import REPO, free_port
+from tests.integration.daemon import REPO, control_request, free_port
 
 
 @dataclass
@@ -96,18 +93,4 @@ def unused_url() -> str:
 
 def control_reload(socket_path: str, timeout: float = 30.0) -> dict[str, Any]:
     """POST /v1/reload on a daemon's control socket: the config file is re-read now."""
-
-    class _Conn(http.client.HTTPConnection):
-        def connect(self) -> None:
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.settimeout(timeout)
-            s.connect(socket_path)
-            self.sock = s
-
-    conn = _Conn("localhost", timeout=timeout)
-    try:
-        conn.request("POST", "/v1/reload", body=b"{}", headers={"Content-Type": "application/json"})
-        data: dict[str, Any] = json.loads(conn.getresponse().read())
-    finally:
-        conn.close()
-    return data
+    return control_request(socket_path, "POST", "/v1/reload", body=b"{}", timeout=timeout)
