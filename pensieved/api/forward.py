@@ -26,7 +26,7 @@ import tornado.web
 from pensieved.api.convert import BILLING_HEADER_PREFIX, messages_request, to_generation_request
 from pensieved.api.errors import classify, internal_message
 from pensieved.api.models import CountTokensRequest, MessagesRequest
-from pensieved.api.sse import AnthropicStream, whole_message
+from pensieved.api.sse import AnthropicStream, start_event_stream, whole_message
 from pensieved.engine.service import Engine
 from pensieved.engine.types import Event
 from pensieved.errors import ModelUnavailableError, PensieveError, UpstreamRejectedError
@@ -84,12 +84,6 @@ def _headers(handler: tornado.web.RequestHandler) -> dict[str, str]:
     return headers
 
 
-def _start_stream(handler: tornado.web.RequestHandler) -> None:
-    handler.set_header("Content-Type", "text/event-stream; charset=utf-8")
-    handler.set_header("Cache-Control", "no-cache")
-    handler.set_header("X-Accel-Buffering", "no")
-
-
 async def _stream_error(
     handler: tornado.web.RequestHandler,
     exc: Exception,
@@ -120,7 +114,7 @@ class _Pinger:
         while True:
             await asyncio.sleep(ping_s)
             if not handler._headers_written:
-                _start_stream(handler)
+                start_event_stream(handler)
             handler.write(UPSTREAM_WAITING)
             await handler.flush()
 
@@ -232,7 +226,7 @@ async def _passthrough(
             handler.finish(data)
             return
         if not handler._headers_written:
-            _start_stream(handler)
+            start_event_stream(handler)
         tail = b"\n\n"
         try:
             async for chunk in reply.chunks():
@@ -280,7 +274,7 @@ async def _openai(
                 data = encoder.feed(event)
                 if data:
                     if not handler._headers_written:
-                        _start_stream(handler)
+                        start_event_stream(handler)
                     handler.write(data)
                     await handler.flush()
         except tornado.iostream.StreamClosedError:

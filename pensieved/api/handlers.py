@@ -28,7 +28,12 @@ from pensieved.api.models import (
     ModelInfo,
     ModelList,
 )
-from pensieved.api.sse import LOADING_COMMENT, AnthropicStream, whole_message
+from pensieved.api.sse import (
+    LOADING_COMMENT,
+    AnthropicStream,
+    start_event_stream,
+    whole_message,
+)
 from pensieved.engine.service import Engine, Session
 from pensieved.engine.types import Event, GenerationRequest
 from pensieved.errors import InvalidRequestError, NotFoundError, PensieveError
@@ -366,14 +371,9 @@ class GenerationHandler(BaseHandler):
         """While a streamed request waits for its model to load: open the stream and keep it
         alive with SSE comments (both dialects' clients skip them)."""
         if not self._headers_written:
-            self._stream_headers()
+            start_event_stream(self)
         self.write(LOADING_COMMENT)
         await self.flush()
-
-    def _stream_headers(self) -> None:
-        self.set_header("Content-Type", "text/event-stream; charset=utf-8")
-        self.set_header("Cache-Control", "no-cache")
-        self.set_header("X-Accel-Buffering", "no")
 
     async def _watch_hangup(self) -> None:
         """Run `_task` to its end, cancelling it as soon as the client hangs up."""
@@ -389,7 +389,7 @@ class GenerationHandler(BaseHandler):
 
     async def stream_events(self, session: Session, encoder: StreamEncoder) -> None:
         if not self._headers_written:
-            self._stream_headers()
+            start_event_stream(self)
         try:
             async for event in session.events():
                 data = encoder.feed(event)
