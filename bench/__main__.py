@@ -48,6 +48,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--flash-attention", choices=["auto", "on", "off"], default="auto", help="every target"
     )
+    parser.add_argument(
+        "--kv-unified",
+        choices=["auto", "true", "false"],
+        default="auto",
+        help="pensieved's model.kv_unified (the Claude Code workload always shares)",
+    )
     parser.add_argument("--reps", type=int, default=5, help="repetitions per measurement")
     parser.add_argument(
         "--decode-reps",
@@ -153,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         context_size=args.context_size,
         batch_size=args.batch_size,
         flash_attention=args.flash_attention,
+        kv_unified={"true": True, "false": False}.get(args.kv_unified, "auto"),
     )
     if args.grammar:
         return grammar_main(args, model, settings)
@@ -385,8 +392,21 @@ def memory_report(
         }
     kv = kv_bytes_per_slot(model, args.context_size)
     result["kv_bytes_per_slot"] = kv
+    # llama-server (not unified) allocates every slot's context; pensieved allocates one shared
+    # pool, as its `status` reports.
     result["kv_bytes_total"] = kv * args.slots if kv else None
+    result["pensieved_kv_bytes"] = pensieved_kv_bytes(servers)
     return result
+
+
+def pensieved_kv_bytes(servers: list[ServerProcess]) -> int | None:
+    from pensieve.client import ControlClient
+
+    for server in servers:
+        if server.name == "pensieved" and server.workdir is not None:
+            status = ControlClient(server.workdir / "ctl.sock").request("GET", "/v1/status")
+            return int(status["model"]["kv"]["allocated_bytes"])
+    return None
 
 
 def kv_bytes_per_slot(model: Path, context_size: int) -> int:

@@ -228,8 +228,12 @@ def target_ratios(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def sides(settings: Settings, kv_types: list[str]) -> list[tuple[str, Settings, str]]:
-    """(name, settings, kind) of every target: pensieved per cache type, llama-server two ways."""
-    out = [(f"pensieved {t}", replace(settings, kv_cache_type=t), "pensieved") for t in kv_types]
+    """(name, settings, kind) of every target: pensieved per cache type (its shared cache:
+    this workload is about sharing), llama-server two ways."""
+    out = [
+        (f"pensieved {t}", replace(settings, kv_cache_type=t, kv_unified=True), "pensieved")
+        for t in kv_types
+    ]
     out.append(("llama-server unified", replace(settings, llama_unified=True), "llama-server"))
     out.append(("llama-server", replace(settings, llama_unified=False), "llama-server"))
     return out

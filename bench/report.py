@@ -68,7 +68,7 @@ def ratios(report: dict[str, Any]) -> dict[str, Any]:
     memory = report.get("memory") or {}
     peak = _get(memory, "pensieved", "rss_peak_under_load_bytes")
     if peak:
-        kv = memory.get("kv_bytes_total") or 0
+        kv = memory.get("pensieved_kv_bytes") or memory.get("kv_bytes_total") or 0
         out["pensieved_rss_beyond_model_and_kv_mb"] = (
             peak - memory.get("model_file_bytes", 0) - kv
         ) / MB
@@ -206,7 +206,8 @@ def table(report: dict[str, Any]) -> str:
         f"Rate difference against the bare in-process eval/sample loop: "
         f"{_f(r.get('python_overhead_ms_per_token'), 2, ' ms')} per token. "
         f"Model file {_f((memory.get('model_file_bytes') or 0) / MB, 0)} MB, KV cache "
-        f"{_f((memory.get('kv_bytes_total') or 0) / MB, 0)} MB for all slots.",
+        f"{_f((memory.get('kv_bytes_total') or 0) / MB, 0)} MB for all slots in llama-server, "
+        f"{_f((memory.get('pensieved_kv_bytes') or 0) / MB, 0)} MB in pensieved's shared pool.",
     ]
     for note in report.get("notes", []):
         lines.append(f"\nNote: {note}")

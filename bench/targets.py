@@ -183,6 +183,7 @@ class Settings:
     batch_size: int
     flash_attention: str  # auto, on, off
     kv_cache_type: str = "f16"  # f16, q8_0, q4_0 on every side
+    kv_unified: bool | str = "auto"  # pensieved's model.kv_unified
     llama_unified: bool = False  # llama-server with --kv-unified (one pool of cells)
 
 
@@ -205,6 +206,7 @@ def start_pensieved(model: Path, settings: Settings) -> ServerProcess:
             "batch_size": settings.batch_size,
             "flash_attention": settings.flash_attention,
             "kv_cache_type": settings.kv_cache_type,
+            "kv_unified": settings.kv_unified,
             "max_output_tokens": settings.context_size,
             # Cold means cold: no KV caches saved by an earlier run.
             "prefix_cache_mb": 0,

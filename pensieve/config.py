@@ -342,6 +342,16 @@ class ModelConfig(_Section):
         "cost. A quantized V needs flash attention: with `flash_attention: auto` it is "
         "turned on, with `off` the config is refused.",
     )
+    kv_unified: bool | Literal["auto"] = Field(
+        "auto",
+        description="One KV cache shared by all slots (true), where a prefix several "
+        "conversations share (an agent's system prompt and tools) is stored once, or a cache "
+        "per slot (false), where a second conversation copies the prefix. Attention reads "
+        "every cell of the cache it runs in: shared, a conversation also scans the other "
+        "slots' cells, which llama.cpp's Metal and GPU kernels skip in blocks but its CPU "
+        "kernel checks one by one. `auto`: shared on a GPU or Metal, or when a cache per slot "
+        "would not fit the memory budget; per slot otherwise.",
+    )
     aliases: dict[str, AliasValue] = Field(
         default_factory=dict,
         description="Requested model name patterns (fnmatch, e.g. `claude-haiku-*`) mapped "
@@ -383,6 +393,14 @@ class ModelConfig(_Section):
     @classmethod
     def _context_range(cls, value: Any) -> Any:
         return _int_or_auto(value, MIN_CONTEXT, MAX_CONTEXT)
+
+    @field_validator("kv_unified", mode="before")
+    @classmethod
+    def _kv_unified(cls, value: Any) -> Any:
+        # Checked before the union, so an error names the key, not one of the union's members.
+        if value == "auto" or isinstance(value, bool):
+            return value
+        raise ValueError(f"must be true, false or 'auto', not {value!r}")
 
     @field_validator("slots", mode="before")
     @classmethod

@@ -91,7 +91,12 @@ class KvStatus(_ControlModel):
     flash_attention: str = Field(
         description="`on`, `off` or `auto` (llama.cpp decides), and why when Pensieve chose."
     )
-    pool_cells: int = Field(description="Token cells of the one KV cache all slots share.")
+    unified: bool = Field(
+        True,
+        description="One KV cache all slots share (a common prefix stored once), or a cache "
+        "per slot (`model.kv_unified`; `sizing` says why).",
+    )
+    pool_cells: int = Field(description="Token cells of the KV cache, all slots together.")
     cells_used: int = Field(description="Cells holding a token of some slot.")
     cells_shared: int = Field(description="Cells held by more than one slot (a common prefix).")
     bytes_per_token: int = Field(description="Memory of one cell: K and V of every layer.")
@@ -117,7 +122,7 @@ class ModelStatus(_ControlModel):
     )
     cached_tokens: list[int] = Field(description="Tokens each slot's KV cache holds now.")
     decode: DecodeStatus
-    kv: KvStatus | None = Field(None, description="The shared KV cache: sizes, use, sharing.")
+    kv: KvStatus | None = Field(None, description="The KV cache: sizes, use, sharing.")
 
 
 ModelState = Literal["loaded", "loading", "unloading", "unloaded"]

@@ -109,12 +109,13 @@ def describe_reload(result: ReloadResult | None) -> str:
 
 
 def _kv_rows(kv: KvStatus) -> list[tuple[str, str]]:
-    """The shared KV cache: size and type, use and sharing, each slot's real cost."""
+    """The KV cache: size, layout and type, use and sharing, each slot's real cost."""
     per_slot = ", ".join(f"{slot.tokens} ({human_bytes(slot.cost_bytes)})" for slot in kv.slots)
+    layout = "shared by all slots" if kv.unified else "a cache per slot"
     rows = [
         (
             "kv cache",
-            f"{human_bytes(kv.allocated_bytes)} for {kv.pool_cells} tokens shared by all slots, "
+            f"{human_bytes(kv.allocated_bytes)} for {kv.pool_cells} tokens, {layout}, "
             f"{kv.cache_type} ({human_bytes(kv.bytes_per_token)} per token), flash attention "
             f"{kv.flash_attention}",
         ),

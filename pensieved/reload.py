@@ -40,6 +40,8 @@ _MODEL_KEYS = frozenset(
         "model.slots",
         "model.mmap",
         "model.kv_cache_type",
+        "model.kv_unified",
+        "model.flash_attention",
         "model.memory_budget_mb",
     }
 )

@@ -24,6 +24,8 @@ def test_actions_per_key() -> None:
     assert action_for("server.host") == "rebind"
     assert action_for("model.model_path") == "model"
     assert action_for("model.context_size") == "model"
+    assert action_for("model.kv_unified") == "model"
+    assert action_for("model.flash_attention") == "model"
     assert action_for("model.gpu_layers") == "model"
     assert action_for("model.threads") == "model"
     assert action_for("server.socket_path") == "restart"

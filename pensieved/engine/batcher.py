@@ -173,6 +173,7 @@ class Batcher:
         after = time.perf_counter()
         cells = self._model.cells
         for generation, _, added in plan:
+            generation.decoded = True
             generation.slot.tokens.extend(added)
             cells.append(generation.seq, len(added))
         self._sample(plan)

@@ -18,6 +18,11 @@ from pensieved.engine.slots import Slot, best_donor
 from pensieved.engine.textstream import TextStream
 from pensieved.engine.types import Event, Failed, Finished, PreparedPrompt, PromptCached
 
+# A copied prefix (a cache per slot) moves the donor's whole cache, every cell of its context,
+# at the next decode: a memory copy of tens of ms on a CPU, against 10-20 ms per prompt token
+# evaluated there. Below this many tokens gained, evaluating them costs about as much.
+COPY_MIN_TOKENS = 32
+
 
 class Generation:
     """A request on its slot. Only the batcher's thread calls its methods after `begin`."""
@@ -51,6 +56,7 @@ class Generation:
         self._ended = False
         self._model: LoadedModel | None = None
         self.shared_from: int | None = None  # the slot whose prefix this one took
+        self.decoded = False  # a llama_decode ran with this generation's tokens
 
     @property
     def seq(self) -> int:
@@ -77,7 +83,9 @@ class Generation:
         tokens = self.prepared.tokens
         donor, shared = best_donor(self.slot, self.peers, tokens)
         own = shared if donor is self.slot else self.slot.shared_prefix(tokens)
-        if shared > own:
+        # With a cache per slot the prefix is copied, a copy of the donor's whole cache: only
+        # worth it for more than a few tokens.
+        if shared - own >= (1 if model.unified else COPY_MIN_TOKENS):
             model.share_prefix(donor.index, self.seq, shared)
             self.slot.tokens = donor.tokens[:shared]
             self.shared_from = donor.index
@@ -143,6 +151,12 @@ class Generation:
         if self._ended:
             return
         self._ended = True
+        model = self._model
+        if self.shared_from is not None and not self.decoded and model and not model.unified:
+            # llama.cpp copies a cache per slot at the start of the next decode: if none ran,
+            # the slot's cells were never written, and must not be reused.
+            model.forget(self.seq, 0)
+            self.slot.tokens.clear()
         if self.sampler is not None:
             self.sampler.close()
             self.sampler = None

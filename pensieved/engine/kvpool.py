@@ -6,6 +6,10 @@ does not say how many cells are in use, so `CellPool` keeps the same books: a ce
 position of each slot, and how many slots hold each cell. It is what `status` reports (cells
 in use and shared, each session's own cost) and what eviction decides from.
 
+With a KV cache per slot (`copies`), a prefix taken from another slot is a copy: the target's
+cells are its own, nothing is shared, and each slot can hold its full context, so nothing is
+ever evicted.
+
 Eviction, when a step needs more cells than are free: idle slots only, least recently used
 first; first the cells an idle slot holds alone (its own tail, beyond what it shares), then,
 if that is not enough, idle slots whole. A cell a running session holds is never freed, so an
@@ -40,8 +44,9 @@ class Eviction:
 class CellPool:
     """The books of one unified KV cache: positions → cells per slot, holders per cell."""
 
-    def __init__(self, capacity: int, slots: int) -> None:
+    def __init__(self, capacity: int, slots: int, *, copies: bool = False) -> None:
         self.capacity = capacity
+        self.copies = copies  # a cache per slot: `share` copies
         self._cells: list[list[int]] = [[] for _ in range(slots)]
         self._holders: dict[int, int] = {}
         self._next = 0
@@ -63,12 +68,15 @@ class CellPool:
     def append(self, index: int, count: int) -> None:
         """Slot `index` was given `count` new cells at its next positions (a decode)."""
         with self._lock:
-            cells = self._cells[index]
-            for _ in range(count):
-                cell = self._next
-                self._next += 1
-                self._holders[cell] = 1
-                cells.append(cell)
+            self._append(index, count)
+
+    def _append(self, index: int, count: int) -> None:
+        cells = self._cells[index]
+        for _ in range(count):
+            cell = self._next
+            self._next += 1
+            self._holders[cell] = 1
+            cells.append(cell)
 
     def trim(self, index: int, keep: int) -> int:
         """Slot `index` lets go of its positions from `keep` on; the cells freed."""
@@ -84,9 +92,13 @@ class CellPool:
         return freed
 
     def share(self, source: int, target: int, count: int) -> None:
-        """Slot `target` (emptied first) takes `source`'s first `count` cells (a seq_cp)."""
+        """Slot `target` (emptied first) takes `source`'s first `count` cells (a seq_cp), or
+        a copy of them with a cache per slot."""
         with self._lock:
             self._trim(target, 0)
+            if self.copies:
+                self._append(target, min(count, len(self._cells[source])))
+                return
             cells = self._cells[source][:count]
             for cell in cells:
                 holders = self._holders[cell] + 1

@@ -28,6 +28,7 @@ from pensieve.activity import Activity
 from pensieve.config import AliasTarget, Config, alias_target
 from pensieve.paths import cache_dir
 from pensieved.engine.batcher import Batcher
+from pensieved.engine.llama import attention_on_gpu
 from pensieved.engine.memory import budget_bytes, plan_for_file, read_gguf_metadata
 from pensieved.engine.model import LoadedModel, ModelSettings
 from pensieved.engine.persist import PrefixStore
@@ -356,7 +357,9 @@ class ModelLifecycle:
 
     def _need_bytes(self, path: Path) -> int:
         try:
-            return plan_for_file(self.config.model, path).total_bytes
+            model = self.config.model
+            gpu = attention_on_gpu(model.gpu_layers)
+            return plan_for_file(model, path, gpu=gpu).total_bytes
         except (OSError, ValueError):  # unreadable or too large: the load says why
             return 0
 

@@ -72,6 +72,12 @@ def init_backend() -> None:
             _backend_ready = True
 
 
+def attention_on_gpu(gpu_layers: int) -> bool:
+    """Whether a model loaded with `gpu_layers` runs its attention on a GPU (Metal, CUDA):
+    layers are offloaded and this llama.cpp build can offload at all."""
+    return gpu_layers != 0 and bool(lib().llama_supports_gpu_offload())
+
+
 def progress_callback(progress: Callable[[float, Any], bool]) -> Any:
     """A C callback for a model load's progress; the caller keeps it alive during the load."""
     return lib().llama_progress_callback(progress)

@@ -4,11 +4,17 @@ Pure functions over numbers and a GGUF file's header: nothing here loads a model
 llama.cpp, so the daemon can decide sizes before it creates a context, and decide which models
 fit at all before it loads one.
 
-The KV cache is one pool of cells shared by every slot (llama.cpp's unified cache): a token
-position that several conversations share (an agent's system prompt and tools) is stored once.
-The pool holds one conversation at the full context plus `POOL_EXTRA` of it for the tokens the
-other conversations hold on their own; when that runs out, idle conversations' own tokens are
-evicted (see `kvpool.py`).
+The KV cache is either one pool of cells shared by every slot (llama.cpp's unified cache),
+where a token position that several conversations share (an agent's system prompt and tools)
+is stored once, or a cache per slot. The shared pool holds one conversation at the full context
+plus `POOL_EXTRA` of it for the tokens the other conversations hold on their own; when that
+runs out, idle conversations' own tokens are evicted (see `kvpool.py`).
+
+Which layout: attention runs over every used cell of the cache a sequence lives in, the other
+slots' cells masked out. llama.cpp's Metal and CUDA kernels skip masked blocks, its CPU kernel
+tests each cell for each head: on a CPU, a conversation decoding beside other slots' idle
+caches of 9,000 cells took 1.4 x the time of one with a cache of its own. So `auto` shares the
+cache on a GPU, and on a CPU only when a cache per slot would not fit the budget.
 """
 
 from __future__ import annotations
@@ -140,12 +146,13 @@ class KvPlan:
 
     context_size: int  # one conversation's limit, prompt plus reply
     slots: int
-    pool_tokens: int  # cells in the shared KV cache
+    pool_tokens: int  # cells in the KV cache, all slots together
     bytes_per_token: int
     kv_cache_type: str
     budget_bytes: int
     weights_bytes: int
     reason: str
+    unified: bool = True  # one cache shared by all slots, or one per slot
 
     @property
     def kv_bytes(self) -> int:
@@ -165,11 +172,33 @@ class KvPlan:
         return self.context_size < AGENT_CONTEXT
 
 
-def pool_tokens(context_size: int, slots: int) -> int:
-    """Cells of the shared KV cache: one full conversation, plus room for the others' own."""
+def pool_tokens(context_size: int, slots: int, unified: bool = True) -> int:
+    """Cells of the KV cache: shared, one full conversation plus room for the others' own;
+    per slot, every slot's full context."""
+    if not unified:
+        return context_size * slots
     if slots <= 1:
         return context_size
     return _round_up(context_size + int(context_size * POOL_EXTRA))
+
+
+def choose_layout(
+    setting: bool | Literal["auto"], slots: int, per_slot_fits: bool, gpu: bool
+) -> tuple[bool, str]:
+    """Whether the slots share one KV cache, and why (see the module's docstring)."""
+    if setting is not True and setting is not False:
+        if slots <= 1:
+            return False, "one slot, nothing to share (model.kv_unified auto)"
+        if gpu:
+            return True, "shared: the GPU's attention skips the other slots' cells (auto)"
+        if not per_slot_fits:
+            return True, "shared: a cache per slot would not fit the budget (auto)"
+        return False, (
+            "per slot: on a CPU a shared cache slows every decode by the other slots' cells, "
+            "and a cache per slot fits the budget (auto)"
+        )
+    layout = "shared" if setting else "per slot"
+    return setting, f"{layout} (model.kv_unified {str(setting).lower()})"
 
 
 def plan_kv(
@@ -177,8 +206,11 @@ def plan_kv(
     shape: ModelShape,
     weights: int,
     physical: int | None = None,
+    *,
+    gpu: bool = False,
 ) -> KvPlan:
-    """Resolve `auto` context and slots against the budget; explicit values are kept.
+    """Resolve `auto` context, slots and layout against the budget; explicit values are kept.
+    `gpu`: attention runs on a GPU (Metal, CUDA), not the CPU.
 
     Raises MemoryBudgetError when `auto` cannot fit even a small context.
     """
@@ -218,7 +250,10 @@ def plan_kv(
                 f"{source}, {_gb(left)} of it left beside the weights"
             )
     slots_reason = f"{slots} slots" + (" (auto)" if model.slots == "auto" else "")
-    pool = pool_tokens(context, slots)
+    per_slot_fits = weights + pool_tokens(context, slots, unified=False) * per_token <= budget
+    unified, why = choose_layout(model.kv_unified, slots, per_slot_fits, gpu)
+    pool = pool_tokens(context, slots, unified)
+    held = "share a KV cache" if unified else "each have a KV cache, together"
     return KvPlan(
         context_size=context,
         slots=slots,
@@ -227,14 +262,17 @@ def plan_kv(
         kv_cache_type=model.kv_cache_type,
         budget_bytes=budget,
         weights_bytes=weights,
-        reason=f"{reason}; {slots_reason} share a KV cache of {pool} tokens "
-        f"({_gb(pool * per_token)} at {model.kv_cache_type})",
+        reason=f"{reason}; {slots_reason} {held} of {pool} tokens "
+        f"({_gb(pool * per_token)} at {model.kv_cache_type}), {why}",
+        unified=unified,
     )
 
 
-def plan_for_file(model: ModelConfig, path: Path, physical: int | None = None) -> KvPlan:
+def plan_for_file(
+    model: ModelConfig, path: Path, physical: int | None = None, *, gpu: bool = False
+) -> KvPlan:
     """`plan_kv` for a GGUF file, read from its header: what loading it would take."""
-    return plan_kv(model, read_shape(path), weights_bytes(path), physical)
+    return plan_kv(model, read_shape(path), weights_bytes(path), physical, gpu=gpu)
 
 
 def _round_up(tokens: int) -> int:

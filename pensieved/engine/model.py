@@ -22,7 +22,13 @@ from pensieve.wire import KvSlotStatus, KvStatus
 from pensieved.engine import selftest
 from pensieved.engine.grammar_cache import GrammarCache, ParsedGrammar
 from pensieved.engine.kvpool import CellPool
-from pensieved.engine.llama import init_backend, internals, lib, progress_callback
+from pensieved.engine.llama import (
+    attention_on_gpu,
+    init_backend,
+    internals,
+    lib,
+    progress_callback,
+)
 from pensieved.engine.memory import (
     AGENT_CONTEXT,
     KvCacheType,
@@ -49,6 +55,7 @@ class ModelSettings:
     flash_attention: str = "auto"  # auto, on, off
     kv_cache_type: KvCacheType = "f16"
     memory_budget_mb: int | None = None
+    kv_unified: bool | Literal["auto"] = "auto"
 
     def sizing(self) -> ModelConfig:
         """The config keys `memory.plan_kv` resolves `auto` from."""
@@ -57,6 +64,7 @@ class ModelSettings:
             slots=self.slots,
             kv_cache_type=self.kv_cache_type,
             memory_budget_mb=self.memory_budget_mb,
+            kv_unified=self.kv_unified,
         )
 
     @property
@@ -143,12 +151,15 @@ class LoadedModel:
         self._grammars = GrammarCache(self.vocab)
         self.chat_template: str | None = self.metadata.get("tokenizer.chat_template")
         self.slots: int = self.plan.slots
+        self.unified: bool = self.plan.unified
+        # Shared cache only: the sequence persistence stages a slot's own tail in.
         self.scratch_seq = self.slots
-        # Per slot: what one conversation may hold, prompt and reply together. The pool is
-        # larger; a slot's limit is ours to keep (prompts are fitted to it).
+        # Per slot: what one conversation may hold, prompt and reply together. A shared pool
+        # is larger; a slot's limit in it is ours to keep (prompts are fitted to it).
         self.pool_tokens: int = int(c.llama_n_ctx(self.ctx))
-        self.n_ctx: int = min(self.plan.context_size, self.pool_tokens)
-        self.cells = CellPool(self.pool_tokens, self.slots + 1)
+        per_slot = self.pool_tokens if self.unified else int(c.llama_n_ctx_seq(self.ctx))
+        self.n_ctx: int = min(self.plan.context_size, per_slot)
+        self.cells = CellPool(self.pool_tokens, self.slots + 1, copies=not self.unified)
         self.n_batch: int = settings.batch_size
         self.n_ctx_train: int = self._model.n_ctx_train()
         # Sliding-window attention: a sequence's saved state keeps only the window.
@@ -176,17 +187,20 @@ class LoadedModel:
             if settings.context_size == "auto":
                 raise
             # An unusual architecture: explicit sizes still load, only the estimates are off.
+            slots = 4 if settings.slots == "auto" else settings.slots
             return KvPlan(
                 context_size=settings.context_size,
-                slots=4 if settings.slots == "auto" else settings.slots,
-                pool_tokens=settings.context_size,
+                slots=slots,
+                pool_tokens=settings.context_size * slots,
                 bytes_per_token=0,
                 kv_cache_type=settings.kv_cache_type,
                 budget_bytes=0,
                 weights_bytes=self.size_bytes,
-                reason=f"context {settings.context_size} as configured",
+                reason=f"context {settings.context_size} as configured, a KV cache per slot",
+                unified=False,
             )
-        plan = plan_kv(settings.sizing(), shape, self.size_bytes)
+        gpu = attention_on_gpu(settings.gpu_layers)
+        plan = plan_kv(settings.sizing(), shape, self.size_bytes, gpu=gpu)
         log.info("%s: %s", settings.path.name, plan.reason)
         if not plan.fits:
             log.warning(
@@ -202,11 +216,12 @@ class LoadedModel:
 
         plan = self.plan
         ctx_params = c.llama_context_default_params()
-        # One pool of cells for every slot (see kvpool.py); one more sequence than slots is
-        # the scratch sequence persistence stages a slot's own tail in.
+        # Shared: one pool of cells for every slot (see kvpool.py), and one more sequence
+        # than slots, the scratch sequence persistence stages a slot's own tail in. Per slot:
+        # llama.cpp gives each sequence an equal part of n_ctx.
         ctx_params.n_ctx = plan.pool_tokens
-        ctx_params.n_seq_max = plan.slots + 1
-        ctx_params.kv_unified = True
+        ctx_params.n_seq_max = plan.slots + 1 if plan.unified else plan.slots
+        ctx_params.kv_unified = plan.unified
         cache_type = {"q8_0": c.GGML_TYPE_Q8_0, "q4_0": c.GGML_TYPE_Q4_0}.get(
             settings.kv_cache_type, c.GGML_TYPE_F16
         )
@@ -302,12 +317,17 @@ class LoadedModel:
         return 0
 
     def share_prefix(self, source: int, target: int, count: int) -> None:
-        """Make sequence `target` hold `source`'s first `count` positions: the same cells,
-        not a copy (in the unified cache `llama_memory_seq_cp` only marks them shared)."""
+        """Make sequence `target` hold `source`'s first `count` positions. In the shared cache
+        these are the same cells (`llama_memory_seq_cp` only marks them); with a cache per
+        slot, llama.cpp copies `source`'s whole cache at the start of the next decode."""
         c = lib()
 
         c.llama_memory_seq_rm(self.memory, target, -1, -1)
-        c.llama_memory_seq_cp(self.memory, source, target, 0, count)
+        if self.unified:
+            c.llama_memory_seq_cp(self.memory, source, target, 0, count)
+        else:
+            c.llama_memory_seq_cp(self.memory, source, target, -1, -1)
+            c.llama_memory_seq_rm(self.memory, target, count, -1)
         self.cells.share(source, target, count)
 
     def kv_status(self) -> KvStatus:
@@ -321,13 +341,16 @@ class LoadedModel:
             flash += " (llama.cpp uses it where the backend supports it)"
         warning = None
         if self.n_ctx < AGENT_CONTEXT:
+            remedies = "model.memory_budget_mb or model.context_size"
+            if self.settings.kv_cache_type == "f16":
+                remedies += ", or use model.kv_cache_type q8_0"  # half the bytes per token
             warning = (
                 f"context {self.n_ctx} is below the {AGENT_CONTEXT} tokens Claude Code needs "
-                "(its system prompt and tools alone take about 20k): raise "
-                "model.memory_budget_mb or model.context_size, or use model.kv_cache_type q8_0"
+                f"(its system prompt and tools alone take about 20k): raise {remedies}"
             )
         return KvStatus(
             cache_type=self.settings.kv_cache_type,
+            unified=self.unified,
             flash_attention=flash,
             pool_cells=self.pool_tokens,
             cells_used=used,

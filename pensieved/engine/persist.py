@@ -54,7 +54,7 @@ def model_key(model: LoadedModel) -> str:
         "slots": model.slots,  # a saved state records the context's sequence count
         "pool": model.pool_tokens,
         "kv_cache_type": settings.kv_cache_type,
-        "layout": "unified",
+        "layout": "unified" if model.unified else "per-slot",
         "gpu_layers": settings.gpu_layers,
         "flash_attention": settings.flash_attention,  # changes the V cache layout
         "llama_cpp_python": importlib.metadata.version("llama-cpp-python"),

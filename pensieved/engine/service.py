@@ -82,6 +82,7 @@ def settings_for(config: Config, path: Path) -> ModelSettings:
         mmap=m.mmap,
         flash_attention=m.flash_attention,
         kv_cache_type=m.kv_cache_type,
+        kv_unified=m.kv_unified,
         memory_budget_mb=m.memory_budget_mb,
     )
 

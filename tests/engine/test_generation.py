@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from typing import Any, cast
 
-from pensieved.engine.generation import Generation
+from pensieved.engine.generation import COPY_MIN_TOKENS, Generation
 from pensieved.engine.model import LoadedModel
 from pensieved.engine.slots import Slot
 from pensieved.engine.types import (
@@ -24,7 +24,8 @@ END = 0  # the scripted model's end-of-generation token
 class ScriptedModel:
     n_vocab = 100
 
-    def __init__(self) -> None:
+    def __init__(self, *, unified: bool = True) -> None:
+        self.unified = unified
         self.shares: list[tuple[int, int, int]] = []
         self.forgotten: list[tuple[int, int]] = []
 
@@ -105,6 +106,46 @@ def test_even_a_short_gain_is_shared_since_sharing_copies_nothing() -> None:
     g.begin(_model(model))
     assert model.shares == [(1, 0, 3)] and g.reused == 3
     g.end()
+
+
+def test_with_a_cache_per_slot_only_a_gain_worth_a_copy_is_copied() -> None:
+    prompt = tuple(range(1, 80))
+    short = Slot(1, tokens=list(prompt[: COPY_MIN_TOKENS - 1]))
+    g, _, _ = _generation(prompt, Slot(0), peers=(short,))
+    model = ScriptedModel(unified=False)
+    g.begin(_model(model))
+    assert model.shares == [] and g.reused == 0
+    g.end()
+    long = Slot(1, tokens=list(prompt[:COPY_MIN_TOKENS]))
+    g, _, _ = _generation(prompt, Slot(0), peers=(long,))
+    g.begin(_model(model))
+    assert model.shares == [(1, 0, COPY_MIN_TOKENS)] and g.reused == COPY_MIN_TOKENS
+    g.end()
+
+
+def test_a_copy_no_decode_has_landed_is_dropped_when_the_request_ends() -> None:
+    prompt = tuple(range(1, 80))
+    donor = Slot(1, tokens=list(prompt[:-1]))
+    slot = Slot(0)
+    g, _, done = _generation(prompt, slot, peers=(donor,))
+    model = ScriptedModel(unified=False)
+    g.begin(_model(model))
+    model.forgotten.clear()
+    g.end()
+    # llama.cpp copies a per-slot cache at the next decode; none ran, so nothing is there.
+    assert model.forgotten == [(0, 0)] and slot.tokens == [] and done == [True]
+
+
+def test_a_copy_a_decode_has_landed_is_kept() -> None:
+    prompt = tuple(range(1, 80))
+    slot = Slot(0)
+    g, _, _ = _generation(prompt, slot, peers=(Slot(1, tokens=list(prompt[:-1])),))
+    model = ScriptedModel(unified=False)
+    g.begin(_model(model))
+    model.forgotten.clear()
+    g.decoded = True
+    g.end()
+    assert model.forgotten == [] and slot.tokens == list(prompt[:-1])
 
 
 def test_an_equal_prefix_elsewhere_is_not_taken() -> None:

@@ -83,3 +83,13 @@ def test_a_prefix_only_idle_slots_share_goes_last() -> None:
     # Own tails first (slot 1's 20), then a whole slot; the shared prefix becomes slot 1's
     # own once slot 0 lets go, which frees nothing yet, so slot 1 goes whole as well.
     assert plan == [Eviction(1, 100), Eviction(0, 0), Eviction(1, 0)]
+
+
+def test_with_a_cache_per_slot_a_shared_prefix_is_a_copy() -> None:
+    pool = CellPool(capacity=300, slots=3, copies=True)
+    pool.append(0, 100)
+    pool.share(0, 1, 60)
+    used, shared, parts = pool.snapshot()
+    assert (used, shared) == (160, 0) and pool.common(0, 1) == 0
+    assert [(p.tokens, p.own, p.cost) for p in parts[:2]] == [(100, 100, 100.0), (60, 60, 60.0)]
+    assert pool.trim(0, 0) == 100 and pool.length(1) == 60

@@ -13,6 +13,7 @@ from pensieved.engine.memory import (
     MemoryBudgetError,
     ModelShape,
     budget_bytes,
+    choose_layout,
     kv_bytes_per_token,
     plan_kv,
     pool_tokens,
@@ -98,8 +99,49 @@ def test_the_shared_pool_holds_one_conversation_and_a_quarter() -> None:
 
 
 def test_explicit_slots_are_kept() -> None:
-    plan = plan_kv(ModelConfig(slots=2, context_size=4096), SEVEN_B, weights=GB)
+    plan = plan_kv(ModelConfig(slots=2, context_size=4096, kv_unified=True), SEVEN_B, weights=GB)
     assert (plan.slots, plan.context_size, plan.pool_tokens) == (2, 4096, 5120)
+
+
+@pytest.mark.parametrize(
+    ("setting", "slots", "fits", "gpu", "unified", "why"),
+    [
+        (True, 4, True, False, True, "model.kv_unified true"),
+        (False, 4, False, True, False, "model.kv_unified false"),
+        ("auto", 1, False, True, False, "one slot"),
+        ("auto", 4, True, True, True, "GPU"),
+        ("auto", 4, False, False, True, "would not fit"),
+        ("auto", 4, True, False, False, "on a CPU"),
+    ],
+)
+def test_the_layout_follows_the_setting_the_backend_and_the_budget(
+    setting: bool | str, slots: int, fits: bool, gpu: bool, unified: bool, why: str
+) -> None:
+    chosen, reason = choose_layout(setting, slots, fits, gpu)  # type: ignore[arg-type]
+    assert chosen is unified and why in reason
+
+
+def test_on_a_cpu_auto_gives_each_slot_its_own_cache_when_they_fit() -> None:
+    small = ModelShape(30, 3, 64, 64, n_ctx_train=8192)
+    plan = plan_kv(ModelConfig(), small, weights=100 * MB, physical=16 * GB)
+    assert not plan.unified and plan.pool_tokens == 4 * 8192
+    assert "per slot" in plan.reason and plan.fits
+    on_gpu = plan_kv(ModelConfig(), small, weights=100 * MB, physical=16 * GB, gpu=True)
+    assert on_gpu.unified and on_gpu.pool_tokens == pool_tokens(8192, 4)
+
+
+def test_on_a_cpu_auto_shares_the_cache_when_caches_per_slot_would_not_fit() -> None:
+    # 4 x 64k cells of a 7B model do not fit 8 GB beside its weights; one shared pool does.
+    config = ModelConfig(context_size=65_536, kv_cache_type="q8_0")
+    plan = plan_kv(config, SEVEN_B, weights=int(4.4 * GB), physical=16 * GB)
+    assert plan.unified and plan.pool_tokens == pool_tokens(65_536, 4) and plan.fits
+    assert "would not fit" in plan.reason
+
+
+def test_a_cache_per_slot_holds_every_slots_full_context() -> None:
+    assert pool_tokens(8192, 4, unified=False) == 32_768
+    plan = plan_kv(ModelConfig(slots=2, context_size=4096, kv_unified=False), SEVEN_B, weights=GB)
+    assert (plan.unified, plan.pool_tokens) == (False, 8192)
 
 
 def test_shape_from_llama_cpp_metadata() -> None:

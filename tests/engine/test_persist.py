@@ -65,6 +65,7 @@ class FakeModel:
     settings: ModelSettings
     n_ctx: int
     file_identity: tuple[str, int, int]
+    unified: bool = True
 
     @property
     def slots(self) -> int | str:
@@ -75,10 +76,10 @@ class FakeModel:
         return self.n_ctx * 5 // 4
 
 
-def key_of(settings: ModelSettings, n_ctx: int = 2048) -> str:
+def key_of(settings: ModelSettings, n_ctx: int = 2048, unified: bool = True) -> str:
     stat = settings.path.stat()
     identity = (str(settings.path), stat.st_size, stat.st_mtime_ns)
-    return model_key(cast(LoadedModel, FakeModel(settings, n_ctx, identity)))
+    return model_key(cast(LoadedModel, FakeModel(settings, n_ctx, identity, unified)))
 
 
 def test_the_key_changes_with_the_model_file_and_its_settings(tmp_path: Path) -> None:
@@ -94,6 +95,7 @@ def test_the_key_changes_with_the_model_file_and_its_settings(tmp_path: Path) ->
     assert key != key_of(replace(settings, gpu_layers=-1))
     assert key != key_of(replace(settings, flash_attention="off"))
     assert key != key_of(replace(settings, kv_cache_type="q8_0"))
+    assert key != key_of(settings, unified=False)  # a cache per slot
     os.utime(model, ns=(1, 1))
     assert key != key_of(settings)
 

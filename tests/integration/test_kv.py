@@ -1,7 +1,8 @@
-"""The shared KV cache on the real daemon: sharing, eviction, persistence, types and sizes.
+"""The KV cache on the real daemon: sharing, eviction, persistence, types, sizes and layout.
 
 Each test starts its own pensieved with small explicit sizes (the bundled model is small), and
-reads what the cache holds from `pensievectl status --json`.
+reads what the cache holds from `pensievectl status --json`. The tests of sharing ask for the
+shared cache (`kv_unified: true`); on this CPU machine `auto` gives each slot its own.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def kv_of(daemon: DaemonProcess) -> dict[str, Any]:
 
 
 def test_four_sessions_on_one_prefix_share_its_cells(tmp: Path) -> None:
-    daemon = start_daemon(tmp, {"model": {"slots": 4, "context_size": 2048}})
+    daemon = start_daemon(tmp, {"model": {"slots": 4, "context_size": 2048, "kv_unified": True}})
     try:
         with patient(daemon) as http:
             first = ask(http, "Which file should I edit first?")
@@ -103,7 +104,7 @@ def test_eviction_under_pressure_keeps_a_running_sessions_prefix(tmp: Path) -> N
     # Pool: 1152 * 1.25 rounded up to 1536 cells. A (idle: the ~700-token prefix and ~300
     # tokens of its own), B (running, sharing the prefix), then C (unrelated, ~640 tokens)
     # fits beside the prefix and B, not beside all of A as well.
-    daemon = start_daemon(tmp, {"model": {"slots": 3, "context_size": 1152}})
+    daemon = start_daemon(tmp, {"model": {"slots": 3, "context_size": 1152, "kv_unified": True}})
     own_question = "Please read this carefully. " + "The build is slow. " * 60
     unrelated = "You are a poet. " + "Roses are red and violets are blue. " * 55
     try:
@@ -162,6 +163,9 @@ def test_q8_0_cache_answers_like_f16(tmp: Path) -> None:
     assert q8_kv["cache_type"] == "q8_0" and q8_kv["flash_attention"].startswith("on")
     assert q8_kv["bytes_per_token"] <= 0.55 * f16_kv["bytes_per_token"]
     assert q8_kv["allocated_bytes"] <= 0.55 * f16_kv["allocated_bytes"]
+    # Both contexts are below Claude Code's 32k; only the f16 one is told to try q8_0.
+    assert "kv_cache_type q8_0" in f16_kv["warning"]
+    assert q8_kv["warning"] and "kv_cache_type q8_0" not in q8_kv["warning"]
 
 
 def test_auto_sizes_fit_a_memory_budget(tmp: Path) -> None:
@@ -185,7 +189,7 @@ def test_auto_sizes_fit_a_memory_budget(tmp: Path) -> None:
 
 
 def test_saved_caches_restore_with_their_prefix_shared(tmp: Path) -> None:
-    config = {"model": {"slots": 3, "context_size": 2048}}
+    config = {"model": {"slots": 3, "context_size": 2048, "kv_unified": True}}
     daemon = start_daemon(tmp, config)
     try:
         with patient(daemon) as http:
@@ -212,3 +216,35 @@ def test_saved_caches_restore_with_their_prefix_shared(tmp: Path) -> None:
     assert after["cells_used"] == before["cells_used"]
     assert after["cells_shared"] == before["cells_shared"] >= prompt_tokens(first["usage"]) - 30
     assert again["usage"]["cache_read_input_tokens"] >= prompt_tokens(first["usage"]) - 30
+
+
+def test_on_a_cpu_auto_gives_each_slot_a_cache_and_copies_a_common_prefix(tmp: Path) -> None:
+    config = {"model": {"slots": 3, "context_size": 2048}}
+    daemon = start_daemon(tmp, config)
+    try:
+        with patient(daemon) as http:
+            first = ask(http, "Which file should I edit first?")
+            second = ask(http, "How do I run the tests?")
+            again = ask(http, "Which file should I edit first?")
+            status = ctl_status(daemon.config_path)
+    finally:
+        stopped(daemon)
+    model, kv = status["model"], status["model"]["kv"]
+    assert kv["unified"] is False and "per slot" in kv["sizing"], kv
+    assert kv["pool_cells"] == 3 * model["context_size"] == 3 * 2048
+    assert kv["allocated_bytes"] == 3 * model["kv_bytes_per_slot"]
+    one = prompt_tokens(first["usage"])
+    # The second session copied the first one's prefix; the first kept its own cache.
+    assert second["usage"]["cache_read_input_tokens"] >= one - 30, second["usage"]
+    assert again["usage"]["cache_read_input_tokens"] >= one - 1, again["usage"]
+    assert kv["cells_shared"] == 0
+    assert kv["cells_used"] >= 2 * (one - 30)
+
+    daemon = start_daemon(tmp, config)
+    try:
+        with patient(daemon) as http:
+            warm = ask(http, "How do I run the tests?")
+    finally:
+        stopped(daemon)
+    assert "restored 3 KV cache(s)" in daemon.log_text()
+    assert warm["usage"]["cache_read_input_tokens"] >= prompt_tokens(second["usage"]) - 1

@@ -72,6 +72,7 @@ def test_defaults() -> None:
         ({"model": {"slots": True}}, "model.slots", "integer or 'auto'"),
         ({"model": {"memory_budget_mb": 10}}, "model.memory_budget_mb", "64"),
         ({"model": {"kv_cache_type": "q5_1"}}, "model.kv_cache_type", "q8_0"),
+        ({"model": {"kv_unified": "yes"}}, "model.kv_unified", "auto"),
         (
             {"model": {"kv_cache_type": "q4_0", "flash_attention": "off"}},
             "model.kv_cache_type",
@@ -225,6 +226,8 @@ def test_sizes_default_to_auto_and_accept_numbers() -> None:
     assert (model.context_size, model.slots) == (32768, 2)
     quantized = parse_config({"model": {"kv_cache_type": "q8_0", "flash_attention": "auto"}})
     assert quantized.model.kv_cache_type == "q8_0"
+    assert Config().model.kv_unified == "auto"
+    assert parse_config({"model": {"kv_unified": False}}).model.kv_unified is False
 
 
 def test_an_alias_is_a_path_or_an_object_with_a_chat_template(tmp_path: Path) -> None:
