@@ -26,6 +26,7 @@ from bench.targets import (
     ServerProcess,
     Settings,
     find_llama_server,
+    llama_cpp_python_lib_dir,
     start_llama_server,
     start_pensieved,
 )
@@ -181,7 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     binary, why = (None, "skipped (--no-llama-server)")
     if not args.no_llama_server:
         binary, why = find_llama_server(args.llama_server)
-    report["llama_server"] = {"binary": str(binary) if binary else None, "status": why}
+    report["llama_server"] = {
+        "binary": str(binary) if binary else None,
+        "status": why,
+        "libraries": str(llama_cpp_python_lib_dir()),
+    }
     if binary is None:
         log(f"llama-server column skipped: {why}")
         report["notes"].append(f"llama-server column skipped: {why}")
@@ -305,7 +310,11 @@ def claude_code_main(args: argparse.Namespace, model: Path, settings: Settings) 
         "model": {"path": str(model), "size_bytes": model.stat().st_size},
         "settings": {**dataclasses.asdict(settings), "concurrent_tokens": args.concurrent_tokens},
         "request": args.request,
-        "llama_server": {"binary": str(binary) if binary else None, "status": why},
+        "llama_server": {
+            "binary": str(binary) if binary else None,
+            "status": why,
+            "libraries": str(llama_cpp_python_lib_dir()),
+        },
         "notes": ["one run per target: a cold prefill of the prefix takes minutes on a CPU"],
         "targets": {},
     }

@@ -9,9 +9,9 @@ them. Measured on each target, in this order:
 4. four sessions at once, each a new first message: their aggregate decode rate, and the KV
    memory the target has allocated (pensieved: `status`; llama-server: its log).
 
-Targets: pensieved with each `--kv-types` cache, and llama-server with `-np` slots, unified
-(`--kv-unified`) and not. A cold prefill of ~20k tokens takes minutes on a CPU, so each
-target runs the sequence once; the report says so.
+Targets: pensieved's shared cache with each `--kv-types` cache type, and its f16 cache per slot;
+llama-server with `-np` slots, unified (`--kv-unified`) and not. A cold prefill of ~20k tokens
+takes minutes on a CPU, so each target runs the sequence once; the report says so.
 """
 
 from __future__ import annotations
@@ -234,6 +234,9 @@ def sides(settings: Settings, kv_types: list[str]) -> list[tuple[str, Settings, 
         (f"pensieved {t}", replace(settings, kv_cache_type=t, kv_unified=True), "pensieved")
         for t in kv_types
     ]
+    if "f16" in kv_types:  # the layout `auto` picks on a CPU when it fits, for comparison
+        per_slot = replace(settings, kv_cache_type="f16", kv_unified=False)
+        out.append(("pensieved f16 per slot", per_slot, "pensieved"))
     out.append(("llama-server unified", replace(settings, llama_unified=True), "llama-server"))
     out.append(("llama-server", replace(settings, llama_unified=False), "llama-server"))
     return out
@@ -251,6 +254,19 @@ def compare(report: dict[str, Any]) -> dict[str, Any]:
                 q8["four_sessions"]["aggregate_tokens_per_s"] or 0
             ) / rate
         out["q8_0_kv_over_f16"] = q8["kv"]["allocated_bytes"] / f16["kv"]["allocated_bytes"]
+    per_slot = targets.get("pensieved f16 per slot")
+    if f16 and per_slot:
+        rate = per_slot["four_sessions"]["aggregate_tokens_per_s"]
+        if rate:
+            out["shared_f16_decode_over_per_slot"] = (
+                f16["four_sessions"]["aggregate_tokens_per_s"] or 0
+            ) / rate
+        out["shared_f16_kv_over_per_slot"] = (
+            f16["kv"]["allocated_bytes"] / per_slot["kv"]["allocated_bytes"]
+        )
+        out["new_session_ttft_shared_f16_over_per_slot"] = (
+            f16["new_session"]["ttft_s"] / per_slot["new_session"]["ttft_s"]
+        )
     for name in ("llama-server unified", "llama-server"):
         other = targets.get(name)
         theirs = other and other["kv"].get("allocated_bytes")

@@ -8,6 +8,7 @@ comparison, and both servers speak the same `/v1/messages` SSE.
 from __future__ import annotations
 
 import http.client
+import importlib.util
 import json
 import os
 import shutil
@@ -248,7 +249,29 @@ def start_llama_server(binary: Path, model: Path, settings: Settings) -> ServerP
     port = free_port()
     log_path = workdir / "llama-server.log"
     args = llama_server_args(binary, model, port, settings)
-    return _launch("llama-server", args, port, log_path, workdir)
+    return _launch("llama-server", args, port, log_path, workdir, same_kernels_env())
+
+
+def llama_cpp_python_lib_dir() -> Path | None:
+    """Where llama-cpp-python's own libllama and libggml are."""
+    spec = importlib.util.find_spec("llama_cpp")
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        lib = Path(location) / "lib"
+        if lib.is_dir():
+            return lib
+    return None
+
+
+def same_kernels_env() -> dict[str, str]:
+    """The environment for llama-server: llama-cpp-python's libllama and libggml first on the
+    library path, so that both sides run the same llama.cpp build and kernels (a llama-server
+    built on its own picks its build's libraries, compiled for another CPU target)."""
+    env = dict(os.environ)
+    lib = llama_cpp_python_lib_dir()
+    if lib is not None:
+        for name in ("LD_LIBRARY_PATH", "DYLD_LIBRARY_PATH"):
+            env[name] = os.pathsep.join(p for p in (str(lib), env.get(name, "")) if p)
+    return env
 
 
 def llama_server_args(binary: Path, model: Path, port: int, settings: Settings) -> list[str]:

@@ -1,8 +1,16 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-from bench.targets import Settings, llama_server_args
+import pytest
+
+from bench.targets import (
+    Settings,
+    llama_cpp_python_lib_dir,
+    llama_server_args,
+    same_kernels_env,
+)
 
 
 def test_llama_server_gets_the_same_work_as_pensieved() -> None:
@@ -29,3 +37,14 @@ def test_llama_server_unified_and_quantized() -> None:
     args = llama_server_args(Path("/bin/llama-server"), Path("/m.gguf"), 8123, settings)
     assert "--kv-unified" in args and "--no-kv-unified" not in args
     assert args[args.index("--cache-type-v") + 1] == "q8_0"
+
+
+def test_llama_server_runs_on_llama_cpp_pythons_own_libraries(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("LD_LIBRARY_PATH", "/opt/other")
+    lib = llama_cpp_python_lib_dir()
+    assert lib is not None and any(lib.glob("libllama*"))
+    env = same_kernels_env()
+    assert env["LD_LIBRARY_PATH"] == f"{lib}{os.pathsep}/opt/other"
+    assert env["DYLD_LIBRARY_PATH"].startswith(str(lib))
