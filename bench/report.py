@@ -207,7 +207,7 @@ def table(report: dict[str, Any]) -> str:
         f"{_f(r.get('python_overhead_ms_per_token'), 2, ' ms')} per token. "
         f"Model file {_f((memory.get('model_file_bytes') or 0) / MB, 0)} MB, KV cache "
         f"{_f((memory.get('kv_bytes_total') or 0) / MB, 0)} MB for all slots in llama-server, "
-        f"{_f((memory.get('pensieved_kv_bytes') or 0) / MB, 0)} MB in pensieved's shared pool.",
+        f"{_f((memory.get('pensieved_kv_bytes') or 0) / MB, 0)} MB in pensieved.",
     ]
     for note in report.get("notes", []):
         lines.append(f"\nNote: {note}")

@@ -288,10 +288,10 @@ def plan_step(
 
     Sampled tokens come first (when there are more streams than batch room, which ones wait
     rotates with `step`); prompt chunks fill the rest in arrival order, so the oldest prompt
-    finishes first. The result is in sequence order. (That mattered with a KV stream per
-    slot, where llama.cpp evaluated only runs of consecutive sequence ids in one pass; the
-    unified cache takes any order in one pass, and what limits a step instead is the cache's
-    free cells, which `capacity` already accounts for.)
+    finishes first. The result is in sequence order: with a KV cache per slot, llama.cpp
+    evaluates only runs of consecutive sequence ids in one pass. (A shared cache takes any
+    order in one pass; what limits its step is the cache's free cells, which `capacity`
+    already accounts for.)
     """
     room = capacity
     decoding = [g for g in running if g.next_token is not None]

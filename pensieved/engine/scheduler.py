@@ -1,7 +1,8 @@
 """Slots, queueing and the bridge between the batcher thread and the event loop.
 
 Each request gets the free slot whose KV cache is a prefix of its prompt (only the new suffix
-is evaluated), else an empty slot (a prefix another slot holds is shared into it), else the
+is evaluated), else an empty slot (a prefix another slot holds is shared or copied into it,
+see `Generation.begin`), else the
 slot sharing the longest prefix when that reuses at least as much as it throws away, else
 evicts the free slot that is cheapest to lose: GreedyDual-Size, where
 a slot's value is its cached token count (what re-reading it would cost) plus an inflation
@@ -37,8 +38,8 @@ def choose_slot(
     """The slot to run `tokens` on; `value` maps slot index to its eviction priority.
 
     A slot whose whole cache is a prefix of `tokens` (a conversation's next turn) wins.
-    Otherwise an empty slot: whatever prefix another slot holds is shared into it (see
-    `Generation.begin`), so nothing cached is dropped. Without one, the longest shared prefix
+    Otherwise an empty slot: whatever prefix another slot holds is shared or copied into it
+    (see `Generation.begin`), so nothing cached is dropped. Without one, the longest shared prefix
     wins when it reuses at least as many tokens as it discards: a chat template's common
     header (a handful of tokens) must not make a short side request overwrite a long
     conversation. Otherwise the lowest `value` (least recently used when no values are
