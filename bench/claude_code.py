@@ -242,44 +242,39 @@ def sides(settings: Settings, kv_types: list[str]) -> list[tuple[str, Settings, 
     return out
 
 
+def _over(a: Any, b: Any, *path: str) -> float | None:
+    """Target `a`'s figure at `path` over target `b`'s; None when `b`'s is missing or 0."""
+    for key in path:
+        a, b = a[key], b[key]
+    return float(a or 0) / b if b else None
+
+
 def compare(report: dict[str, Any]) -> dict[str, Any]:
-    """Ratios across targets: q8_0 against f16, pensieved against llama-server."""
+    """Ratios across targets: q8_0 against f16, the shared cache against a cache per slot,
+    pensieved against llama-server."""
     targets = {k: v for k, v in report["targets"].items() if "error" not in v}
-    out: dict[str, Any] = {}
+    out: dict[str, float | None] = {}
+    decode, kv = ("four_sessions", "aggregate_tokens_per_s"), ("kv", "allocated_bytes")
     f16, q8 = targets.get("pensieved f16"), targets.get("pensieved q8_0")
-    if f16 and q8:
-        rate = f16["four_sessions"]["aggregate_tokens_per_s"]
-        if rate:
-            out["q8_0_decode_over_f16"] = (
-                q8["four_sessions"]["aggregate_tokens_per_s"] or 0
-            ) / rate
-        out["q8_0_kv_over_f16"] = q8["kv"]["allocated_bytes"] / f16["kv"]["allocated_bytes"]
     per_slot = targets.get("pensieved f16 per slot")
+    if f16 and q8:
+        out["q8_0_decode_over_f16"] = _over(q8, f16, *decode)
+        out["q8_0_kv_over_f16"] = _over(q8, f16, *kv)
     if f16 and per_slot:
-        rate = per_slot["four_sessions"]["aggregate_tokens_per_s"]
-        if rate:
-            out["shared_f16_decode_over_per_slot"] = (
-                f16["four_sessions"]["aggregate_tokens_per_s"] or 0
-            ) / rate
-        out["shared_f16_kv_over_per_slot"] = (
-            f16["kv"]["allocated_bytes"] / per_slot["kv"]["allocated_bytes"]
-        )
-        out["new_session_ttft_shared_f16_over_per_slot"] = (
-            f16["new_session"]["ttft_s"] / per_slot["new_session"]["ttft_s"]
+        out["shared_f16_decode_over_per_slot"] = _over(f16, per_slot, *decode)
+        out["shared_f16_kv_over_per_slot"] = _over(f16, per_slot, *kv)
+        out["new_session_ttft_shared_f16_over_per_slot"] = _over(
+            f16, per_slot, "new_session", "ttft_s"
         )
     for name in ("llama-server unified", "llama-server"):
         other = targets.get(name)
-        theirs = other and other["kv"].get("allocated_bytes")
-        if f16 and theirs:
-            out[f"pensieved_f16_kv_over_{name.replace(' ', '_')}"] = (
-                f16["kv"]["allocated_bytes"] / theirs
-            )
-        if f16 and other:
-            for step in ("cold", "turn2", "new_session"):
-                out[f"{step}_ttft_pensieved_f16_over_{name.replace(' ', '_')}"] = (
-                    f16[step]["ttft_s"] / other[step]["ttft_s"]
-                )
-    return out
+        if not (f16 and other):
+            continue
+        label = name.replace(" ", "_")
+        out[f"pensieved_f16_kv_over_{label}"] = _over(f16, other, *kv)
+        for step in ("cold", "turn2", "new_session"):
+            out[f"{step}_ttft_pensieved_f16_over_{label}"] = _over(f16, other, step, "ttft_s")
+    return {key: value for key, value in out.items() if value is not None}
 
 
 def table(report: dict[str, Any]) -> str:
