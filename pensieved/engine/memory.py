@@ -186,19 +186,20 @@ def choose_layout(
     setting: bool | Literal["auto"], slots: int, per_slot_fits: bool, gpu: bool
 ) -> tuple[bool, str]:
     """Whether the slots share one KV cache, and why (see the module's docstring)."""
-    if setting is not True and setting is not False:
-        if slots <= 1:
-            return False, "one slot, nothing to share (model.kv_unified auto)"
-        if gpu:
-            return True, "shared: the GPU's attention skips the other slots' cells (auto)"
-        if not per_slot_fits:
-            return True, "shared: a cache per slot would not fit the budget (auto)"
-        return False, (
-            "per slot: on a CPU a shared cache slows every decode by the other slots' cells, "
-            "and a cache per slot fits the budget (auto)"
+    if setting is True or setting is False:
+        return setting, f"as configured (model.kv_unified {str(setting).lower()})"
+    if slots <= 1:
+        return False, "one slot: nothing to share (model.kv_unified auto)"
+    if gpu:
+        why = "attention on a GPU skips the other slots' cells"
+        return True, f"shared because {why} (model.kv_unified auto)"
+    if not per_slot_fits:
+        return (
+            True,
+            "shared because caches per slot would not fit the budget (model.kv_unified auto)",
         )
-    layout = "shared" if setting else "per slot"
-    return setting, f"{layout} (model.kv_unified {str(setting).lower()})"
+    why = "on a CPU a shared cache slows every decode by the other slots' cells"
+    return False, f"a cache per slot because {why}, and they fit the budget (model.kv_unified auto)"
 
 
 def plan_kv(
