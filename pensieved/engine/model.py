@@ -34,6 +34,7 @@ from pensieved.engine.memory import (
     KvCacheType,
     KvPlan,
     plan_kv,
+    pool_tokens,
     shape_from_metadata,
 )
 from pensieved.errors import GrammarError, LoadCancelledError, ModelLoadError
@@ -188,16 +189,18 @@ class LoadedModel:
                 raise
             # An unusual architecture: explicit sizes still load, only the estimates are off.
             slots = 4 if settings.slots == "auto" else settings.slots
+            unified = settings.kv_unified is True  # no estimate to weigh `auto` by
             return KvPlan(
                 context_size=settings.context_size,
                 slots=slots,
-                pool_tokens=settings.context_size * slots,
+                pool_tokens=pool_tokens(settings.context_size, slots, unified),
                 bytes_per_token=0,
                 kv_cache_type=settings.kv_cache_type,
                 budget_bytes=0,
                 weights_bytes=self.size_bytes,
-                reason=f"context {settings.context_size} as configured, a KV cache per slot",
-                unified=False,
+                reason=f"context {settings.context_size} as configured, "
+                + ("one shared KV cache" if unified else "a KV cache per slot"),
+                unified=unified,
             )
         gpu = attention_on_gpu(settings.gpu_layers)
         plan = plan_kv(settings.sizing(), shape, self.size_bytes, gpu=gpu)
