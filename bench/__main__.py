@@ -237,8 +237,9 @@ def main(argv: list[str] | None = None) -> int:
             reps=args.concurrency_reps,
             log=log,
         )
-        report["memory"] = memory_report(servers, idle_rss, model, args)
-        report["pensieved_decode_stats"] = decode_stats(servers)
+        status = pensieved_status(servers)
+        report["memory"] = memory_report(servers, idle_rss, model, args, status)
+        report["pensieved_decode_stats"] = decode_stats(status)
         report["startup_s"] = {
             name: (sorted(v)[len(v) // 2] if v else None) for name, v in startup.items()
         }
@@ -363,23 +364,32 @@ def claude_code_main(args: argparse.Namespace, model: Path, settings: Settings) 
     return 0
 
 
-def decode_stats(servers: list[ServerProcess]) -> dict[str, Any] | None:
-    """pensieved's own account of its decode loop (from `status`): time in llama.cpp and in
-    Python per batch, over everything the benchmark ran."""
+def pensieved_status(servers: list[ServerProcess]) -> dict[str, Any] | None:
+    """pensieved's `status` (over its control socket), if it is one of the targets."""
     from pensieve.client import ControlClient
 
     for server in servers:
         if server.name == "pensieved" and server.workdir is not None:
-            status = ControlClient(server.workdir / "ctl.sock").request("GET", "/v1/status")
-            decode: dict[str, Any] = status["model"]["decode"]
-            steps = decode["steps"] or 1
-            return {
-                **decode,
-                "llama_ms_per_batch": decode["llama_s"] / steps * 1000,
-                "python_us_per_batch": decode["python_s"] / steps * 1e6,
-                "tokens_per_batch": decode["tokens"] / steps,
-            }
+            status: dict[str, Any] = ControlClient(server.workdir / "ctl.sock").request(
+                "GET", "/v1/status"
+            )
+            return status
     return None
+
+
+def decode_stats(status: dict[str, Any] | None) -> dict[str, Any] | None:
+    """pensieved's own account of its decode loop (from `status`): time in llama.cpp and in
+    Python per batch, over everything the benchmark ran."""
+    if status is None:
+        return None
+    decode: dict[str, Any] = status["model"]["decode"]
+    steps = decode["steps"] or 1
+    return {
+        **decode,
+        "llama_ms_per_batch": decode["llama_s"] / steps * 1000,
+        "python_us_per_batch": decode["python_s"] / steps * 1e6,
+        "tokens_per_batch": decode["tokens"] / steps,
+    }
 
 
 def inprocess_token_counter(inprocess: InProcess) -> Any:
@@ -390,7 +400,11 @@ def inprocess_token_counter(inprocess: InProcess) -> Any:
 
 
 def memory_report(
-    servers: list[ServerProcess], idle_rss: dict[str, int], model: Path, args: argparse.Namespace
+    servers: list[ServerProcess],
+    idle_rss: dict[str, int],
+    model: Path,
+    args: argparse.Namespace,
+    status: dict[str, Any] | None,
 ) -> dict[str, Any]:
     result: dict[str, Any] = {"model_file_bytes": model.stat().st_size}
     for server in servers:
@@ -401,21 +415,12 @@ def memory_report(
         }
     kv = kv_bytes_per_slot(model, args.context_size)
     result["kv_bytes_per_slot"] = kv
-    # llama-server (not unified) allocates every slot's context; pensieved allocates one shared
-    # pool, as its `status` reports.
+    # llama-server (not unified) allocates every slot's context; pensieved allocates what its
+    # `status` reports (per slot, or one shared pool).
     result["kv_bytes_total"] = kv * args.slots if kv else None
-    result["pensieved_kv_bytes"] = pensieved_kv_bytes(servers)
+    if status is not None:
+        result["pensieved_kv_bytes"] = int(status["model"]["kv"]["allocated_bytes"])
     return result
-
-
-def pensieved_kv_bytes(servers: list[ServerProcess]) -> int | None:
-    from pensieve.client import ControlClient
-
-    for server in servers:
-        if server.name == "pensieved" and server.workdir is not None:
-            status = ControlClient(server.workdir / "ctl.sock").request("GET", "/v1/status")
-            return int(status["model"]["kv"]["allocated_bytes"])
-    return None
 
 
 def kv_bytes_per_slot(model: Path, context_size: int) -> int:
