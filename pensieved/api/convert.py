@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import secrets
 from typing import Any
 
@@ -12,19 +11,22 @@ from pensieved.api.models import (
     ImageBlock,
     InputMessage,
     MessagesRequest,
+    OtherBlock,
+    SearchResultBlock,
     TextBlock,
-    ThinkingBlock,
+    ToolReferenceBlock,
     ToolResultBlock,
     ToolUseBlock,
     _PromptFields,
 )
+from pensieved.api.tool_search import ToolTable
+from pensieved.engine.tools import loaded_tool_text
 from pensieved.engine.types import (
     ChatMessage,
     GenerationRequest,
     Sampling,
     ToolCall,
     ToolChoice,
-    ToolSpec,
 )
 from pensieved.errors import InvalidRequestError, UnsupportedContentError
 
@@ -56,21 +58,37 @@ def _unsupported(block: ImageBlock | DocumentBlock, where: str) -> UnsupportedCo
     )
 
 
-def _tool_result_text(block: ToolResultBlock, where: str) -> str:
+def _refused(block: OtherBlock, where: str) -> InvalidRequestError:
+    return InvalidRequestError(f'{where}: block type "{block.type}" is not supported')
+
+
+def _search_result_text(block: SearchResultBlock) -> str:
+    body = "\n".join(part.text for part in block.content)
+    return f"{block.title}\n{block.source}\n{body}"
+
+
+def _tool_result_text(block: ToolResultBlock, where: str, tools: ToolTable) -> str:
     if block.content is None:
         return ""
     if isinstance(block.content, str):
         return block.content
     texts = []
     for index, part in enumerate(block.content):
+        at = f"{where}.content.{index}"
         if isinstance(part, TextBlock):
             texts.append(part.text)
+        elif isinstance(part, SearchResultBlock):
+            texts.append(_search_result_text(part))
+        elif isinstance(part, ToolReferenceBlock):
+            texts.append(loaded_tool_text(tools.loaded(part.tool_name)))
+        elif isinstance(part, OtherBlock):
+            raise _refused(part, at)
         else:
-            raise _unsupported(part, f"{where}.content.{index}")
+            raise _unsupported(part, at)
     return "\n".join(texts)
 
 
-def _convert_message(index: int, message: InputMessage) -> list[ChatMessage]:
+def _convert_message(index: int, message: InputMessage, tools: ToolTable) -> list[ChatMessage]:
     """One wire message becomes one or more template messages (tool results are their own)."""
     where = f"messages.{index}"
     if isinstance(message.content, str):
@@ -83,18 +101,20 @@ def _convert_message(index: int, message: InputMessage) -> list[ChatMessage]:
         at = f"{where}.content.{number}"
         if isinstance(block, TextBlock):
             texts.append(block.text)
+        elif isinstance(block, SearchResultBlock):
+            texts.append(_search_result_text(block))
         elif isinstance(block, ImageBlock | DocumentBlock):
             raise _unsupported(block, at)
         elif isinstance(block, ToolUseBlock):
             calls.append(ToolCall(id=block.id, name=block.name, arguments=block.input))
         elif isinstance(block, ToolResultBlock):
-            text = _tool_result_text(block, at)
+            text = _tool_result_text(block, at, tools)
             if block.is_error:
                 text = f"Error: {text}"
             results.append(ChatMessage(role="tool", content=text, tool_call_id=block.tool_use_id))
-        elif isinstance(block, ThinkingBlock):
-            continue  # earlier reasoning is not replayed to the model
-        # redacted_thinking carries nothing we can render
+        elif isinstance(block, OtherBlock):
+            raise _refused(block, at)
+        # earlier reasoning (thinking, redacted_thinking) is not replayed to the model
     out = list(results)
     if texts or calls or not results:
         out.append(
@@ -103,39 +123,28 @@ def _convert_message(index: int, message: InputMessage) -> list[ChatMessage]:
     return out
 
 
-def to_engine_messages(request: _PromptFields) -> tuple[ChatMessage, ...]:
+def to_engine_messages(request: _PromptFields, tools: ToolTable) -> tuple[ChatMessage, ...]:
     messages: list[ChatMessage] = []
     system = _system_text(request.system)
     if system:
         messages.append(ChatMessage(role="system", content=system))
     for index, message in enumerate(request.messages):
-        messages.extend(_convert_message(index, message))
+        messages.extend(_convert_message(index, message, tools))
     return tuple(messages)
 
 
-def to_engine_tools(request: _PromptFields) -> tuple[ToolSpec, ...]:
-    return tuple(
-        ToolSpec(name=t.name, description=t.description, parameters=t.input_schema)
-        for t in request.tools or ()
-    )
-
-
-def to_engine_tool_choice(request: _PromptFields) -> ToolChoice:
+def to_engine_tool_choice(request: _PromptFields, tools: ToolTable) -> ToolChoice:
     choice = request.tool_choice
     if choice is None:
         return ToolChoice()
-    names = [t.name for t in request.tools or ()]
-    if choice.type in ("any", "tool") and not names:
+    if choice.type in ("any", "tool") and not tools.callable:
         raise InvalidRequestError(
             f"tool_choice.type: '{choice.type}' requires `tools` with at least one tool"
         )
     if choice.type == "tool":
         if not choice.name:
             raise InvalidRequestError("tool_choice.name: required when tool_choice.type is 'tool'")
-        if choice.name not in names:
-            raise InvalidRequestError(
-                f"tool_choice.name: tool '{choice.name}' is not among the request's tools"
-            )
+        tools.check_choice(choice.name)
     # Forced calls are one call: a small model told "call a tool" otherwise keeps calling.
     parallel = choice.type == "auto" and not choice.disable_parallel_tool_use
     return ToolChoice(mode=choice.type, name=choice.name, parallel=parallel)
@@ -173,18 +182,14 @@ def to_generation_request(
         top_p=1.0 if top_p is None else top_p,
         top_k=top_k or 0,
     )
+    tools = ToolTable(request)
     return GenerationRequest(
-        messages=to_engine_messages(request),
+        messages=to_engine_messages(request, tools),
         max_tokens=max_tokens,
         sampling=sampling,
         stop_sequences=tuple(stop_sequences or ()),
-        tools=to_engine_tools(request),
-        tool_choice=to_engine_tool_choice(request),
+        tools=tools.callable,
+        tool_choice=to_engine_tool_choice(request, tools),
         output_schema=output_schema(request),
         thinking=request.thinking is not None and request.thinking.type != "disabled",
     )
-
-
-def canonical_json(value: object) -> str:
-    """Deterministic JSON: the same input always renders to the same prompt tokens."""
-    return json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":"))

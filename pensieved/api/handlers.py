@@ -15,6 +15,7 @@ import tornado.http1connection
 import tornado.iostream
 import tornado.web
 from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
 
 from pensieve import __version__
 from pensieved.api import forward, limits, security
@@ -46,17 +47,26 @@ access_log = logging.getLogger("pensieved.access")
 M = TypeVar("M", bound=BaseModel)
 
 
+def _is_branch(part: int | str) -> bool:
+    # Union branches in pydantic's loc: our tagged ones (`<list>`, `<tool_result>`) and
+    # untagged ones (`list[...]`, model class names); users know only field paths.
+    return isinstance(part, str) and (part[:1] in ("<",) or "[" in part or part[:1].isupper())
+
+
 def _field_path(loc: tuple[int | str, ...]) -> str:
-    # pydantic reports union/discriminator branch names in loc; users know only field paths.
-    parts = [str(p) for p in loc if not (isinstance(p, str) and ("[" in p or p[:1].isupper()))]
-    return ".".join(parts) or "body"
+    return ".".join(str(p) for p in loc if not _is_branch(p)) or "body"
+
+
+def _problem(item: ErrorDetails) -> str:
+    loc = tuple(item["loc"])
+    message = item["msg"]
+    if item["type"] == "list_type" and loc[-1:] == ("<list>",):
+        message = "Input should be a string or a list of content blocks"
+    return f"{_field_path(loc)}: {message}"
 
 
 def validation_message(error: ValidationError) -> str:
-    problems = []
-    for item in error.errors(include_url=False)[:5]:
-        problems.append(f"{_field_path(tuple(item['loc']))}: {item['msg']}")
-    return "; ".join(problems)
+    return "; ".join(_problem(item) for item in error.errors(include_url=False)[:5])
 
 
 @tornado.web.stream_request_body

@@ -8,9 +8,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
+from pydantic_core import PydanticCustomError
 
 # ---- request content blocks ----------------------------------------------------------------
+#
+# Anthropic adds block types often. A block of a type we do not know still parses (as
+# `OtherBlock`), so that a request routed to an upstream passes through untouched; the local
+# engine's converter then refuses it in one line naming its path and type. Union branches are
+# tagged `<name>`: the error formatter drops such tags from the paths it shows.
 
 
 class _ExtraIgnored(BaseModel):
@@ -35,6 +41,51 @@ class DocumentBlock(_ExtraIgnored):
     title: str | None = None
 
 
+class SearchResultBlock(_ExtraIgnored):
+    type: Literal["search_result"]
+    source: str = Field(description="Where the result came from (a URL or a name).")
+    title: str = Field(description="The result's title.")
+    content: list[TextBlock] = Field(description="The result's text.")
+
+
+class ToolReferenceBlock(_ExtraIgnored):
+    """Tool search: names a deferred tool (`defer_loading`), whose definition is then loaded."""
+
+    type: Literal["tool_reference"]
+    tool_name: str = Field(min_length=1, description="The tool whose definition is loaded.")
+
+
+class OtherBlock(_ExtraIgnored):
+    """A block type Pensieve does not serve: parsed so that upstream routes pass it on."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = Field(description="The block's type.")
+
+
+def _tag_of(known: frozenset[str]) -> Any:
+    def tag(value: Any) -> str:
+        kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+        return f"<{kind}>" if kind in known else "<other>"
+
+    return Discriminator(tag)
+
+
+def _str_or_list(value: Any) -> str:
+    return "<str>" if isinstance(value, str) else "<list>"
+
+
+ToolResultPart = Annotated[
+    Annotated[TextBlock, Tag("<text>")]
+    | Annotated[ImageBlock, Tag("<image>")]
+    | Annotated[DocumentBlock, Tag("<document>")]
+    | Annotated[SearchResultBlock, Tag("<search_result>")]
+    | Annotated[ToolReferenceBlock, Tag("<tool_reference>")]
+    | Annotated[OtherBlock, Tag("<other>")],
+    _tag_of(frozenset({"text", "image", "document", "search_result", "tool_reference"})),
+]
+
+
 class ToolUseBlock(_ExtraIgnored):
     type: Literal["tool_use"]
     id: str = Field(description="The tool call's id, referenced by the tool_result.")
@@ -45,7 +96,17 @@ class ToolUseBlock(_ExtraIgnored):
 class ToolResultBlock(_ExtraIgnored):
     type: Literal["tool_result"]
     tool_use_id: str = Field(description="The id of the tool_use this answers.")
-    content: str | list[TextBlock | ImageBlock | DocumentBlock] | None = None
+    content: (
+        Annotated[
+            Annotated[str, Tag("<str>")] | Annotated[list[ToolResultPart], Tag("<list>")],
+            Discriminator(_str_or_list),
+        ]
+        | None
+    ) = Field(
+        None,
+        description="A string, or blocks: text, image, document, search_result, and "
+        "tool_reference (tool search).",
+    )
     is_error: bool = False
 
 
@@ -61,15 +122,34 @@ class RedactedThinkingBlock(_ExtraIgnored):
 
 
 ContentBlock = Annotated[
-    TextBlock
-    | ImageBlock
-    | DocumentBlock
-    | ToolUseBlock
-    | ToolResultBlock
-    | ThinkingBlock
-    | RedactedThinkingBlock,
-    Field(discriminator="type"),
+    Annotated[TextBlock, Tag("<text>")]
+    | Annotated[ImageBlock, Tag("<image>")]
+    | Annotated[DocumentBlock, Tag("<document>")]
+    | Annotated[SearchResultBlock, Tag("<search_result>")]
+    | Annotated[ToolUseBlock, Tag("<tool_use>")]
+    | Annotated[ToolResultBlock, Tag("<tool_result>")]
+    | Annotated[ThinkingBlock, Tag("<thinking>")]
+    | Annotated[RedactedThinkingBlock, Tag("<redacted_thinking>")]
+    | Annotated[OtherBlock, Tag("<other>")],
+    _tag_of(
+        frozenset(
+            {
+                "text",
+                "image",
+                "document",
+                "search_result",
+                "tool_use",
+                "tool_result",
+                "thinking",
+                "redacted_thinking",
+            }
+        )
+    ),
 ]
+
+# user and assistant are the documented roles; a system message mid-conversation is served too
+# (Claude Code sends them, and Anthropic documents mid-conversation system messages).
+ROLES = ("user", "assistant", "system")
 
 
 class InputMessage(_ExtraIgnored):
@@ -77,14 +157,37 @@ class InputMessage(_ExtraIgnored):
         description="user or assistant (system is accepted mid-conversation, as Claude Code "
         "sends it)."
     )
-    content: str | list[ContentBlock] = Field(description="A string or a list of blocks.")
+    content: Annotated[
+        Annotated[str, Tag("<str>")] | Annotated[list[ContentBlock], Tag("<list>")],
+        Discriminator(_str_or_list),
+    ] = Field(description="A string or a list of blocks.")
+
+    @field_validator("role", mode="before")
+    @classmethod
+    def _known_role(cls, value: Any) -> Any:
+        if isinstance(value, str) and value not in ROLES:
+            raise PydanticCustomError(
+                "role", 'role "{role}" is not supported: use user or assistant', {"role": value}
+            )
+        return value
 
 
 class Tool(_ExtraIgnored):
+    type: str | None = Field(
+        None,
+        description="`custom` or absent for a tool the client runs; Anthropic's server tools "
+        "(web search, code execution, ...) have a versioned type, and a local model cannot run "
+        "them.",
+    )
     name: str = Field(min_length=1, max_length=128, description="Tool name.")
     description: str = Field("", description="What the tool does, for the model.")
     input_schema: dict[str, Any] = Field(
         default_factory=lambda: {"type": "object"}, description="JSON schema of the input."
+    )
+    defer_loading: bool = Field(
+        False,
+        description="Tool search: the tool stays out of the prompt until a `tool_reference` "
+        "block in a tool result names it; only then can the model call it.",
     )
 
 
@@ -125,7 +228,13 @@ class OutputConfig(_ExtraIgnored):
 class _PromptFields(_ExtraIgnored):
     model: str = Field(min_length=1, description="Requested model name; echoed back.")
     messages: list[InputMessage] = Field(min_length=1, description="The conversation.")
-    system: str | list[TextBlock] | None = Field(None, description="System prompt.")
+    system: (
+        Annotated[
+            Annotated[str, Tag("<str>")] | Annotated[list[TextBlock], Tag("<list>")],
+            Discriminator(_str_or_list),
+        ]
+        | None
+    ) = Field(None, description="System prompt: a string or text blocks.")
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
     thinking: ThinkingConfig | None = None

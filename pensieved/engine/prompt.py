@@ -230,7 +230,7 @@ def conversation_for_template(
     has_tool_history = any(m.tool_calls or m.role == "tool" for m in messages)
     if caps.tools:
         out = list(messages)
-        template_tools = tuple(tools)
+        template_tools = tuple(tool for tool in tools if not tool.deferred)
     elif tools or has_tool_history:
         out = to_generic_messages(messages, tools)
     else:

@@ -61,10 +61,20 @@ def tools_system_text(tools: Sequence[ToolSpec]) -> str:
         "",
         "Available tools, one JSON object per line:",
     ]
-    for tool in tools:
-        spec = {"name": tool.name, "description": tool.description, "input_schema": tool.parameters}
-        lines.append(_json(spec))
+    lines += [_definition(tool) for tool in tools]
     return "\n".join(lines)
+
+
+def _definition(tool: ToolSpec) -> str:
+    return _json(
+        {"name": tool.name, "description": tool.description, "input_schema": tool.parameters}
+    )
+
+
+def loaded_tool_text(tool: ToolSpec) -> str:
+    """What a tool search result says of a tool it loaded: the tool's definition, in the form the
+    tool list uses, so the model reads it as one more available tool."""
+    return f"Tool {tool.name} is now available. Its definition:\n{_definition(tool)}"
 
 
 def _result_text(message: ChatMessage) -> str:
@@ -82,8 +92,9 @@ def to_generic_messages(
     """
     out: list[ChatMessage] = []
     rest = list(messages)
-    if tools:
-        system = tools_system_text(tools)
+    listed = [tool for tool in tools if not tool.deferred]
+    if listed:
+        system = tools_system_text(listed)
         if rest and rest[0].role == "system":
             system = f"{system}\n\n{rest.pop(0).content}"
         out.append(ChatMessage(role="system", content=system))

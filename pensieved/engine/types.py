@@ -43,6 +43,9 @@ class ToolSpec:
     name: str
     description: str
     parameters: dict[str, Any]
+    # Loaded by tool search: callable, but its definition stands in the tool result that loaded
+    # it, not in the tool list, so that the prompt before that result is unchanged.
+    deferred: bool = False
 
 
 ToolChoiceMode = Literal["auto", "any", "tool", "none"]

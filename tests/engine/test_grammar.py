@@ -7,7 +7,6 @@ import logging
 import subprocess
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,6 +23,7 @@ from pensieved.engine.grammar import (
 )
 from pensieved.engine.grammar_cache import parse_grammar
 from pensieved.engine.types import GenerationRequest, ToolChoice, ToolSpec
+from tests.claude_code_captures import FIXTURES, capture_files, load
 from tests.engine.test_gbnf import nested_grammar
 
 CLAUDE_CODE_LIKE: dict[str, Any] = {
@@ -280,14 +280,12 @@ def test_loosened_bounds_are_logged_once_per_tool_set(caplog: pytest.LogCaptureF
 
 # ---- every tool set Claude Code sends ------------------------------------------------------
 
-FIXTURES = Path(__file__).resolve().parents[2] / ".." / "shared" / "fixtures" / "claude-code"
-
 
 def _captured_requests() -> list[Any]:
-    files = sorted(FIXTURES.glob("*.json"))
-    if not files:
+    captures = [load(path) for path in capture_files()]
+    if not captures:
         return [pytest.param(None, marks=pytest.mark.skip(reason=f"no fixtures in {FIXTURES}"))]
-    return [pytest.param(json.loads(f.read_text())["body"], id=f.stem) for f in files]
+    return [pytest.param(c.body, id=c.id) for c in captures]
 
 
 @pytest.mark.parametrize("body", _captured_requests())

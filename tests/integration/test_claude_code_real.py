@@ -1,14 +1,12 @@
 """The real Claude Code against the real daemon: its captured requests, and its CLI.
 
-The captured requests live beside the repository, in ../shared/fixtures/claude-code/ (Anthropic's
-prompt text, so they are read from there and never copied in). Every file there is replayed
-as Claude Code sent it, so a capture dropped into that folder is tested too. The CLI is the
-pinned npm package that `make test` installs (PENSIEVE_TEST_CLAUDE names its binary).
+Every captured request of every version (tests/claude_code_captures.py says where they live) is
+replayed as Claude Code sent it, so a capture dropped into that folder is tested too. The CLI
+is the pinned npm package that `make test` installs (PENSIEVE_TEST_CLAUDE names its binary).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 from collections.abc import Iterator
@@ -18,12 +16,10 @@ from typing import Any
 import httpx2 as httpx
 import pytest
 
-from tests.integration.daemon import REPO, DaemonProcess, control_status, sse_events, start_daemon
+from tests.claude_code_captures import FIXTURES, Capture, capture_files, load
+from tests.integration.daemon import DaemonProcess, control_status, sse_events, start_daemon
 
-FIXTURES = Path(
-    os.environ.get("PENSIEVE_CLAUDE_FIXTURES", REPO.parent / "shared" / "fixtures" / "claude-code")
-)
-CAPTURES = sorted(FIXTURES.glob("*.json")) if FIXTURES.is_dir() else []
+CAPTURES = capture_files()
 # Headers the capture removed or that belong to the original connection.
 HOP_HEADERS = {"host", "content-length", "connection", "accept-encoding", "transfer-encoding"}
 # What Claude Code needs: its system prompt and tools alone are about 20,000 tokens.
@@ -51,16 +47,11 @@ def claude_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonPr
     assert code == 0, f"pensieved exited {code}:\n{d.log_text()}"
 
 
-def _request_args(capture: dict[str, Any]) -> dict[str, Any]:
+def _request_args(capture: Capture) -> dict[str, Any]:
     headers = {
-        name: value for name, value in capture["headers"].items() if name.lower() not in HOP_HEADERS
+        name: value for name, value in capture.headers.items() if name.lower() not in HOP_HEADERS
     }
-    return {
-        "method": capture["method"],
-        "url": capture["path"],
-        "headers": headers,
-        "json": capture["body"],
-    }
+    return {"method": capture.method, "url": capture.url, "headers": headers, "json": capture.body}
 
 
 def _check_stream(events: list[dict[str, Any]]) -> None:
@@ -75,7 +66,7 @@ def _check_stream(events: list[dict[str, Any]]) -> None:
             assert event["content_block"]["name"], event
 
 
-def _replay_stream(http: httpx.Client, capture: dict[str, Any]) -> None:
+def _replay_stream(http: httpx.Client, capture: Capture) -> None:
     """Replay a streamed request: 200, a well-formed message_start, then the whole stream when
     its new prompt tokens are few enough to evaluate on a CPU in CI (or when asked to)."""
     with http.stream(**_request_args(capture)) as response:
@@ -103,22 +94,40 @@ def _replay_stream(http: httpx.Client, capture: dict[str, Any]) -> None:
     "repository; the test with the real CLI below covers a machine without them)",
 )
 @pytest.mark.timeout(PREFILL_S)
-@pytest.mark.parametrize("path", CAPTURES, ids=[p.stem for p in CAPTURES])
+@pytest.mark.parametrize("path", CAPTURES, ids=[load(p).id for p in CAPTURES])
 def test_every_captured_claude_code_request_is_answered(
     claude_daemon: DaemonProcess, path: Path
 ) -> None:
-    capture = json.loads(path.read_text())
+    capture = load(path)
     with httpx.Client(base_url=claude_daemon.base_url, timeout=PREFILL_S) as http:
-        if capture["body"].get("stream"):
+        if capture.body.get("stream"):
             _replay_stream(http, capture)
         else:
             response = http.request(**_request_args(capture))
             assert response.status_code == 200, response.text
-            if capture["path"].startswith("/v1/messages/count_tokens"):
+            if capture.count_tokens:
                 assert response.json()["input_tokens"] > 0
             else:
                 assert response.json()["type"] == "message"
     claude_daemon.check_alive()
+
+
+MESSAGES = [p for p in CAPTURES if not load(p).count_tokens]
+# Fields of a Messages request that count_tokens does not take.
+NOT_COUNTED = {"max_tokens", "stream", "metadata", "temperature", "top_p", "top_k"}
+
+
+@pytest.mark.skipif(not MESSAGES, reason=f"no captured Claude Code requests at {FIXTURES}")
+@pytest.mark.parametrize("path", MESSAGES, ids=[load(p).id for p in MESSAGES])
+def test_every_captured_conversation_is_counted(claude_daemon: DaemonProcess, path: Path) -> None:
+    """count_tokens takes what /v1/messages takes: tool search's round trip among them."""
+    capture = load(path)
+    body = {k: v for k, v in capture.body.items() if k not in NOT_COUNTED}
+    args = {**_request_args(capture), "url": "/v1/messages/count_tokens", "json": body}
+    with httpx.Client(base_url=claude_daemon.base_url, timeout=PREFILL_S) as http:
+        response = http.request(**args)
+    assert response.status_code == 200, response.text
+    assert response.json()["input_tokens"] > 0
 
 
 def _claude_binary() -> Path:

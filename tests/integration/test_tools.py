@@ -376,3 +376,140 @@ def test_count_tokens_with_tools_and_system_matches_usage(daemon: DaemonProcess)
         model=MODEL, system=request["system"], messages=request["messages"]
     )
     assert counted.input_tokens > without_tools.input_tokens + 300
+
+
+# ---- tool search: defer_loading and tool_reference, through the SDK's beta namespace ---------
+
+TOOL_SEARCH_BETA = "advanced-tool-use-2025-11-20"
+TOOL_SEARCH = {
+    "name": "ToolSearch",
+    "description": "Load deferred tools: query `select:NAME[,NAME...]`.",
+    "input_schema": {
+        "type": "object",
+        "properties": {"query": {"type": "string"}},
+        "required": ["query"],
+    },
+}
+DEFERRED_EVENT = {**CREATE_EVENT, "defer_loading": True}
+
+
+def _searched(*references: str) -> list[Any]:
+    """A conversation in which the model searched for tools and got `references` back."""
+    return [
+        {"role": "user", "content": PROMPTS["create_event"]},
+        {
+            "role": "assistant",
+            "content": [
+                {
+                    "type": "tool_use",
+                    "id": "toolu_search",
+                    "name": "ToolSearch",
+                    "input": {"query": "select:create_event"},
+                }
+            ],
+        },
+        {
+            "role": "user",
+            "content": [
+                {
+                    "type": "tool_result",
+                    "tool_use_id": "toolu_search",
+                    "content": [{"type": "tool_reference", "tool_name": n} for n in references]
+                    or "no tool matched",
+                }
+            ],
+        },
+    ]
+
+
+def test_a_deferred_tool_counts_nothing_until_referenced(daemon: DaemonProcess) -> None:
+    beta = daemon.client().beta.messages
+
+    def count(tools: list[Any], messages: list[Any]) -> int:
+        return beta.count_tokens(
+            model=MODEL, betas=[TOOL_SEARCH_BETA], tools=tools, messages=messages
+        ).input_tokens
+
+    first_turn = _searched()[:1]
+    assert count([TOOL_SEARCH, DEFERRED_EVENT], first_turn) == count([TOOL_SEARCH], first_turn)
+    unloaded = count([TOOL_SEARCH, DEFERRED_EVENT], _searched())
+    loaded = count([TOOL_SEARCH, DEFERRED_EVENT], _searched("create_event"))
+    # The definition (its schema alone is ~1,000 characters) now stands in the tool result.
+    assert loaded > unloaded + 150
+
+
+def test_a_referenced_tool_is_called_and_the_prefix_is_read_from_cache(
+    daemon: DaemonProcess,
+) -> None:
+    beta = daemon.client().beta.messages
+    tools = [TOOL_SEARCH, DEFERRED_EVENT]
+    search = beta.create(
+        model=MODEL,
+        max_tokens=1,
+        betas=[TOOL_SEARCH_BETA],
+        tools=tools,
+        messages=_searched()[:1],
+        extra_body=GREEDY,
+    )
+    assert search.usage.input_tokens > 0
+    message = beta.create(
+        model=MODEL,
+        max_tokens=400,
+        betas=[TOOL_SEARCH_BETA],
+        tools=tools,
+        tool_choice={"type": "tool", "name": "create_event"},
+        messages=_searched("create_event"),
+        extra_body=GREEDY,
+    )
+    call = next(b for b in message.content if b.type == "tool_use")
+    assert call.name == "create_event"
+    jsonschema.validate(call.input, CREATE_EVENT["input_schema"])
+    # Loading the tool changed nothing before the tool result: the first turn's prompt, all
+    # but the generation prompt's last tokens, is read back.
+    assert message.usage.cache_read_input_tokens >= search.usage.input_tokens - 8
+
+
+@pytest.mark.parametrize(
+    ("tools", "messages", "needle"),
+    [
+        ([TOOL_SEARCH], _searched("create_event"), "messages.2.content.0.content.0.tool_name"),
+        ([TOOL_SEARCH, TOOL_SEARCH], _searched()[:1], 'tools.1.name: tool "ToolSearch"'),
+        ([DEFERRED_EVENT], _searched()[:1], "tools: every tool has defer_loading set"),
+    ],
+)
+def test_tool_search_mistakes_are_400_naming_the_path(
+    daemon: DaemonProcess, tools: list[Any], messages: list[Any], needle: str
+) -> None:
+    beta = daemon.client().beta.messages
+    for call in (
+        lambda: beta.count_tokens(
+            model=MODEL, betas=[TOOL_SEARCH_BETA], tools=tools, messages=messages
+        ),
+        lambda: beta.create(
+            model=MODEL, max_tokens=1, betas=[TOOL_SEARCH_BETA], tools=tools, messages=messages
+        ),
+    ):
+        with pytest.raises(anthropic.BadRequestError) as error:
+            call()
+        assert error.value.status_code == 400
+        assert needle in error.value.message
+
+
+def test_an_unknown_block_type_or_role_is_one_line(daemon: DaemonProcess) -> None:
+    for messages, expected in (
+        (
+            [{"role": "user", "content": [{"type": "server_tool_use", "id": "s", "input": {}}]}],
+            'messages.0.content.0: block type "server_tool_use" is not supported',
+        ),
+        (
+            [{"role": "ctx", "content": "x"}],
+            'messages.0.role: role "ctx" is not supported: use user or assistant',
+        ),
+    ):
+        response = httpx.post(
+            f"{daemon.base_url}/v1/messages",
+            json={"model": MODEL, "max_tokens": 1, "messages": messages},
+            headers={"anthropic-version": "2023-06-01"},
+        )
+        assert response.status_code == 400
+        assert response.json()["error"] == {"type": "invalid_request_error", "message": expected}
