@@ -421,7 +421,7 @@ class Config(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
 
 
-def _cross_checks(config: Config) -> list[ConfigIssue]:
+def cross_checks(config: Config) -> list[ConfigIssue]:
     """Rules that span keys; reported under the key the user should change."""
     issues = []
     host = config.server.host
@@ -469,10 +469,38 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
         config = Config.model_validate(data, strict=True)
     except ValidationError as exc:
         raise ConfigError(source, _issues_from(exc)) from None
-    issues = _cross_checks(config)
+    issues = cross_checks(config)
     if issues:
         raise ConfigError(source, issues)
     return config
+
+
+def validate_section(name: str, value: Any) -> BaseModel:
+    """One top-level section alone (absent: its defaults); raises ConfigError. Cross-section
+    rules are not checked: see `cross_checks`."""
+    try:
+        config = Config.model_validate({name: value}, strict=True)
+    except ValidationError as exc:
+        raise ConfigError(name, _issues_from(exc)) from None
+    section: BaseModel = getattr(config, name)
+    return section
+
+
+def read_config_data(path: Path, *, missing_ok: bool = False) -> Any:
+    """A config file's decoded JSON, not yet validated (`{}` for a missing default file)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        if missing_ok:
+            return {}
+        raise ConfigError(str(path), [ConfigIssue("(file)", "no such file")]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(str(path), [ConfigIssue("(file)", f"cannot read: {exc}")]) from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        where = f"line {exc.lineno} column {exc.colno}"
+        raise ConfigError(str(path), [ConfigIssue("(json)", f"{exc.msg} at {where}")]) from None
 
 
 def load_config_file(path: Path, *, missing_ok: bool = False) -> Config:
@@ -480,20 +508,7 @@ def load_config_file(path: Path, *, missing_ok: bool = False) -> Config:
 
     `missing_ok` is for the default location only: no file there means all defaults.
     """
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        if missing_ok:
-            return Config()
-        raise ConfigError(str(path), [ConfigIssue("(file)", "no such file")]) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(str(path), [ConfigIssue("(file)", f"cannot read: {exc}")]) from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        where = f"line {exc.lineno} column {exc.colno}"
-        raise ConfigError(str(path), [ConfigIssue("(json)", f"{exc.msg} at {where}")]) from None
-    return parse_config(data, source=str(path))
+    return parse_config(read_config_data(path, missing_ok=missing_ok), source=str(path))
 
 
 def apply_overrides(config: Config, overrides: dict[str, Any]) -> Config:

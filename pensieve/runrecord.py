@@ -130,37 +130,67 @@ def _is_zombie(pid: int) -> bool:
         return False
 
 
-def write_record(record: RunRecord) -> Path:
-    """Write (or replace) the record for its config file, atomically, readable only by us."""
+def last_good_path(config_path: Path) -> Path:
+    """The last config read from `config_path` that validated, beside its record: a daemon
+    that starts on an invalid file takes its server section from there."""
+    return state_dir() / f"{config_key(config_path)}.last-good.json"
+
+
+def _write_private(path: Path, text: str) -> Path:
+    """Write (or replace) a file of the state directory, atomically, readable only by us."""
     directory = _private_dir(create=True)
     assert directory is not None
-    path = record_path(Path(record.config_path))
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
     try:
-        os.write(fd, record.to_json().encode())
+        os.write(fd, text.encode())
     finally:
         os.close(fd)
     os.replace(tmp, path)
     return path
 
 
-def read_record(config_path: Path) -> RunRecord | None:
-    """The record for `config_path`, if there is one and it is ours; dead or alive."""
+def _read_private(path: Path) -> str | None:
+    """A file of the state directory, if there is one and it is ours."""
     try:
         if _private_dir(create=False) is None:
             return None
     except RecordDirError:
         return None
-    path = record_path(config_path)
     try:
         info = os.lstat(path)
         if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
             return None
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
         return None
-    return RunRecord.from_json(text)
+
+
+def write_record(record: RunRecord) -> Path:
+    """Write (or replace) the record for its config file, atomically, readable only by us."""
+    return _write_private(record_path(Path(record.config_path)), record.to_json())
+
+
+def read_record(config_path: Path) -> RunRecord | None:
+    """The record for `config_path`, if there is one and it is ours; dead or alive."""
+    text = _read_private(record_path(config_path))
+    return RunRecord.from_json(text) if text is not None else None
+
+
+def write_last_good(config_path: Path, data: object) -> Path:
+    """Keep `data`, the decoded JSON of a config file that validated (0600: it may hold keys)."""
+    return _write_private(last_good_path(config_path), json.dumps(data, indent=2))
+
+
+def read_last_good(config_path: Path) -> object:
+    """The last good config's data saved for `config_path`, or None."""
+    text = _read_private(last_good_path(config_path))
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
 
 
 def remove_record(config_path: Path, pid: int) -> None:

@@ -61,6 +61,19 @@ class ValidateResponse(_ControlModel):
     )
 
 
+class ConfigSource(_ControlModel):
+    section: str = Field(description="A top-level config section: `server`, `logging`, `model`.")
+    source: Literal["file", "last_good", "defaults"] = Field(
+        description="Where the section in force came from: the file, the last good config "
+        "pensieved saved for it, or the defaults."
+    )
+    reason: str | None = Field(
+        None,
+        description="Why not from the file (its key paths and problems), and what was changed "
+        "for safety (a host limited to loopback, an API key kept).",
+    )
+
+
 class HttpStatus(_ControlModel):
     host: str = Field(description="Configured listen address.")
     port: int = Field(description="Bound port (the real one when the config says 0).")
@@ -264,6 +277,12 @@ class StatusResponse(_ControlModel):
         description="The config file is invalid; the daemon runs on the last good (or default) "
         "config until it is fixed."
     )
+    config_sources: list[ConfigSource] = Field(
+        default_factory=list,
+        description="The file has been invalid since start: where each section of the config "
+        "in force came from (empty: the whole config is the file's, or the last good one "
+        "read while running).",
+    )
     socket_path: str = Field(description="This control socket.")
     log_file: str | None = Field(description="`logging.file`, if set (stderr is always used).")
     http: HttpStatus
@@ -299,6 +318,11 @@ class ConfigResponse(_ControlModel):
     flags: list[str] = Field(description="Dotted keys set by command-line flags.")
     config_error: str | None = Field(
         description="Why the file's current content is not in force, if it is not."
+    )
+    config_sources: list[ConfigSource] = Field(
+        default_factory=list,
+        description="As in the status: where each section came from, while the file has been "
+        "invalid since start.",
     )
 
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from pensieve.activity import read_activity
 from pensieve.exitcodes import CtlExit
+from pensieve.partial import ORIGIN_TEXT
 from pensieve.postmortem import (
     Death,
     describe_work,
@@ -199,9 +200,19 @@ def format_status(s: StatusResponse, config_problem: str | None = None) -> str:
         f"pensieved {s.version} is running, {serving}: pid {s.pid}, up {human_duration(s.uptime_s)}"
     ]
     listen = s.http.url or f"not listening ({s.http.error})"
+    server = next((c for c in s.config_sources if c.section == "server"), None)
+    if server is not None:
+        listen += f" (server section: {ORIGIN_TEXT.get(server.source, server.source)})"
     rows: list[tuple[str, str]] = [("listening", listen), ("socket", s.socket_path)]
     config = s.config_file
-    if s.config_error:
+    if s.config_error and s.config_sources:
+        config += "  INVALID since start; in force meanwhile:" + "".join(
+            f"\n    {c.section}: {ORIGIN_TEXT.get(c.source, c.source)}"
+            + (f" ({c.reason})" if c.reason else "")
+            for c in s.config_sources
+        )
+        config += "\n" + s.config_error
+    elif s.config_error:
         config += "  INVALID, running on the previous (or default) config:\n" + s.config_error
     elif config_problem:
         config += (

@@ -15,6 +15,7 @@ import signal
 import sys
 import time
 from collections.abc import Coroutine
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,15 @@ import tornado.httpserver
 
 from pensieve import __version__
 from pensieve.activity import Activity, read_activity
-from pensieve.config import Config, ConfigError, apply_overrides, load_config_file
+from pensieve.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    parse_config,
+    read_config_data,
+)
 from pensieve.exitcodes import DaemonExit
+from pensieve.partial import Salvaged, salvage_config
 from pensieve.paths import default_config_path
 from pensieve.postmortem import Death, examine
 from pensieve.runrecord import (
@@ -32,9 +40,11 @@ from pensieve.runrecord import (
     RunRecord,
     activity_path,
     pid_alive,
+    read_last_good,
     read_record,
     remove_record,
     socket_is_ours,
+    write_last_good,
     write_record,
 )
 from pensieve.sockets import (
@@ -47,6 +57,7 @@ from pensieve.sockets import (
 )
 from pensieve.wire import (
     ConfigResponse,
+    ConfigSource,
     HttpStatus,
     Issue,
     ModelActionResponse,
@@ -84,6 +95,7 @@ class Daemon:
         control: BoundSocket,
         missing_ok: bool = False,
         config_error: str | None = None,
+        salvaged: Salvaged | None = None,
         activity: Activity | None = None,
         previous_exit: Death | None = None,
     ) -> None:
@@ -92,26 +104,47 @@ class Daemon:
         self.overrides = overrides
         self.control = control
         self.config_error = config_error
+        # The file was invalid at start: where each section in force came from, until a
+        # reload puts a valid file in force.
+        self.salvaged = salvaged
         self.activity = activity or Activity()
         self.previous_exit = previous_exit
         # A model load still inside llama.cpp when the drain ended: main() exits without
         # waiting for it (see _drain).
         self.abandoned_load = False
         self.engine = Engine(config, self.activity)
-        if config_error is not None:
-            # Degraded: serve 503s that say why until the file is fixed (the watcher notices).
-            self.engine.degrade(f"{config_error}\nfix the file: pensieved reloads it by itself")
         self.reloader = Reloader(self.engine, config_path, overrides, missing_ok=missing_ok)
         # Upstream routes follow the config in force at once (a reload's model load does
         # not hold them back).
         self.upstreams = Upstreams(lambda: self.config)
         self.upstreams.register_metrics(self.engine.metrics.registry)
         self.listeners = Listeners(make_app(self.engine, self.upstreams))
+        if config_error is not None:
+            self._degrade()
         self.started_at = time.time()
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task[object]] = set()
         self._process = psutil.Process()
         self._process.cpu_percent(None)  # the first call only sets the baseline
+
+    def _degrade(self) -> None:
+        """Serve 503s that say why until the file is fixed (the watcher notices), and what is
+        in force meanwhile: where the clients should look."""
+        note = ""
+        if self.salvaged is not None:
+            address = self.listeners.address()
+            host, port = address or (self.config.server.host, self.config.server.port)
+            note = f"\nin force meanwhile, HTTP on {host}:{port}: {self.salvaged.describe()}"
+        fix = "fix the file: pensieved reloads it by itself"
+        self.engine.degrade(f"{self.config_error}{note}\n{fix}")
+
+    def _sources(self) -> list[ConfigSource]:
+        if self.salvaged is None:
+            return []
+        return [
+            ConfigSource(section=s.section, source=s.origin, reason=s.reason())
+            for s in self.salvaged.sources
+        ]
 
     # ---- control operations -----------------------------------------------------------------
 
@@ -144,6 +177,7 @@ class Daemon:
             error=error,
             config_file=str(self.config_path),
             config_error=self.config_error,
+            config_sources=self._sources(),
             socket_path=str(self.control.path),
             log_file=self.config.logging.file,
             http=HttpStatus(
@@ -205,6 +239,7 @@ class Daemon:
             values=self.config.model_dump(mode="json"),
             flags=sorted(self.overrides),
             config_error=self.config_error,
+            config_sources=self._sources(),
         )
 
     def _boot_model(self) -> str | None:
@@ -223,6 +258,8 @@ class Daemon:
             except ConfigError as exc:
                 log.error("config not reloaded, the running config stays: %s", exc)
                 self.config_error = str(exc)
+                if self.salvaged is not None and self.engine.state == "error":
+                    self._degrade()  # the 503s name the file's problems of now
                 result = ReloadResult(time=time.time(), trigger=trigger, ok=False, error=str(exc))
             else:
                 result = self.apply(plan, trigger)
@@ -254,7 +291,8 @@ class Daemon:
         else:
             self.engine.apply_live_settings(new)
             self.engine.drop_stale_error()
-        self.config, self.config_error = new, None
+        self.config, self.config_error, self.salvaged = new, None, None
+        save_last_good(self.config_path, plan.file_data)
         for change in plan.changes:
             log.info("config %s: %r -> %r (%s)", change.key, change.old, change.new, change.action)
         if not plan.changes and not plan.model_load:
@@ -301,6 +339,8 @@ class Daemon:
         control.add_socket(self.control.sock)
         log.info("control socket: %s", self.control.path)
         self.listeners.start(self.config, tolerate_failure=self.config_error is not None)
+        if self.config_error is not None:
+            self._degrade()  # now with the address bound
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload("sighup")))
@@ -345,14 +385,38 @@ class Daemon:
         log.info("stopped")
 
 
+@dataclass(frozen=True)
+class StartupConfig:
+    config: Config  # flags applied
+    error: str | None = None  # the file is invalid: why
+    salvaged: Salvaged | None = None  # then: where each section in force came from
+
+
 def load_startup_config(
-    config_arg: str | None, overrides: dict[str, object]
-) -> tuple[Config, Path]:
-    path, missing_ok = config_location(config_arg)
-    config = load_config_file(path, missing_ok=missing_ok)
-    if overrides:
-        config = apply_overrides(config, overrides)
-    return config, path
+    path: Path, missing_ok: bool, overrides: dict[str, object]
+) -> StartupConfig:
+    """The file's config with the flags on top; if the file is invalid, what of it can be used
+    (`pensieve.partial`), with the last good config's server section standing in for an
+    invalid one. Raises ConfigError only when the flags do not fit that config."""
+    data = None
+    try:
+        data = read_config_data(path, missing_ok=missing_ok)
+        config = parse_config(data, source=str(path))
+    except ConfigError as exc:
+        salvaged = salvage_config(data, read_last_good(path))
+        config = apply_overrides(salvaged.config, overrides) if overrides else salvaged.config
+        return StartupConfig(config, str(exc), salvaged)
+    save_last_good(path, data)
+    return StartupConfig(apply_overrides(config, overrides) if overrides else config)
+
+
+def save_last_good(config_path: Path, data: object) -> None:
+    """Keep the data of a config file that validated, for a start on a broken file (best
+    effort: without it such a start uses the defaults)."""
+    try:
+        write_last_good(config_path, data)
+    except (OSError, RecordDirError) as exc:
+        log.warning("cannot save the last good config (%s)", exc)
 
 
 def config_location(config_arg: str | None) -> tuple[Path, bool]:
@@ -420,22 +484,24 @@ def main(argv: list[str] | None = None) -> int:
     path, missing_ok = config_location(args.config)
     try:
         # Flags are checked alone first: a wrong flag is fatal, a wrong file only degrades.
-        fallback = apply_overrides(Config(), overrides) if overrides else Config()
+        if overrides:
+            apply_overrides(Config(), overrides)
+        startup = load_startup_config(path, missing_ok, overrides)
     except ConfigError as exc:
         print(f"pensieved: {exc}", file=sys.stderr)
         return DaemonExit.CONFIG
-    config_error: str | None = None
-    try:
-        config, _ = load_startup_config(args.config, overrides)
-    except ConfigError as exc:
-        config, config_error = fallback, str(exc)
+    config, config_error = startup.config, startup.error
     configure_logging(config.logging)
     crash_reports = enable_faulthandler(config.logging.file)
     log.info("config: %s", path)
     log.debug("fatal-signal reports (faulthandler) go to %s", crash_reports)
-    if config_error is not None:
+    if startup.salvaged is not None:
         log.error("%s", config_error)
-        log.error("running degraded (HTTP answers 503) until %s is fixed", path)
+        log.error(
+            "running degraded (HTTP answers 503) until %s is fixed; in force meanwhile: %s",
+            path,
+            startup.salvaged.describe(),
+        )
     resolved = path.resolve()
     running, death = _predecessor(resolved, log_file, log_offset)
     if running is not None:
@@ -453,11 +519,7 @@ def main(argv: list[str] | None = None) -> int:
             "status` shows its last log lines)",
             death.summary(),
         )
-    flag = overrides.get("server.socket_path")
-    if config_error is None:
-        socket_path = resolve_socket_path(config.server.socket_path, path)
-    else:
-        socket_path = resolve_socket_path(flag if isinstance(flag, str) else None, path)
+    socket_path = resolve_socket_path(config.server.socket_path, path)
     try:
         control = bind_control_socket(socket_path)
     except SocketInUseError as exc:
@@ -476,6 +538,7 @@ def main(argv: list[str] | None = None) -> int:
             control=control,
             missing_ok=missing_ok,
             config_error=config_error,
+            salvaged=startup.salvaged,
             activity=activity,
             previous_exit=death,
         )

@@ -20,7 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pensieve.config import Config, apply_overrides, diff_configs, load_config_file
+from pensieve.config import (
+    Config,
+    apply_overrides,
+    diff_configs,
+    parse_config,
+    read_config_data,
+)
 from pensieve.wire import Change, ChangeAction, ReloadResult
 from pensieved.engine.service import Engine, model_load_key
 from pensieved.errors import LoadCancelledError, ModelLoadError
@@ -66,6 +72,8 @@ class Plan:
     rebind: bool = False
     model_load: bool = False
     logging: bool = False
+    # The file's decoded JSON, saved as the last good config once the plan is in force.
+    file_data: Any = None
 
 
 def plan_changes(running: Config, new: Config, engine_config: Config, engine_ok: bool) -> Plan:
@@ -103,11 +111,14 @@ class Reloader:
 
     def read(self, path: Path | None = None) -> Config:
         """The config a file describes, with the daemon's flags on top (flags win)."""
-        if path is None:
-            config = load_config_file(self.config_path, missing_ok=self.missing_ok)
-        else:
-            config = load_config_file(path)
-        return apply_overrides(config, self.overrides) if self.overrides else config
+        return self._read(path)[0]
+
+    def _read(self, path: Path | None = None) -> tuple[Config, Any]:
+        """`read`, and the file's decoded JSON."""
+        where = path or self.config_path
+        data = read_config_data(where, missing_ok=path is None and self.missing_ok)
+        config = parse_config(data, source=str(where))
+        return (apply_overrides(config, self.overrides) if self.overrides else config), data
 
     async def next_plan(self, running: Config) -> Plan:
         """The plan from `running` to the file's config; raises ConfigError.
@@ -115,10 +126,12 @@ class Reloader:
         Call it holding `lock`. One model load at a time: a change that arrives during a load
         is planned after it, against what actually got loaded.
         """
-        new = self.read()
+        new, data = self._read()
         if self._model_task is not None and not self._model_task.done():
             await asyncio.wait([self._model_task])
-        return self.plan(running, new)
+        plan = self.plan(running, new)
+        plan.file_data = data
+        return plan
 
     def plan(self, running: Config, new: Config) -> Plan:
         engine = self.engine

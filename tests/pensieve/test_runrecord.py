@@ -131,3 +131,14 @@ def test_the_lock_is_released_when_its_holder_dies(tmp_path: Path) -> None:
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_last_good_config_round_trip_private(tmp_path: Path) -> None:
+    config = tmp_path / "config.json"
+    assert runrecord.read_last_good(config) is None
+    data = {"server": {"port": 18123, "api_key": "secret"}}
+    path = runrecord.write_last_good(config, data)
+    assert runrecord.read_last_good(tmp_path / "." / "config.json") == data
+    assert os.stat(path).st_mode & 0o777 == 0o600, "it may hold API keys"
+    path.write_text("{not json")
+    assert runrecord.read_last_good(config) is None
