@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING
 
 from pensieve.activity import read_activity
 from pensieve.exitcodes import CtlExit
-from pensieve.partial import ORIGIN_TEXT
 from pensieve.postmortem import (
     Death,
     describe_work,
@@ -199,6 +198,9 @@ def format_status(s: StatusResponse, config_problem: str | None = None) -> str:
     lines = [
         f"pensieved {s.version} is running, {serving}: pid {s.pid}, up {human_duration(s.uptime_s)}"
     ]
+    # Only with a reply in hand: a stopped daemon's status must not import pydantic.
+    from pensieve.partial import ORIGIN_TEXT
+
     listen = s.http.url or f"not listening ({s.http.error})"
     server = next((c for c in s.config_sources if c.section == "server"), None)
     if server is not None:
