@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tests.claude_code_capture.output import Written, write_readme, write_records
 from tests.claude_code_capture.run import CaptureError, install, run_scenario
-from tests.claude_code_capture.scenarios import SCENARIOS, by_name, file_names, is_main_turn
+from tests.claude_code_capture.scenarios import SCENARIOS, by_name, complete, file_names
 from tests.claude_code_capture.server import CaptureServer
 
 # Exit codes: 0 every scenario captured, 1 some scenario incomplete (what was captured is
@@ -56,8 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             outcome = run_scenario(claude, server, scenario, Path(tmp))
             named = file_names(scenario, outcome.records)
             written += write_records(args.out, scenario, named)
-            turns = sum(1 for _, record in named if is_main_turn(record))
-            done = outcome.exit_code == 0 and turns >= scenario.expected
+            done = outcome.exit_code == 0 and complete(scenario, outcome.records)
             print(f"{scenario.name}: {len(named)} requests in {outcome.seconds:.1f}s, "
                   f"exit {outcome.exit_code}: " + ", ".join(n for n, _ in named))  # fmt: skip
             if not done:

@@ -120,10 +120,6 @@ def run_scenario(
     return Outcome(server.recorder.taken(), code, output, time.monotonic() - started)
 
 
-def _main_turns_answered(server: CaptureServer) -> int:
-    return sum(1 for r in server.recorder.taken() if is_main_turn(r))
-
-
 class _Terminal:
     """Claude Code in a pseudo-terminal: what it printed so far, as plain text."""
 
@@ -138,10 +134,15 @@ class _Terminal:
         self.raw = bytearray()
 
     def text(self) -> str:
-        return ANSI.sub(b"", bytes(self.raw)).decode("utf-8", "replace")
+        """The screen's text without escapes or white space: the client moves the cursor
+        rather than print spaces, so words run together."""
+        plain = ANSI.sub(b"", bytes(self.raw)).decode("utf-8", "replace")
+        return "".join(plain.split())
 
     def read_until(self, wanted: str, deadline: float, since: int = 0) -> bool:
-        """Read the terminal until `wanted` appears after character `since` of the text."""
+        """Read the terminal until `wanted` (white space aside) appears after character `since`
+        of the text."""
+        wanted = "".join(wanted.split())
         while wanted not in self.text()[since:]:
             left = deadline - time.monotonic()
             if left <= 0 or self.process.poll() is not None:
@@ -175,15 +176,22 @@ def _interactive(
     term = _Terminal([str(claude), "--model", MODEL], workdir, env)
     try:
         # The input box is drawn once the session is ready for a prompt.
-        if not term.read_until("for shortcuts", deadline):
+        if not term.read_until("? for shortcuts", deadline):
             return term.close(time.monotonic()), "no prompt appeared:\n" + term.text()[-2000:]
-        mark = len(term.text())
-        term.type(scenario.prompt)
-        term.read_until(scenario.prompt, deadline, mark)
-        term.type("\r")
-        if not term.read_until(TEXT, deadline, mark):
-            return term.close(time.monotonic()), "no reply appeared:\n" + term.text()[-2000:]
-        server.recorder.wait_for(scenario.expected, max(0.0, deadline - time.monotonic()))
+        for turn, prompt in enumerate((scenario.prompt, *scenario.follow_ups), start=1):
+            mark = len(term.text())
+            term.type(prompt)
+            # Enter only once the prompt is in the box: typed at once, it is taken as a paste.
+            term.read_until(prompt, deadline, mark)
+            term.type("\r")
+            if not (
+                server.recorder.wait_for(
+                    lambda records, k=turn: sum(map(is_main_turn, records)) >= k,
+                    max(0.0, deadline - time.monotonic()),
+                )
+                and term.read_until(TEXT, deadline, mark)
+            ):
+                return term.close(time.monotonic()), f"no reply to {prompt!r}:\n{term.text()}"
         term.type("/exit")
         term.read_until("/exit", deadline, len(term.text()))
         term.type("\r")

@@ -3,8 +3,8 @@
 File names depend only on the scenario and on the order and kind of its requests, never on
 ids or times: a main-thread request takes the scenario's next name (`p-toolsearch-first`, then
 `p-toolsearch-result`), a subagent's requests (they carry `x-claude-code-agent-id`) are
-`<prefix>-<label>`, `<prefix>-<label>-2`, ..., and count_tokens requests are
-`<prefix>-count-tokens-<k>`.
+`<scenario>-<label>`, `<scenario>-<label>-2`, ..., and count_tokens requests are
+`<scenario>-count-tokens-<k>`.
 """
 
 from __future__ import annotations
@@ -24,19 +24,17 @@ class Scenario:
     name: str
     what: str = ""
     prompt: str = "Say hello"
+    # An interactive session types these after `prompt`, one turn each.
+    follow_ups: tuple[str, ...] = ()
     args: tuple[str, ...] = ()
     tool_call: ToolCall | None = None
-    # Names for the main thread's Messages requests, in order; later ones are <prefix>-<k>.
+    # Names for the main thread's Messages requests, in order; later ones are <scenario>-<k>.
     main_names: tuple[str, ...] = ()
-    prefix: str = ""
     subagent_label: str = "subagent"
     interactive: bool = False
-    # Main-thread Messages requests after which the session is complete.
+    # Main-thread and subagent Messages requests without which the capture is incomplete.
     expected: int = 1
-
-    @property
-    def file_prefix(self) -> str:
-        return self.prefix or self.name
+    expected_subagent: int = 0
 
 
 SCENARIOS: tuple[Scenario, ...] = (
@@ -77,16 +75,20 @@ SCENARIOS: tuple[Scenario, ...] = (
                 "subagent_type": "Explore",
             },
         ),
-        main_names=("p-subagent-first", "p-subagent-result"),
+        # The subagent runs in the background: the parent gets its tool_result at once, and a
+        # third turn with the subagent's report (a task notification) when it is done.
+        main_names=("p-subagent-first", "p-subagent-result", "p-subagent-notified"),
         subagent_label="explore",
         expected=2,
+        expected_subagent=1,
     ),
     Scenario(
         name="interactive",
-        what=f"an interactive session in a pseudo-terminal (`claude --model {MODEL}`): one "
-        "prompt typed, its reply awaited, then `/exit`",
-        prefix="interactive",
+        what=f"an interactive session in a pseudo-terminal (`claude --model {MODEL}`): two "
+        "prompts typed, each reply awaited, then `/exit`",
+        follow_ups=("Say it again",),
         interactive=True,
+        expected=2,
     ),
 )
 
@@ -109,6 +111,21 @@ def _route(record: Json) -> str:
     return str(record["path"]).split("?")[0].rstrip("/")
 
 
+def is_subagent_turn(record: Json) -> bool:
+    return (
+        record["method"] == "POST"
+        and _route(record) == "/v1/messages"
+        and _header(record, AGENT_HEADER) is not None
+    )
+
+
+def complete(scenario: Scenario, records: list[Json]) -> bool:
+    """Whether the records hold every request the scenario is for."""
+    main = sum(1 for r in records if is_main_turn(r))
+    subagent = sum(1 for r in records if is_subagent_turn(r))
+    return main >= scenario.expected and subagent >= scenario.expected_subagent
+
+
 def is_main_turn(record: Json) -> bool:
     """A Messages request from the session itself (not a subagent's, not a count)."""
     return (
@@ -120,13 +137,13 @@ def is_main_turn(record: Json) -> bool:
 
 def file_names(scenario: Scenario, records: list[Json]) -> list[tuple[str, Json]]:
     """Each record with the name of its file (without `.json`), in arrival order."""
-    prefix = scenario.file_prefix
+    prefix = scenario.name
     counts: dict[str, int] = {}
     named: list[tuple[str, Json]] = []
     for record in sorted(records, key=lambda r: int(r["n"])):
         if is_main_turn(record):
             kind = "main"
-        elif _route(record) == "/v1/messages":
+        elif is_subagent_turn(record):
             kind = "subagent"
         elif _route(record) == "/v1/messages/count_tokens":
             kind = "count-tokens"

@@ -18,7 +18,7 @@ import hashlib
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -99,10 +99,10 @@ class Recorder:
             self.records.append(record)
             self.lock.notify_all()
 
-    def wait_for(self, count: int, timeout: float) -> bool:
-        """Wait until `count` requests of this scenario have been answered."""
+    def wait_for(self, done: Callable[[list[Json]], bool], timeout: float) -> bool:
+        """Wait until `done(records)` holds (records are added once answered)."""
         with self.lock:
-            return self.lock.wait_for(lambda: len(self.records) >= count, timeout)
+            return self.lock.wait_for(lambda: done(self.records), timeout)
 
     def taken(self) -> list[Json]:
         with self.lock:
