@@ -57,8 +57,10 @@ def main(argv: list[str] | None = None) -> int:
             named = file_names(scenario, outcome.records)
             written += write_records(args.out, scenario, named)
             done = outcome.exit_code == 0 and complete(scenario, outcome.records)
-            print(f"{scenario.name}: {len(named)} requests in {outcome.seconds:.1f}s, "
-                  f"exit {outcome.exit_code}: " + ", ".join(n for n, _ in named))  # fmt: skip
+            print(
+                f"{scenario.name}: {len(named)} requests in {outcome.seconds:.1f}s, "
+                f"exit {outcome.exit_code}: " + ", ".join(n for n, _ in named)
+            )
             if not done:
                 missing.append(f"{scenario.name} (incomplete: exit {outcome.exit_code})")
                 print(outcome.output[-3000:], file=sys.stderr)

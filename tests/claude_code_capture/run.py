@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -38,8 +39,10 @@ def install(version: str, prefix: Path | None = None) -> Path:
         npm = ["npm", "install", "--no-audit", "--no-fund", "--loglevel=error"]
         done = subprocess.run([*npm, "--prefix", str(prefix), f"{PACKAGE}@{version}"], check=False)
         if done.returncode != 0:
-            raise CaptureError(f"npm could not install {PACKAGE}@{version} (exit "
-                               f"{done.returncode}); check the version and the npm registry")  # fmt: skip
+            raise CaptureError(
+                f"npm could not install {PACKAGE}@{version} (exit "
+                f"{done.returncode}); check the version and the npm registry"
+            )
         if not _runs(binary, version):
             # npm does not always run the package's postinstall, which puts the binary in place.
             package_dir = prefix / "node_modules" / PACKAGE
@@ -53,8 +56,9 @@ def _runs(binary: Path, version: str) -> bool:
     if not binary.exists():
         return False
     try:
-        out = subprocess.run([str(binary), "--version"], capture_output=True, text=True,
-                             timeout=60, check=False)  # fmt: skip
+        out = subprocess.run(
+            [str(binary), "--version"], capture_output=True, text=True, timeout=60, check=False
+        )
     except (OSError, subprocess.TimeoutExpired):
         return False
     return out.returncode == 0 and out.stdout.split()[:1] == [version]
@@ -81,9 +85,10 @@ def seed_home(home: Path, workdir: Path) -> None:
         "hasCompletedOnboarding": True,
         "theme": "dark",
         "customApiKeyResponses": {"approved": [API_KEY[-20:]], "rejected": []},
-        "projects": {str(workdir): {"hasTrustDialogAccepted": True,
-                                    "hasCompletedProjectOnboarding": True}},
-    }  # fmt: skip
+        "projects": {
+            str(workdir): {"hasTrustDialogAccepted": True, "hasCompletedProjectOnboarding": True}
+        },
+    }
     (home / ".claude.json").write_text(json.dumps(state))
 
 
@@ -97,9 +102,7 @@ class Outcome:
     seconds: float
 
 
-def run_scenario(
-    claude: Path, server: CaptureServer, scenario: Scenario, root: Path
-) -> Outcome:
+def run_scenario(claude: Path, server: CaptureServer, scenario: Scenario, root: Path) -> Outcome:
     """Run `scenario` in a fresh HOME and working folder under `root`."""
     home, workdir = root / scenario.name / "home", root / scenario.name / "work"
     workdir.mkdir(parents=True)
@@ -112,8 +115,15 @@ def run_scenario(
     else:
         argv = [str(claude), "-p", scenario.prompt, "--model", MODEL, *scenario.args]
         try:
-            done = subprocess.run(argv, cwd=workdir, env=env, capture_output=True, text=True,
-                                  timeout=SCENARIO_TIMEOUT_S, check=False)  # fmt: skip
+            done = subprocess.run(
+                argv,
+                cwd=workdir,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=SCENARIO_TIMEOUT_S,
+                check=False,
+            )
             code, output = done.returncode, done.stdout + done.stderr
         except subprocess.TimeoutExpired as e:
             code, output = None, f"timed out after {SCENARIO_TIMEOUT_S:.0f}s: {e}"
@@ -128,8 +138,9 @@ class _Terminal:
 
         self.master, slave = pty.openpty()
         os.set_blocking(self.master, False)
-        self.process = subprocess.Popen(argv, cwd=cwd, env=env, stdin=slave, stdout=slave,
-                                        stderr=slave, start_new_session=True)  # fmt: skip
+        self.process = subprocess.Popen(
+            argv, cwd=cwd, env=env, stdin=slave, stdout=slave, stderr=slave, start_new_session=True
+        )
         os.close(slave)
         self.raw = bytearray()
 
@@ -169,6 +180,10 @@ class _Terminal:
             os.close(self.master)
 
 
+def _has_turns(count: int, records: list[Json]) -> bool:
+    return sum(map(is_main_turn, records)) >= count
+
+
 def _interactive(
     claude: Path, server: CaptureServer, scenario: Scenario, workdir: Path, env: dict[str, str]
 ) -> tuple[int | None, str]:
@@ -186,7 +201,7 @@ def _interactive(
             term.type("\r")
             if not (
                 server.recorder.wait_for(
-                    lambda records, k=turn: sum(map(is_main_turn, records)) >= k,
+                    functools.partial(_has_turns, turn),
                     max(0.0, deadline - time.monotonic()),
                 )
                 and term.read_until(TEXT, deadline, mark)

@@ -4,7 +4,8 @@ File names depend only on the scenario and on the order and kind of its requests
 ids or times: a main-thread request takes the scenario's next name (`p-toolsearch-first`, then
 `p-toolsearch-result`), a subagent's requests (they carry `x-claude-code-agent-id`) are
 `<scenario>-<label>`, `<scenario>-<label>-2`, ..., and count_tokens requests are
-`<scenario>-count-tokens-<k>`.
+`<scenario>-count-tokens-<k>`; anything else is `<scenario>-models-<k>` or
+`<scenario>-<method>-<k>` (`p-bash-head-1`: 2.1.197's connectivity check).
 """
 
 from __future__ import annotations
@@ -147,8 +148,10 @@ def file_names(scenario: Scenario, records: list[Json]) -> list[tuple[str, Json]
             kind = "subagent"
         elif _route(record) == "/v1/messages/count_tokens":
             kind = "count-tokens"
+        elif _route(record) == "/v1/models":
+            kind = "models"
         else:
-            kind = "other"
+            kind = str(record["method"]).lower()  # e.g. a HEAD / connectivity check
         k = counts[kind] = counts.get(kind, 0) + 1
         if kind == "main":
             names = scenario.main_names

@@ -63,14 +63,23 @@ class Reply:
 
     def content(self) -> Json:
         if self.tool is not None:
-            return {"type": "tool_use", "id": self.tool_use_id, "name": self.tool.name,
-                    "input": self.tool.input}  # fmt: skip
+            return {
+                "type": "tool_use",
+                "id": self.tool_use_id,
+                "name": self.tool.name,
+                "input": self.tool.input,
+            }
         return {"type": "text", "text": self.text}
 
     def record(self) -> Json:
         if self.tool is not None:
-            return {"tool_use": {"id": self.tool_use_id, "name": self.tool.name,
-                                 "input": self.tool.input}}  # fmt: skip
+            return {
+                "tool_use": {
+                    "id": self.tool_use_id,
+                    "name": self.tool.name,
+                    "input": self.tool.input,
+                }
+            }
         return {"text": self.text}
 
 
@@ -173,12 +182,22 @@ def sse_events(reply: Reply, model: str, input_tokens: int, message_id: str) -> 
     """The Messages API's stream for one reply."""
     yield {
         "type": "message_start",
-        "message": {"id": message_id, "type": "message", "role": "assistant", "model": model,
-                    "content": [], "stop_reason": None, "stop_sequence": None,
-                    "usage": {"input_tokens": input_tokens, "output_tokens": 1,
-                              "cache_creation_input_tokens": 0,
-                              "cache_read_input_tokens": 0}},
-    }  # fmt: skip
+        "message": {
+            "id": message_id,
+            "type": "message",
+            "role": "assistant",
+            "model": model,
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": {
+                "input_tokens": input_tokens,
+                "output_tokens": 1,
+                "cache_creation_input_tokens": 0,
+                "cache_read_input_tokens": 0,
+            },
+        },
+    }
     start = reply.content()
     if reply.tool is not None:
         start = {**start, "input": {}}
@@ -210,9 +229,13 @@ def message(reply: Reply, model: str, input_tokens: int, message_id: str) -> Jso
         "content": [reply.content()],
         "stop_reason": "tool_use" if reply.tool is not None else "end_turn",
         "stop_sequence": None,
-        "usage": {"input_tokens": input_tokens, "output_tokens": 5,
-                  "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0},
-    }  # fmt: skip
+        "usage": {
+            "input_tokens": input_tokens,
+            "output_tokens": 5,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": 0,
+        },
+    }
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -275,12 +298,15 @@ class _Handler(BaseHTTPRequestHandler):
         record = self._base_record(b"")
         route = self.path.split("?")[0].rstrip("/")
         if route == "/v1/models":
-            data = [{"type": "model", "id": m, "display_name": m, "created_at": "2025-01-01T00:00:00Z"}
-                    for m in MODELS]  # fmt: skip
+            data = [
+                {"type": "model", "id": m, "display_name": m, "created_at": "2025-01-01T00:00:00Z"}
+                for m in MODELS
+            ]
             record["response"] = {"status": 200, "sse": False, "models": list(MODELS), "events": []}
             self.server.recorder.add(record)
-            self._send_json(200, {"data": data, "has_more": False, "first_id": MODELS[0],
-                                  "last_id": MODELS[-1]})  # fmt: skip
+            self._send_json(
+                200, {"data": data, "has_more": False, "first_id": MODELS[0], "last_id": MODELS[-1]}
+            )
             return
         self._error(record, 404, "not_found_error", f"no route for GET {route}")
 
@@ -320,8 +346,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(200, message(reply, model, tokens, message_id))
             return
         events = list(sse_events(reply, model, tokens, message_id))
-        record["response"] = {"status": 200, "sse": True, **reply.record(),
-                              "events": [e["type"] for e in events]}  # fmt: skip
+        record["response"] = {
+            "status": 200,
+            "sse": True,
+            **reply.record(),
+            "events": [e["type"] for e in events],
+        }
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
@@ -350,7 +380,9 @@ class CaptureServer(ThreadingHTTPServer):
         return f"http://127.0.0.1:{self.server_address[1]}"
 
     def __enter__(self) -> CaptureServer:
-        self._thread = threading.Thread(target=self.serve_forever, name="capture", daemon=True)
+        self._thread = threading.Thread(
+            target=self.serve_forever, args=(0.05,), name="capture", daemon=True
+        )
         self._thread.start()
         return self
 
