@@ -11,19 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.claude_code_capture.__main__ import main
-
-RECORD_KEYS = [
-    "n",
-    "time",
-    "client",
-    "method",
-    "path",
-    "http_version",
-    "headers",
-    "body_bytes",
-    "body",
-    "response",
-]
+from tests.test_claude_code_capture import RECORD_KEYS
 
 
 @pytest.mark.timeout(300)
