@@ -122,6 +122,36 @@ class KvStatus(_ControlModel):
     slots: list[KvSlotStatus] = Field(description="Each slot's part of the cache.")
 
 
+class CacheReport(_ControlModel):
+    """How one request's prompt met the KV cache: why a turn was slow, in one record."""
+
+    time: float = Field(description="Unix time the request started evaluating.")
+    prompt_tokens: int = Field(description="Tokens of the rendered prompt.")
+    cache_read_tokens: int = Field(description="Tokens of it read from the KV cache.")
+    source: str = Field(
+        description="Where they came from: `slot N`, `slot N (restored from disk)`, or `none`."
+    )
+    candidate_tokens: int = Field(
+        description="Tokens the best cached candidate (the slot sharing the longest prefix) held."
+    )
+    diverged_at: int | None = Field(
+        None,
+        description="Token position where the prompt and that candidate first differ; null when "
+        "the candidate was a whole prefix of the prompt (or there was none).",
+    )
+    common: str = Field("", description="The text just before the divergence.")
+    prompt_next: str = Field("", description="What the prompt has from there.")
+    cached_next: str = Field("", description="What the cache had from there.")
+
+
+class BackgroundPrefill(_ControlModel):
+    """A prompt whose client hung up mid-prefill, still being evaluated for its retry."""
+
+    slot: int = Field(description="The slot it is evaluated in.")
+    evaluated: int = Field(description="Prompt tokens in the cache so far.")
+    prompt_tokens: int = Field(description="Tokens of the whole prompt.")
+
+
 class ModelStatus(_ControlModel):
     name: str = Field(description="Model name from the GGUF metadata.")
     path: str = Field(description="The GGUF file.")
@@ -136,6 +166,15 @@ class ModelStatus(_ControlModel):
     cached_tokens: list[int] = Field(description="Tokens each slot's KV cache holds now.")
     decode: DecodeStatus
     kv: KvStatus | None = Field(None, description="The KV cache: sizes, use, sharing.")
+    background_prefills: list[BackgroundPrefill] = Field(
+        default_factory=list,
+        description="Prompts whose client hung up during prefill, evaluated to their end at the "
+        "lowest priority so that a retry reads them from the cache.",
+    )
+    recent_requests: list[CacheReport] = Field(
+        default_factory=list,
+        description="The last requests' prompt and cache use, newest last (`pensievectl cache`).",
+    )
 
 
 ModelState = Literal["loaded", "loading", "unloading", "unloaded"]

@@ -131,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
             "--json", dest="json_action", action="store_true", help="machine-readable output"
         )
 
+    cache = commands.add_parser(
+        "cache",
+        help="why a turn was slow: each recent request's prompt tokens, what it read from the "
+        "KV cache and from where, and where it diverged from the best cached prompt",
+    )
+    cache.add_argument("--json", action="store_true", help="machine-readable output")
+
     config = commands.add_parser("config", help="show the effective config or write a default one")
     config_commands = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     show = config_commands.add_parser(
@@ -169,6 +176,10 @@ def dispatch(args: argparse.Namespace, ctx: CommandContext) -> int:
         if args.models_command is None:
             return models.run_models(ctx, as_json)
         return models.run_model_action(ctx, args.models_command, args.name, as_json)
+    if command == "cache":
+        from pensievectl.cache import run_cache
+
+        return run_cache(ctx, args.json)
     from pensievectl import configcmds
 
     if command == "validate":

@@ -141,15 +141,28 @@ class Batcher:
         for generation in self._active:
             if generation.cancel.is_set():
                 generation.end()
+            elif generation.hung_up and not generation.background:
+                if generation.go_background():
+                    log.info(
+                        "slot %d: the client hung up during prefill; its remaining %d prompt "
+                        "tokens are evaluated in the background for a retry",
+                        generation.seq,
+                        generation.prompt_left,
+                    )
+                    running.append(generation)
+                else:
+                    generation.end()
             else:
                 running.append(generation)
         self._active = running
-        if not running:
+        # Background prefills take the batch only when nothing else runs.
+        batch = [g for g in running if not g.background] or running
+        if not batch:
             return
-        room = self._make_room(running)
+        room = self._make_room(batch)
         if room <= 0:
             return
-        adds = plan_step(running, room, self.stats.steps)
+        adds = plan_step(batch, room, self.stats.steps)
         # (generation, batch index of its logits or -1, tokens it added to its sequence)
         plan: list[tuple[Generation, int, tuple[int, ...]]] = []
         n = 0
@@ -199,7 +212,16 @@ class Batcher:
             # Every sampled token needs its cell; a prompt needs at least one to progress.
             if cells.free >= max(decoding, 1):
                 return min(self._capacity, cells.free)
-            newest = running.pop()  # `running` is self._active: it leaves the batch here
+            waiting = [g for g in self._active if g.background and g not in running]
+            if waiting:
+                # A background prefill is the first to give way: its cells become evictable.
+                for generation in waiting:
+                    generation.end()
+                    self._active.remove(generation)
+                continue
+            newest = running.pop()  # it leaves the batch here
+            if newest in self._active:
+                self._active.remove(newest)
             log.warning(
                 "KV cache full (%d cells, all held by %d running requests): ending the newest",
                 cells.capacity,
@@ -212,7 +234,7 @@ class Batcher:
 
     def _evict(self, running: list[Generation], wanted: int) -> None:
         peers = running[0].peers
-        busy = {g.seq for g in running}
+        busy = {g.seq for g in self._active}  # background prefills included
         idle = sorted(
             (slot for slot in peers if slot.index not in busy and slot.tokens),
             key=lambda slot: slot.last_used,
@@ -255,6 +277,10 @@ class Batcher:
             if index < 0:
                 continue
             generation.next_token = None
+            if generation.background:
+                generation.end()  # the whole prompt is in the cache: the retry samples
+                self._active.remove(generation)
+                continue
             try:
                 sampler = generation.sampler
                 assert sampler is not None  # begin() made it

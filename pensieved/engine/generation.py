@@ -11,6 +11,8 @@ import random
 import threading
 from collections.abc import Callable, Sequence
 
+from pensieve.wire import CacheReport
+from pensieved.engine.cachereport import cache_report, source
 from pensieved.engine.model import LoadedModel
 from pensieved.engine.output import OutputRouter
 from pensieved.engine.sampler import Sampler
@@ -57,6 +59,12 @@ class Generation:
         self._model: LoadedModel | None = None
         self.shared_from: int | None = None  # the slot whose prefix this one took
         self.decoded = False  # a llama_decode ran with this generation's tokens
+        self.report: CacheReport | None = None  # how the prompt met the cache (begin)
+        # The client hung up (set from the event loop). Still in its prompt, the generation then
+        # becomes a background prefill: evaluated to the end only when nothing else runs, so
+        # that the client's retry reads the whole prompt from the cache.
+        self.hung_up = False
+        self.background = False
 
     @property
     def seq(self) -> int:
@@ -82,6 +90,8 @@ class Generation:
         self._model = model
         tokens = self.prepared.tokens
         donor, shared = best_donor(self.slot, self.peers, tokens)
+        self.report = cache_report(tokens, donor, shared, model.token_text)
+        read_from = self.slot
         own = shared if donor is self.slot else self.slot.shared_prefix(tokens)
         # With a cache per slot the prefix is copied, a copy of the donor's whole cache: only
         # worth it for more than a few tokens.
@@ -89,17 +99,29 @@ class Generation:
             model.share_prefix(donor.index, self.seq, shared)
             self.slot.tokens = donor.tokens[:shared]
             self.shared_from = donor.index
-            own = shared
+            own, read_from = shared, donor
         # Reuse the cached prefix; keep at least one token to evaluate so logits are fresh.
         wanted = max(0, min(own, len(tokens) - 1))
         self.reused = model.forget(self.seq, wanted)
         del self.slot.tokens[self.reused :]
         self.evaluated = self.reused
+        self.report.cache_read_tokens = self.reused
+        self.report.source = source(read_from, self.reused)
+        self.slot.restored = False  # from now on it holds what this request evaluated
         self.emit(PromptCached(self.reused))
         sampling = self.prepared.request.sampling
         seed = sampling.seed if sampling.seed is not None else random.getrandbits(31)
         self.sampler = Sampler(sampling, self.prepared.grammar, seed=seed, n_vocab=model.n_vocab)
         self._router = OutputRouter(self.prepared, self.emit)
+
+    def go_background(self) -> bool:
+        """After a hang-up: True when the prompt is still being read, and its evaluation goes
+        on silently; False when the generation should end."""
+        if self.output or self.next_token is not None or self.prompt_left == 0:
+            return False
+        self.background = True
+        self.emit = lambda event: None
+        return True
 
     def take_prompt(self, budget: int) -> tuple[int, ...]:
         """The next at most `budget` prompt tokens to evaluate (counted as evaluated)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -284,6 +284,10 @@ class LoadedModel:
             piece = self._to_piece(token, special=False)
             self._pieces[token] = piece
         return piece
+
+    def token_text(self, tokens: Sequence[int]) -> str:
+        """Tokens as text for people to read, control tokens included (`<|im_start|>`)."""
+        return b"".join(self._to_piece(t, special=True) for t in tokens).decode("utf-8", "replace")
 
     def is_end_of_generation(self, token: int) -> bool:
         c = lib()

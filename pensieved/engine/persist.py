@@ -186,7 +186,7 @@ class PrefixStore:
                 log.warning("llama.cpp refused saved KV cache %s; deleting it", path)
                 path.unlink(missing_ok=True)
                 continue
-            slot.tokens = tokens
+            slot.tokens, slot.restored = tokens, True
             placed[number] = slot
             restored += 1
         if restored:

@@ -23,6 +23,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
 
+from pensieve.wire import BackgroundPrefill, CacheReport
 from pensieved.engine.batcher import DecodeStats, Runner
 from pensieved.engine.generation import Generation
 from pensieved.engine.slots import Slot
@@ -30,6 +31,9 @@ from pensieved.engine.types import Event, Failed, Finished, Heartbeat, PreparedP
 from pensieved.errors import PensieveError, RequestTimeoutError
 
 log = logging.getLogger("pensieved.engine")
+
+# How many requests' cache reports a model keeps (`pensievectl cache`).
+RECENT_REQUESTS = 20
 
 
 def choose_slot(
@@ -103,6 +107,9 @@ class Scheduler:
         # GreedyDual-Size state: each slot's value, and the inflation that ages them all.
         self._value: dict[int, float] = {}
         self._inflation = 0.0
+        # Prompts whose client hung up mid-prefill, still evaluated for a retry (batcher.py).
+        self._background: set[Generation] = set()
+        self.recent: deque[CacheReport] = deque(maxlen=RECENT_REQUESTS)
 
     def adopt_cached(self) -> None:
         """Value slots that were filled from disk like slots filled by a request."""
@@ -121,7 +128,28 @@ class Scheduler:
     def _free_slots(self) -> list[Slot]:
         return [slot for slot in self.slots if not slot.busy]
 
+    def background_prefills(self) -> list[BackgroundPrefill]:
+        return [
+            BackgroundPrefill(
+                slot=g.seq, evaluated=g.evaluated, prompt_tokens=len(g.prepared.tokens)
+            )
+            for g in sorted(self._background, key=lambda g: g.seq)
+        ]
+
+    def _preempt_background(self, tokens: tuple[int, ...]) -> None:
+        """A background prefill gives way to a request that carries it on (a retry, or any
+        prompt that extends what it has evaluated: that request shares its cells) and, when
+        no slot is free, to any request."""
+        no_slot = len(self._free_slots()) - self._promised <= 0
+        for generation in sorted(self._background, key=lambda g: g.evaluated):
+            slot = generation.slot
+            if no_slot or slot.shared_prefix(tokens) >= len(slot.tokens):
+                generation.cancel.set()
+                no_slot = False
+
     async def _acquire(self, tokens: tuple[int, ...]) -> Slot:
+        if self._background:
+            self._preempt_background(tokens)
         # FIFO: a newcomer may take a free slot only if nobody is waiting and no free slot
         # has already been promised to a woken waiter.
         if len(self._free_slots()) - self._promised <= 0 or self._waiters:
@@ -185,17 +213,20 @@ class Scheduler:
 
         stopped: asyncio.Future[None] = loop.create_future()
 
+        def on_done() -> None:
+            outbox.post(loop, stop)
+
+        generation = Generation(slot, prepared, cancel, emit, on_done, self.slots, outbox.flush)
+
         def stop() -> None:
+            self._background.discard(generation)
+            if generation.report is not None:
+                self.recent.append(generation.report)
             self._release(slot)
             if not stopped.done():
                 stopped.set_result(None)
 
-        def on_done() -> None:
-            outbox.post(loop, stop)
-
-        self._runner.submit(
-            Generation(slot, prepared, cancel, emit, on_done, self.slots, outbox.flush)
-        )
+        self._runner.submit(generation)
         handle = (cancel, events)
         self._active.add(handle)
         timer = None if deadline is None else loop.call_at(deadline, events.put_nowait, None)
@@ -211,6 +242,7 @@ class Scheduler:
             heartbeat = loop.call_later(heartbeat_s, beat)
 
         heartbeat = loop.call_later(heartbeat_s, beat)
+        hung_up = False
         try:
             while True:
                 event = await events.get()
@@ -220,22 +252,33 @@ class Scheduler:
                 yield event
                 if isinstance(event, Finished | Failed):
                     break
+        except (GeneratorExit, asyncio.CancelledError):
+            hung_up = True  # the client went away (a timeout or an abort is not this)
+            raise
         finally:
             if heartbeat is not None:
                 heartbeat.cancel()
             if timer is not None:
                 timer.cancel()
             self._active.discard(handle)
-            cancel.set()
-            # The batcher releases the slot once it has stopped touching this sequence; the
-            # request is over only then.
-            await asyncio.shield(stopped)
+            if hung_up and not stopped.done():
+                # The batcher decides: still in its prompt, it goes on in the background (and
+                # holds the slot until it is done or preempted); otherwise it ends.
+                self._background.add(generation)
+                generation.hung_up = True  # read by the batcher's next step
+            else:
+                cancel.set()
+                # The batcher releases the slot once it has stopped touching this sequence;
+                # the request is over only then.
+                await asyncio.shield(stopped)
 
     def abort_all(self, error: PensieveError) -> None:
         """End every running generation with `error` (used when a drain times out)."""
         for cancel, events in list(self._active):
             cancel.set()
             events.put_nowait(Failed(error))
+        for generation in self._background:
+            generation.cancel.set()
         for waiter in self._waiters:
             if not waiter.done():
                 waiter.set_exception(error)

@@ -573,6 +573,8 @@ class Engine(ModelLifecycle):
                 runtime.scheduler.decode_stats, from_attributes=True
             ),
             kv=model.kv_status(),
+            background_prefills=runtime.scheduler.background_prefills(),
+            recent_requests=list(runtime.scheduler.recent),
         )
 
     def models_status(self) -> list[ModelEntryStatus]:

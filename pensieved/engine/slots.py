@@ -15,6 +15,8 @@ class Slot:
     tokens: list[int] = field(default_factory=list)
     last_used: float = field(default_factory=time.monotonic)
     busy: bool = False
+    # Its cache was read back from disk at load, and no request has run on it since.
+    restored: bool = False
 
     def shared_prefix(self, tokens: tuple[int, ...]) -> int:
         cached = self.tokens

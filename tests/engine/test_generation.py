@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from typing import Any, cast
 
 from pensieved.engine.generation import COPY_MIN_TOKENS, Generation
@@ -41,6 +42,9 @@ class ScriptedModel:
 
     def token_bytes(self, token: int) -> bytes:
         return f"<{token}>".encode()
+
+    def token_text(self, tokens: Sequence[int]) -> str:
+        return "".join(f"<{t}>" for t in tokens)
 
 
 def _generation(
@@ -184,3 +188,47 @@ def test_max_tokens_ends_the_generation() -> None:
     finished = events[-1]
     assert isinstance(finished, Finished) and finished.stop_reason == "max_tokens"
     assert finished.output_tokens == 2
+
+
+# ---- the cache report and the background prefill ----------------------------------------------
+
+
+def test_the_report_names_where_the_prompt_left_the_best_cached_candidate() -> None:
+    cached = Slot(1, tokens=[1, 2, 3, 4, 5, 6, 7, 8])
+    prompt = (1, 2, 3, 4, 50, 60, 70, 80, 90)
+    g, _, _ = _generation(prompt, Slot(0), peers=(Slot(0), cached))
+    g.begin(_model(ScriptedModel()))
+    report = g.report
+    assert report is not None
+    assert (report.prompt_tokens, report.cache_read_tokens, report.source) == (9, 4, "slot 1")
+    assert (report.candidate_tokens, report.diverged_at) == (8, 4)
+    assert report.common == "<1><2><3><4>"
+    assert report.prompt_next.startswith("<50><60>") and report.cached_next == "<5><6><7><8>"
+
+
+def test_a_next_turn_reports_no_divergence_and_a_restored_slot_says_so() -> None:
+    slot = Slot(0, tokens=[1, 2, 3], restored=True)
+    g, _, _ = _generation((1, 2, 3, 4, 5), slot, peers=(slot,))
+    g.begin(_model(ScriptedModel()))
+    assert g.report is not None and g.report.diverged_at is None
+    assert g.report.source == "slot 0 (restored from disk)" and not slot.restored
+
+
+def test_nothing_cached_reads_from_nowhere() -> None:
+    g, _, _ = _generation((1, 2, 3), Slot(0), peers=(Slot(0), Slot(1)))
+    g.begin(_model(ScriptedModel()))
+    assert g.report is not None
+    assert (g.report.source, g.report.candidate_tokens, g.report.diverged_at) == ("none", 0, None)
+
+
+def test_only_a_prompt_still_being_read_goes_on_in_the_background() -> None:
+    g, events, _ = _generation(tuple(range(1, 21)), Slot(0))
+    g.begin(_model(ScriptedModel()))
+    g.take_prompt(8)
+    assert g.go_background() and g.background
+    g.emit(PromptCached(0))
+    assert events == [PromptCached(0)]  # silenced: the client is gone
+    done, _, _ = _generation(tuple(range(1, 5)), Slot(1))
+    done.begin(_model(ScriptedModel()))
+    done.take_prompt(10)
+    assert not done.go_background()  # the whole prompt is in: nothing left to gain
