@@ -201,8 +201,9 @@ def newest_release(page: dict[str, object]) -> str | None:
     """The highest final release a PEP 700 index page lists."""
     from packaging.version import InvalidVersion, Version
 
+    listed = page.get("versions")
     found: list[Version] = []
-    for text in page.get("versions") or []:
+    for text in listed if isinstance(listed, list) else []:
         try:
             version = Version(str(text))
         except InvalidVersion:
@@ -231,7 +232,9 @@ def outdated(locked: list[Pin], upgraded: list[Pin], newest: dict[str, str]) -> 
         elif old != new:
             lines.append(f"{name} {', '.join(old)} -> {', '.join(new)} (make lock UPGRADE=1)")
         elif name in newest and Version(newest[name]) > max(Version(v) for v in old):
-            lines.append(f"{name} {', '.join(old)}: {newest[name]} is out, held back by a pin")
+            lines.append(
+                f"{name} {', '.join(old)}: {newest[name]} is out, held back by a requirement"
+            )
     return lines
 
 

@@ -181,7 +181,7 @@ def test_outdated_says_what_an_upgrade_takes_and_what_is_held_back() -> None:
         "numpy 2.4.6, 2.5.4 -> 2.4.6, 2.5.5 (make lock UPGRADE=1)",
         "platformdirs 4.14.8 -> 4.14.9 (make lock UPGRADE=1)",
         "sniffio 1.3.1: no longer needed (make lock UPGRADE=1)",
-        "starlette-context 0.3.6: 0.4.0 is out, held back by a pin",
+        "starlette-context 0.3.6: 0.4.0 is out, held back by a requirement",
     ]
 
 
