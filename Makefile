@@ -34,6 +34,7 @@ LLM_STAMP := $(LLM_DIR)/.installed-stamp
 export PENSIEVE_TEST_LLM := $(abspath $(LLM_DIR))/bin/llm
 
 .PHONY: install run test lint typecheck unit integration man clean packaging-deps claude-code \
+	test-claude-latest capture-claude-code \
 	llm-cli lock lock-check
 
 # Re-run when the pinned version, the install logic or the check it runs changes, and when
@@ -82,6 +83,28 @@ $(CLAUDE_STAMP): $(CLAUDE_LOCK)/package.json $(CLAUDE_LOCK)/package-lock.json
 	touch $@
 
 claude-code: $(CLAUDE_STAMP)
+
+# The tests that run the real Claude Code CLI, against whatever npm's `latest` is today. Run it
+# before changing anything in this area and whenever a release is out; it is not part of
+# `make test`, which stays reproducible with the locked version.
+CLAUDE_LATEST_DIR := $(VENV)/claude-code-latest
+CLAUDE_CLI_TESTS := tests/integration/test_claude_code_real.py \
+	tests/integration/test_claude_code_capture_cli.py
+test-claude-latest: install
+	rm -rf $(CLAUDE_LATEST_DIR)
+	npm install --no-audit --no-fund --loglevel=error --prefix $(CLAUDE_LATEST_DIR) \
+	  @anthropic-ai/claude-code@latest
+	$(CLAUDE_LATEST_DIR)/node_modules/.bin/claude --version >/dev/null 2>&1 || \
+	  (cd $(CLAUDE_LATEST_DIR)/node_modules/@anthropic-ai/claude-code && node install.cjs)
+	PENSIEVE_TEST_CLAUDE=$(abspath $(CLAUDE_LATEST_DIR))/node_modules/.bin/claude \
+	  $(BIN)/pytest $(CLAUDE_CLI_TESTS) $(PYTEST_ARGS)
+
+# Capture a Claude Code release's requests into a folder: `make capture-claude-code
+# VERSION=2.1.332 OUT=/tmp/captures` (docs/claude-code.md says what is captured).
+capture-claude-code: install
+	@test -n "$(VERSION)" || (echo "usage: make capture-claude-code VERSION=x.y.z [OUT=dir]"; exit 2)
+	$(BIN)/python -m tests.claude_code_capture --version $(VERSION) \
+	  --out $(or $(OUT),claude-code-captures/$(VERSION))
 
 # A new venv each time the lock changes, so nothing the lock dropped is left behind.
 $(LLM_STAMP): $(LOCK)/llm-cli.lock

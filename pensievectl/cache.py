@@ -29,11 +29,12 @@ def _excerpt(text: str) -> str:
 
 
 def format_report(report: CacheReport, now: float) -> list[str]:
-    share = report.cache_read_tokens / report.prompt_tokens if report.prompt_tokens else 0.0
+    read = report.cache_read_tokens
+    share = read / report.prompt_tokens if report.prompt_tokens else 0.0
+    found = f"{read} read from the cache ({share:.0%}, {report.source})" if read else "none cached"
     lines = [
         f"{human_duration(max(0.0, now - report.time))} ago: {report.prompt_tokens} prompt "
-        f"tokens, {report.cache_read_tokens} read from the cache ({share:.0%}, "
-        f"from {report.source})"
+        f"tokens, {found}"
     ]
     if report.diverged_at is None:
         if report.candidate_tokens:
@@ -42,8 +43,8 @@ def format_report(report: CacheReport, now: float) -> list[str]:
             lines.append("  nothing was cached")
         return lines
     lines += [
-        f"  diverged at token {report.diverged_at} from a cached "
-        f"{report.candidate_tokens}-token prompt, after {_excerpt(report.common)}",
+        f"  diverged at token {report.diverged_at} from the best cached candidate "
+        f"({report.candidate_tokens} tokens), after {_excerpt(report.common)}",
         f"    prompt: {_excerpt(report.prompt_next)}",
         f"    cached: {_excerpt(report.cached_next)}",
     ]
