@@ -52,6 +52,7 @@ MANAGED = (
     "ANTHROPIC_CUSTOM_MODEL_OPTION_NAME",
     "ANTHROPIC_CUSTOM_MODEL_OPTION_DESCRIPTION",
     "CLAUDE_CODE_MAX_CONTEXT_TOKENS",
+    "CLAUDE_CODE_DISABLE_1M_CONTEXT",
     "CLAUDE_CODE_AUTO_COMPACT_WINDOW",
     "CLAUDE_CODE_MAX_OUTPUT_TOKENS",
     "API_TIMEOUT_MS",
@@ -196,8 +197,10 @@ def claude_env(daemon: Daemon) -> ClaudeEnv:
         "ANTHROPIC_CUSTOM_MODEL_OPTION_DESCRIPTION": (
             f"{daemon.model_file} on pensieved, {daemon.context} tokens of context"
         ),
-        # Claude Code takes a name it does not know for a 1M-token model unless told.
+        # Claude Code takes a name it does not know for a 1M-token model unless told; and
+        # without the second it asks for the 1M variant ("name[1m]"), whose window wins.
         "CLAUDE_CODE_MAX_CONTEXT_TOKENS": str(daemon.context),
+        "CLAUDE_CODE_DISABLE_1M_CONTEXT": "1",
     }
     if daemon.context >= AUTO_COMPACT_WINDOW_MIN:
         env.variables["CLAUDE_CODE_AUTO_COMPACT_WINDOW"] = str(daemon.context)

@@ -67,6 +67,7 @@ def test_every_variable_follows_the_daemon_and_its_model() -> None:
             "Qwen3-8B-Q4_K_M.gguf on pensieved, 40960 tokens of context"
         ),
         "CLAUDE_CODE_MAX_CONTEXT_TOKENS": "40960",
+        "CLAUDE_CODE_DISABLE_1M_CONTEXT": "1",
         "CLAUDE_CODE_MAX_OUTPUT_TOKENS": "8192",
         "API_TIMEOUT_MS": str(API_TIMEOUT_FLOOR_MS),
         "CLAUDE_STREAM_IDLE_TIMEOUT_MS": str(IDLE_TIMEOUT_FLOOR_MS),
@@ -446,4 +447,4 @@ def test_settings_are_written_to_claude_codes_config_dir(tmp_path: Path) -> None
     assert code == CtlExit.OK and execs == []
     written = json.loads((tmp_path / "cfg" / "settings.json").read_text())
     assert written["env"]["CLAUDE_CODE_MAX_CONTEXT_TOKENS"] == "40960"
-    assert "wrote 12 variables" in ctx.out.getvalue()  # type: ignore[attr-defined]
+    assert "wrote 13 variables" in ctx.out.getvalue()  # type: ignore[attr-defined]
