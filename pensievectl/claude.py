@@ -35,6 +35,8 @@ Exec = Callable[[str, list[str], dict[str, str]], object]
 def add_subparser(commands: Any) -> None:
     claude = commands.add_parser(
         "claude",
+        usage="pensievectl claude [-h] [--print-env] [--settings [PATH]] [--claude PATH] "
+        "[CLAUDE ARGS ...]",
         help="start Claude Code against this pensieved (base URL, key, models, context and "
         "timeouts set for its model)",
         description="Start Claude Code (`claude`) with its environment pointed at this "
@@ -43,7 +45,10 @@ def add_subparser(commands: Any) -> None:
         "compacts before the daemon refuses a prompt, and timeouts from the model's measured "
         "prefill rate. Every argument after this command's own options goes to claude as it "
         "is; `--` ends them (`pensievectl claude -- --settings FILE` passes claude's own "
-        "--settings).",
+        "--settings). Before starting it, a model whose context cannot hold Claude Code's "
+        "prompt and tools (about 20,000 tokens), a reply (model.max_output_tokens) and room to "
+        "work is refused, naming the settings to change; so is a machine without `claude` "
+        "(`npm install -g @anthropic-ai/claude-code` installs it).",
     )
     claude.add_argument(
         "--print-env",
