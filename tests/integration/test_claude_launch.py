@@ -75,7 +75,9 @@ def test_print_env_shows_the_real_context_and_timeouts_from_the_measured_rate(
     assert reply.usage.input_tokens > 0
 
     decode = control_status(daemon.socket_path)["model"]["decode"]
-    assert decode["prompt_tokens"] >= reply.usage.input_tokens and decode["prompt_s"] > 0
+    # Nothing was cached: every prompt token was evaluated, and timed.
+    assert not reply.usage.cache_read_input_tokens
+    assert decode["prompt_tokens"] == reply.usage.input_tokens and decode["prompt_s"] > 0
     exports, text = print_env(daemon)
     assert "not measured" not in text
     assert f"measured over {decode['prompt_tokens']} prompt tokens" in text
