@@ -222,7 +222,8 @@ def _read_settings(path: Path) -> dict[str, Any]:
 def write_settings(path: Path, variables: Mapping[str, str]) -> None:
     """Put `variables` into settings.json's `env`, atomically: other keys, and other variables
     in `env`, stay as they were (in their order); ours from an earlier run that no longer
-    apply go."""
+    apply go. A symlinked settings.json (dotfiles) is written through, not replaced."""
+    path = path.resolve() if path.is_symlink() else path
     data = _read_settings(path)
     env = data.get("env", {})
     if not isinstance(env, dict):

@@ -195,6 +195,18 @@ def test_a_new_settings_file_is_private_and_its_folder_made(tmp_path: Path) -> N
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
+def test_a_symlinked_settings_file_is_written_through(tmp_path: Path) -> None:
+    target = tmp_path / "dotfiles" / "settings.json"
+    target.parent.mkdir()
+    target.write_text('{"theme": "dark"}')
+    link = tmp_path / "settings.json"
+    link.symlink_to(target)
+    write_settings(link, {"ANTHROPIC_BASE_URL": "http://127.0.0.1:8080"})
+    assert link.is_symlink()
+    assert json.loads(target.read_text())["theme"] == "dark"
+    assert json.loads(target.read_text())["env"] == {"ANTHROPIC_BASE_URL": "http://127.0.0.1:8080"}
+
+
 @pytest.mark.parametrize(
     ("text", "said"),
     [
