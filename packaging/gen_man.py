@@ -110,6 +110,26 @@ ENVIRONMENT = tagged(
     ]
 )
 
+CTL_ENVIRONMENT = "\n".join(
+    [
+        ENVIRONMENT,
+        tagged(
+            [
+                (
+                    ".B PENSIEVE_CLAUDE",
+                    "The Claude Code binary `pensievectl claude` starts when --claude is not "
+                    "given (default: claude on PATH).",
+                ),
+                (
+                    ".B CLAUDE_CONFIG_DIR",
+                    "Where `pensievectl claude --settings` finds Claude Code's settings.json "
+                    "(default: ~/.claude), as Claude Code itself does.",
+                ),
+            ]
+        ),
+    ]
+)
+
 PENSIEVED_SIGNALS = tagged(
     [
         (
@@ -141,7 +161,9 @@ PENSIEVED_EXIT_DOCS = {
 
 PENSIEVECTL_EXIT_DOCS = {
     "OK": "Success; for `status`, pensieved is running.",
-    "FAILURE": "The command failed; for `validate`, the config file is invalid.",
+    "FAILURE": "The command failed; for `validate`, the config file is invalid; for "
+    "`claude`, Claude Code is not installed, or the model's context cannot hold its prompt, a "
+    "reply and room to work.",
     "USAGE": "Bad command line.",
     "NOT_RUNNING": "pensieved is not running: no socket, or a stale one left by a killed "
     "daemon (LSB status code 3). When it died (a signal, a kill), `status` says which "
@@ -203,7 +225,7 @@ def _pensievectl_sections() -> list[tuple[str, str]]:
 
     return [
         ("EXIT STATUS", exit_status(CtlExit, PENSIEVECTL_EXIT_DOCS)),
-        ("ENVIRONMENT", ENVIRONMENT),
+        ("ENVIRONMENT", CTL_ENVIRONMENT),
         ("FILES", FILES),
         ("SEE ALSO", "pensieved(8), launchctl(1), systemctl(1), brew(1)"),
     ]
@@ -220,7 +242,8 @@ PAGES = [
     Page(
         "pensievectl",
         1,
-        "control the pensieved daemon: start, stop, status, reload, config, service",
+        "control the pensieved daemon: start, stop, status, reload, config, service, and "
+        "start Claude Code against it",
         _pensievectl_parser,
         _pensievectl_sections,
     ),

@@ -88,6 +88,14 @@ class DecodeStatus(_ControlModel):
     python_s: float = Field(
         description="Seconds of Python work around it: batches, sampling, text, events."
     )
+    prompt_tokens: int = Field(
+        0, description="Prompt tokens among them (evaluated, not read from the cache)."
+    )
+    prompt_s: float = Field(
+        0.0,
+        description="Their share of `llama_s` (each batch's time split by its tokens): "
+        "`prompt_tokens / prompt_s` is the measured prefill rate.",
+    )
 
 
 class KvSlotStatus(_ControlModel):

@@ -148,9 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--output", metavar="FILE", help="write it to FILE instead of stdout")
     generate.add_argument("--force", action="store_true", help="overwrite an existing FILE")
 
-    from pensievectl import service
+    from pensievectl import claude, service
 
     service.add_subparser(commands)
+    claude.add_subparser(commands)
     return parser
 
 
@@ -194,11 +195,26 @@ def dispatch(args: argparse.Namespace, ctx: CommandContext) -> int:
         from pensievectl import service
 
         return int(service.run(args))
+    if command == "claude":
+        from pensievectl.claude import run_claude
+
+        return run_claude(ctx, args)
     raise AssertionError(f"unhandled command {command}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from pensievectl.claude import split_passthrough
+
+    ours, passthrough = split_passthrough(list(sys.argv[1:] if argv is None else argv))
+    parser = build_parser()
+    args = parser.parse_args(ours)
+    if passthrough is not None:
+        args.claude_args = passthrough
+        if passthrough and (args.print_env or args.settings is not None):
+            parser.error(
+                "claude: --print-env and --settings do not start Claude Code, so they take "
+                f"no CLAUDE ARGS (got {' '.join(passthrough)})"
+            )
     ctx = CommandContext(config_arg=args.config, socket_arg=args.socket)
     try:
         return int(dispatch(args, ctx))

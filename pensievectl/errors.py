@@ -43,6 +43,22 @@ class OutputExistsError(CtlError):
     """`config generate --output` would overwrite a file."""
 
 
+class ClaudeNotFoundError(CtlError):
+    """`claude`: Claude Code is not installed (or not where it was said to be)."""
+
+
+class NotServingError(CtlError):
+    """`claude`: the daemon runs but serves no model (none configured, or its load failed)."""
+
+
+class ContextTooSmallError(CtlError):
+    """`claude`: the model's context cannot hold Claude Code's prompt and room to work."""
+
+
+class SettingsFileError(CtlError):
+    """`claude --settings`: Claude Code's settings.json cannot be read or written."""
+
+
 # Most specific first: the first matching class wins.
 _EXIT_STATUS: tuple[tuple[type[CtlError], CtlExit], ...] = (
     (NotRunningError, CtlExit.NOT_RUNNING),
@@ -58,6 +74,10 @@ _EXIT_STATUS: tuple[tuple[type[CtlError], CtlExit], ...] = (
     (ReloadFailedError, CtlExit.FAILURE),
     (SupervisorError, CtlExit.FAILURE),
     (OutputExistsError, CtlExit.FAILURE),
+    (ClaudeNotFoundError, CtlExit.FAILURE),
+    (NotServingError, CtlExit.FAILURE),
+    (ContextTooSmallError, CtlExit.FAILURE),
+    (SettingsFileError, CtlExit.FAILURE),
 )
 
 

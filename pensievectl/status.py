@@ -158,6 +158,9 @@ def _cache_rows(model: ModelStatus) -> list[tuple[str, str]]:
                 f"{decode.python_s / steps * 1e6:.0f} us in Python per batch",
             )
         )
+    if decode.prompt_tokens and decode.prompt_s > 0:
+        rate = decode.prompt_tokens / decode.prompt_s
+        rows.append(("prefill", f"{rate:.0f} tokens/s over {decode.prompt_tokens} prompt tokens"))
     return rows
 
 

@@ -37,6 +37,10 @@ class DecodeStats:
     tokens: int = 0  # batch entries: prompt tokens plus generated ones
     llama_s: float = 0.0  # inside llama_decode
     python_s: float = 0.0  # the rest of each step: batch building, sampling, text, events
+    # The prompt tokens among them, and their share of llama_decode's time (a step's time split
+    # by its tokens): the measured prefill rate `pensievectl claude` sizes timeouts from.
+    prompt_tokens: int = 0
+    prompt_s: float = 0.0
 
 
 class Runner(Protocol):
@@ -165,8 +169,10 @@ class Batcher:
         adds = plan_step(batch, room, self.stats.steps)
         # (generation, batch index of its logits or -1, tokens it added to its sequence)
         plan: list[tuple[Generation, int, tuple[int, ...]]] = []
-        n = 0
+        n = prompt = 0
         for generation, tokens, wants_logits in adds:
+            if generation.next_token is None:
+                prompt += len(tokens)
             start, final = generation.position, len(tokens) - 1
             for offset, token in enumerate(tokens):
                 logits = wants_logits and offset == final
@@ -194,6 +200,9 @@ class Batcher:
         stats.steps += 1
         stats.tokens += n
         stats.llama_s += after - before
+        if prompt:
+            stats.prompt_tokens += prompt
+            stats.prompt_s += (after - before) * prompt / n
         stats.python_s += time.perf_counter() - after + before - started
 
     def _make_room(self, running: list[Generation]) -> int:

@@ -65,7 +65,8 @@ for package in (pensieve, pensievectl):
             importlib.import_module(module.name)
 import pensievectl.cli
 for argv in (["status"], ["stop"], ["reload"], ["config", "show"], ["config", "generate"],
-             ["validate", "/nonexistent.json"], ["service", "uninstall", "--dry-run"]):
+             ["validate", "/nonexistent.json"], ["service", "uninstall", "--dry-run"],
+             ["claude", "--print-env"]):
     pensievectl.cli.main(["--socket", {sock!r}, *argv])
 print(json.dumps([0, sorted({{m.split(".")[0] for m in sys.modules}})]), file=sys.stderr)
 """
