@@ -89,7 +89,7 @@ claude-code: $(CLAUDE_STAMP)
 # `make test`, which stays reproducible with the locked version.
 CLAUDE_LATEST_DIR := $(VENV)/claude-code-latest
 CLAUDE_CLI_TESTS := tests/integration/test_claude_code_real.py \
-	tests/integration/test_claude_code_capture_cli.py
+	tests/integration/test_claude_code_capture_cli.py tests/integration/test_claude_launch.py
 test-claude-latest: install
 	rm -rf $(CLAUDE_LATEST_DIR)
 	npm install --no-audit --no-fund --loglevel=error --prefix $(CLAUDE_LATEST_DIR) \
