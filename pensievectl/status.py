@@ -161,6 +161,14 @@ def _cache_rows(model: ModelStatus) -> list[tuple[str, str]]:
     if decode.prompt_tokens and decode.prompt_s > 0:
         rate = decode.prompt_tokens / decode.prompt_s
         rows.append(("prefill", f"{rate:.0f} tokens/s over {decode.prompt_tokens} prompt tokens"))
+    for prefill in model.background_prefills:
+        rows.append(
+            (
+                "background",
+                f"slot {prefill.slot}: a hung-up client's prompt, {prefill.evaluated} of "
+                f"{prefill.prompt_tokens} tokens evaluated for its retry",
+            )
+        )
     return rows
 
 
