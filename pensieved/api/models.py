@@ -6,7 +6,7 @@ every field we do read is validated, and errors name the field path.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 from pydantic_core import PydanticCustomError
@@ -75,6 +75,15 @@ def _str_or_list(value: Any) -> str:
     return "<str>" if isinstance(value, str) else "<list>"
 
 
+B = TypeVar("B")
+# A string or a list of blocks (`content`, `system`): parsed as the value's own kind, so that a
+# bad block is reported once, not beside "Input should be a valid string".
+StrOrList = Annotated[
+    Annotated[str, Tag("<str>")] | Annotated[list[B], Tag("<list>")],
+    Discriminator(_str_or_list),
+]
+
+
 ToolResultPart = Annotated[
     Annotated[TextBlock, Tag("<text>")]
     | Annotated[ImageBlock, Tag("<image>")]
@@ -96,13 +105,7 @@ class ToolUseBlock(_ExtraIgnored):
 class ToolResultBlock(_ExtraIgnored):
     type: Literal["tool_result"]
     tool_use_id: str = Field(description="The id of the tool_use this answers.")
-    content: (
-        Annotated[
-            Annotated[str, Tag("<str>")] | Annotated[list[ToolResultPart], Tag("<list>")],
-            Discriminator(_str_or_list),
-        ]
-        | None
-    ) = Field(
+    content: StrOrList[ToolResultPart] | None = Field(
         None,
         description="A string, or blocks: text, image, document, search_result, and "
         "tool_reference (tool search).",
@@ -157,10 +160,7 @@ class InputMessage(_ExtraIgnored):
         description="user or assistant (system is accepted mid-conversation, as Claude Code "
         "sends it)."
     )
-    content: Annotated[
-        Annotated[str, Tag("<str>")] | Annotated[list[ContentBlock], Tag("<list>")],
-        Discriminator(_str_or_list),
-    ] = Field(description="A string or a list of blocks.")
+    content: StrOrList[ContentBlock] = Field(description="A string or a list of blocks.")
 
     @field_validator("role", mode="before")
     @classmethod
@@ -228,13 +228,9 @@ class OutputConfig(_ExtraIgnored):
 class _PromptFields(_ExtraIgnored):
     model: str = Field(min_length=1, description="Requested model name; echoed back.")
     messages: list[InputMessage] = Field(min_length=1, description="The conversation.")
-    system: (
-        Annotated[
-            Annotated[str, Tag("<str>")] | Annotated[list[TextBlock], Tag("<list>")],
-            Discriminator(_str_or_list),
-        ]
-        | None
-    ) = Field(None, description="System prompt: a string or text blocks.")
+    system: StrOrList[TextBlock] | None = Field(
+        None, description="System prompt: a string or text blocks."
+    )
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
     thinking: ThinkingConfig | None = None
