@@ -143,7 +143,16 @@ class Scheduler:
         no_slot = len(self._free_slots()) - self._promised <= 0
         for generation in sorted(self._background, key=lambda g: g.evaluated):
             slot = generation.slot
-            if no_slot or slot.shared_prefix(tokens) >= len(slot.tokens):
+            carried_on = bool(slot.tokens) and slot.shared_prefix(tokens) >= len(slot.tokens)
+            if no_slot or carried_on:
+                log.info(
+                    "slot %d: its background prefill (%d of %d tokens) gives way to a new "
+                    "request (%s)",
+                    slot.index,
+                    generation.evaluated,
+                    len(generation.prepared.tokens),
+                    "which carries it on" if carried_on else "which needs its slot",
+                )
                 generation.cancel.set()
                 no_slot = False
 

@@ -66,6 +66,18 @@ def _model(daemon: DaemonProcess) -> dict[str, Any]:
     return dict(model)
 
 
+def _hang_up_after_message_start(daemon: DaemonProcess, body: dict[str, Any]) -> int:
+    """Stream `body`, hang up at message_start; the prompt's size."""
+    with (
+        httpx.Client(base_url=daemon.base_url, headers=HEADERS, timeout=60) as http,
+        http.stream("POST", "/v1/messages", json={**body, "stream": True}) as response,
+    ):
+        assert response.status_code == 200
+        event = next(sse_events(response.iter_lines()))
+        assert event["type"] == "message_start", event
+        return int(event["message"]["usage"]["input_tokens"])
+
+
 def test_a_retry_after_a_hang_up_mid_prefill_reads_every_prompt_token_but_the_last(
     daemon: DaemonProcess,
 ) -> None:
@@ -77,15 +89,7 @@ def test_a_retry_after_a_hang_up_mid_prefill_reads_every_prompt_token_but_the_la
         "messages": [{"role": "user", "content": long_text(600, "hang-up")}],
     }
     seen: list[dict[str, Any]] = []
-    with (
-        httpx.Client(base_url=daemon.base_url, headers=HEADERS, timeout=60) as http,
-        http.stream("POST", "/v1/messages", json=body) as response,
-    ):
-        assert response.status_code == 200
-        for event in sse_events(response.iter_lines()):
-            assert event["type"] == "message_start", event
-            total = event["message"]["usage"]["input_tokens"]
-            break
+    total = _hang_up_after_message_start(daemon, body)
     # The connection is closed: the daemon notices, and evaluates the rest on its own.
     assert total > 8000
 
@@ -110,31 +114,29 @@ def test_a_retry_after_a_hang_up_mid_prefill_reads_every_prompt_token_but_the_la
     assert usage["input_tokens"] == 1
 
 
-def test_a_request_preempts_a_background_prefill_that_holds_the_last_slot(
+def test_a_request_that_finds_no_free_slot_preempts_a_background_prefill(
     daemon: DaemonProcess,
 ) -> None:
-    """Both slots: one holds a background prefill, one a new request; a third request must not
-    wait for the background prefill to finish."""
+    """One slot holds a background prefill, the other a request still reading its prompt: a
+    third request takes the background prefill's slot instead of waiting for it to finish."""
     body = {
         "model": MODEL,
         "max_tokens": 2,
         "temperature": 0,
-        "stream": True,
         "messages": [{"role": "user", "content": long_text(600, "preempted")}],
     }
-    with (
-        httpx.Client(base_url=daemon.base_url, headers=HEADERS, timeout=60) as http,
-        http.stream("POST", "/v1/messages", json=body) as response,
-    ):
-        next(sse_events(response.iter_lines()))
+    _hang_up_after_message_start(daemon, body)
     wait_for(lambda: bool(_model(daemon)["background_prefills"]), timeout=30, interval=0.05)
+    busy = {**body, "messages": [{"role": "user", "content": long_text(150, "busy")}]}
     small = {"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
-    with httpx.Client(base_url=daemon.base_url, headers=HEADERS, timeout=120) as http:
-        for text in ("one", "two"):
-            reply = http.post(
-                "/v1/messages", json={**small, "messages": [{"role": "user", "content": text}]}
-            )
-            assert reply.status_code == 200, reply.text
+    with (
+        httpx.Client(base_url=daemon.base_url, headers=HEADERS, timeout=120) as http,
+        http.stream("POST", "/v1/messages", json={**busy, "stream": True}) as reading,
+    ):
+        next(sse_events(reading.iter_lines()))  # the second slot is taken, its prompt read
+        reply = http.post("/v1/messages", json=small)
+        assert reply.status_code == 200, reply.text
+        assert "gives way to a new request (which needs its slot)" in daemon.log_text()
     wait_for(lambda: not _model(daemon)["background_prefills"], timeout=240, interval=0.1)
 
 
