@@ -391,6 +391,16 @@ def test_closing_a_stream_cancels_the_generation(daemon: DaemonProcess) -> None:
     assert "client closed the stream" in log or "client went away" in log
 
 
+# The shortest answer this schema admits is 200 strings of 200 characters, far beyond
+# max_tokens: the reply cannot end on its own before the client gives up (a free-text
+# "long story" from the 135M model sometimes ended within the timeout on a fast machine).
+ENDLESS_SCHEMA = {
+    "type": "array",
+    "minItems": 200,
+    "items": {"type": "string", "minLength": 200},
+}
+
+
 def test_a_client_that_hangs_up_on_a_whole_reply_cancels_it(daemon: DaemonProcess) -> None:
     c = client(daemon, timeout=httpx.Timeout(1.0))
     with pytest.raises(openai.APITimeoutError):
@@ -398,6 +408,10 @@ def test_a_client_that_hangs_up_on_a_whole_reply_cancels_it(daemon: DaemonProces
             model=MODEL,
             max_tokens=1500,
             messages=[{"role": "user", "content": "Write an extremely long story."}],
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "chapters", "schema": ENDLESS_SCHEMA},
+            },
         )
     assert _idle(daemon)
 
