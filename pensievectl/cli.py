@@ -138,6 +138,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cache.add_argument("--json", action="store_true", help="machine-readable output")
 
+    pull = commands.add_parser(
+        "pull",
+        help="download a GGUF model from Hugging Face (user/repo[:QUANT], user/repo/file.gguf, "
+        "or a catalog name) into the Hugging Face cache, where model.model_path finds it",
+    )
+    pull.add_argument(
+        "ref",
+        nargs="?",
+        metavar="REF",
+        help="what to pull (default: the catalog model that best fits the memory budget)",
+    )
+    pull.add_argument(
+        "--list",
+        dest="list_catalog",
+        action="store_true",
+        help="the catalog of coding models: which fit this machine's memory budget and why "
+        "the others do not",
+    )
+    pull.add_argument("--yes", "-y", action="store_true", help="do not ask before a large download")
+
     config = commands.add_parser("config", help="show the effective config or write a default one")
     config_commands = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     show = config_commands.add_parser(
@@ -177,6 +197,10 @@ def dispatch(args: argparse.Namespace, ctx: CommandContext) -> int:
         if args.models_command is None:
             return models.run_models(ctx, as_json)
         return models.run_model_action(ctx, args.models_command, args.name, as_json)
+    if command == "pull":
+        from pensievectl.pull import run_pull
+
+        return run_pull(ctx, args.ref, args.yes, args.list_catalog)
     if command == "cache":
         from pensievectl.cache import run_cache
 

