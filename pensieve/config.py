@@ -27,6 +27,7 @@ from pydantic import (
     model_validator,
 )
 
+from pensieve.hfref import HF_PREFIX, parse_ref
 from pensieve.paths import MAX_SOCKET_PATH_BYTES
 
 
@@ -225,10 +226,19 @@ def _check_chat_template(value: str | None) -> str | None:
     return value
 
 
+def _check_model_name(value: str) -> str:
+    """An `hf:` value must be an address (its file is looked up when the model loads)."""
+    if value.startswith(HF_PREFIX):
+        parse_ref(value)  # its ValueError says what a name looks like
+    return value
+
+
 class AliasTarget(_Section):
     """An alias's model, when it needs more than a file name."""
 
-    model_path: str = Field(description="GGUF model file this alias serves.")
+    model_path: str = Field(
+        description="GGUF model file this alias serves, or a pulled model's name (hf:…, catalog)."
+    )
     chat_template: str | None = Field(
         None,
         description="Chat template for this alias: a built-in name (chatml, gemma, llama3) or "
@@ -239,6 +249,11 @@ class AliasTarget(_Section):
     @classmethod
     def _template(cls, value: str | None) -> str | None:
         return _check_chat_template(value)
+
+    @field_validator("model_path")
+    @classmethod
+    def _model_name(cls, value: str) -> str:
+        return _check_model_name(value)
 
 
 def _alias_kind(value: Any) -> str:
@@ -277,7 +292,10 @@ def _int_or_auto(value: Any, low: int, high: int) -> Any:
 
 class ModelConfig(_Section):
     model_path: str | None = Field(
-        None, description="GGUF model file; null means the bundled SmolLM2-135M-Instruct."
+        None,
+        description="GGUF model file, or a pulled model's name: `hf:user/repo:QUANT`, "
+        "`hf:user/repo/file.gguf` or a catalog name (`pensievectl pull --list`); null means "
+        "the bundled SmolLM2-135M-Instruct.",
     )
     model_type: str = Field("gguf", description="Model file format; only `gguf` is supported.")
     context_size: int | Literal["auto"] = Field(
@@ -388,6 +406,11 @@ class ModelConfig(_Section):
     @classmethod
     def _template(cls, value: str | None) -> str | None:
         return _check_chat_template(value)
+
+    @field_validator("model_path")
+    @classmethod
+    def _model_name(cls, value: str | None) -> str | None:
+        return None if value is None else _check_model_name(value)
 
     @field_validator("context_size", mode="before")
     @classmethod

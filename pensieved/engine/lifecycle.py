@@ -26,6 +26,7 @@ from typing import Literal, TypeVar
 
 from pensieve.activity import Activity
 from pensieve.config import AliasTarget, Config, alias_target
+from pensieve.hfref import model_file
 from pensieve.paths import cache_dir
 from pensieved.engine.batcher import Batcher
 from pensieved.engine.llama import attention_on_gpu
@@ -217,7 +218,7 @@ class ModelTable:
     def resolve_pattern(
         self, pattern: str, target: AliasTarget
     ) -> tuple[ModelEntry | None, str | None, str]:
-        path = Path(target.model_path).expanduser()
+        path = model_file(target.model_path)
         setting = target.chat_template
         if setting is None and path == self.default_path:
             setting = self.config.model.chat_template
@@ -227,7 +228,7 @@ class ModelTable:
         names = [
             pattern
             for pattern, target in alias_targets(self.config).items()
-            if Path(target.model_path).expanduser() == path
+            if model_file(target.model_path) == path
         ]
         return (["(default)"] if path == self.default_path else []) + names
 

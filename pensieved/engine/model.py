@@ -18,6 +18,7 @@ from typing import Any, Literal
 import psutil
 
 from pensieve.config import ModelConfig
+from pensieve.hfref import missing_message
 from pensieve.wire import KvSlotStatus, KvStatus
 from pensieved.engine import selftest
 from pensieved.engine.grammar_cache import GrammarCache, ParsedGrammar
@@ -107,9 +108,8 @@ class LoadedModel:
         self.settings = settings
         path = settings.path
         if not path.is_file():
-            raise ModelLoadError(
-                f"model file not found: {path}; set model.model_path in the config to a GGUF file"
-            )
+            not_found = f"model file not found: {path}; set model.model_path to a GGUF file"
+            raise ModelLoadError(missing_message(path) or not_found)
         stat = path.stat()
         self.size_bytes = stat.st_size
         # What the weights were read from: saved KV caches are filed under this, not under

@@ -20,6 +20,7 @@ from typing import Literal
 
 from pensieve.activity import Activity
 from pensieve.config import Config
+from pensieve.hfref import model_file
 from pensieve.paths import bundled_model_path
 from pensieve.wire import DecodeStatus, ModelEntryStatus, ModelStatus
 from pensieved.engine.grammar import loosest_grammar, request_grammar
@@ -89,14 +90,14 @@ def settings_for(config: Config, path: Path) -> ModelSettings:
 
 def default_model_path(config: Config) -> Path | None:
     if config.model.model_path:
-        return Path(config.model.model_path).expanduser()
+        return model_file(config.model.model_path)
     return bundled_model_path()
 
 
 def wanted_models(config: Config) -> dict[Path, ModelSettings]:
     """Every model file `config` asks for (default and alias targets), with its settings."""
     paths = [default_model_path(config)]
-    paths += [Path(t.model_path).expanduser() for t in alias_targets(config).values()]
+    paths += [model_file(t.model_path) for t in alias_targets(config).values()]
     return {path: settings_for(config, path) for path in paths if path is not None}
 
 
@@ -212,6 +213,10 @@ class Engine(ModelLifecycle):
                 self._error = str(exc)
                 if old.default_entry is None:
                     self._state = "error"
+                    # Nothing was served before: list the config's models, the failed one
+                    # with its error (`pensievectl models` says what is missing).
+                    self.config = config
+                    self._models = ModelTable(config, default_path, entries)
             raise
         self.config = config
         self._models = ModelTable(config, default_path, entries)
