@@ -92,3 +92,21 @@ def memory_table() -> str:
                     f"| {e.size_gb:.1f} GB | {e.dialect} | {e.context // 1024}k | {e.caveats} |"
                 )
     return "\n".join(lines)
+
+
+def write_table(path: str) -> None:
+    """Replace the table between docs/models.md's markers with `memory_table()`."""
+    from pathlib import Path
+
+    doc = Path(path)
+    head, rest = doc.read_text().split(TABLE_START, 1)
+    _, tail = rest.split(TABLE_END, 1)
+    doc.write_text(f"{head}{TABLE_START}\n{memory_table()}\n{TABLE_END}{tail}")
+
+
+TABLE_START, TABLE_END = "<!-- catalog table -->", "<!-- end -->"
+
+if __name__ == "__main__":
+    import sys
+
+    write_table(sys.argv[1] if len(sys.argv) > 1 else "docs/models.md")

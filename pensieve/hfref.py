@@ -239,8 +239,9 @@ def cached_model(ref: HfRef, cache: Path | None = None) -> Path | None:
         plan = select_files(snapshot_files(snapshot), ref)
     except ValueError:
         return None
-    if not all((snapshot / part).is_file() for part in plan.model_files):
-        return None
+    info = split_info(plan.primary)
+    if info is not None and len(plan.model_files) != info.count:
+        return None  # a split model with a part missing
     return snapshot / plan.primary
 
 

@@ -158,6 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pull.add_argument("--yes", "-y", action="store_true", help="do not ask before a large download")
 
+    rm = commands.add_parser(
+        "rm",
+        help="delete a downloaded model (and its split parts and mmproj) from the Hugging Face "
+        "cache; refused while the config names it",
+    )
+    rm.add_argument("ref", metavar="REF", help="as for pull: user/repo[:QUANT], a file, a name")
+
     config = commands.add_parser("config", help="show the effective config or write a default one")
     config_commands = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     show = config_commands.add_parser(
@@ -201,6 +208,10 @@ def dispatch(args: argparse.Namespace, ctx: CommandContext) -> int:
         from pensievectl.pull import run_pull
 
         return run_pull(ctx, args.ref, args.yes, args.list_catalog)
+    if command == "rm":
+        from pensievectl.downloads import run_rm
+
+        return run_rm(ctx, args.ref)
     if command == "cache":
         from pensievectl.cache import run_cache
 

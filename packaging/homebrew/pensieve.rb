@@ -192,9 +192,13 @@ class Pensieve < Formula
   def caveats
     <<~EOS
       Pensieve serves the Anthropic Messages API on http://127.0.0.1:8080.
-      No model is bundled: set "model.model_path" to a GGUF file in
+      No model is bundled. Next step: pull a coding model sized to this machine
+        pensievectl pull          (pensievectl pull --list: the catalog, what fits)
+      and set "model.model_path" to the name it prints in
         #{etc}/pensieve/config.json
-      (the running service picks the change up by itself). For Claude Code:
+      (the running service picks the change up by itself). Models land in your
+      Hugging Face cache (~/.cache/huggingface/hub), which the service reads as it
+      runs as you; HF_HOME or HF_HUB_CACHE set in a shell do not reach it. For Claude Code:
         export ANTHROPIC_BASE_URL=http://127.0.0.1:8080
         export ANTHROPIC_AUTH_TOKEN=unused
       and a context of at least 32768 tokens ("model.context_size").

@@ -26,11 +26,12 @@ from typing import Literal, TypeVar
 
 from pensieve.activity import Activity
 from pensieve.config import AliasTarget, Config, alias_target
+from pensieve.gguf import read_gguf_metadata
 from pensieve.hfref import model_file
 from pensieve.paths import cache_dir
 from pensieved.engine.batcher import Batcher
 from pensieved.engine.llama import attention_on_gpu
-from pensieved.engine.memory import budget_bytes, plan_for_file, read_gguf_metadata
+from pensieved.engine.memory import budget_bytes, plan_for_file
 from pensieved.engine.model import LoadedModel, ModelSettings
 from pensieved.engine.persist import PrefixStore
 from pensieved.engine.scheduler import Scheduler

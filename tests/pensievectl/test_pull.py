@@ -4,6 +4,7 @@ resumed download, corrupt bytes, a gated repo and a quant the repo does not have
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -205,3 +206,42 @@ def test_bad_names_no_gguf_and_no_network_are_one_line_each(hub: FakeHub, tmp_pa
     assert result.returncode == 1
     assert "cannot reach" in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def ctl(hub: FakeHub, cache: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pensievectl", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env_for(hub, cache),
+        timeout=120,
+        check=False,
+    )
+
+
+def test_models_lists_what_is_downloaded_and_rm_spares_what_the_config_uses(
+    hub: FakeHub, tmp_path: Path, model_bytes: bytes
+) -> None:
+    for ref in (SMOL, SPLIT):
+        assert pull(hub, tmp_path, ref).returncode == 0
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model": {"model_path": f"hf:{SMOL}"}}))
+    sock = str(tmp_path / "none.sock")
+    listed = ctl(hub, tmp_path, "--config", str(config), "--socket", sock, "models")
+    assert listed.returncode == 3  # no daemon: the downloaded models, then "not running"
+    rows = {line.split()[0]: line.split() for line in listed.stdout.splitlines()[1:]}
+    smol = rows[f"{SMOL}/SmolLM2-135M-Instruct-Q4_1.gguf"]
+    assert smol[3:5] == ["Q4_1", "llama"] and smol[5] == "8192", listed.stdout
+    split = rows[f"{SPLIT}/SmolLM2-135M-Instruct-Q4_1-00001-of-00003.gguf"]
+    assert split[3] == "Q4_1" and split[-1].endswith("-00001-of-00003.gguf")
+    refused = ctl(hub, tmp_path, "--config", str(config), "rm", SMOL)
+    assert refused.returncode == 1
+    assert "in use (model.model_path" in refused.stderr
+    assert cached_model(parse_ref(SMOL), tmp_path) is not None
+    removed = ctl(hub, tmp_path, "--config", str(config), "rm", f"{SPLIT}:Q4_1")
+    assert removed.returncode == 0, removed.stderr
+    assert removed.stdout.startswith(f"removed {SPLIT}:Q4_1 (")
+    assert not (tmp_path / f"models--{SPLIT.replace('/', '--')}").exists()
+    again = ctl(hub, tmp_path, "--config", str(config), "rm", SPLIT)
+    assert again.returncode == 1 and "is not downloaded" in again.stderr
