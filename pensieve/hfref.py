@@ -72,13 +72,6 @@ def parse_ref(text: str) -> HfRef:
     )
 
 
-def is_named_model(value: str) -> bool:
-    """Whether a config's model value names a model (`hf:…` or a catalog name), not a file."""
-    from pensieve.catalog import find_entry
-
-    return value.startswith(HF_PREFIX) or find_entry(value) is not None
-
-
 # ---- choosing files (llama.cpp common/download.cpp, `-hf`) -------------------------------------
 
 

@@ -245,3 +245,24 @@ def test_models_lists_what_is_downloaded_and_rm_spares_what_the_config_uses(
     assert not (tmp_path / f"models--{SPLIT.replace('/', '--')}").exists()
     again = ctl(hub, tmp_path, "--config", str(config), "rm", SPLIT)
     assert again.returncode == 1 and "is not downloaded" in again.stderr
+
+
+def test_list_shows_what_fits_the_budget_and_why_the_rest_does_not(
+    hub: FakeHub, tmp_path: Path
+) -> None:
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model": {"memory_budget_mb": 16_000}}))
+    listed = ctl(hub, tmp_path, "--config", str(config), "pull", "--list")
+    assert listed.returncode == 0, listed.stderr
+    out = listed.stdout
+    assert out.startswith("memory budget 16.8 GB (model.memory_budget_mb)")
+    fits = {line.split()[0]: line.split()[1] for line in out.splitlines() if "/" in line}
+    assert fits["qwen3-8b"] == "yes" and fits["gpt-oss-20b"] == "yes"
+    assert fits["qwen3-coder-30b"] == "no"
+    assert "qwen3-coder-30b: needs 25.2 GB with a 64k context, the budget is 16.8 GB" in out
+    # No REF: the best fit is proposed; without a terminal to ask on, nothing is fetched.
+    proposed = ctl(hub, tmp_path, "--config", str(config), "pull")
+    assert proposed.returncode == 1
+    assert "best fit for 16.8 GB (model.memory_budget_mb): gpt-oss-20b" in proposed.stderr
+    assert "run pensievectl pull gpt-oss-20b --yes" in proposed.stderr
+    assert not [r for r in hub.requests if r[1].startswith(("/api", "/cdn"))]
