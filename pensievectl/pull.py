@@ -13,14 +13,18 @@ deleted. Nothing is presented as a model until every part of it is complete and 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import re
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from pensieve.catalog import (
     ASK_ABOVE_BYTES,
@@ -220,13 +224,36 @@ def fetch(
 def _download(
     ctx: CommandContext, repo: str, filename: str, meta: HfFileMetadata, blob: Path
 ) -> None:
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    partial = blob.with_name(blob.name + ".incomplete")
+    with _exclusive(blob.with_name(blob.name + ".pull-lock"), filename):
+        _transfer(ctx, repo, filename, meta, blob, partial)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path, filename: str) -> Iterator[None]:
+    """One pull per file at a time: two appending to one partial file would spoil it."""
+    with lock_path.open("a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PullError(
+                f"another pensievectl pull is downloading {filename}; wait for it to finish"
+            ) from None
+        try:
+            yield
+        finally:
+            lock_path.unlink(missing_ok=True)
+
+
+def _transfer(
+    ctx: CommandContext, repo: str, filename: str, meta: HfFileMetadata, blob: Path, partial: Path
+) -> None:
     from huggingface_hub import constants
     from huggingface_hub.file_download import http_get
     from huggingface_hub.utils._headers import build_hf_headers
     from huggingface_hub.utils._runtime import is_xet_available
 
-    blob.parent.mkdir(parents=True, exist_ok=True)
-    partial = blob.with_name(blob.name + ".incomplete")
     have = partial.stat().st_size if partial.exists() else 0
     size = meta.size
     if size is not None and have > size:
@@ -260,7 +287,7 @@ def _download(
                     meta.location,
                     f,
                     resume_size=have,
-                    headers=build_hf_headers(),
+                    headers=_headers_for(meta.location, build_hf_headers()),
                     expected_size=size,
                     displayed_filename=filename,
                     tqdm_class=_progress_class(ctx),
@@ -289,6 +316,16 @@ def _download(
     elapsed = max(time.monotonic() - started, 1e-6)
     done = blob.stat().st_size
     ctx.note(f"{filename}: {_human(done)} in {elapsed:.1f} s ({_human((done - have) / elapsed)}/s)")
+
+
+def _headers_for(url: str, headers: dict[str, str]) -> dict[str, str]:
+    """The token goes to the Hub only, never to the storage a file redirects to."""
+    from huggingface_hub import constants
+
+    hub = urlsplit(os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).netloc
+    if urlsplit(url).netloc != hub:
+        return {k: v for k, v in headers.items() if k.lower() != "authorization"}
+    return headers
 
 
 def _check(partial: Path, etag: str, filename: str) -> None:

@@ -44,6 +44,7 @@ class FakeHub:
     release: threading.Event = field(default_factory=threading.Event)
     stalled: threading.Event = field(default_factory=threading.Event)
     requests: list[tuple[str, str, str | None]] = field(default_factory=list)
+    authorized: list[tuple[str, str]] = field(default_factory=list)  # (path, Authorization)
     url: str = ""
     cdn_url: str = ""
 
@@ -79,6 +80,8 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
 
         def _route(self) -> None:
             hub.requests.append((self.command, self.path, self.headers.get("Range")))
+            if auth := self.headers.get("Authorization"):
+                hub.authorized.append((self.path, auth))
             path = self.path.split("?")[0]
             if match := re.fullmatch(r"/api/models/([^/]+/[^/]+)/revision/([^/]+)", path):
                 self._api(match[1])

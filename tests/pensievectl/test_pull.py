@@ -172,6 +172,25 @@ def test_a_gated_repo_says_to_set_hf_token(hub: FakeHub, tmp_path: Path) -> None
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
+def test_hf_token_goes_to_the_hub_and_not_to_the_storage_it_redirects_to(
+    hub: FakeHub, tmp_path: Path
+) -> None:
+    env = env_for(hub, tmp_path)
+    env["HF_TOKEN"] = "hf_test_token"
+    result = subprocess.run(
+        [sys.executable, "-m", "pensievectl", "pull", SMOL],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    paths = {path.split("/")[1] for path, auth in hub.authorized if auth == "Bearer hf_test_token"}
+    assert paths == {"api", "test-org"}  # the listing and resolve/, never cdn/
+
+
 def test_an_unknown_quant_lists_the_ones_that_exist(hub: FakeHub, tmp_path: Path) -> None:
     result = pull(hub, tmp_path, f"{SMOL}:Q5_K_M")
     assert result.returncode == 1
