@@ -285,3 +285,20 @@ def test_list_shows_what_fits_the_budget_and_why_the_rest_does_not(
     assert "best fit for 16.8 GB (model.memory_budget_mb): gpt-oss-20b" in proposed.stderr
     assert "run pensievectl pull gpt-oss-20b --yes" in proposed.stderr
     assert not [r for r in hub.requests if r[1].startswith(("/api", "/cdn"))]
+
+
+def test_a_second_pull_of_the_same_file_waits_its_turn(
+    hub: FakeHub, tmp_path: Path, model_bytes: bytes
+) -> None:
+    import fcntl
+    import hashlib
+
+    blobs = tmp_path / f"models--{SMOL.replace('/', '--')}" / "blobs"
+    blobs.mkdir(parents=True)
+    lock_path = blobs / (hashlib.sha256(model_bytes).hexdigest() + ".pull-lock")
+    with lock_path.open("a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        result = pull(hub, tmp_path, SMOL)
+    assert result.returncode == 1
+    assert "another pensievectl pull is downloading" in result.stderr
+    assert not list(blobs.glob("*.incomplete"))
