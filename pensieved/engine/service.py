@@ -36,12 +36,7 @@ from pensieved.engine.lifecycle import (
 )
 from pensieved.engine.model import LoadedModel, ModelSettings
 from pensieved.engine.persist import saved_summary
-from pensieved.engine.prompt import (
-    conversation_for_template,
-    render_text,
-    template_caps,
-    tokenize_rendered,
-)
+from pensieved.engine.prompt import render_request, tokenize_rendered
 from pensieved.engine.templates import missing_template_message, template_source
 from pensieved.engine.thinking import prompt_opens_thinking
 from pensieved.engine.types import (
@@ -346,15 +341,8 @@ class Engine(ModelLifecycle):
         """Prompt tokens, and whether the prompt ends inside a `<think>` block. `template` is
         a `chat_template` setting overriding the model's own."""
         source = template_source(template) if template else model.chat_template
-        caps = template_caps(source)
-        messages, template_tools = conversation_for_template(caps, request.messages, request.tools)
-        rendered, contents = render_text(
-            source,
-            messages,
-            bos_text=model.bos_text,
-            eos_text=model.eos_text,
-            tools=template_tools,
-            extra={"enable_thinking": request.thinking},
+        rendered, contents = render_request(
+            source, request, bos_text=model.bos_text, eos_text=model.eos_text
         )
         tokens = tokenize_rendered(
             rendered,
