@@ -1,14 +1,13 @@
 """Every real chat template renders every Claude Code capture, as `model.chat_template` set to
 the template's file makes the daemon render it (`template_source`, then `render_request`).
 
-The templates are the 70 that llama.cpp keeps in models/templates/, read from
-../shared/fixtures/chat-templates/ (never copied in); the captures are tests/claude_code_captures'.
+The templates are tests/chat_templates' 70, the requests tests/claude_code_captures' (both
+versions, tool round trips included).
 A template that cannot be made to render goes in DROPPED with the reason.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -18,13 +17,9 @@ from pensieved.api.models import CountTokensRequest, MessagesRequest
 from pensieved.engine.prompt import render_request, template_caps
 from pensieved.engine.templates import template_source
 from pensieved.engine.types import GenerationRequest
-from tests.claude_code_captures import REPO, capture_files, load
+from tests.chat_templates import TEMPLATES, template_files
+from tests.claude_code_captures import capture_files, load
 
-TEMPLATES = Path(
-    os.environ.get(
-        "PENSIEVE_TEMPLATE_FIXTURES", REPO.parent / "shared" / "fixtures" / "chat-templates"
-    )
-)
 EXPECTED = 70  # the folder's templates: fewer means the fixtures changed, not that all render
 
 # Template file -> why it is not rendered. Empty: every one renders.
@@ -34,10 +29,6 @@ pytestmark = pytest.mark.skipif(
     not TEMPLATES.is_dir() or not capture_files(),
     reason=f"the chat templates ({TEMPLATES}) or the Claude Code captures are absent",
 )
-
-
-def template_files() -> list[Path]:
-    return sorted(TEMPLATES.glob("*.jinja")) if TEMPLATES.is_dir() else []
 
 
 def _request(path: Path) -> tuple[str, GenerationRequest]:
