@@ -291,7 +291,9 @@ def conversation_for_template(
 
 # ---- the variables a request sets ----------------------------------------------------------
 
-_EFFORT_FALLBACK = {"max": "high"}  # Anthropic's top effort, for templates that stop at high
+# The nearest value to try when a template refuses the one asked for: Anthropic's `max` for
+# templates that stop at high, and `medium` for those with only low and high (Hunyuan's).
+_EFFORT_FALLBACK = {"max": "high", "medium": "high"}
 
 
 @lru_cache(maxsize=64)

@@ -188,7 +188,8 @@ HY3 = (
     [
         (True, "high", "high/True/True"),
         (True, "max", "high/True/True"),  # the nearest the template takes
-        (True, "medium", "unset/True/True"),  # refused: the template's own default
+        (True, "medium", "high/True/True"),
+        (True, "minimal", "unset/True/True"),  # refused: the template's own default
         (True, None, "unset/True/True"),
         (False, "high", "low/False/False"),  # thinking off: the least reasoning
     ],
