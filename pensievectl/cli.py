@@ -147,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
         "ref",
         nargs="?",
         metavar="REF",
-        help="what to pull (default: the catalog model that best fits the memory budget)",
+        help="what to pull (default: the models the config names that are not pulled yet, "
+        "else the catalog model that best fits the memory budget)",
     )
     pull.add_argument(
         "--list",

@@ -43,6 +43,7 @@ from pensieve.hfref import (
     NoGgufError,
     Plan,
     UnknownQuantError,
+    missing_ref,
     parse_ref,
     repo_folder,
     select_files,
@@ -371,24 +372,44 @@ def run_pull(ctx: CommandContext, text: str | None, yes: bool, show_list: bool) 
         ctx.say(format_list(*memory_budget(ctx)))
         return CtlExit.OK
     if text is None:
-        budget, source = memory_budget(ctx)
-        entry = best_fit(budget)
-        if entry is None:
-            raise PullError(
-                f"no catalog model fits the memory budget {_human(budget)} ({source}); "
-                "see pensievectl pull --list"
-            )
-        size = int(entry.size_gb * GB)
-        ctx.note(
-            f"best fit for {_human(budget)} ({source}): {entry.name} ({entry.address}, "
-            f"{_human(size)}, {entry.dialect}, {entry.context // 1024}k context)"
-        )
-        if size > ASK_ABOVE_BYTES and not yes and not _confirm(ctx, f"download {_human(size)}?"):
-            raise PullError(f"not downloaded: run pensievectl pull {entry.name} --yes to fetch it")
-        text = entry.name
+        missing = configured_missing(ctx)
+        if missing:
+            # The config names models that are not here yet: those are what to pull.
+            for name in missing:
+                ctx.say(str(pull(ctx, resolve(name)[0])))
+            ctx.note("pulled what the config names; run pensievectl reload to load it")
+            return CtlExit.OK
+        text = _propose(ctx, yes)
     ref, entry = resolve(text)
     path = pull(ctx, ref)
     name = entry.name if entry else f"hf:{ref}"
     ctx.say(str(path))
     ctx.note(f'pulled; to serve it, set model.model_path to "{name}" and run pensievectl reload')
     return CtlExit.OK
+
+
+def configured_missing(ctx: CommandContext) -> list[str]:
+    """The names of the models the config names by name and that are not pulled."""
+    from pensievectl.downloads import configured_paths
+
+    names = [missing_ref(path) for path in configured_paths(ctx)]
+    return list(dict.fromkeys(name for name in names if name))
+
+
+def _propose(ctx: CommandContext, yes: bool) -> str:
+    """The catalog model that best fits the memory budget, once the user agrees."""
+    budget, source = memory_budget(ctx)
+    entry = best_fit(budget)
+    if entry is None:
+        raise PullError(
+            f"no catalog model fits the memory budget {_human(budget)} ({source}); "
+            "see pensievectl pull --list"
+        )
+    size = int(entry.size_gb * GB)
+    ctx.note(
+        f"best fit for {_human(budget)} ({source}): {entry.name} ({entry.address}, "
+        f"{_human(size)}, {entry.dialect}, {entry.context // 1024}k context)"
+    )
+    if size > ASK_ABOVE_BYTES and not yes and not _confirm(ctx, f"download {_human(size)}?"):
+        raise PullError(f"not downloaded: run pensievectl pull {entry.name} --yes to fetch it")
+    return entry.name

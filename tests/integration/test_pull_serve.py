@@ -10,7 +10,7 @@ import pytest
 
 from tests.hubserver import FakeHub
 from tests.integration.daemon import ctl_status, run_ctl, start_daemon
-from tests.pensievectl.test_pull import SMOL, env_for, hub, model_bytes, pull  # noqa: F401
+from tests.pensievectl.test_pull import SMOL, env_for, hub, model_bytes  # noqa: F401
 
 NAME = f"hf:{SMOL}:Q4_1"
 
@@ -48,8 +48,10 @@ def test_a_missing_hf_model_says_which_pull_brings_it_then_serves_once_pulled(
         # Nothing was fetched at request time.
         assert not [m for m, p, _ in hub.requests if p.startswith(("/api", "/cdn"))]
 
-        pulled = pull(hub, cache, NAME)
+        # `pull` with no REF fetches what the config names and lacks.
+        pulled = run_ctl("pull", config=d.config_path, env=env_for(hub, cache))
         assert pulled.returncode == 0, pulled.stderr
+        assert "pulled what the config names" in pulled.stderr
         reloaded = run_ctl("reload", socket_path=d.socket_path)
         assert reloaded.returncode == 0, reloaded.stderr
         d.wait_ready()
