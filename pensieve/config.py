@@ -147,8 +147,9 @@ class ServerConfig(_Section):
         5.0,
         gt=0,
         le=300,
-        description="While a stream has nothing to send (a long prompt is being evaluated), "
-        "send an SSE ping this often so clients and proxies keep waiting.",
+        description="While a stream has nothing to send (a long prompt is being evaluated, an "
+        "upstream has not answered yet), send an SSE `ping` this often, as an SSE comment "
+        "before its `message_start`, so clients and proxies keep waiting.",
     )
     idle_connection_timeout_s: float = Field(
         60.0,
@@ -211,19 +212,24 @@ class UpstreamConfig(_Section):
     protocol: Literal["anthropic", "openai"] = Field(
         "anthropic",
         description="`anthropic`: the server has a native /v1/messages (vLLM, llama-server, "
-        "Ollama 0.14+); `openai`: it has /v1/chat/completions and Pensieve converts.",
+        "Ollama 0.14+, pensieved); `openai`: only /v1/chat/completions, and Pensieve converts.",
     )
     model: str | None = Field(
         None, description="Model name sent upstream; null: the name the client asked for."
     )
     api_key: SecretStr | None = Field(
-        None, description="Key sent to the upstream (never to clients, never logged)."
+        None,
+        description="The upstream's key, sent as `x-api-key` and `Authorization: Bearer` (the "
+        "client's own key is never forwarded); never shown to clients, logged or printed.",
     )
     api_key_file: str | None = Field(
         None, description="A file whose first line is the upstream key (instead of `api_key`)."
     )
     timeout_ms: int = Field(
-        600_000, ge=100, description="Longest time one upstream request may take, in ms."
+        600_000,
+        ge=100,
+        description="Longest time one upstream request may take, in ms; past it the client "
+        "gets 504 `timeout_error`.",
     )
     connect_timeout_ms: int = Field(
         5_000, ge=100, description="Longest wait for a connection to an upstream URL, in ms."
@@ -232,13 +238,14 @@ class UpstreamConfig(_Section):
         16,
         ge=1,
         le=4096,
-        description="Requests sent to this route at once; beyond it: 529 overloaded.",
+        description="Requests in flight on this route at once; beyond it: 529 "
+        "`overloaded_error`. The server's own `max_concurrent_requests` does not apply.",
     )
     backoff_ms: int = Field(
         30_000,
         ge=0,
-        description="After a URL fails (refused, reset, 5xx), skip it this long while another "
-        "URL of the route can take the request.",
+        description="After a URL fails (refused, reset, 500/502/504), skip it this many ms "
+        "while another URL of the route can take the request.",
     )
 
     @field_validator("urls")
@@ -399,9 +406,9 @@ class ModelConfig(_Section):
     kv_cache_type: Literal["f16", "q8_0", "q4_0"] = Field(
         "f16",
         description="Storage type of the KV cache's K and V (llama-server's --cache-type-k/-v): "
-        "q8_0 takes about half the memory of f16, q4_0 about a quarter, at some quality "
-        "cost. A quantized V needs flash attention: with `flash_attention: auto` it is "
-        "turned on, with `off` the config is refused.",
+        "q8_0 takes 0.53 x the memory of f16, q4_0 0.28 x, at some quality cost. A "
+        "quantized V needs flash attention: with `flash_attention: auto` it is turned on, "
+        "with `off` the config is refused.",
     )
     kv_unified: bool | Literal["auto"] = Field(
         "auto",

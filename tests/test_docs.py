@@ -79,3 +79,52 @@ def test_config_man_page_renders_without_warnings() -> None:
     assert done.returncode == 0, done.stderr
     assert done.stderr == "", done.stderr
     assert "PENSIEVE.JSON(5)" in done.stdout and "server.api_key_file" in done.stdout
+
+
+def _without_fences(text: str) -> str:
+    return re.sub(r"^```.*?^```", "", text, flags=re.M | re.S)
+
+
+def _without_code(text: str) -> str:
+    """Markdown with fenced blocks and inline code removed (links there are not links)."""
+    return re.sub(r"`[^`\n]*`", "", _without_fences(text))
+
+
+def _anchors(path: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces as hyphens."""
+    anchors = set()
+    for line in _without_fences(path.read_text(encoding="utf-8")).splitlines():
+        if line.startswith("#"):
+            title = line.lstrip("#").strip().lower()
+            anchors.add(re.sub(r"[^\w\- ]", "", title).replace(" ", "-"))
+    return anchors
+
+
+@pytest.mark.parametrize("page", [README, *DOCS], ids=lambda p: str(p.relative_to(REPO)))
+def test_relative_links_resolve(page: Path) -> None:
+    broken = []
+    for target in LINK.findall(_without_code(page.read_text(encoding="utf-8"))):
+        if re.match(r"^[a-z][a-z0-9+.-]*:", target):
+            continue  # http:, https:, mailto:
+        file_part, _, anchor = target.partition("#")
+        resolved = (page.parent / file_part).resolve() if file_part else page
+        if not resolved.exists():
+            broken.append(f"{target} (no {resolved.relative_to(REPO)})")
+        elif anchor and resolved.suffix == ".md" and anchor not in _anchors(resolved):
+            broken.append(f"{target} (no heading #{anchor} in {resolved.name})")
+    assert not broken, f"broken links in {page.relative_to(REPO)}: {broken}"
+
+
+def test_readme_is_short_enough_to_read_top_to_bottom() -> None:
+    lines = len(README.read_text(encoding="utf-8").splitlines())
+    assert lines <= README_MAX_LINES, (
+        f"README.md has {lines} lines (at most {README_MAX_LINES}): move reference material "
+        "into docs/ and link to it"
+    )
+
+
+def test_docs_index_lists_every_page() -> None:
+    index = (REPO / "docs" / "README.md").read_text(encoding="utf-8")
+    for page in DOCS:
+        if page.name != "README.md":
+            assert f"({page.name})" in index, f"docs/README.md does not link {page.name}"
