@@ -201,9 +201,9 @@ def dispatch(args: argparse.Namespace, ctx: CommandContext) -> int:
             return configcmds.run_config_show(ctx, args.json)
         return configcmds.run_config_generate(ctx, args.output, args.force)
     if command == "service":
-        from pensievectl import service
+        from pensievectl.service import run_service
 
-        return int(service.run(args))
+        return run_service(ctx, args.service_command, dry_run=args.dry_run)
     if command == "claude":
         from pensievectl.claude import run_claude
 
