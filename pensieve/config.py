@@ -534,6 +534,9 @@ def _issues_from(error: ValidationError) -> list[ConfigIssue]:
         message = item["msg"]
         if item["type"] == "extra_forbidden":
             message = "unknown key"
+        elif item["type"] == "value_error":
+            # Our validators' own words, without pydantic's "Value error, " in front.
+            message = str(item.get("ctx", {}).get("error", message))
         issues.append(ConfigIssue(path=path, message=message))
     return issues
 

@@ -224,7 +224,9 @@ def test_server_key_and_key_file_together_are_refused() -> None:
     with pytest.raises(ConfigError) as info:
         parse_config({"server": {"api_key": "k", "api_key_file": "/k"}})
     assert paths_of(info.value) == ["server.api_key_file"]
-    assert "not both" in info.value.issues[0].message
+    assert str(info.value.issues[0]) == (
+        "server.api_key_file: set api_key or api_key_file, not both: remove one of them"
+    )
 
 
 def test_upstream_key_file(tmp_path: Path) -> None:
