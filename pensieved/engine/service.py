@@ -36,13 +36,8 @@ from pensieved.engine.lifecycle import (
 )
 from pensieved.engine.model import LoadedModel, ModelSettings
 from pensieved.engine.persist import saved_summary
-from pensieved.engine.prompt import (
-    conversation_for_template,
-    render_text,
-    template_caps,
-    tokenize_rendered,
-)
-from pensieved.engine.templates import missing_template_message, template_source
+from pensieved.engine.prompt import render_request, tokenize_rendered
+from pensieved.engine.templates import template_problem, template_source
 from pensieved.engine.thinking import prompt_opens_thinking
 from pensieved.engine.types import (
     Event,
@@ -273,18 +268,17 @@ class Engine(ModelLifecycle):
             self._error = None
 
     def _check_default_template(self) -> None:
-        """A default model with no chat template and none configured is reported at once (in
-        status, /health and the log), not as a failure of every request."""
+        """A default model whose chat template is missing or cannot render (its own or the
+        configured one) is reported at once (in status, /health and the log), not as a
+        failure of every request."""
         entry = self._models.default_entry
         runtime = entry.runtime if entry is not None else None
-        missing = (
-            entry is not None
-            and runtime is not None
-            and self.config.model.chat_template is None
-            and not runtime.model.chat_template
-        )
-        if missing and entry is not None:
-            message = missing_template_message(entry.path, "model.chat_template")
+        message = None
+        if entry is not None and runtime is not None:
+            setting = self.config.model.chat_template
+            own = runtime.model.chat_template
+            message = template_problem(entry.path, setting, own, "model.chat_template")
+        if message is not None:
             if self._template_error != message:
                 log.error("%s", message)
             self._template_error = message
@@ -325,8 +319,10 @@ class Engine(ModelLifecycle):
         while entry.state != "loaded" or entry.runtime is None:
             await self._ensure_loaded(entry, None)
         runtime = entry.runtime
-        if setting is None and not runtime.model.chat_template:
-            raise NoChatTemplateError(missing_template_message(entry.path, key))
+        # Found when the model loaded (and in status since): the template cannot render.
+        problem = template_problem(entry.path, setting, runtime.model.chat_template, key)
+        if problem is not None:
+            raise NoChatTemplateError(problem)
         runtime.users += 1
         return runtime, setting
 
@@ -346,15 +342,8 @@ class Engine(ModelLifecycle):
         """Prompt tokens, and whether the prompt ends inside a `<think>` block. `template` is
         a `chat_template` setting overriding the model's own."""
         source = template_source(template) if template else model.chat_template
-        caps = template_caps(source)
-        messages, template_tools = conversation_for_template(caps, request.messages, request.tools)
-        rendered, contents = render_text(
-            source,
-            messages,
-            bos_text=model.bos_text,
-            eos_text=model.eos_text,
-            tools=template_tools,
-            extra={"enable_thinking": request.thinking},
+        rendered, contents = render_request(
+            source, request, bos_text=model.bos_text, eos_text=model.eos_text
         )
         tokens = tokenize_rendered(
             rendered,
