@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from collections.abc import Sequence
 
 from pensieve import __version__
-from pensieve.exitcodes import CtlExit
+from pensieve.exitcodes import CTL_EXIT_DOCS, CtlExit
 from pensievectl.context import CommandContext
 from pensievectl.errors import CtlError, exit_status_for
 
@@ -15,15 +16,22 @@ DESCRIPTION = (
     "Control pensieved, the local Anthropic Messages API server, over its Unix control socket, "
     "and check its config file."
 )
-EPILOG = """\
-exit status:
-  0  success (status: running)
-  1  failure (validate: the config is invalid)
-  2  bad command line
-  3  pensieved is not running (no socket, or a stale one left by a killed daemon; if it
-     died, status says by which signal and what it was running)
-  4  unknown: the socket cannot be used (permission denied, another user's, no answer)
 
+
+def _exit_status_text() -> str:
+    # From the codes' one description (pensieve.exitcodes), so --help, the man page and the docs
+    # cannot disagree; backticks are markup for the man page and the docs only.
+    lines = ["exit status:"]
+    for code, text in CTL_EXIT_DOCS.items():
+        body = textwrap.wrap(text.replace("`", ""), width=88)
+        lines.append(f"  {int(code)}  {body[0]}")
+        lines += [f"     {line}" for line in body[1:]]
+    return "\n".join(lines) + "\n\n"
+
+
+EPILOG = (
+    _exit_status_text()
+    + """\
 files:
   config  --config, else $PENSIEVE_CONFIG, else the per-user config directory's
           pensieve/config.json
@@ -32,6 +40,7 @@ files:
           not parse (or nothing answers at its socket), the socket recorded by the daemon
           that serves that config (pensieve/run/ in the runtime directory)
 """
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -228,9 +237,9 @@ def dispatch(args: argparse.Namespace, ctx: CommandContext) -> int:
             return configcmds.run_config_show(ctx, args.json)
         return configcmds.run_config_generate(ctx, args.output, args.force)
     if command == "service":
-        from pensievectl import service
+        from pensievectl.service import run_service
 
-        return int(service.run(args))
+        return run_service(ctx, args.service_command, dry_run=args.dry_run)
     if command == "claude":
         from pensievectl.claude import run_claude
 
