@@ -31,9 +31,15 @@ MANUAL = "Pensieve Manual"
 E = TypeVar("E", bound=enum.IntEnum)
 
 
+# Characters the man fonts lack (troff warns "can't find special character") spelled in ASCII.
+_ROFF_CHARS = {"\u2026": "...", "\u2192": "->", "\u2190": "<-", "\u2248": "~"}
+
+
 def roff(text: str) -> str:
     """Plain text to roff: `code` in bold, literal hyphens, and no hyphenation inside paths,
     flags, variable names or code (troff would otherwise break $PENSIEVE_CONFIG as $PEN-SIEVE)."""
+    for char, spelled in _ROFF_CHARS.items():
+        text = text.replace(char, spelled)
     out = []
     for i, part in enumerate(text.replace("\\", "\\e").split("`")):
         in_code = i % 2 == 1  # odd-numbered parts were between backticks
