@@ -8,6 +8,15 @@ The default model loads at start, an alias's model on its first request. A model
 room. A request for a model that is not loaded waits for it (the API layer sends keep-alives
 meanwhile): it never fails because another model is loaded, and a model in use is never
 unloaded under it.
+
+Who frees a model's native objects (weights, context, batch, samplers): only
+`ModelRuntime.close`, which first stops and joins the model's decode thread (the one thread
+that decodes and samples on them), then saves the KV caches, then frees the context before
+the weights. Every runtime a load made is closed exactly once: by an unload (idle, room,
+`pensievectl`), by its retirement once the requests that started on it before a reload are
+done, or at a stop by `Engine.close`, which also closes the runtimes still retiring. None is
+left to interpreter shutdown: its decode thread could still be inside llama.cpp while the
+process frees what that thread reads (a SIGSEGV at stop).
 """
 
 from __future__ import annotations
@@ -272,6 +281,9 @@ class ModelLifecycle:
     _draining: bool
     _cancel_loads: threading.Event
     _load_threads: set[threading.Thread]
+    # Entries a reload dropped whose model is not freed yet, by id (see `_retire`).
+    _retiring: dict[int, tuple[ModelEntry, asyncio.Task[None]]]
+    _closing: bool
 
     def _no_model_error(self) -> ModelUnavailableError:
         raise NotImplementedError
@@ -280,9 +292,11 @@ class ModelLifecycle:
         raise NotImplementedError
 
     def _retire_dropped(self, old: dict[Path, ModelEntry], new: dict[Path, ModelEntry]) -> None:
-        retired = [entry for path, entry in old.items() if new.get(path) is not entry]
-        if retired:
-            asyncio.get_running_loop().create_task(self._retire(retired))
+        for path, entry in old.items():
+            if new.get(path) is not entry and id(entry) not in self._retiring:
+                task = asyncio.get_running_loop().create_task(self._retire(entry))
+                task.add_done_callback(retrieve)
+                self._retiring[id(entry)] = (entry, task)
 
     async def _load_entry(
         self, entry: ModelEntry, *, make_room: bool, config: Config | None = None
@@ -475,14 +489,30 @@ class ModelLifecycle:
             raise self._no_model_error()
         return found
 
-    async def _retire(self, entries: list[ModelEntry]) -> None:
-        """Free replaced models once the requests that started on them are done."""
-        for entry in entries:
-            while entry.busy or (entry.task is not None and not entry.task.done()):
+    async def _retire(self, entry: ModelEntry) -> None:
+        """Free a model a reload replaced once the requests that started on it are done, or
+        at a stop (`_closing`) once its load or unload under way has ended: the drain has
+        ended its requests by then, and closing it joins its decode thread first."""
+        try:
+            while (entry.busy and not self._closing) or (
+                entry.task is not None and not entry.task.done()
+            ):
                 await asyncio.sleep(0.1)
             if entry.runtime is not None:
-                await self._unload(entry, "reload")
+                await self._unload(entry, "stop" if self._closing else "reload")
                 log.info("released model %s", entry.path.name)
+        finally:
+            self._retiring.pop(id(entry), None)
+
+    def _retiring_runtimes(self) -> list[ModelRuntime]:
+        return [e.runtime for e, _ in self._retiring.values() if e.runtime is not None]
+
+    async def _close_retiring(self) -> None:
+        """At a stop: free the models still retiring, and wait until they are freed."""
+        self._closing = True
+        tasks = {task for _, task in self._retiring.values()}
+        if tasks:
+            await asyncio.wait(tasks)
 
     def _after_config_change(self) -> None:
         """After a config change: report missing chat templates, and unload idle models

@@ -180,6 +180,8 @@ class Engine(ModelLifecycle):
         self._draining = False
         self._cancel_loads = threading.Event()
         self._load_threads: set[threading.Thread] = set()
+        self._retiring: dict[int, tuple[ModelEntry, asyncio.Task[None]]] = {}
+        self._closing = False
         self._register_gauges()
 
     # ---- loading ---------------------------------------------------------------------------
@@ -622,10 +624,14 @@ class Engine(ModelLifecycle):
 
     def abort_all(self) -> None:
         error = ShuttingDownError("pensieved is shutting down; the request was ended early")
-        for runtime in self._loaded():
+        # Requests still running on a model a reload replaced are ended too.
+        for runtime in self._loaded() + self._retiring_runtimes():
             runtime.scheduler.abort_all(error)
 
     async def close(self) -> None:
+        """Free every model: the current ones and those a reload replaced (see lifecycle.py
+        for who frees what)."""
+        await self._close_retiring()
         models, self._models = self._models, ModelTable(self.config, None, {})
         for entry in models.entries.values():
             if entry.task is not None and not entry.task.done():

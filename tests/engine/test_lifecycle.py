@@ -37,11 +37,20 @@ class FakeModel:
 
 
 @dataclass
+class FakeScheduler:
+    aborted: list[Exception] = field(default_factory=list)
+
+    def abort_all(self, error: Exception) -> None:
+        self.aborted.append(error)
+
+
+@dataclass
 class FakeRuntime:
     model: FakeModel
     users: int = 0
     last_used: float = field(default_factory=time.time)
     closed: bool = False
+    scheduler: FakeScheduler = field(default_factory=FakeScheduler)
 
     @property
     def busy(self) -> bool:
@@ -239,3 +248,43 @@ async def test_a_template_that_cannot_render_is_reported_when_its_model_loads(
     with pytest.raises(NoChatTemplateError, match=r"badtemplate\.gguf's own chat template"):
         await use(engine, "bad-1")
     assert "model.aliases.bad-*.chat_template" in bad.template_problem
+
+
+@in_loop
+async def test_a_stop_ends_the_requests_on_a_replaced_model_and_frees_it(
+    tmp_path: Path, loads: list[str]
+) -> None:
+    engine = engine_for(tmp_path)
+    await engine.load(engine.config)
+    held, _ = await engine._acquire("m")  # a request in flight when the config changes
+    old: Any = held
+    smaller = engine.config.model_copy(
+        update={"model": engine.config.model.model_copy(update={"context_size": 1024})}
+    )
+    await engine.load(smaller)
+    new: Any = engine._models.default
+    assert new is not None and new is not old
+    assert not old.closed  # the request still runs on it
+    # A drain that times out ends that request too, and the stop frees the replaced model
+    # (its decode thread joined first), not only the current one.
+    engine.start_draining()
+    engine.abort_all()
+    assert len(old.scheduler.aborted) == 1
+    await engine.close()
+    assert old.closed and new.closed
+    assert not engine._retiring
+
+
+def test_a_runtime_stops_its_decode_thread_before_freeing_the_model() -> None:
+    calls: list[str] = []
+
+    class Recorder:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def __getattr__(self, method: str) -> Callable[..., None]:
+            return lambda *args: calls.append(f"{self.name}.{method}")
+
+    runtime = lifecycle.ModelRuntime(Recorder("model"), Recorder("scheduler"))  # type: ignore[arg-type]
+    runtime.close(Recorder("store"))  # type: ignore[arg-type]
+    assert calls == ["scheduler.close", "store.save", "model.close"]
