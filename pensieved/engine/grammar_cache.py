@@ -25,7 +25,7 @@ from typing import Any
 
 from pensieved.engine.gbnf import grammar_problem
 from pensieved.engine.llama import lib
-from pensieved.engine.tools import TOOL_CALL_OPEN
+from pensieved.engine.markers import TOOL_CALL_OPEN
 from pensieved.errors import GrammarError
 
 log = logging.getLogger("pensieved.engine")

@@ -20,7 +20,8 @@ from typing import Any
 import jinja2
 import jinja2.sandbox
 
-from pensieved.engine.tools import TOOL_CALL_OPEN, to_generic_messages
+from pensieved.engine.markers import TOOL_CALL_OPEN
+from pensieved.engine.tools import to_generic_messages
 from pensieved.engine.types import ChatMessage, ToolSpec
 from pensieved.errors import ChatTemplateError
 
