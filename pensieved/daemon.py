@@ -287,7 +287,7 @@ class Daemon:
                 new.model_copy(update={"model": self.engine.config.model})
             )
             model = str(default_model_path(new) or "")
-            self.reloader.begin_model_load(self.engine.load(new), model)
+            self.reloader.begin_model_load(self.engine.configure(new), model)
         else:
             self.engine.apply_live_settings(new)
             self.engine.drop_stale_error()
@@ -318,7 +318,7 @@ class Daemon:
         task.add_done_callback(self._tasks.discard)
 
     async def _first_load(self) -> None:
-        await self.engine.load(self.config)
+        await self.engine.configure(self.config)
         if self.engine.state == "no_model":
             log.warning("no model configured and the bundled model is not installed")
 
@@ -350,10 +350,10 @@ class Daemon:
         self._spawn(
             watch_model_files(self._model_awaited, lambda: self.reload("model"), self._stop)
         )
-        self._spawn(self.engine.unload_idle(self._stop))
+        self._spawn(self.engine.pool.unload_idle(self._stop))
         await self._stop.wait()
         # A model load may take minutes: it is abandoned at once rather than waited for.
-        self.engine.cancel_loads()
+        self.engine.pool.cancel_loads()
         for task in list(self._tasks):
             task.cancel()
         await self._drain()
@@ -378,7 +378,7 @@ class Daemon:
         await self.listeners.close_connections()
         # Loads see the cancellation at llama.cpp's next progress call, within milliseconds;
         # one stuck elsewhere (creating the context) is left behind: main() exits without it.
-        if not await self.engine.wait_loads(2.0):
+        if not await self.engine.pool.wait_loads(2.0):
             log.warning("a model load is still running in llama.cpp; exiting without it")
             self.abandoned_load = True
         await self.engine.close()

@@ -1,13 +1,13 @@
 """Which models are loaded: each model file the config names is a `ModelEntry`, unloaded,
-loading, loaded or unloading, and `ModelLifecycle` (a part of the Engine) moves it between
-those states.
+loading, loaded or unloading, and the Engine's `ModelPool` moves it between those states.
 
 The default model loads at start, an alias's model on its first request. A model idle for
 `model.idle_unload_s` is unloaded with its KV caches saved; `model.max_loaded_models` and
 `model.memory_budget_mb` bound what stays loaded, and the least recently used idle model makes
 room. A request for a model that is not loaded waits for it (the API layer sends keep-alives
 meanwhile): it never fails because another model is loaded, and a model in use is never
-unloaded under it.
+unloaded under it. Whoever waits for a model to load, to be let go of or for room waits on
+the pool's `Changes`, notified wherever that state changes.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import fnmatch
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, TypeVar
@@ -28,6 +28,7 @@ from pensieve.activity import Activity
 from pensieve.config import AliasTarget, Config, alias_target
 from pensieve.paths import cache_dir
 from pensieved.engine.batcher import Batcher
+from pensieved.engine.interface import OnWait
 from pensieved.engine.llama import attention_on_gpu
 from pensieved.engine.memory import budget_bytes, plan_for_file, read_gguf_metadata
 from pensieved.engine.model import LoadedModel, ModelSettings
@@ -36,18 +37,15 @@ from pensieved.engine.scheduler import Scheduler
 from pensieved.engine.templates import missing_template_message
 from pensieved.errors import (
     LoadCancelledError,
-    ModelUnavailableError,
     OverloadedError,
     ShuttingDownError,
 )
 from pensieved.metrics import EngineMetrics
+from pensieved.waiting import Changes
 
 log = logging.getLogger("pensieved.engine")
 
 EntryState = Literal["unloaded", "loading", "loaded", "unloading"]
-# A keep-alive callback of the API layer, awaited every `server.keepalive_ping_s` while a
-# request waits for its model to load.
-OnWait = Callable[[], Awaitable[None]]
 
 
 def alias_targets(config: Config) -> dict[str, AliasTarget]:
@@ -73,7 +71,7 @@ class ModelRuntime:
     model: LoadedModel
     scheduler: Scheduler
     # Requests holding this runtime, from prompt preparation to the end of generation: a
-    # replaced model is freed only when none is left (see Engine._retire).
+    # replaced model is freed only when none is left (see ModelPool.unload).
     users: int = 0
     # When a request last let go of it (Unix time): idle unload and LRU eviction read it.
     last_used: float = field(default_factory=time.time)
@@ -99,15 +97,19 @@ def prefix_store_for(config: Config) -> PrefixStore:
     return PrefixStore(directory, config.model.prefix_cache_mb * 1_000_000)
 
 
-def _load_runtime(
-    settings: ModelSettings, store: PrefixStore, keep_loading: Callable[[float], bool]
+def open_runtime(
+    settings: ModelSettings,
+    store: PrefixStore,
+    keep_loading: Callable[[float], bool],
+    on_release: Callable[[], None],
 ) -> ModelRuntime:
-    """Load a model, start its scheduler and read back its saved KV caches (a thread's job)."""
+    """Load a model, start its scheduler and read back its saved KV caches (a thread's job).
+    `on_release` is called on the event loop whenever the scheduler frees a slot."""
     model = LoadedModel(settings, keep_loading)
     if not keep_loading(1.0):
         model.close()
         raise LoadCancelledError(f"loading model {settings.path} was abandoned")
-    runtime = ModelRuntime(model, Scheduler(model.slots, Batcher(model)))
+    runtime = ModelRuntime(model, Scheduler(model.slots, Batcher(model), on_release))
     try:
         store.restore(model, runtime.scheduler.slots)
         runtime.scheduler.adopt_cached()
@@ -119,8 +121,11 @@ def _load_runtime(
 T = TypeVar("T")
 
 
-async def _in_own_thread(threads: set[threading.Thread], fn: Callable[..., T], *args: object) -> T:
-    """`fn(*args)` in a daemon thread of its own, tracked in `threads` while it runs.
+async def _in_own_thread(
+    threads: set[threading.Thread], ended: Callable[[], None], fn: Callable[..., T], *args: object
+) -> T:
+    """`fn(*args)` in a daemon thread of its own, tracked in `threads` while it runs; `ended`
+    is called on the loop once the thread has left `threads`.
 
     Not the default executor: its workers are joined when the event loop and the interpreter
     shut down, so a stop would wait for a model load that llama.cpp may take minutes over.
@@ -129,6 +134,7 @@ async def _in_own_thread(threads: set[threading.Thread], fn: Callable[..., T], *
     future: asyncio.Future[T] = loop.create_future()
 
     def settle(result: T | None, error: BaseException | None) -> None:
+        ended()
         if future.done():
             return
         if error is not None:
@@ -141,12 +147,10 @@ async def _in_own_thread(threads: set[threading.Thread], fn: Callable[..., T], *
             result, error = fn(*args), None
         except BaseException as exc:
             result, error = None, exc
-        try:
+        threads.discard(thread)
+        # RuntimeError: the loop is gone (the daemon stopped without waiting for us).
+        with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(settle, result, error)
-        except RuntimeError:
-            pass  # the loop is gone: the daemon stopped without waiting for us
-        finally:
-            threads.discard(thread)
 
     thread = threading.Thread(target=run, name="model-load", daemon=True)
     threads.add(thread)
@@ -259,37 +263,99 @@ def retrieve(task: asyncio.Task[None]) -> None:
         task.exception()
 
 
-class ModelLifecycle:
-    """The Engine's model loading and unloading (see the module's docstring); the Engine
-    sets these attributes."""
+class ModelPool:
+    """The models the config in force names, and which of them are loaded (see the module's
+    docstring). The Engine holds one and installs a new `ModelTable` on every config change."""
 
-    config: Config
-    activity: Activity
-    metrics: EngineMetrics
-    _models: ModelTable
-    _draining: bool
-    _cancel_loads: threading.Event
-    _load_threads: set[threading.Thread]
+    def __init__(self, config: Config, activity: Activity, metrics: EngineMetrics) -> None:
+        self.table = ModelTable(config, None, {})
+        self.activity = activity
+        self.metrics = metrics
+        self.draining = False
+        self._cancelled = threading.Event()  # set once: loads are abandoned, none start
+        self._threads: set[threading.Thread] = set()  # loading threads inside llama.cpp
+        self.changes = Changes()
 
-    def _no_model_error(self) -> ModelUnavailableError:
-        raise NotImplementedError
+    @property
+    def config(self) -> Config:
+        return self.table.config
 
-    def load_progress(self, path: Path, fraction: float) -> bool:
-        raise NotImplementedError
+    def install(self, table: ModelTable) -> None:
+        """Make `table` current. Models it dropped are unloaded once their requests are done;
+        idle models beyond a lowered `model.max_loaded_models` at once."""
+        old, self.table = self.table, table
+        self.changes.notify()
+        with contextlib.suppress(RuntimeError):  # no loop: nothing was loaded either
+            loop = asyncio.get_running_loop()
+            dropped = [e for path, e in old.entries.items() if table.entries.get(path) is not e]
+            jobs = [self._check_alias_templates(), self._unload_beyond_limit()]
+            jobs += [self.unload(entry, "reload") for entry in dropped]
+            for job in jobs:
+                loop.create_task(job).add_done_callback(retrieve)
 
-    def _retire_dropped(self, old: dict[Path, ModelEntry], new: dict[Path, ModelEntry]) -> None:
-        retired = [entry for path, entry in old.items() if new.get(path) is not entry]
-        if retired:
-            asyncio.get_running_loop().create_task(self._retire(retired))
+    # ---- loading ---------------------------------------------------------------------------
 
-    async def _load_entry(
-        self, entry: ModelEntry, *, make_room: bool, config: Config | None = None
-    ) -> None:
-        """Load `entry`'s model (after unloading idle ones for room, if asked) and restore its
-        saved KV caches."""
-        config = config or self.config
-        if make_room:
-            await self._make_room(entry)
+    def keep_loading(self, path: Path, fraction: float) -> bool:
+        """Called from the loading thread as llama.cpp reads `path`'s weights (`fraction` of
+        them so far, several times a second); False abandons the load. It turns False when
+        the daemon stops, so a stop does not wait for a large model to finish loading."""
+        return not self._cancelled.is_set()
+
+    def cancel_loads(self) -> None:
+        """Abandon model loads in progress (at their next progress call) and refuse new ones."""
+        self._cancelled.set()
+        self.changes.notify()
+
+    @property
+    def loads_cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    async def wait_loads(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for loading threads to end; True if none is left."""
+        return await self.changes.until(lambda: not self._threads, timeout)
+
+    async def load(self, entry: ModelEntry, on_wait: OnWait | None = None) -> None:
+        """Return once `entry` is loaded: loading it (after making room) unless a load is
+        under way already, which every waiting request shares. `on_wait` is awaited every
+        keep-alive period meanwhile; a failed load is raised to every waiting request."""
+        entry.waiting += 1
+        try:
+            while not self._is_loaded(entry):
+                task = entry.task
+                if task is None or task.done():
+                    task = self._start(entry, self._make_room_and_load(entry))
+                period = self.config.server.keepalive_ping_s
+                while not task.done():
+                    await asyncio.wait({task}, timeout=period)
+                    if not task.done() and on_wait is not None:
+                        await on_wait()
+                error = task.exception()
+                if error is not None and not self._is_loaded(entry):
+                    raise error
+        finally:
+            entry.waiting -= 1
+            self.changes.notify()
+
+    @staticmethod
+    def _is_loaded(entry: ModelEntry) -> bool:
+        # A method, not an inline test: mypy narrows `entry.state` across the awaits above.
+        return entry.state == "loaded"
+
+    def _start(self, entry: ModelEntry, job: Coroutine[object, object, None]) -> asyncio.Task[None]:
+        """Run `job` as `entry`'s load or unload task; its end wakes whoever waits on it."""
+        task = asyncio.get_running_loop().create_task(job)
+        task.add_done_callback(retrieve)
+        task.add_done_callback(lambda _: self.changes.notify())
+        entry.task = task
+        return task
+
+    async def _make_room_and_load(self, entry: ModelEntry) -> None:
+        await self._make_room(entry)
+        await self.load_beside(entry, self.config)
+
+    async def load_beside(self, entry: ModelEntry, config: Config) -> None:
+        """Load `entry`'s model for `config` (maybe not installed yet) beside those loaded
+        now, making no room, and restore its saved KV caches."""
         path = entry.path
         entry.set_state("loading")
         log.info("loading model %s (context %s)", path, entry.settings.context_size)
@@ -297,11 +363,13 @@ class ModelLifecycle:
         try:
             with self.activity.loading(str(path)):
                 runtime = await _in_own_thread(
-                    self._load_threads,
-                    _load_runtime,
+                    self._threads,
+                    self.changes.notify,
+                    open_runtime,
                     entry.settings,
                     prefix_store_for(config),
-                    lambda fraction: self.load_progress(path, fraction),
+                    lambda fraction: self.keep_loading(path, fraction),
+                    self.changes.notify,
                 )
         except BaseException as exc:
             entry.set_state("unloaded")
@@ -315,14 +383,16 @@ class ModelLifecycle:
         log.info("model %s loaded in %.1fs", path.name, elapsed)
 
     async def _make_room(self, entry: ModelEntry) -> None:
-        """Wait until `entry` may load under `model.max_loaded_models`, unloading the least
-        recently used idle models; OverloadedError if none frees up in the request timeout."""
-        deadline = time.monotonic() + self.config.server.request_timeout_ms / 1000
+        """Wait until `entry` may load under `model.max_loaded_models` and the memory budget,
+        unloading the least recently used idle models; OverloadedError if none frees up within
+        the request timeout."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.server.request_timeout_ms / 1000
         while True:
-            if self._cancel_loads.is_set() or self._draining:
+            if self._cancelled.is_set() or self.draining:
                 raise ShuttingDownError("pensieved is shutting down and takes no new requests")
             others = [
-                e for e in self._models.entries.values() if e is not entry and e.state != "unloaded"
+                e for e in self.table.entries.values() if e is not entry and e.state != "unloaded"
             ]
             if len(others) < self.config.model.max_loaded_models and await self._fits(
                 entry, others
@@ -332,16 +402,15 @@ class ModelLifecycle:
             if idle:
                 victim = min(idle, key=lambda e: e.used_at)
                 log.info("unloading %s to make room for %s", victim.path.name, entry.path.name)
-                await self._start_unload(victim, "room")
+                await self.unload(victim, "room")
                 continue
-            if time.monotonic() >= deadline:
+            if not await self.changes.wait(deadline - loop.time()):
                 raise OverloadedError(
                     f"cannot load {entry.path.name}: model.max_loaded_models "
                     f"({self.config.model.max_loaded_models}) models are loaded and all are busy; "
                     "retry shortly, or raise model.max_loaded_models",
                     retry_after_s=5,
                 )
-            await asyncio.sleep(0.05)
 
     async def _fits(self, entry: ModelEntry, others: list[ModelEntry]) -> bool:
         """Whether `entry` fits `model.memory_budget_mb` beside `others`: the budget holds
@@ -363,16 +432,35 @@ class ModelLifecycle:
         except (OSError, ValueError):  # unreadable or too large: the load says why
             return 0
 
-    async def _start_unload(self, entry: ModelEntry, reason: str) -> None:
-        """Unload `entry` as its own task (a request arriving meanwhile waits for it)."""
-        task = asyncio.get_running_loop().create_task(self._unload(entry, reason))
-        entry.task = task
+    # ---- holding ---------------------------------------------------------------------------
+
+    @staticmethod
+    def hold(runtime: ModelRuntime) -> None:
+        """Count a request in on `runtime`: neither a reload nor an unload frees it meanwhile."""
+        runtime.users += 1
+
+    def release(self, runtime: ModelRuntime) -> None:
+        runtime.users -= 1
+        runtime.last_used = time.time()
+        self.changes.notify()
+
+    # ---- unloading -------------------------------------------------------------------------
+
+    async def unload(self, entry: ModelEntry, reason: str) -> None:
+        """Unload `entry` once its requests are done and no load or unload of it is under way
+        (a request arriving meanwhile waits for it); nothing if it is not loaded by then."""
+        await self.changes.until(
+            lambda: not entry.busy and (entry.task is None or entry.task.done())
+        )
+        if entry.state != "loaded":
+            return
+        task = self._start(entry, self._unload_now(entry, reason))
         # Shielded: a caller cancelled meanwhile (the idle watcher at a stop) must not leave
         # the model half closed; close() waits for the task instead.
         await asyncio.shield(task)
 
-    async def _unload(self, entry: ModelEntry, reason: str) -> None:
-        """Save `entry`'s KV caches and free its model; only call when it is not busy."""
+    async def _unload_now(self, entry: ModelEntry, reason: str) -> None:
+        """Save `entry`'s KV caches and free its model."""
         runtime = entry.runtime
         if runtime is None:
             return
@@ -390,118 +478,77 @@ class ModelLifecycle:
         self.metrics.unload_seconds.observe(elapsed, model=entry.path.stem)
         log.info("unloaded model %s (%s) in %.1fs", entry.path.name, reason, elapsed)
 
-    async def _ensure_loaded(self, entry: ModelEntry, on_wait: OnWait | None) -> None:
-        """Return once `entry` is loaded, loading it if need be; `on_wait` is awaited every
-        keep-alive period meanwhile. Load failures are raised to every waiting request."""
-        entry.waiting += 1
-        try:
-            while entry.state != "loaded":
-                task = entry.task
-                if task is None or task.done():
-                    task = asyncio.get_running_loop().create_task(
-                        self._load_entry(entry, make_room=True)
-                    )
-                    task.add_done_callback(retrieve)
-                    entry.task = task
-                period = self.config.server.keepalive_ping_s
-                while not task.done():
-                    await asyncio.wait({task}, timeout=period)
-                    if not task.done() and on_wait is not None:
-                        await on_wait()
-                error = task.exception()
-                if error is not None and not self._is_loaded(entry):
-                    raise error
-        finally:
-            entry.waiting -= 1
-
-    @staticmethod
-    def _is_loaded(entry: ModelEntry) -> bool:
-        # A method, not an inline test: mypy narrows `entry.state` across the awaits above.
-        return entry.state == "loaded"
-
-    async def ensure_loaded(self, name: str, on_wait: OnWait | None = None) -> None:
-        """Load the model serving `name` if it is not loaded (a no-op for names no model
-        serves: preparing the request reports those)."""
-        if self._draining:
-            return
-        entry = self._models.resolve(name)[0]
-        if entry is not None and entry.state != "loaded":
-            await self._ensure_loaded(entry, on_wait)
-
     async def unload_idle(self, stop: asyncio.Event) -> None:
-        """Unload models idle for `model.idle_unload_s`, until `stop` is set."""
-        while not stop.is_set():
-            idle_s = self.config.model.idle_unload_s
-            tick = max(0.05, min(1.0, idle_s / 4)) if idle_s > 0 else 1.0
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), tick)
-            if idle_s <= 0 or self._draining or stop.is_set():
+        """Unload models idle for `model.idle_unload_s`, until `stop` is set. Between rounds
+        it sleeps until the next model falls due, or until something changes (a request let
+        go of a model, a new config)."""
+
+        async def stopped() -> None:
+            await stop.wait()
+
+        stopping = asyncio.ensure_future(stopped())
+        try:
+            while not stop.is_set():
+                due = await self._unload_idle_now()
+                change = self.changes.next()
+                await asyncio.wait({stopping, change}, timeout=due)
+                change.cancel()
+        finally:
+            stopping.cancel()
+
+    async def _unload_idle_now(self) -> float | None:
+        """Unload the models idle for long enough; seconds until the next one falls due."""
+        idle_s = self.config.model.idle_unload_s
+        if idle_s <= 0 or self.draining:
+            return None
+        due = None
+        for entry in list(self.table.entries.values()):
+            if entry.state != "loaded" or entry.busy:
                 continue
-            now = time.time()
-            for entry in list(self._models.entries.values()):
-                if entry.state == "loaded" and not entry.busy and now - entry.used_at >= idle_s:
-                    log.info("model %s idle for %.0fs: unloading it", entry.path.name, idle_s)
-                    await self._start_unload(entry, "idle")
-
-    async def load_model(self, name: str) -> ModelEntry:
-        """`pensievectl models load NAME`: load the model serving `name` now."""
-        entry = self._entry_named(name)
-        await self._ensure_loaded(entry, None)
-        return entry
-
-    async def unload_model(self, name: str) -> ModelEntry:
-        """`pensievectl models unload NAME`: unload it once its requests are done."""
-        entry = self._entry_named(name)
-        while entry.task is not None and not entry.task.done():
-            await asyncio.wait({entry.task})
-        while entry.busy:
-            await asyncio.sleep(0.05)
-        if entry.state == "loaded":
-            await self._start_unload(entry, "request")
-        return entry
-
-    def _entry_named(self, name: str) -> ModelEntry:
-        """The entry a model name, an alias pattern or a file name (or path) denotes."""
-        models = self._models
-        for entry in models.entries.values():
-            path = entry.path
-            if name in (str(path), path.name, path.stem) or name in models.names_of(path):
-                return entry
-        found = models.resolve(name)[0]
-        if found is None:
-            raise self._no_model_error()
-        return found
-
-    async def _retire(self, entries: list[ModelEntry]) -> None:
-        """Free replaced models once the requests that started on them are done."""
-        for entry in entries:
-            while entry.busy or (entry.task is not None and not entry.task.done()):
-                await asyncio.sleep(0.1)
-            if entry.runtime is not None:
-                await self._unload(entry, "reload")
-                log.info("released model %s", entry.path.name)
-
-    def _after_config_change(self) -> None:
-        """After a config change: report missing chat templates, and unload idle models
-        beyond a lowered `model.max_loaded_models`."""
-        for job in (self._check_alias_templates(), self._unload_beyond_limit()):
-            task = asyncio.get_running_loop().create_task(job)
-            task.add_done_callback(retrieve)
+            left = entry.used_at + idle_s - time.time()
+            if left <= 0:
+                log.info("model %s idle for %.0fs: unloading it", entry.path.name, idle_s)
+                await self.unload(entry, "idle")
+            else:
+                due = left if due is None else min(due, left)
+        return due
 
     async def _unload_beyond_limit(self) -> None:
         while True:
-            loaded = [e for e in self._models.entries.values() if e.state == "loaded"]
+            loaded = [e for e in self.table.entries.values() if e.state == "loaded"]
             idle = [e for e in loaded if not e.busy]
             if len(loaded) <= self.config.model.max_loaded_models or not idle:
                 return
-            await self._start_unload(min(idle, key=lambda e: e.used_at), "room")
+            await self.unload(min(idle, key=lambda e: e.used_at), "room")
+
+    async def close(self) -> None:
+        """Unload every model (the daemon stops): loads or unloads under way get a few
+        seconds to end, requests none (they were ended)."""
+        table, self.table = self.table, ModelTable(self.config, None, {})
+        for entry in table.entries.values():
+            if entry.task is not None and not entry.task.done():
+                with contextlib.suppress(BaseException):
+                    await asyncio.wait({entry.task}, timeout=5)
+            if entry.runtime is not None:
+                await self._unload_now(entry, "stop")
+
+    # ---- names -----------------------------------------------------------------------------
+
+    def entry_named(self, name: str) -> ModelEntry | None:
+        """The entry a model name, an alias pattern or a file name (or path) denotes."""
+        table = self.table
+        for entry in table.entries.values():
+            path = entry.path
+            if name in (str(path), path.name, path.stem) or name in table.names_of(path):
+                return entry
+        return table.resolve(name)[0]
 
     async def _check_alias_templates(self) -> None:
         """Report an alias whose model has no chat template and that names none, from the
         GGUF's header, before any request is refused for it (status, `models`, the log)."""
-        models = self._models
-        for pattern, target in alias_targets(models.config).items():
-            entry, setting, key = models.resolve_pattern(pattern, target)
+        table = self.table
+        for pattern, target in alias_targets(table.config).items():
+            entry, setting, key = table.resolve_pattern(pattern, target)
             if entry is None:
                 continue
             if entry.has_template is None:

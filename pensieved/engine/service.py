@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from pensieved.engine.grammar_cache import ParsedGrammar
 from pensieved.engine.interface import EngineState, EngineStatus, OnWait, Work
 from pensieved.engine.lifecycle import (
     ModelEntry,
-    ModelLifecycle,
+    ModelPool,
     ModelRuntime,
     ModelTable,
     alias_targets,
@@ -108,7 +107,7 @@ class Stats:
 
 
 def model_load_key(config: Config) -> tuple[object, ...]:
-    """What decides the model `Engine.load` loads at once: the default one (aliases' models
+    """What decides the model `Engine.configure` loads at once: the default one (aliases' models
     load on their first request, so a new alias target needs no load)."""
     path = default_model_path(config)
     return (path, settings_for(config, path) if path is not None else None)
@@ -162,56 +161,55 @@ class Session:
             yield event
 
 
-class Engine(ModelLifecycle):
+class Engine:
     def __init__(self, config: Config, activity: Activity | None = None) -> None:
-        self.config = config
         # The activity record names the requests that were running if the process crashes.
         self.activity = activity or Activity()
         self.metrics = EngineMetrics()
+        self.pool = ModelPool(config, self.activity, self.metrics)
         self._state: EngineState = "loading"
         self._error: str | None = None
         self._template_error: str | None = None
         self.stats = Stats()
-        self._models = ModelTable(config, None, {})
-        self._draining = False
-        self._cancel_loads = threading.Event()
-        self._load_threads: set[threading.Thread] = set()
         self._register_gauges()
 
-    # ---- loading ---------------------------------------------------------------------------
+    @property
+    def config(self) -> Config:
+        """The config in force: the one whose models are current."""
+        return self.pool.config
 
-    async def load(self, config: Config) -> None:
+    # ---- configuring -----------------------------------------------------------------------
+
+    async def configure(self, config: Config) -> None:
         """Make `config`'s models current: its default model is loaded now, next to the
         current one, then the table of models is swapped in; aliases' models load on use.
 
         Models whose file and settings are unchanged are kept, not reloaded. On failure the
         current models stay and the error is raised (and recorded in `self.error`).
         """
-        old = self._models
+        pool = self.pool
+        old = pool.table
         default_path = default_model_path(config)
         entries = entries_for(wanted_models(config), old.entries)
         default = entries.get(default_path) if default_path else None
         fresh = default is not None and default is not old.default_entry
         try:
             if default is not None and default.state == "unloaded" and (fresh or self._error):
-                await self._load_entry(default, make_room=False, config=config)
-            if self._cancel_loads.is_set():
+                await pool.load_beside(default, config)
+            if pool.loads_cancelled:
                 raise LoadCancelledError("model loads were abandoned: pensieved is stopping")
         except ModelLoadError as exc:
             if fresh and default is not None and default.runtime is not None:
-                await self._unload(default, "reload")
+                await pool.unload(default, "reload")
             if not isinstance(exc, LoadCancelledError):
                 self._error = str(exc)
                 if old.default_entry is None:
                     self._state = "error"
             raise
-        self.config = config
-        self._models = ModelTable(config, default_path, entries)
+        pool.install(ModelTable(config, default_path, entries))
         self._error = None
         self._state = "ready" if default is not None else "no_model"
         self._check_default_template()
-        self._retire_dropped(old.entries, entries)
-        self._after_config_change()
 
     @property
     def state(self) -> EngineState:
@@ -225,38 +223,11 @@ class Engine(ModelLifecycle):
         """No model can be loaded until an outside problem (the config file) is fixed."""
         self._state, self._error = "error", error
 
-    def load_progress(self, path: Path, fraction: float) -> bool:
-        """Called from the loading thread as llama.cpp reads `path`'s weights (`fraction` of
-        them so far, several times a second); False abandons the load. It turns False when
-        the daemon stops, so a stop does not wait for a large model to finish loading."""
-        return not self._cancel_loads.is_set()
-
-    def cancel_loads(self) -> None:
-        """Abandon model loads in progress (at their next progress call) and refuse new ones."""
-        self._cancel_loads.set()
-
-    @property
-    def loads_running(self) -> int:
-        """Loading threads still inside llama.cpp (or reading saved KV caches)."""
-        return len(self._load_threads)
-
-    async def wait_loads(self, timeout: float) -> bool:
-        """Wait up to `timeout` seconds for loading threads to end; True if none is left."""
-        deadline = time.monotonic() + timeout
-        while self._load_threads and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        return not self._load_threads
-
     def apply_live_settings(self, config: Config) -> None:
         """Settings that need no model load: aliases (their models load on use), limits."""
-        old = self._models
-        entries = entries_for(wanted_models(config), old.entries)
-        self.config = config
-        self._models = ModelTable(config, default_model_path(config), entries)
+        entries = entries_for(wanted_models(config), self.pool.table.entries)
+        self.pool.install(ModelTable(config, default_model_path(config), entries))
         self._check_default_template()
-        with contextlib.suppress(RuntimeError):  # no loop: nothing was loaded either
-            self._retire_dropped(old.entries, entries)
-            self._after_config_change()
 
     def drop_stale_error(self) -> None:
         """A config that needs no model load makes a failed alias load moot (the alias is
@@ -267,7 +238,7 @@ class Engine(ModelLifecycle):
     def _check_default_template(self) -> None:
         """A default model with no chat template and none configured is reported at once (in
         status, /health and the log), not as a failure of every request."""
-        entry = self._models.default_entry
+        entry = self.pool.table.default_entry
         runtime = entry.runtime if entry is not None else None
         missing = (
             entry is not None
@@ -285,6 +256,24 @@ class Engine(ModelLifecycle):
 
     # ---- requests --------------------------------------------------------------------------
 
+    async def load_model(self, name: str) -> ModelEntry:
+        """`pensievectl models load NAME`: load the model serving `name` now."""
+        entry = self._entry_named(name)
+        await self.pool.load(entry)
+        return entry
+
+    async def unload_model(self, name: str) -> ModelEntry:
+        """`pensievectl models unload NAME`: unload it once its requests are done."""
+        entry = self._entry_named(name)
+        await self.pool.unload(entry, "request")
+        return entry
+
+    def _entry_named(self, name: str) -> ModelEntry:
+        entry = self.pool.entry_named(name)
+        if entry is None:
+            raise self._no_model_error()
+        return entry
+
     def _no_model_error(self) -> ModelUnavailableError:
         if self._state == "loading":
             return ModelUnavailableError("the model is still loading; retry in a few seconds")
@@ -300,35 +289,33 @@ class Engine(ModelLifecycle):
 
     def entry_for(self, name: str) -> ModelEntry:
         """The model entry that serves `name` (loaded or not); raises when none can."""
-        if self._draining:
+        table = self.pool.table
+        if self.pool.draining:
             raise ShuttingDownError("pensieved is shutting down and takes no new requests")
-        entry = self._models.resolve(name)[0]
+        entry = table.resolve(name)[0]
         if entry is None or (
             self._state == "error"
-            and entry is self._models.default_entry
+            and entry is table.default_entry
             and entry.runtime is None
             and self._error
         ):
             raise self._no_model_error()
         return entry
 
-    async def _acquire(self, name: str) -> tuple[ModelRuntime, str | None]:
-        """Hold the loaded model serving `name` (loading it first if need be); with its
-        `chat_template` setting."""
+    async def _acquire(
+        self, name: str, on_wait: OnWait | None = None
+    ) -> tuple[ModelRuntime, str | None]:
+        """Hold the loaded model serving `name` (loading it first if need be, awaiting
+        `on_wait` every keep-alive period meanwhile); with its `chat_template` setting."""
         entry = self.entry_for(name)
-        _, setting, key = self._models.resolve(name)
+        _, setting, key = self.pool.table.resolve(name)
         while entry.state != "loaded" or entry.runtime is None:
-            await self._ensure_loaded(entry, None)
+            await self.pool.load(entry, on_wait)
         runtime = entry.runtime
         if setting is None and not runtime.model.chat_template:
             raise NoChatTemplateError(missing_template_message(entry.path, key))
-        runtime.users += 1
+        self.pool.hold(runtime)
         return runtime, setting
-
-    @staticmethod
-    def _release(runtime: ModelRuntime) -> None:
-        runtime.users -= 1
-        runtime.last_used = time.time()
 
     def _render_tokens(
         self, model: LoadedModel, request: GenerationRequest, template: str | None = None
@@ -394,7 +381,7 @@ class Engine(ModelLifecycle):
                     self._render_tokens, runtime.model, request, template
                 )
             finally:
-                self._release(runtime)
+                self.pool.release(runtime)
         finally:
             self.activity.end(work.request_id)
         return len(tokens)
@@ -413,29 +400,28 @@ class Engine(ModelLifecycle):
         admitted = time.monotonic()
         self.activity.begin(request_id, work.what, "rendering and tokenizing the prompt")
         try:
-            await self.ensure_loaded(name, on_wait)
-            runtime, prepared = await self._prepare(name, request)
+            runtime, prepared = await self._prepare(name, request, on_wait)
             try:
                 self.activity.phase(
                     request_id, f"waiting for a slot ({prepared.input_tokens} prompt tokens)"
                 )
                 yield Session(self, request_id, runtime, prepared, admitted)
             finally:
-                self._release(runtime)
+                self.pool.release(runtime)
         finally:
             self.stats.in_flight -= 1
             self.stats.requests_served += 1
             self.activity.end(request_id)
 
     async def _prepare(
-        self, name: str, request: GenerationRequest
+        self, name: str, request: GenerationRequest, on_wait: OnWait | None
     ) -> tuple[ModelRuntime, PreparedPrompt]:
         """Render, tokenize and fit the prompt; raises PromptTooLongError if it cannot fit.
 
         The returned runtime is held for the caller (`users`), so neither a reload nor an
         idle unload frees the model under it.
         """
-        runtime, template = await self._acquire(name)
+        runtime, template = await self._acquire(name, on_wait)
         model = runtime.model
         try:
             tokens, thinking_open, grammar = await asyncio.to_thread(
@@ -445,7 +431,7 @@ class Engine(ModelLifecycle):
             if room < 1:
                 raise PromptTooLongError(len(tokens), model.n_ctx - 1)
         except BaseException:
-            self._release(runtime)
+            self.pool.release(runtime)
             raise
         max_tokens = min(request.max_tokens, room, self.config.model.max_output_tokens)
         prepared = PreparedPrompt(
@@ -489,7 +475,7 @@ class Engine(ModelLifecycle):
     # ---- introspection and shutdown --------------------------------------------------------
 
     def _loaded(self) -> list[ModelRuntime]:
-        return [e.runtime for e in self._models.entries.values() if e.runtime is not None]
+        return [e.runtime for e in self.pool.table.entries.values() if e.runtime is not None]
 
     def _register_gauges(self) -> None:
         def per_model(read: Callable[[ModelRuntime], float]) -> list[tuple[dict[str, str], float]]:
@@ -528,12 +514,12 @@ class Engine(ModelLifecycle):
     @property
     def default_model_name(self) -> str | None:
         """The default model's name, loaded or not (its file's stem)."""
-        entry = self._models.default_entry
+        entry = self.pool.table.default_entry
         return entry.path.stem if entry is not None else None
 
     @property
     def default_model(self) -> LoadedModel | None:
-        runtime = self._models.default
+        runtime = self.pool.table.default
         return runtime.model if runtime else None
 
     @property
@@ -566,7 +552,7 @@ class Engine(ModelLifecycle):
 
     def models_status(self) -> list[ModelEntryStatus]:
         """Every configured model, loaded or not (`status` and `pensievectl models`)."""
-        models = self._models
+        models = self.pool.table
         store = prefix_store_for(self.config)
         out = []
         for path, entry in models.entries.items():
@@ -603,7 +589,7 @@ class Engine(ModelLifecycle):
     def status(self, *, models: bool = True) -> EngineStatus:
         """State and default-model facts for /health and `status`; with every model's state
         unless `models` is False (it reads the saved caches' headers: not for /health)."""
-        runtime = self._models.default
+        runtime = self.pool.table.default
         facts = self._model_status(runtime) if runtime is not None else None
         aliases = {p: t.model_path for p, t in alias_targets(self.config).items()}
         state = "error" if self._template_error and self._state == "ready" else self._state
@@ -611,7 +597,7 @@ class Engine(ModelLifecycle):
         return EngineStatus(state, self.error, facts, aliases, listed, self.stats.in_flight)
 
     def start_draining(self) -> None:
-        self._draining = True
+        self.pool.draining = True
 
     def abort_all(self) -> None:
         error = ShuttingDownError("pensieved is shutting down; the request was ended early")
@@ -619,13 +605,7 @@ class Engine(ModelLifecycle):
             runtime.scheduler.abort_all(error)
 
     async def close(self) -> None:
-        models, self._models = self._models, ModelTable(self.config, None, {})
-        for entry in models.entries.values():
-            if entry.task is not None and not entry.task.done():
-                with contextlib.suppress(BaseException):
-                    await asyncio.wait({entry.task}, timeout=5)
-            if entry.runtime is not None:
-                await self._unload(entry, "stop")
+        await self.pool.close()
 
 
 __all__ = ["Engine", "EngineStatus", "ModelEntry", "ModelRuntime", "PensieveError", "Session"]

@@ -56,13 +56,13 @@ def loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Model loads succeed at once (a file named `broken*` fails); the names loaded."""
     loaded: list[str] = []
 
-    def fake_load(settings: Any, store: Any, keep_loading: Any) -> FakeRuntime:
+    def fake_load(settings: Any, store: Any, keep_loading: Any, on_release: Any) -> FakeRuntime:
         if settings.path.name.startswith("broken"):
             raise ModelLoadError(f"cannot load model {settings.path}")
         loaded.append(settings.path.name)
         return FakeRuntime(FakeModel(settings.path.stem))
 
-    monkeypatch.setattr(lifecycle, "_load_runtime", fake_load)
+    monkeypatch.setattr(lifecycle, "open_runtime", fake_load)
     return loaded
 
 
@@ -83,16 +83,16 @@ def engine_for(tmp_path: Path, **model: Any) -> Engine:
 
 
 def states(engine: Engine) -> dict[str, str]:
-    return {path.name: entry.state for path, entry in engine._models.entries.items()}
+    return {path.name: entry.state for path, entry in engine.pool.table.entries.items()}
 
 
 def entry(engine: Engine, file: str) -> Any:
-    return next(e for p, e in engine._models.entries.items() if p.name == file)
+    return next(e for p, e in engine.pool.table.entries.items() if p.name == file)
 
 
 async def use(engine: Engine, name: str) -> Any:
     runtime, _ = await engine._acquire(name)
-    engine._release(runtime)
+    engine.pool.release(runtime)
     return runtime
 
 
@@ -101,11 +101,11 @@ async def test_aliases_load_on_first_use_and_the_least_recently_used_makes_room(
     tmp_path: Path, loads: list[str]
 ) -> None:
     engine = engine_for(tmp_path, max_loaded_models=2)
-    await engine.load(engine.config)
+    await engine.configure(engine.config)
     assert loads == ["default.gguf"]
     assert states(engine)["a.gguf"] == "unloaded"
     await use(engine, "a-1")
-    default = engine._models.default_entry
+    default = engine.pool.table.default_entry
     assert default is not None and default.runtime is not None
     default.runtime.last_used -= 10  # the default is the least recently used
     await use(engine, "b-1")
@@ -125,7 +125,7 @@ async def test_a_busy_model_is_never_evicted_and_the_wait_ends_in_529(
     tmp_path: Path, loads: list[str]
 ) -> None:
     engine = engine_for(tmp_path, max_loaded_models=1)
-    await engine.load(engine.config)
+    await engine.configure(engine.config)
     runtime, _ = await engine._acquire("m")  # held, as by a stream in flight
     started = time.monotonic()
     with pytest.raises(OverloadedError) as info:
@@ -137,7 +137,7 @@ async def test_a_busy_model_is_never_evicted_and_the_wait_ends_in_529(
     # Once the holder lets go, the same request succeeds (the default makes room).
     async def release_soon() -> None:
         await asyncio.sleep(0.2)
-        engine._release(runtime)
+        engine.pool.release(runtime)
 
     releaser = asyncio.ensure_future(release_soon())
     await use(engine, "a-1")
@@ -148,13 +148,14 @@ async def test_a_busy_model_is_never_evicted_and_the_wait_ends_in_529(
 @in_loop
 async def test_requests_waiting_for_one_load_share_it(tmp_path: Path, loads: list[str]) -> None:
     engine = engine_for(tmp_path)
-    await engine.load(engine.config)
+    await engine.configure(engine.config)
     pings: list[int] = []
 
     async def ping() -> None:
         pings.append(1)
 
-    results = await asyncio.gather(*(engine.ensure_loaded("c-1", ping) for _ in range(3)))
+    c = engine.entry_for("c-1")
+    results = await asyncio.gather(*(engine.pool.load(c, ping) for _ in range(3)))
     assert results == [None, None, None]
     assert loads.count("c.gguf") == 1
 
@@ -164,7 +165,7 @@ async def test_a_failed_load_fails_its_request_and_is_retried_by_the_next(
     tmp_path: Path, loads: list[str]
 ) -> None:
     engine = engine_for(tmp_path)
-    await engine.load(engine.config)
+    await engine.configure(engine.config)
     for _ in range(2):
         with pytest.raises(ModelLoadError, match=r"broken\.gguf"):
             await engine._acquire("broken-1")
@@ -178,14 +179,14 @@ async def test_idle_models_are_unloaded_and_load_again_on_the_next_request(
     tmp_path: Path, loads: list[str]
 ) -> None:
     engine = engine_for(tmp_path, idle_unload_s=0.2)
-    await engine.load(engine.config)
+    await engine.configure(engine.config)
     stop = asyncio.Event()
-    watcher = asyncio.ensure_future(engine.unload_idle(stop))
+    watcher = asyncio.ensure_future(engine.pool.unload_idle(stop))
     try:
-        deadline = time.monotonic() + 5
-        while states(engine)["default.gguf"] != "unloaded":
-            assert time.monotonic() < deadline, states(engine)
-            await asyncio.sleep(0.05)
+        unloaded = await engine.pool.changes.until(
+            lambda: states(engine)["default.gguf"] == "unloaded", 5
+        )
+        assert unloaded, states(engine)
         assert entry(engine, "default.gguf").unloaded_at is not None
         assert engine.status().state == "ready"  # the daemon serves on: it loads on demand
         await use(engine, "m")
@@ -201,7 +202,7 @@ async def test_a_lowered_max_loaded_models_unloads_the_least_recently_used_at_on
     tmp_path: Path, loads: list[str]
 ) -> None:
     engine = engine_for(tmp_path, max_loaded_models=3)
-    await engine.load(engine.config)
+    await engine.configure(engine.config)
     await use(engine, "a-1")
     await use(engine, "b-1")
     assert list(states(engine).values()).count("loaded") == 3
@@ -209,8 +210,8 @@ async def test_a_lowered_max_loaded_models_unloads_the_least_recently_used_at_on
         update={"model": engine.config.model.model_copy(update={"max_loaded_models": 1})}
     )
     engine.apply_live_settings(lowered)
-    deadline = time.monotonic() + 5
-    while list(states(engine).values()).count("loaded") > 1:
-        assert time.monotonic() < deadline, states(engine)
-        await asyncio.sleep(0.02)
+    one_left = await engine.pool.changes.until(
+        lambda: list(states(engine).values()).count("loaded") == 1, 5
+    )
+    assert one_left, states(engine)
     assert states(engine)["b.gguf"] == "loaded"  # the most recently used one stays
