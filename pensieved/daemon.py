@@ -360,21 +360,16 @@ class Daemon:
         control.stop()
         return DaemonExit.OK
 
-    def _in_flight(self) -> int:
-        return self.engine.stats.in_flight + self.upstreams.in_flight
-
     async def _drain(self) -> None:
         self.listeners.stop_accepting()
         self.engine.start_draining()
         deadline = time.monotonic() + self.config.server.drain_timeout_ms / 1000
-        while self._in_flight() and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        if await self.engine.wait_requests(deadline - time.monotonic()):
+            await self.upstreams.wait_calls(deadline - time.monotonic())
         if self.engine.stats.in_flight:
             log.warning("drain timeout: ending %d request(s) early", self.engine.stats.in_flight)
             self.engine.abort_all()
-            end = time.monotonic() + 5
-            while self.engine.stats.in_flight and time.monotonic() < end:
-                await asyncio.sleep(0.05)
+            await self.engine.wait_requests(5)
         await self.listeners.close_connections()
         # Loads see the cancellation at llama.cpp's next progress call, within milliseconds;
         # one stuck elsewhere (creating the context) is left behind: main() exits without it.

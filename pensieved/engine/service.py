@@ -62,6 +62,7 @@ from pensieved.errors import (
     ShuttingDownError,
 )
 from pensieved.metrics import EngineMetrics
+from pensieved.waiting import Changes
 
 log = logging.getLogger("pensieved.engine")
 
@@ -171,6 +172,7 @@ class Engine:
         self._error: str | None = None
         self._template_error: str | None = None
         self.stats = Stats()
+        self._ended = Changes()  # a request ended
         self._register_gauges()
 
     @property
@@ -412,6 +414,7 @@ class Engine:
             self.stats.in_flight -= 1
             self.stats.requests_served += 1
             self.activity.end(request_id)
+            self._ended.notify()
 
     async def _prepare(
         self, name: str, request: GenerationRequest, on_wait: OnWait | None
@@ -595,6 +598,10 @@ class Engine:
         state = "error" if self._template_error and self._state == "ready" else self._state
         listed = self.models_status() if models else []
         return EngineStatus(state, self.error, facts, aliases, listed, self.stats.in_flight)
+
+    async def wait_requests(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for admitted requests to end; True if none is left."""
+        return await self._ended.until(lambda: not self.stats.in_flight, timeout)
 
     def start_draining(self) -> None:
         self.pool.draining = True
