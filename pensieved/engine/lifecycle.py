@@ -491,7 +491,9 @@ class ModelPool:
             while not stop.is_set():
                 due = await self._unload_idle_now()
                 change = self.changes.next()
-                await asyncio.wait({stopping, change}, timeout=due)
+                await asyncio.wait(
+                    {stopping, change}, timeout=due, return_when=asyncio.FIRST_COMPLETED
+                )
                 change.cancel()
         finally:
             stopping.cancel()

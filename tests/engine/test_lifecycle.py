@@ -179,10 +179,11 @@ async def test_idle_models_are_unloaded_and_load_again_on_the_next_request(
     tmp_path: Path, loads: list[str]
 ) -> None:
     engine = engine_for(tmp_path, idle_unload_s=0.2)
-    await engine.configure(engine.config)
     stop = asyncio.Event()
+    # Watching from before the first load, as the daemon does: nothing is loaded yet.
     watcher = asyncio.ensure_future(engine.pool.unload_idle(stop))
     try:
+        await engine.configure(engine.config)
         unloaded = await engine.pool.changes.until(
             lambda: states(engine)["default.gguf"] == "unloaded", 5
         )
