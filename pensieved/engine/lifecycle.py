@@ -289,7 +289,7 @@ class ModelPool:
             loop = asyncio.get_running_loop()
             dropped = [e for path, e in old.entries.items() if table.entries.get(path) is not e]
             jobs = [self._check_alias_templates(), self._unload_beyond_limit()]
-            jobs += [self.unload(entry, "reload") for entry in dropped]
+            jobs += [self._retire(entry) for entry in dropped]
             for job in jobs:
                 loop.create_task(job).add_done_callback(retrieve)
 
@@ -446,18 +446,24 @@ class ModelPool:
 
     # ---- unloading -------------------------------------------------------------------------
 
-    async def unload(self, entry: ModelEntry, reason: str) -> None:
+    async def unload(self, entry: ModelEntry, reason: str) -> bool:
         """Unload `entry` once its requests are done and no load or unload of it is under way
-        (a request arriving meanwhile waits for it); nothing if it is not loaded by then."""
+        (a request arriving meanwhile waits for it); False if it is not loaded by then."""
         await self.changes.until(
             lambda: not entry.busy and (entry.task is None or entry.task.done())
         )
         if entry.state != "loaded":
-            return
+            return False
         task = self._start(entry, self._unload_now(entry, reason))
         # Shielded: a caller cancelled meanwhile (the idle watcher at a stop) must not leave
         # the model half closed; close() waits for the task instead.
         await asyncio.shield(task)
+        return True
+
+    async def _retire(self, entry: ModelEntry) -> None:
+        """Free a model a new config replaced or dropped, once its requests are done."""
+        if await self.unload(entry, "reload"):
+            log.info("released model %s", entry.path.name)
 
     async def _unload_now(self, entry: ModelEntry, reason: str) -> None:
         """Save `entry`'s KV caches and free its model."""
