@@ -216,3 +216,22 @@ async def test_a_lowered_max_loaded_models_unloads_the_least_recently_used_at_on
     )
     assert one_left, states(engine)
     assert states(engine)["b.gguf"] == "loaded"  # the most recently used one stays
+
+
+@in_loop
+async def test_a_replaced_model_is_freed_once_its_last_request_lets_go(
+    tmp_path: Path, loads: list[str]
+) -> None:
+    engine = engine_for(tmp_path)
+    await engine.configure(engine.config)
+    runtime = await use(engine, "m")
+    engine.pool.hold(runtime)  # a stream still running on the old default
+    other = str(tmp_path / "other.gguf")
+    model = engine.config.model.model_copy(update={"model_path": other})
+    await engine.configure(engine.config.model_copy(update={"model": model}))
+    assert loads == ["default.gguf", "other.gguf"]
+    await asyncio.sleep(0)  # the retiring task runs, and waits
+    assert not runtime.closed
+    engine.pool.release(runtime)
+    assert await engine.pool.changes.until(lambda: runtime.closed, 5)
+    assert engine.metrics.unloads.value(model="default", reason="reload") == 1
