@@ -26,15 +26,17 @@ from typing import Literal, TypeVar
 
 from pensieve.activity import Activity
 from pensieve.config import AliasTarget, Config, alias_target
+from pensieve.gguf import read_gguf_metadata
+from pensieve.hfref import model_file
 from pensieve.paths import cache_dir
 from pensieved.engine.batcher import Batcher
 from pensieved.engine.interface import OnWait
 from pensieved.engine.llama import attention_on_gpu
-from pensieved.engine.memory import budget_bytes, plan_for_file, read_gguf_metadata
+from pensieved.engine.memory import budget_bytes, plan_for_file
 from pensieved.engine.model import LoadedModel, ModelSettings
 from pensieved.engine.persist import PrefixStore
 from pensieved.engine.scheduler import Scheduler
-from pensieved.engine.templates import missing_template_message
+from pensieved.engine.templates import template_problem
 from pensieved.errors import (
     LoadCancelledError,
     OverloadedError,
@@ -121,11 +123,9 @@ def open_runtime(
 T = TypeVar("T")
 
 
-async def _in_own_thread(
-    threads: set[threading.Thread], ended: Callable[[], None], fn: Callable[..., T], *args: object
-) -> T:
-    """`fn(*args)` in a daemon thread of its own, tracked in `threads` while it runs; `ended`
-    is called on the loop once the thread has left `threads`.
+async def _in_own_thread(threads: set[threading.Thread], fn: Callable[..., T], *args: object) -> T:
+    """`fn(*args)` in a daemon thread of its own, added to `threads` (whose owner drops the
+    threads that have ended).
 
     Not the default executor: its workers are joined when the event loop and the interpreter
     shut down, so a stop would wait for a model load that llama.cpp may take minutes over.
@@ -134,7 +134,6 @@ async def _in_own_thread(
     future: asyncio.Future[T] = loop.create_future()
 
     def settle(result: T | None, error: BaseException | None) -> None:
-        ended()
         if future.done():
             return
         if error is not None:
@@ -147,7 +146,6 @@ async def _in_own_thread(
             result, error = fn(*args), None
         except BaseException as exc:
             result, error = None, exc
-        threads.discard(thread)
         # RuntimeError: the loop is gone (the daemon stopped without waiting for us).
         with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(settle, result, error)
@@ -221,7 +219,7 @@ class ModelTable:
     def resolve_pattern(
         self, pattern: str, target: AliasTarget
     ) -> tuple[ModelEntry | None, str | None, str]:
-        path = Path(target.model_path).expanduser()
+        path = model_file(target.model_path)
         setting = target.chat_template
         if setting is None and path == self.default_path:
             setting = self.config.model.chat_template
@@ -231,7 +229,7 @@ class ModelTable:
         names = [
             pattern
             for pattern, target in alias_targets(self.config).items()
-            if Path(target.model_path).expanduser() == path
+            if model_file(target.model_path) == path
         ]
         return (["(default)"] if path == self.default_path else []) + names
 
@@ -273,7 +271,8 @@ class ModelPool:
         self.metrics = metrics
         self.draining = False
         self._cancelled = threading.Event()  # set once: loads are abandoned, none start
-        self._threads: set[threading.Thread] = set()  # loading threads inside llama.cpp
+        # Loading threads (inside llama.cpp); a thread is dropped once it has ended.
+        self._threads: set[threading.Thread] = set()
         self.changes = Changes()
 
     @property
@@ -312,7 +311,20 @@ class ModelPool:
 
     async def wait_loads(self, timeout: float) -> bool:
         """Wait up to `timeout` seconds for loading threads to end; True if none is left."""
-        return await self.changes.until(lambda: not self._threads, timeout)
+        threads = list(self._threads)
+        deadline = time.monotonic() + timeout
+
+        def join() -> None:
+            for thread in threads:
+                thread.join(max(0.0, deadline - time.monotonic()))
+
+        if threads:
+            await asyncio.to_thread(join)
+        self._drop_ended_threads()
+        return not self._threads
+
+    def _drop_ended_threads(self) -> None:
+        self._threads.difference_update([t for t in self._threads if not t.is_alive()])
 
     async def load(self, entry: ModelEntry, on_wait: OnWait | None = None) -> None:
         """Return once `entry` is loaded: loading it (after making room) unless a load is
@@ -362,9 +374,9 @@ class ModelPool:
         started = time.monotonic()
         try:
             with self.activity.loading(str(path)):
+                self._drop_ended_threads()
                 runtime = await _in_own_thread(
                     self._threads,
-                    self.changes.notify,
                     open_runtime,
                     entry.settings,
                     prefix_store_for(config),
@@ -381,6 +393,7 @@ class ModelPool:
         self.metrics.loads.inc(model=path.stem)
         self.metrics.load_seconds.observe(elapsed, model=path.stem)
         log.info("model %s loaded in %.1fs", path.name, elapsed)
+        await self._check_alias_templates()  # its own template, for the aliases it serves
 
     async def _make_room(self, entry: ModelEntry) -> None:
         """Wait until `entry` may load under `model.max_loaded_models` and the memory budget,
@@ -552,8 +565,9 @@ class ModelPool:
         return table.resolve(name)[0]
 
     async def _check_alias_templates(self) -> None:
-        """Report an alias whose model has no chat template and that names none, from the
-        GGUF's header, before any request is refused for it (status, `models`, the log)."""
+        """Report an alias whose model has no chat template and that names none (from the
+        GGUF's header), or whose template cannot render (the one it names, or once its model
+        is loaded its own), before any request is refused for it (status, `models`, the log)."""
         table = self.table
         for pattern, target in alias_targets(table.config).items():
             entry, setting, key = table.resolve_pattern(pattern, target)
@@ -561,8 +575,11 @@ class ModelPool:
                 continue
             if entry.has_template is None:
                 entry.has_template = await asyncio.to_thread(gguf_has_template, entry.path)
-            if setting is None and entry.has_template is False:
-                message = missing_template_message(entry.path, key)
+            message = None
+            if setting is not None or entry.runtime is not None or entry.has_template is False:
+                own = entry.runtime.model.chat_template if entry.runtime is not None else None
+                message = template_problem(entry.path, setting, own, key)
+            if message is not None:
                 if entry.template_problem != message:
                     log.error("%s", message)
                 entry.template_problem = message

@@ -17,7 +17,7 @@ import pytest
 from pensieve.config import parse_config
 from pensieved.engine import lifecycle
 from pensieved.engine.service import Engine
-from pensieved.errors import ModelLoadError, OverloadedError
+from pensieved.errors import ModelLoadError, NoChatTemplateError, OverloadedError
 
 
 def in_loop(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
@@ -53,13 +53,16 @@ class FakeRuntime:
 
 @pytest.fixture
 def loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Model loads succeed at once (a file named `broken*` fails); the names loaded."""
+    """Model loads succeed at once (a file named `broken*` fails, one named `badtemplate*`
+    carries a template that does not compile); the names loaded."""
     loaded: list[str] = []
 
     def fake_load(settings: Any, store: Any, keep_loading: Any, on_release: Any) -> FakeRuntime:
         if settings.path.name.startswith("broken"):
             raise ModelLoadError(f"cannot load model {settings.path}")
         loaded.append(settings.path.name)
+        if settings.path.name.startswith("badtemplate"):  # its own template does not compile
+            return FakeRuntime(FakeModel(settings.path.stem, "{% for %}"))
         return FakeRuntime(FakeModel(settings.path.stem))
 
     monkeypatch.setattr(lifecycle, "open_runtime", fake_load)
@@ -82,6 +85,13 @@ def engine_for(tmp_path: Path, **model: Any) -> Engine:
     return Engine(config)
 
 
+async def started(tmp_path: Path, **model: Any) -> Engine:
+    """An engine with `engine_for`'s config in force (its default model loaded)."""
+    engine = engine_for(tmp_path, **model)
+    await engine.configure(engine.config)
+    return engine
+
+
 def states(engine: Engine) -> dict[str, str]:
     return {path.name: entry.state for path, entry in engine.pool.table.entries.items()}
 
@@ -100,8 +110,7 @@ async def use(engine: Engine, name: str) -> Any:
 async def test_aliases_load_on_first_use_and_the_least_recently_used_makes_room(
     tmp_path: Path, loads: list[str]
 ) -> None:
-    engine = engine_for(tmp_path, max_loaded_models=2)
-    await engine.configure(engine.config)
+    engine = await started(tmp_path, max_loaded_models=2)
     assert loads == ["default.gguf"]
     assert states(engine)["a.gguf"] == "unloaded"
     await use(engine, "a-1")
@@ -124,13 +133,12 @@ async def test_aliases_load_on_first_use_and_the_least_recently_used_makes_room(
 async def test_a_busy_model_is_never_evicted_and_the_wait_ends_in_529(
     tmp_path: Path, loads: list[str]
 ) -> None:
-    engine = engine_for(tmp_path, max_loaded_models=1)
-    await engine.configure(engine.config)
+    engine = await started(tmp_path, max_loaded_models=1)
     runtime, _ = await engine._acquire("m")  # held, as by a stream in flight
-    started = time.monotonic()
+    began = time.monotonic()
     with pytest.raises(OverloadedError) as info:
         await engine._acquire("a-1")
-    assert time.monotonic() - started >= 0.9  # it waited for room, up to the request timeout
+    assert time.monotonic() - began >= 0.9  # it waited for room, up to the request timeout
     assert info.value.retry_after_s > 0 and "max_loaded_models" in str(info.value)
     assert states(engine)["default.gguf"] == "loaded" and not runtime.closed
 
@@ -147,8 +155,7 @@ async def test_a_busy_model_is_never_evicted_and_the_wait_ends_in_529(
 
 @in_loop
 async def test_requests_waiting_for_one_load_share_it(tmp_path: Path, loads: list[str]) -> None:
-    engine = engine_for(tmp_path)
-    await engine.configure(engine.config)
+    engine = await started(tmp_path)
     pings: list[int] = []
 
     async def ping() -> None:
@@ -164,8 +171,7 @@ async def test_requests_waiting_for_one_load_share_it(tmp_path: Path, loads: lis
 async def test_a_failed_load_fails_its_request_and_is_retried_by_the_next(
     tmp_path: Path, loads: list[str]
 ) -> None:
-    engine = engine_for(tmp_path)
-    await engine.configure(engine.config)
+    engine = await started(tmp_path)
     for _ in range(2):
         with pytest.raises(ModelLoadError, match=r"broken\.gguf"):
             await engine._acquire("broken-1")
@@ -202,8 +208,7 @@ async def test_idle_models_are_unloaded_and_load_again_on_the_next_request(
 async def test_a_lowered_max_loaded_models_unloads_the_least_recently_used_at_once(
     tmp_path: Path, loads: list[str]
 ) -> None:
-    engine = engine_for(tmp_path, max_loaded_models=3)
-    await engine.configure(engine.config)
+    engine = await started(tmp_path, max_loaded_models=3)
     await use(engine, "a-1")
     await use(engine, "b-1")
     assert list(states(engine).values()).count("loaded") == 3
@@ -222,8 +227,7 @@ async def test_a_lowered_max_loaded_models_unloads_the_least_recently_used_at_on
 async def test_a_replaced_model_is_freed_once_its_last_request_lets_go(
     tmp_path: Path, loads: list[str]
 ) -> None:
-    engine = engine_for(tmp_path)
-    await engine.configure(engine.config)
+    engine = await started(tmp_path)
     runtime = await use(engine, "m")
     engine.pool.hold(runtime)  # a stream still running on the old default
     other = str(tmp_path / "other.gguf")
@@ -235,3 +239,24 @@ async def test_a_replaced_model_is_freed_once_its_last_request_lets_go(
     engine.pool.release(runtime)
     assert await engine.pool.changes.until(lambda: runtime.closed, 5)
     assert engine.metrics.unloads.value(model="default", reason="reload") == 1
+
+
+@in_loop
+async def test_a_template_that_cannot_render_is_reported_when_its_model_loads(
+    tmp_path: Path, loads: list[str]
+) -> None:
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{{ raise_exception('no system here') }}")
+    aliases = {"bad-*": str(tmp_path / "badtemplate.gguf")}
+    engine = await started(tmp_path, chat_template=str(broken), aliases=aliases)
+    # What status and /health say (state error, with this error).
+    assert engine.error is not None
+    assert str(broken) in engine.error and "no system here" in engine.error
+    with pytest.raises(NoChatTemplateError, match="no system here"):
+        await use(engine, "anything")
+
+    bad = entry(engine, "badtemplate.gguf")
+    assert bad.template_problem is None  # its own template is read when it loads
+    with pytest.raises(NoChatTemplateError, match=r"badtemplate\.gguf's own chat template"):
+        await use(engine, "bad-1")
+    assert "model.aliases.bad-*.chat_template" in bad.template_problem
