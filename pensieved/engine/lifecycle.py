@@ -300,6 +300,11 @@ class ModelPool:
         the daemon stops, so a stop does not wait for a large model to finish loading."""
         return not self._cancelled.is_set()
 
+    def start_draining(self) -> None:
+        """The daemon stops: no model loads or makes room for a new request any more."""
+        self.draining = True
+        self.changes.notify()
+
     def cancel_loads(self) -> None:
         """Abandon model loads in progress (at their next progress call) and refuse new ones."""
         self._cancelled.set()

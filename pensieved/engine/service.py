@@ -597,7 +597,7 @@ class Engine:
         return await self._ended.until(lambda: not self.stats.in_flight, timeout)
 
     def start_draining(self) -> None:
-        self.pool.draining = True
+        self.pool.start_draining()
 
     def abort_all(self) -> None:
         error = ShuttingDownError("pensieved is shutting down; the request was ended early")

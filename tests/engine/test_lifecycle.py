@@ -17,7 +17,7 @@ import pytest
 from pensieve.config import parse_config
 from pensieved.engine import lifecycle
 from pensieved.engine.service import Engine
-from pensieved.errors import ModelLoadError, NoChatTemplateError, OverloadedError
+from pensieved.errors import ModelLoadError, NoChatTemplateError, OverloadedError, ShuttingDownError
 
 
 def in_loop(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
@@ -260,3 +260,18 @@ async def test_a_template_that_cannot_render_is_reported_when_its_model_loads(
     with pytest.raises(NoChatTemplateError, match=r"badtemplate\.gguf's own chat template"):
         await use(engine, "bad-1")
     assert "model.aliases.bad-*.chat_template" in bad.template_problem
+
+
+@in_loop
+async def test_a_request_waiting_for_room_is_refused_as_soon_as_the_drain_starts(
+    tmp_path: Path, loads: list[str]
+) -> None:
+    engine = await started(tmp_path, max_loaded_models=1)
+    await engine._acquire("m")  # held, as by a stream in flight
+    waiting = asyncio.ensure_future(engine._acquire("a-1"))
+    for _ in range(5):
+        await asyncio.sleep(0)  # it reaches its wait for room
+    engine.start_draining()
+    # Not the OverloadedError its request timeout would end the wait with.
+    with pytest.raises(ShuttingDownError):
+        await waiting
