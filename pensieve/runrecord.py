@@ -201,14 +201,6 @@ def remove_record(config_path: Path, pid: int) -> None:
             record_path(config_path).unlink()
 
 
-def discard_record(config_path: Path, record: RunRecord) -> None:
-    """Remove a dead daemon's record once it has been reported (only if it is still there)."""
-    current = read_record(config_path)
-    if current == record:
-        with contextlib.suppress(OSError):
-            record_path(config_path).unlink()
-
-
 def socket_is_ours(path: Path) -> bool:
     try:
         info = os.lstat(path)

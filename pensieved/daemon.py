@@ -295,7 +295,7 @@ class Daemon:
                 new.model_copy(update={"model": self.engine.config.model})
             )
             model = str(default_model_path(new) or "")
-            self.reloader.begin_model_load(self.engine.load(new), model)
+            self.reloader.begin_model_load(self.engine.configure(new), model)
         else:
             self.engine.apply_live_settings(new)
             self.engine.drop_stale_error()
@@ -326,7 +326,7 @@ class Daemon:
         task.add_done_callback(self._tasks.discard)
 
     async def _first_load(self) -> None:
-        await self.engine.load(self.config)
+        await self.engine.configure(self.config)
         if self.engine.state == "no_model":
             log.warning("no model configured and the bundled model is not installed")
 
@@ -358,35 +358,30 @@ class Daemon:
         self._spawn(
             watch_model_files(self._model_awaited, lambda: self.reload("model"), self._stop)
         )
-        self._spawn(self.engine.unload_idle(self._stop))
+        self._spawn(self.engine.pool.unload_idle(self._stop))
         await self._stop.wait()
         # A model load may take minutes: it is abandoned at once rather than waited for.
-        self.engine.cancel_loads()
+        self.engine.pool.cancel_loads()
         for task in list(self._tasks):
             task.cancel()
         await self._drain()
         control.stop()
         return DaemonExit.OK
 
-    def _in_flight(self) -> int:
-        return self.engine.stats.in_flight + self.upstreams.in_flight
-
     async def _drain(self) -> None:
         self.listeners.stop_accepting()
         self.engine.start_draining()
         deadline = time.monotonic() + self.config.server.drain_timeout_ms / 1000
-        while self._in_flight() and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        if await self.engine.wait_requests(deadline - time.monotonic()):
+            await self.upstreams.wait_calls(deadline - time.monotonic())
         if self.engine.stats.in_flight:
             log.warning("drain timeout: ending %d request(s) early", self.engine.stats.in_flight)
             self.engine.abort_all()
-            end = time.monotonic() + 5
-            while self.engine.stats.in_flight and time.monotonic() < end:
-                await asyncio.sleep(0.05)
+            await self.engine.wait_requests(5)
         await self.listeners.close_connections()
         # Loads see the cancellation at llama.cpp's next progress call, within milliseconds;
         # one stuck elsewhere (creating the context) is left behind: main() exits without it.
-        if not await self.engine.wait_loads(2.0):
+        if not await self.engine.pool.wait_loads(2.0):
             log.warning("a model load is still running in llama.cpp; exiting without it")
             self.abandoned_load = True
         await self.engine.close()

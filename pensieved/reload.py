@@ -4,7 +4,7 @@ What a change needs decides how it is applied (`plan_changes`):
 - most keys (logging, limits, timeouts, CORS, aliases among loaded models) apply at once;
 - host/port bind the new listener before the old one closes, so no request is refused;
 - model keys load the new model in the background while the old one keeps serving, then
-  `Engine.load` swaps them; requests in flight finish on the model they started with;
+  `Engine.configure` swaps them; requests in flight finish on the model they started with;
 - `server.socket_path` applies at the next start (clients would lose the daemon otherwise).
 An invalid file changes nothing: the running config stays and the error shows in `status`.
 """

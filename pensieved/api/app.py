@@ -14,11 +14,11 @@ from pensieved.api.handlers import (
     RootHandler,
 )
 from pensieved.api.openai.handlers import ChatCompletionsHandler
-from pensieved.engine.service import Engine
+from pensieved.engine.interface import ServingEngine
 from pensieved.upstream.pool import Upstreams
 
 
-def make_app(engine: Engine, upstreams: Upstreams | None = None) -> tornado.web.Application:
+def make_app(engine: ServingEngine, upstreams: Upstreams | None = None) -> tornado.web.Application:
     # One Upstreams for every handler: URL health and route load are shared state.
     args = {"engine": engine, "upstreams": upstreams or Upstreams(lambda: engine.config)}
     return tornado.web.Application(

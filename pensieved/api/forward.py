@@ -17,19 +17,19 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import tornado.iostream
 import tornado.web
 
 from pensieved.api.convert import BILLING_HEADER_PREFIX, messages_request, to_generation_request
-from pensieved.api.errors import classify, internal_message
 from pensieved.api.models import CountTokensRequest, MessagesRequest
-from pensieved.api.sse import AnthropicStream, start_event_stream, whole_message
-from pensieved.engine.service import Engine
+from pensieved.api.sse import AnthropicStream, whole_message
+from pensieved.api.streaming import ErrorEvent, errors_in_band, pipe, send_comment
+from pensieved.engine.interface import ServingEngine, Work
 from pensieved.engine.types import Event
-from pensieved.errors import ModelUnavailableError, PensieveError, UpstreamRejectedError
+from pensieved.errors import ModelUnavailableError, UpstreamRejectedError
 from pensieved.upstream import openai
 from pensieved.upstream.pool import Reply, Route, Upstreams
 
@@ -44,9 +44,6 @@ _CHARS_PER_TOKEN = 4
 # Sent while a stream waits for the upstream's reply, as a local stream does while its prompt
 # is evaluated, so clients and proxies keep waiting.
 UPSTREAM_WAITING = b": waiting for the upstream\n\n"
-
-# The SSE bytes that carry an error in the client's dialect: (status, type, message, exc).
-ErrorEvent = Callable[[int, str, str, Exception], bytes]
 
 
 def _anthropic_error(status: int, error_type: str, message: str, exc: Exception) -> bytes:
@@ -84,25 +81,6 @@ def _headers(handler: tornado.web.RequestHandler) -> dict[str, str]:
     return headers
 
 
-async def _stream_error(
-    handler: tornado.web.RequestHandler,
-    exc: Exception,
-    request_id: str,
-    error_event: ErrorEvent = _anthropic_error,
-) -> None:
-    """Headers are gone: the error travels as an SSE error event."""
-    known = classify(exc)
-    if known is None:
-        log.error("upstream stream failed (request-id %s)", request_id, exc_info=exc)
-        status, error_type, message = 500, "api_error", internal_message(request_id)
-    else:
-        status, error_type, message = known
-        log.warning("upstream stream failed (request-id %s): %s", request_id, message)
-    with contextlib.suppress(tornado.iostream.StreamClosedError):
-        handler.write(error_event(status, error_type, message, exc))
-        await handler.flush()
-
-
 class _Pinger:
     """Writes SSE comments every `ping_s` until stopped (the upstream has replied)."""
 
@@ -113,10 +91,7 @@ class _Pinger:
     async def _run(handler: tornado.web.RequestHandler, ping_s: float) -> None:
         while True:
             await asyncio.sleep(ping_s)
-            if not handler._headers_written:
-                start_event_stream(handler)
-            handler.write(UPSTREAM_WAITING)
-            await handler.flush()
+            await send_comment(handler, UPSTREAM_WAITING)
 
     async def stop(self) -> None:
         self._task.cancel()
@@ -136,12 +111,8 @@ async def _kept_alive(
     error after one was sent travels as an SSE `error` event (the status is gone)."""
     pinger = _Pinger(handler, ping_s) if stream else None
     try:
-        yield pinger
-    except PensieveError as exc:
-        if not handler._headers_written or handler._finished:
-            raise
-        await _stream_error(handler, exc, request_id, error_event)
-        handler.finish()
+        async with errors_in_band(handler, request_id, error_event):
+            yield pinger
     finally:
         if pinger is not None:
             await pinger.stop()
@@ -150,7 +121,7 @@ async def _kept_alive(
 async def messages(
     handler: tornado.web.RequestHandler,
     upstreams: Upstreams,
-    engine: Engine,
+    engine: ServingEngine,
     route: Route,
     body: MessagesRequest,
     request_id: str,
@@ -183,7 +154,7 @@ async def messages(
 async def chat_completions(
     handler: tornado.web.RequestHandler,
     upstreams: Upstreams,
-    engine: Engine,
+    engine: ServingEngine,
     route: Route,
     model: str,
     stream: bool,
@@ -225,22 +196,7 @@ async def _passthrough(
             handler.set_header("Content-Type", "application/json")
             handler.finish(data)
             return
-        if not handler._headers_written:
-            start_event_stream(handler)
-        tail = b"\n\n"
-        try:
-            async for chunk in reply.chunks():
-                handler.write(chunk)
-                await handler.flush()
-                tail = (tail + chunk)[-2:]
-        except tornado.iostream.StreamClosedError:
-            log.info("client closed the stream (request-id %s)", request_id)
-            return
-        except PensieveError as exc:
-            if tail != b"\n\n":
-                handler.write(b"\n\n")  # end the upstream's half-sent event first
-            await _stream_error(handler, exc, request_id, error_event)
-        handler.finish()
+        await pipe(handler, reply.chunks(), request_id, error_event)
 
 
 async def _events(events: Iterable[Event]) -> AsyncIterator[Event]:
@@ -269,28 +225,18 @@ async def _openai(
             handler.finish(json.dumps(message.model_dump(mode="json"), ensure_ascii=False))
             return
         encoder = AnthropicStream(body.model, 0)
-        try:
+
+        async def encoded() -> AsyncIterator[bytes]:
             async for event in openai.stream_events(reply.chunks(), thinking=request.thinking):
-                data = encoder.feed(event)
-                if data:
-                    if not handler._headers_written:
-                        start_event_stream(handler)
-                    handler.write(data)
-                    await handler.flush()
-        except tornado.iostream.StreamClosedError:
-            log.info("client closed the stream (request-id %s)", request_id)
-            return
-        except PensieveError as exc:
-            if not handler._headers_written:
-                raise  # nothing sent yet: a plain HTTP error
-            await _stream_error(handler, exc, request_id)
-        handler.finish()
+                yield encoder.feed(event)
+
+        await pipe(handler, encoded(), request_id, _anthropic_error)
 
 
 async def count_tokens(
     handler: tornado.web.RequestHandler,
     upstreams: Upstreams,
-    engine: Engine,
+    engine: ServingEngine,
     route: Route,
     body: CountTokensRequest,
     request_id: str,
@@ -315,13 +261,15 @@ async def count_tokens(
     handler.finish(json.dumps({"input_tokens": count, "estimate": True}))
 
 
-async def _estimate(engine: Engine, body: CountTokensRequest, request_id: str) -> tuple[int, str]:
+async def _estimate(
+    engine: ServingEngine, body: CountTokensRequest, request_id: str
+) -> tuple[int, str]:
     """The local model's count of the same prompt (its tokenizer, not the upstream's), or
     without a local model a character count divided by four."""
     request = to_generation_request(body)
     try:
         count = await engine.count_tokens(
-            body.model, request, request_id=request_id, what="count_tokens estimate"
+            body.model, request, Work(request_id, "count_tokens estimate")
         )
         return count, "counted with the local model's tokenizer"
     except ModelUnavailableError:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
@@ -18,7 +17,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
 from pensieve import __version__
-from pensieved.api import forward, limits, security
+from pensieved.api import forward, limits, security, streaming
 from pensieved.api.convert import messages_request, new_id, to_generation_request
 from pensieved.api.disconnect import cancel_on_hangup
 from pensieved.api.errors import STATUS_TYPES, classify, envelope, internal_message
@@ -29,13 +28,8 @@ from pensieved.api.models import (
     ModelInfo,
     ModelList,
 )
-from pensieved.api.sse import (
-    LOADING_COMMENT,
-    AnthropicStream,
-    start_event_stream,
-    whole_message,
-)
-from pensieved.engine.service import Engine, Session
+from pensieved.api.sse import LOADING_COMMENT, AnthropicStream, whole_message
+from pensieved.engine.interface import GenerationSession, ServingEngine, Work
 from pensieved.engine.types import Event, GenerationRequest
 from pensieved.errors import InvalidRequestError, NotFoundError, PensieveError
 from pensieved.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -85,7 +79,7 @@ class BaseHandler(tornado.web.RequestHandler):
     _body_refused: bool = False
     _chunks: list[bytes] | None = None
 
-    def initialize(self, engine: Engine, upstreams: Upstreams | None = None) -> None:
+    def initialize(self, engine: ServingEngine, upstreams: Upstreams | None = None) -> None:
         self.engine = engine
         self.upstreams = upstreams or Upstreams(lambda: engine.config)
 
@@ -247,7 +241,7 @@ class HealthHandler(BaseHandler):
                 "model_path": None if self._key_required() or not model else model.path,
                 "context_size": model.context_size if model else None,
                 "version": __version__,
-                "in_flight": self.engine.stats.in_flight,
+                "in_flight": status.in_flight,
             },
             status=200 if ready else 503,
         )
@@ -286,7 +280,7 @@ class ModelsHandler(BaseHandler):
     def get(self, model_id: str | None = None) -> None:
         if model_id is not None:
             if self.upstreams.route_for(model_id) is None:
-                self.engine.runtime_for(model_id)  # 503 when nothing could serve it
+                self.engine.check_model(model_id)  # 503 when nothing could serve it
             self.write_json(self._info(model_id))
             return
         default = self.engine.default_model_name  # listed also while idle-unloaded
@@ -324,9 +318,8 @@ class CountTokensHandler(BaseHandler):
             )
             return
         what = f"POST /v1/messages/count_tokens model={body.model}"
-        count = await self.engine.count_tokens(
-            body.model, to_generation_request(body), request_id=self.request_id, what=what
-        )
+        request = to_generation_request(body)
+        count = await self.engine.count_tokens(body.model, request, Work(self.request_id, what))
         self.write_json(CountTokensResponse(input_tokens=count))
 
 
@@ -352,38 +345,31 @@ class GenerationHandler(BaseHandler):
         model_name: str,
         request: GenerationRequest,
         what: str,
-        run: Callable[[Session], Coroutine[Any, Any, None]],
+        run: Callable[[GenerationSession], Coroutine[Any, Any, None]],
         *,
         stream: bool,
     ) -> None:
         """Admit `request`, then `run` the session until it ends or the client goes away. A
         streamed request waiting for its model to load is kept alive meanwhile."""
         try:
-            async with self.engine.session(
-                model_name,
-                request,
-                request_id=self.request_id,
-                what=what,
-                on_wait=self._keepalive if stream else None,
-            ) as session:
+            async with (
+                streaming.errors_in_band(self, self.request_id, self.stream_error),
+                self.engine.session(
+                    model_name,
+                    request,
+                    Work(self.request_id, what),
+                    on_wait=self._keepalive if stream else None,
+                ) as session,
+            ):
                 self._task = asyncio.ensure_future(run(session))
                 await self._watch_hangup()
         except tornado.iostream.StreamClosedError:
             log.info("client went away while its model loaded (request-id %s)", self.request_id)
-        except PensieveError as exc:
-            if not self._headers_written:
-                raise
-            # Keep-alives went out while the model loaded: the error ends the stream.
-            await self._stream_error(exc)
-            self.finish()
 
     async def _keepalive(self) -> None:
         """While a streamed request waits for its model to load: open the stream and keep it
         alive with SSE comments (both dialects' clients skip them)."""
-        if not self._headers_written:
-            start_event_stream(self)
-        self.write(LOADING_COMMENT)
-        await self.flush()
+        await streaming.send_comment(self, LOADING_COMMENT)
 
     async def _watch_hangup(self) -> None:
         """Run `_task` to its end, cancelling it as soon as the client hangs up."""
@@ -397,36 +383,15 @@ class GenerationHandler(BaseHandler):
         finally:
             watcher.cancel()
 
-    async def stream_events(self, session: Session, encoder: StreamEncoder) -> None:
-        if not self._headers_written:
-            start_event_stream(self)
-        try:
-            async for event in session.events():
-                data = encoder.feed(event)
-                if data:
-                    self.write(data)
-                    await self.flush()
-        except tornado.iostream.StreamClosedError:
-            log.info("client closed the stream (request-id %s)", self.request_id)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            if not self._headers_written:
-                raise  # nothing sent yet (e.g. timed out in the queue): a plain HTTP error
-            await self._stream_error(exc)
-        self.finish()
+    async def stream_events(self, session: GenerationSession, encoder: StreamEncoder) -> None:
+        """Stream the session's events as `encoder` puts them; an error before anything was
+        sent (a timeout in the queue) is a plain HTTP error, after it an SSE event."""
 
-    async def _stream_error(self, exc: Exception) -> None:
-        """Headers are gone: the error travels as an SSE event."""
-        known = classify(exc)
-        if known is None:
-            log.error("generation failed (request-id %s)", self.request_id, exc_info=exc)
-            status, error_type, message = 500, "api_error", internal_message(self.request_id)
-        else:
-            status, error_type, message = known
-        with contextlib.suppress(tornado.iostream.StreamClosedError):
-            self.write(self.stream_error(status, error_type, message, exc))
-            await self.flush()
+        async def encoded() -> AsyncIterator[bytes]:
+            async for event in session.events():
+                yield encoder.feed(event)
+
+        await streaming.pipe(self, encoded(), self.request_id, self.stream_error)
 
     def stream_error(self, status: int, error_type: str, message: str, exc: Exception) -> bytes:
         """The SSE bytes that carry an error in this dialect's stream."""
@@ -454,12 +419,12 @@ class MessagesHandler(GenerationHandler):
             f"max_tokens={body.max_tokens}"
         )
 
-        async def run(session: Session) -> None:
+        async def run(session: GenerationSession) -> None:
             if body.stream:
-                encoder = AnthropicStream(body.model, session.prepared.input_tokens)
+                encoder = AnthropicStream(body.model, session.input_tokens)
                 await self.stream_events(session, encoder)
             else:
-                prompt_tokens = session.prepared.input_tokens
+                prompt_tokens = session.input_tokens
                 self.write_json(await whole_message(body.model, prompt_tokens, session.events()))
 
         await self.generate(body.model, request, what, run, stream=bool(body.stream))

@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Sequence
 
-import tornado.web
-
 from pensieved.api.convert import new_id
 from pensieved.api.errors import envelope
 from pensieved.api.models import (
@@ -101,14 +99,6 @@ class AnthropicStream:
     def error(error_type: str, message: str) -> bytes:
         """The `error` event that ends a stream whose headers are already sent."""
         return frame(envelope(error_type, message))
-
-
-def start_event_stream(handler: tornado.web.RequestHandler) -> None:
-    """The headers of an SSE reply, whichever dialect or source fills it; proxies must not
-    buffer it."""
-    handler.set_header("Content-Type", "text/event-stream; charset=utf-8")
-    handler.set_header("Cache-Control", "no-cache")
-    handler.set_header("X-Accel-Buffering", "no")
 
 
 async def whole_message(

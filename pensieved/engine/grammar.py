@@ -17,8 +17,8 @@ from typing import Any
 
 from pensieved.engine.gbnf import escape_literal, grammar_problem, integer_range_rule
 from pensieved.engine.llama import SchemaConverter
+from pensieved.engine.markers import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 from pensieved.engine.schema import normalise
-from pensieved.engine.tools import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 from pensieved.engine.types import GenerationRequest, ToolSpec
 
 log = logging.getLogger("pensieved.engine")

@@ -23,7 +23,7 @@ from collections import OrderedDict
 
 from pensieved.engine.gbnf import grammar_problem
 from pensieved.engine.llama import Grammar, Vocab
-from pensieved.engine.tools import TOOL_CALL_OPEN
+from pensieved.engine.markers import TOOL_CALL_OPEN
 from pensieved.errors import GrammarError
 
 log = logging.getLogger("pensieved.engine")

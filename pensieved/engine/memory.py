@@ -167,10 +167,6 @@ class KvPlan:
     def fits(self) -> bool:
         return self.total_bytes <= self.budget_bytes
 
-    @property
-    def below_agent_context(self) -> bool:
-        return self.context_size < AGENT_CONTEXT
-
 
 def pool_tokens(context_size: int, slots: int, unified: bool = True) -> int:
     """Cells of the KV cache: shared, one full conversation plus room for the others' own;

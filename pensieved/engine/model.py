@@ -266,10 +266,6 @@ class LoadedModel:
             raise GrammarError("the model was unloaded while preparing this request")
         return self._grammars.get(grammar, lazy=lazy)
 
-    @property
-    def training_context_exceeded(self) -> bool:
-        return self.n_ctx > self.n_ctx_train
-
     def kv_bytes_per_slot(self) -> int:
         """What one slot at the full context would take on its own (its tokens unshared)."""
         return self.n_ctx * self.plan.bytes_per_token

@@ -23,7 +23,8 @@ import jinja2.nodes
 import jinja2.parser
 import jinja2.sandbox
 
-from pensieved.engine.tools import TOOL_CALL_OPEN, to_generic_messages
+from pensieved.engine.markers import TOOL_CALL_OPEN
+from pensieved.engine.tools import to_generic_messages
 from pensieved.engine.types import ChatMessage, GenerationRequest, ToolSpec
 from pensieved.errors import ChatTemplateError
 

@@ -96,9 +96,13 @@ def _run_all(calls: list[Callable[[], None]]) -> None:
 
 
 class Scheduler:
-    def __init__(self, slots: int, runner: Runner) -> None:
+    def __init__(
+        self, slots: int, runner: Runner, on_release: Callable[[], None] = lambda: None
+    ) -> None:
         self.slots = [Slot(index) for index in range(slots)]
         self._runner = runner
+        # Called whenever a slot is freed: the model pool waits for its models to fall idle.
+        self._on_release = on_release
         self._outbox = Outbox()
         self._waiters: deque[asyncio.Future[None]] = deque()
         self.running = 0
@@ -197,6 +201,7 @@ class Scheduler:
         self._value[slot.index] = self._inflation + len(slot.tokens)
         self.running -= 1
         self._wake_next()
+        self._on_release()
 
     async def stream(
         self, prepared: PreparedPrompt, deadline: float | None = None, heartbeat_s: float = 5.0

@@ -1,9 +1,9 @@
 """The engine's front door: which model serves a name, prompt preparation, admission, stats.
 
-The API layer talks only to `Engine`. Models load and unload as lifecycle.py says (lazily, when
-idle, to make room). A reload builds the new default model next to the old one and swaps the
-table of models in one assignment; requests keep the `ModelRuntime` they started on, so
-in-flight work finishes on the model it began with.
+The API layer sees it through `ServingEngine` (interface.py). Models load and unload as
+lifecycle.py says (lazily, when idle, to make room). A reload builds the new default model next
+to the old one and swaps the table of models in one assignment; requests keep the
+`ModelRuntime` they started on, so in-flight work finishes on the model it began with.
 """
 
 from __future__ import annotations
@@ -11,12 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from pensieve.activity import Activity
 from pensieve.config import Config
@@ -25,12 +23,12 @@ from pensieve.paths import bundled_model_path
 from pensieve.wire import DecodeStatus, ModelEntryStatus, ModelStatus
 from pensieved.engine.grammar import loosest_grammar, request_grammar
 from pensieved.engine.grammar_cache import ParsedGrammar
+from pensieved.engine.interface import EngineState, EngineStatus, OnWait, Work
 from pensieved.engine.lifecycle import (
     ModelEntry,
-    ModelLifecycle,
+    ModelPool,
     ModelRuntime,
     ModelTable,
-    OnWait,
     alias_targets,
     entries_for,
     prefix_store_for,
@@ -60,10 +58,9 @@ from pensieved.errors import (
     ShuttingDownError,
 )
 from pensieved.metrics import EngineMetrics
+from pensieved.waiting import Changes
 
 log = logging.getLogger("pensieved.engine")
-
-EngineState = Literal["loading", "ready", "no_model", "error"]
 
 
 def settings_for(config: Config, path: Path) -> ModelSettings:
@@ -106,17 +103,8 @@ class Stats:
     cache_read_tokens: int = 0
 
 
-@dataclass(frozen=True)
-class EngineStatus:
-    state: EngineState
-    error: str | None
-    model: ModelStatus | None  # the default model, when loaded
-    aliases: dict[str, str]  # pattern -> model file
-    models: list[ModelEntryStatus] = field(default_factory=list)
-
-
 def model_load_key(config: Config) -> tuple[object, ...]:
-    """What decides the model `Engine.load` loads at once: the default one (aliases' models
+    """What decides the model `Engine.configure` loads at once: the default one (aliases' models
     load on their first request, so a new alias target needs no load)."""
     path = default_model_path(config)
     return (path, settings_for(config, path) if path is not None else None)
@@ -132,11 +120,15 @@ class Session:
     prepared: PreparedPrompt
     admitted_at: float = field(default_factory=time.monotonic)
 
+    @property
+    def input_tokens(self) -> int:
+        return self.prepared.input_tokens
+
     async def events(self) -> AsyncIterator[Event]:
         """The generation's events; the activity record and the metrics follow its phases."""
         activity, work_id = self.engine.activity, self.request_id
         metrics = self.engine.metrics
-        model = self.runtime.model.name if hasattr(self.runtime, "model") else "?"
+        model = self.runtime.model.name
         slotted = first = None
         cached = 0
         async for event in self.engine.generate(self.runtime, self.prepared):
@@ -166,62 +158,59 @@ class Session:
             yield event
 
 
-class Engine(ModelLifecycle):
+class Engine:
     def __init__(self, config: Config, activity: Activity | None = None) -> None:
-        self.config = config
         # The activity record names the requests that were running if the process crashes.
         self.activity = activity or Activity()
         self.metrics = EngineMetrics()
+        self.pool = ModelPool(config, self.activity, self.metrics)
         self._state: EngineState = "loading"
         self._error: str | None = None
         self._template_error: str | None = None
         self.stats = Stats()
-        self._models = ModelTable(config, None, {})
-        self._draining = False
-        self._cancel_loads = threading.Event()
-        self._load_threads: set[threading.Thread] = set()
-        self._retiring: dict[int, tuple[ModelEntry, asyncio.Task[None]]] = {}
-        self._closing = False
+        self._ended = Changes()  # a request ended
         self._register_gauges()
 
-    # ---- loading ---------------------------------------------------------------------------
+    @property
+    def config(self) -> Config:
+        """The config in force: the one whose models are current."""
+        return self.pool.config
 
-    async def load(self, config: Config) -> None:
+    # ---- configuring -----------------------------------------------------------------------
+
+    async def configure(self, config: Config) -> None:
         """Make `config`'s models current: its default model is loaded now, next to the
         current one, then the table of models is swapped in; aliases' models load on use.
 
         Models whose file and settings are unchanged are kept, not reloaded. On failure the
         current models stay and the error is raised (and recorded in `self.error`).
         """
-        old = self._models
+        pool = self.pool
+        old = pool.table
         default_path = default_model_path(config)
         entries = entries_for(wanted_models(config), old.entries)
         default = entries.get(default_path) if default_path else None
         fresh = default is not None and default is not old.default_entry
         try:
             if default is not None and default.state == "unloaded" and (fresh or self._error):
-                await self._load_entry(default, make_room=False, config=config)
-            if self._cancel_loads.is_set():
+                await pool.load_beside(default, config)
+            if pool.loads_cancelled:
                 raise LoadCancelledError("model loads were abandoned: pensieved is stopping")
         except ModelLoadError as exc:
             if fresh and default is not None and default.runtime is not None:
-                await self._unload(default, "reload")
+                await pool.unload(default, "reload")
             if not isinstance(exc, LoadCancelledError):
                 self._error = str(exc)
                 if old.default_entry is None:
                     self._state = "error"
                     # Nothing was served before: list the config's models, the failed one
                     # with its error (`pensievectl models` says what is missing).
-                    self.config = config
-                    self._models = ModelTable(config, default_path, entries)
+                    pool.install(ModelTable(config, default_path, entries))
             raise
-        self.config = config
-        self._models = ModelTable(config, default_path, entries)
+        pool.install(ModelTable(config, default_path, entries))
         self._error = None
         self._state = "ready" if default is not None else "no_model"
         self._check_default_template()
-        self._retire_dropped(old.entries, entries)
-        self._after_config_change()
 
     @property
     def state(self) -> EngineState:
@@ -235,38 +224,11 @@ class Engine(ModelLifecycle):
         """No model can be loaded until an outside problem (the config file) is fixed."""
         self._state, self._error = "error", error
 
-    def load_progress(self, path: Path, fraction: float) -> bool:
-        """Called from the loading thread as llama.cpp reads `path`'s weights (`fraction` of
-        them so far, several times a second); False abandons the load. It turns False when
-        the daemon stops, so a stop does not wait for a large model to finish loading."""
-        return not self._cancel_loads.is_set()
-
-    def cancel_loads(self) -> None:
-        """Abandon model loads in progress (at their next progress call) and refuse new ones."""
-        self._cancel_loads.set()
-
-    @property
-    def loads_running(self) -> int:
-        """Loading threads still inside llama.cpp (or reading saved KV caches)."""
-        return len(self._load_threads)
-
-    async def wait_loads(self, timeout: float) -> bool:
-        """Wait up to `timeout` seconds for loading threads to end; True if none is left."""
-        deadline = time.monotonic() + timeout
-        while self._load_threads and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        return not self._load_threads
-
     def apply_live_settings(self, config: Config) -> None:
         """Settings that need no model load: aliases (their models load on use), limits."""
-        old = self._models
-        entries = entries_for(wanted_models(config), old.entries)
-        self.config = config
-        self._models = ModelTable(config, default_model_path(config), entries)
+        entries = entries_for(wanted_models(config), self.pool.table.entries)
+        self.pool.install(ModelTable(config, default_model_path(config), entries))
         self._check_default_template()
-        with contextlib.suppress(RuntimeError):  # no loop: nothing was loaded either
-            self._retire_dropped(old.entries, entries)
-            self._after_config_change()
 
     def drop_stale_error(self) -> None:
         """A config that needs no model load makes a failed alias load moot (the alias is
@@ -278,7 +240,7 @@ class Engine(ModelLifecycle):
         """A default model whose chat template is missing or cannot render (its own or the
         configured one) is reported at once (in status, /health and the log), not as a
         failure of every request."""
-        entry = self._models.default_entry
+        entry = self.pool.table.default_entry
         runtime = entry.runtime if entry is not None else None
         message = None
         if entry is not None and runtime is not None:
@@ -294,6 +256,24 @@ class Engine(ModelLifecycle):
 
     # ---- requests --------------------------------------------------------------------------
 
+    async def load_model(self, name: str) -> ModelEntry:
+        """`pensievectl models load NAME`: load the model serving `name` now."""
+        entry = self._entry_named(name)
+        await self.pool.load(entry)
+        return entry
+
+    async def unload_model(self, name: str) -> ModelEntry:
+        """`pensievectl models unload NAME`: unload it once its requests are done."""
+        entry = self._entry_named(name)
+        await self.pool.unload(entry, "request")
+        return entry
+
+    def _entry_named(self, name: str) -> ModelEntry:
+        entry = self.pool.entry_named(name)
+        if entry is None:
+            raise self._no_model_error()
+        return entry
+
     def _no_model_error(self) -> ModelUnavailableError:
         if self._state == "loading":
             return ModelUnavailableError("the model is still loading; retry in a few seconds")
@@ -304,39 +284,40 @@ class Engine(ModelLifecycle):
             "machine) and set model.model_path to the name it prints, or to a GGUF file"
         )
 
-    def runtime_for(self, name: str) -> ModelEntry:
+    def check_model(self, name: str) -> None:
+        self.entry_for(name)
+
+    def entry_for(self, name: str) -> ModelEntry:
         """The model entry that serves `name` (loaded or not); raises when none can."""
-        if self._draining:
+        table = self.pool.table
+        if self.pool.draining:
             raise ShuttingDownError("pensieved is shutting down and takes no new requests")
-        entry = self._models.resolve(name)[0]
+        entry = table.resolve(name)[0]
         if entry is None or (
             self._state == "error"
-            and entry is self._models.default_entry
+            and entry is table.default_entry
             and entry.runtime is None
             and self._error
         ):
             raise self._no_model_error()
         return entry
 
-    async def _acquire(self, name: str) -> tuple[ModelRuntime, str | None]:
-        """Hold the loaded model serving `name` (loading it first if need be); with its
-        `chat_template` setting."""
-        entry = self.runtime_for(name)
-        _, setting, key = self._models.resolve(name)
+    async def _acquire(
+        self, name: str, on_wait: OnWait | None = None
+    ) -> tuple[ModelRuntime, str | None]:
+        """Hold the loaded model serving `name` (loading it first if need be, awaiting
+        `on_wait` every keep-alive period meanwhile); with its `chat_template` setting."""
+        entry = self.entry_for(name)
+        _, setting, key = self.pool.table.resolve(name)
         while entry.state != "loaded" or entry.runtime is None:
-            await self._ensure_loaded(entry, None)
+            await self.pool.load(entry, on_wait)
         runtime = entry.runtime
         # Found when the model loaded (and in status since): the template cannot render.
         problem = template_problem(entry.path, setting, runtime.model.chat_template, key)
         if problem is not None:
             raise NoChatTemplateError(problem)
-        runtime.users += 1
+        self.pool.hold(runtime)
         return runtime, setting
-
-    @staticmethod
-    def _release(runtime: ModelRuntime) -> None:
-        runtime.users -= 1
-        runtime.last_used = time.time()
 
     def _render_tokens(
         self, model: LoadedModel, request: GenerationRequest, template: str | None = None
@@ -378,8 +359,7 @@ class Engine(ModelLifecycle):
                 log.warning("llama.cpp refused the loosest grammar too; output is not constrained")
             return parsed
         finally:
-            name = getattr(model, "name", "?")
-            self.metrics.grammar_seconds.observe(time.monotonic() - started, model=str(name))
+            self.metrics.grammar_seconds.observe(time.monotonic() - started, model=model.name)
 
     def _prepare_sync(
         self, model: LoadedModel, request: GenerationRequest, template: str | None = None
@@ -387,10 +367,8 @@ class Engine(ModelLifecycle):
         tokens, thinking_open = self._render(model, request, template)
         return tokens, thinking_open, self._grammar(model, request)
 
-    async def count_tokens(
-        self, name: str, request: GenerationRequest, *, request_id: str, what: str
-    ) -> int:
-        self.activity.begin(request_id, what, "rendering and tokenizing the prompt")
+    async def count_tokens(self, name: str, request: GenerationRequest, work: Work) -> int:
+        self.activity.begin(work.request_id, work.what, "rendering and tokenizing the prompt")
         try:
             runtime, template = await self._acquire(name)
             try:
@@ -398,53 +376,48 @@ class Engine(ModelLifecycle):
                     self._render_tokens, runtime.model, request, template
                 )
             finally:
-                self._release(runtime)
+                self.pool.release(runtime)
         finally:
-            self.activity.end(request_id)
+            self.activity.end(work.request_id)
         return len(tokens)
 
     @contextlib.asynccontextmanager
     async def session(
-        self,
-        name: str,
-        request: GenerationRequest,
-        *,
-        request_id: str,
-        what: str,
-        on_wait: OnWait | None = None,
+        self, name: str, request: GenerationRequest, work: Work, on_wait: OnWait | None = None
     ) -> AsyncIterator[Session]:
         """Admit, prepare and hold a model for one request; on exit (however it ends) hand
-        the model back and count the request done. `what` names it in the activity record;
-        `on_wait` is awaited every keep-alive period while the model loads."""
+        the model back and count the request done. `on_wait` is awaited every keep-alive
+        period while the model loads."""
+        request_id = work.request_id
         # Counted from before tokenizing: a drain waits for it, and a full server says so
         # before spending any work on it.
         self._admit()
         admitted = time.monotonic()
-        self.activity.begin(request_id, what, "rendering and tokenizing the prompt")
+        self.activity.begin(request_id, work.what, "rendering and tokenizing the prompt")
         try:
-            await self.ensure_loaded(name, on_wait)
-            runtime, prepared = await self._prepare(name, request)
+            runtime, prepared = await self._prepare(name, request, on_wait)
             try:
                 self.activity.phase(
                     request_id, f"waiting for a slot ({prepared.input_tokens} prompt tokens)"
                 )
                 yield Session(self, request_id, runtime, prepared, admitted)
             finally:
-                self._release(runtime)
+                self.pool.release(runtime)
         finally:
             self.stats.in_flight -= 1
             self.stats.requests_served += 1
             self.activity.end(request_id)
+            self._ended.notify()
 
     async def _prepare(
-        self, name: str, request: GenerationRequest
+        self, name: str, request: GenerationRequest, on_wait: OnWait | None
     ) -> tuple[ModelRuntime, PreparedPrompt]:
         """Render, tokenize and fit the prompt; raises PromptTooLongError if it cannot fit.
 
         The returned runtime is held for the caller (`users`), so neither a reload nor an
         idle unload frees the model under it.
         """
-        runtime, template = await self._acquire(name)
+        runtime, template = await self._acquire(name, on_wait)
         model = runtime.model
         try:
             tokens, thinking_open, grammar = await asyncio.to_thread(
@@ -454,7 +427,7 @@ class Engine(ModelLifecycle):
             if room < 1:
                 raise PromptTooLongError(len(tokens), model.n_ctx - 1)
         except BaseException:
-            self._release(runtime)
+            self.pool.release(runtime)
             raise
         max_tokens = min(request.max_tokens, room, self.config.model.max_output_tokens)
         prepared = PreparedPrompt(
@@ -498,7 +471,7 @@ class Engine(ModelLifecycle):
     # ---- introspection and shutdown --------------------------------------------------------
 
     def _loaded(self) -> list[ModelRuntime]:
-        return [e.runtime for e in self._models.entries.values() if e.runtime is not None]
+        return [e.runtime for e in self.pool.table.entries.values() if e.runtime is not None]
 
     def _register_gauges(self) -> None:
         def per_model(read: Callable[[ModelRuntime], float]) -> list[tuple[dict[str, str], float]]:
@@ -537,12 +510,12 @@ class Engine(ModelLifecycle):
     @property
     def default_model_name(self) -> str | None:
         """The default model's name, loaded or not (its file's stem)."""
-        entry = self._models.default_entry
+        entry = self.pool.table.default_entry
         return entry.path.stem if entry is not None else None
 
     @property
     def default_model(self) -> LoadedModel | None:
-        runtime = self._models.default
+        runtime = self.pool.table.default
         return runtime.model if runtime else None
 
     @property
@@ -575,7 +548,7 @@ class Engine(ModelLifecycle):
 
     def models_status(self) -> list[ModelEntryStatus]:
         """Every configured model, loaded or not (`status` and `pensievectl models`)."""
-        models = self._models
+        models = self.pool.table
         store = prefix_store_for(self.config)
         out = []
         for path, entry in models.entries.items():
@@ -612,33 +585,28 @@ class Engine(ModelLifecycle):
     def status(self, *, models: bool = True) -> EngineStatus:
         """State and default-model facts for /health and `status`; with every model's state
         unless `models` is False (it reads the saved caches' headers: not for /health)."""
-        runtime = self._models.default
+        runtime = self.pool.table.default
         facts = self._model_status(runtime) if runtime is not None else None
         aliases = {p: t.model_path for p, t in alias_targets(self.config).items()}
         state = "error" if self._template_error and self._state == "ready" else self._state
         listed = self.models_status() if models else []
-        return EngineStatus(state, self.error, facts, aliases, listed)
+        return EngineStatus(state, self.error, facts, aliases, listed, self.stats.in_flight)
+
+    async def wait_requests(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for admitted requests to end; True if none is left."""
+        return await self._ended.until(lambda: not self.stats.in_flight, timeout)
 
     def start_draining(self) -> None:
-        self._draining = True
+        self.pool.start_draining()
 
     def abort_all(self) -> None:
         error = ShuttingDownError("pensieved is shutting down; the request was ended early")
         # Requests still running on a model a reload replaced are ended too.
-        for runtime in self._loaded() + self._retiring_runtimes():
+        for runtime in self._loaded() + self.pool.retiring_runtimes():
             runtime.scheduler.abort_all(error)
 
     async def close(self) -> None:
-        """Free every model: the current ones and those a reload replaced (see lifecycle.py
-        for who frees what)."""
-        await self._close_retiring()
-        models, self._models = self._models, ModelTable(self.config, None, {})
-        for entry in models.entries.values():
-            if entry.task is not None and not entry.task.done():
-                with contextlib.suppress(BaseException):
-                    await asyncio.wait({entry.task}, timeout=5)
-            if entry.runtime is not None:
-                await self._unload(entry, "stop")
+        await self.pool.close()
 
 
 __all__ = ["Engine", "EngineStatus", "ModelEntry", "ModelRuntime", "PensieveError", "Session"]

@@ -26,10 +26,8 @@ from typing import Any
 from pydantic_core import from_json
 
 from pensieved.engine.holdback import held_prefix
+from pensieved.engine.markers import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 from pensieved.engine.types import ChatMessage, ToolCallDelta, ToolCallEnd, ToolCallStart, ToolSpec
-
-TOOL_CALL_OPEN = "<tool_call>"
-TOOL_CALL_CLOSE = "</tool_call>"
 
 
 def _json(value: Any) -> str:

@@ -24,6 +24,7 @@ from pensieved.errors import PensieveError, UpstreamError, UpstreamOverloadedErr
 from pensieved.metrics import Registry
 from pensieved.upstream import failures
 from pensieved.upstream.transport import Call, new_call
+from pensieved.waiting import Changes
 
 log = logging.getLogger("pensieved.upstream")
 
@@ -161,6 +162,7 @@ class Upstreams:
         self._routes: list[Route] = []
         self._endpoints: dict[str, Endpoint] = {}
         self._loads: dict[str, _Load] = {}
+        self._ended = Changes()  # a call ended
 
     def routes(self) -> list[Route]:
         wanted = self._config().model.upstreams
@@ -186,6 +188,10 @@ class Upstreams:
     @property
     def in_flight(self) -> int:
         return sum(load.in_flight for load in self._loads.values())
+
+    async def wait_calls(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for the calls in flight to end; True if none is left."""
+        return await self._ended.until(lambda: not self.in_flight, timeout)
 
     @contextlib.asynccontextmanager
     async def call(
@@ -218,6 +224,7 @@ class Upstreams:
                 call.abort()
         finally:
             route.load.in_flight -= 1
+            self._ended.notify()
 
     def _auth(self, route: Route) -> dict[str, str]:
         try:

@@ -1,8 +1,6 @@
-"""The Messages handler in-process, over real HTTP, with an engine whose generation is scripted.
-
-The session (admission, activity record, release) is the engine's real one; only prompt
-preparation and generation are replaced, so these tests pin the stream's event order, the
-usage split, errors mid-stream and cancellation on disconnect without a model.
+"""The Messages handler in-process, over real HTTP, against a fake engine whose generation is
+scripted (fake_engine.py): these tests pin the stream's event order, the usage split, errors
+mid-stream and cancellation on disconnect without a model.
 """
 
 from __future__ import annotations
@@ -10,23 +8,17 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import tornado.testing
 import tornado.web
 
-from pensieve.config import Config
 from pensieved.api.app import make_app
-from pensieved.engine.service import Engine, ModelRuntime
 from pensieved.engine.types import (
     Event,
     Failed,
     Finished,
-    GenerationRequest,
     Heartbeat,
-    PreparedPrompt,
     PromptCached,
     TextPiece,
     ThinkingPiece,
@@ -35,47 +27,7 @@ from pensieved.engine.types import (
     ToolCallStart,
 )
 from pensieved.errors import EngineError, ModelLoadError, RequestTimeoutError
-
-PROMPT_TOKENS = 10
-
-
-@dataclass
-class _Runtime:
-    users: int = 0
-
-
-class Hang:
-    """A script step: the generation waits here until it is cancelled."""
-
-
-class ScriptedEngine(Engine):
-    def __init__(self, script: list[Event | Hang]) -> None:
-        super().__init__(Config())
-        self.script = script
-        self.runtime = _Runtime()
-        self.cancelled = asyncio.Event()
-        self.phases: list[str] = []
-
-    async def _prepare(
-        self, name: str, request: GenerationRequest
-    ) -> tuple[ModelRuntime, PreparedPrompt]:
-        self.runtime.users += 1
-        prepared = PreparedPrompt(request, tuple(range(PROMPT_TOKENS)), request.max_tokens)
-        return cast(ModelRuntime, self.runtime), prepared
-
-    async def generate(
-        self, runtime: ModelRuntime, prepared: PreparedPrompt
-    ) -> AsyncIterator[Event]:
-        for step in self.script:
-            self.phases += [e.phase for e in self.activity.entries.values()]
-            if isinstance(step, Hang):
-                try:
-                    await asyncio.Event().wait()
-                except asyncio.CancelledError:
-                    self.cancelled.set()
-                    raise
-            else:
-                yield step
+from tests.api.fake_engine import PROMPT_TOKENS, FakeEngine, Hang
 
 
 def sse_events(text: str) -> list[dict[str, Any]]:
@@ -97,7 +49,7 @@ class HandlerCase(tornado.testing.AsyncHTTPTestCase):
     script: list[Event | Hang] = []
 
     def get_app(self) -> tornado.web.Application:
-        self.engine = ScriptedEngine(self.script)
+        self.engine = FakeEngine(self.script)
         return make_app(self.engine)
 
     def post(self, stream: bool) -> tornado.httpclient.HTTPResponse:
@@ -111,9 +63,7 @@ class HandlerCase(tornado.testing.AsyncHTTPTestCase):
         return response.body, sse_events(text)
 
     def assert_session_over(self) -> None:
-        stats = self.engine.stats
-        assert (stats.in_flight, stats.requests_served) == (0, 1)
-        assert self.engine.runtime.users == 0
+        assert (self.engine.in_flight, self.engine.served) == (0, 1)
         assert self.engine.activity.entries == {}
 
 
@@ -161,12 +111,6 @@ class TestStreamOrder(HandlerCase):
         assert end["usage"]["input_tokens"] + end["usage"]["cache_read_input_tokens"] == 10
         assert end["usage"]["output_tokens"] == 2
         assert end["delta"] == {"stop_reason": "end_turn", "stop_sequence": None}
-
-    def test_activity_follows_the_phases(self) -> None:
-        self.events()
-        assert self.engine.phases[0] == f"waiting for a slot ({PROMPT_TOKENS} prompt tokens)"
-        assert "evaluating the prompt (7 new tokens, 3 cached)" in self.engine.phases
-        assert self.engine.phases[-1] == "generating"
 
     def test_whole_reply_has_the_streamed_blocks(self) -> None:
         response = self.post(stream=False)
@@ -257,38 +201,24 @@ class TestDisconnect(HandlerCase):
             ).encode() + raw
             sock = socket.create_connection(("127.0.0.1", self.get_http_port()))
             sock.sendall(request)
-            while self.engine.stats.in_flight == 0 or not self.engine.phases:
-                await asyncio.sleep(0.01)
+            await asyncio.wait_for(self.engine.hanging.wait(), 5)
             sock.close()
             await asyncio.wait_for(self.engine.cancelled.wait(), 5)
-            while self.engine.stats.in_flight:
-                await asyncio.sleep(0.01)
-            assert self.engine.runtime.users == 0
+            await asyncio.wait_for(self.engine.closed.wait(), 5)
+            assert self.engine.in_flight == 0
             assert self.engine.activity.entries == {}
-            self.engine.cancelled.clear()
-            self.engine.phases.clear()
-        assert self.engine.stats.requests_served == 2
-
-
-class LoadingEngine(ScriptedEngine):
-    """A model that takes two keep-alive periods to load, then maybe fails."""
-
-    load_error: Exception | None = None
-
-    async def ensure_loaded(self, name: str, on_wait: Any = None) -> None:
-        for _ in range(2):
-            if on_wait is not None:
-                await on_wait()
-        if self.load_error is not None:
-            raise self.load_error
+            for event in (self.engine.hanging, self.engine.cancelled, self.engine.closed):
+                event.clear()
+        assert self.engine.served == 2
 
 
 class TestKeepAliveWhileTheModelLoads(HandlerCase):
     script = [PromptCached(0), TextPiece("Hi"), done(cached=0)]
 
     def get_app(self) -> tornado.web.Application:
-        self.engine = LoadingEngine(self.script)
-        return make_app(self.engine)
+        app = super().get_app()
+        self.engine.load_waits = 2  # its model takes two keep-alive periods to load
+        return app
 
     def test_a_stream_opens_with_comments_while_its_model_loads(self) -> None:
         raw, events = self.events()

@@ -17,7 +17,7 @@ import pytest
 from pensieve.config import parse_config
 from pensieved.engine import lifecycle
 from pensieved.engine.service import Engine
-from pensieved.errors import ModelLoadError, NoChatTemplateError, OverloadedError
+from pensieved.errors import ModelLoadError, NoChatTemplateError, OverloadedError, ShuttingDownError
 
 
 def in_loop(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
@@ -66,7 +66,7 @@ def loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     carries a template that does not compile); the names loaded."""
     loaded: list[str] = []
 
-    def fake_load(settings: Any, store: Any, keep_loading: Any) -> FakeRuntime:
+    def fake_load(settings: Any, store: Any, keep_loading: Any, on_release: Any) -> FakeRuntime:
         if settings.path.name.startswith("broken"):
             raise ModelLoadError(f"cannot load model {settings.path}")
         loaded.append(settings.path.name)
@@ -74,7 +74,7 @@ def loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
             return FakeRuntime(FakeModel(settings.path.stem, "{% for %}"))
         return FakeRuntime(FakeModel(settings.path.stem))
 
-    monkeypatch.setattr(lifecycle, "_load_runtime", fake_load)
+    monkeypatch.setattr(lifecycle, "open_runtime", fake_load)
     return loaded
 
 
@@ -94,17 +94,24 @@ def engine_for(tmp_path: Path, **model: Any) -> Engine:
     return Engine(config)
 
 
+async def started(tmp_path: Path, **model: Any) -> Engine:
+    """An engine with `engine_for`'s config in force (its default model loaded)."""
+    engine = engine_for(tmp_path, **model)
+    await engine.configure(engine.config)
+    return engine
+
+
 def states(engine: Engine) -> dict[str, str]:
-    return {path.name: entry.state for path, entry in engine._models.entries.items()}
+    return {path.name: entry.state for path, entry in engine.pool.table.entries.items()}
 
 
 def entry(engine: Engine, file: str) -> Any:
-    return next(e for p, e in engine._models.entries.items() if p.name == file)
+    return next(e for p, e in engine.pool.table.entries.items() if p.name == file)
 
 
 async def use(engine: Engine, name: str) -> Any:
     runtime, _ = await engine._acquire(name)
-    engine._release(runtime)
+    engine.pool.release(runtime)
     return runtime
 
 
@@ -112,12 +119,11 @@ async def use(engine: Engine, name: str) -> Any:
 async def test_aliases_load_on_first_use_and_the_least_recently_used_makes_room(
     tmp_path: Path, loads: list[str]
 ) -> None:
-    engine = engine_for(tmp_path, max_loaded_models=2)
-    await engine.load(engine.config)
+    engine = await started(tmp_path, max_loaded_models=2)
     assert loads == ["default.gguf"]
     assert states(engine)["a.gguf"] == "unloaded"
     await use(engine, "a-1")
-    default = engine._models.default_entry
+    default = engine.pool.table.default_entry
     assert default is not None and default.runtime is not None
     default.runtime.last_used -= 10  # the default is the least recently used
     await use(engine, "b-1")
@@ -136,20 +142,19 @@ async def test_aliases_load_on_first_use_and_the_least_recently_used_makes_room(
 async def test_a_busy_model_is_never_evicted_and_the_wait_ends_in_529(
     tmp_path: Path, loads: list[str]
 ) -> None:
-    engine = engine_for(tmp_path, max_loaded_models=1)
-    await engine.load(engine.config)
+    engine = await started(tmp_path, max_loaded_models=1)
     runtime, _ = await engine._acquire("m")  # held, as by a stream in flight
-    started = time.monotonic()
+    began = time.monotonic()
     with pytest.raises(OverloadedError) as info:
         await engine._acquire("a-1")
-    assert time.monotonic() - started >= 0.9  # it waited for room, up to the request timeout
+    assert time.monotonic() - began >= 0.9  # it waited for room, up to the request timeout
     assert info.value.retry_after_s > 0 and "max_loaded_models" in str(info.value)
     assert states(engine)["default.gguf"] == "loaded" and not runtime.closed
 
     # Once the holder lets go, the same request succeeds (the default makes room).
     async def release_soon() -> None:
         await asyncio.sleep(0.2)
-        engine._release(runtime)
+        engine.pool.release(runtime)
 
     releaser = asyncio.ensure_future(release_soon())
     await use(engine, "a-1")
@@ -159,14 +164,14 @@ async def test_a_busy_model_is_never_evicted_and_the_wait_ends_in_529(
 
 @in_loop
 async def test_requests_waiting_for_one_load_share_it(tmp_path: Path, loads: list[str]) -> None:
-    engine = engine_for(tmp_path)
-    await engine.load(engine.config)
+    engine = await started(tmp_path)
     pings: list[int] = []
 
     async def ping() -> None:
         pings.append(1)
 
-    results = await asyncio.gather(*(engine.ensure_loaded("c-1", ping) for _ in range(3)))
+    c = engine.entry_for("c-1")
+    results = await asyncio.gather(*(engine.pool.load(c, ping) for _ in range(3)))
     assert results == [None, None, None]
     assert loads.count("c.gguf") == 1
 
@@ -175,8 +180,7 @@ async def test_requests_waiting_for_one_load_share_it(tmp_path: Path, loads: lis
 async def test_a_failed_load_fails_its_request_and_is_retried_by_the_next(
     tmp_path: Path, loads: list[str]
 ) -> None:
-    engine = engine_for(tmp_path)
-    await engine.load(engine.config)
+    engine = await started(tmp_path)
     for _ in range(2):
         with pytest.raises(ModelLoadError, match=r"broken\.gguf"):
             await engine._acquire("broken-1")
@@ -190,14 +194,15 @@ async def test_idle_models_are_unloaded_and_load_again_on_the_next_request(
     tmp_path: Path, loads: list[str]
 ) -> None:
     engine = engine_for(tmp_path, idle_unload_s=0.2)
-    await engine.load(engine.config)
     stop = asyncio.Event()
-    watcher = asyncio.ensure_future(engine.unload_idle(stop))
+    # Watching from before the first load, as the daemon does: nothing is loaded yet.
+    watcher = asyncio.ensure_future(engine.pool.unload_idle(stop))
     try:
-        deadline = time.monotonic() + 5
-        while states(engine)["default.gguf"] != "unloaded":
-            assert time.monotonic() < deadline, states(engine)
-            await asyncio.sleep(0.05)
+        await engine.configure(engine.config)
+        unloaded = await engine.pool.changes.until(
+            lambda: states(engine)["default.gguf"] == "unloaded", 5
+        )
+        assert unloaded, states(engine)
         assert entry(engine, "default.gguf").unloaded_at is not None
         assert engine.status().state == "ready"  # the daemon serves on: it loads on demand
         await use(engine, "m")
@@ -212,8 +217,7 @@ async def test_idle_models_are_unloaded_and_load_again_on_the_next_request(
 async def test_a_lowered_max_loaded_models_unloads_the_least_recently_used_at_once(
     tmp_path: Path, loads: list[str]
 ) -> None:
-    engine = engine_for(tmp_path, max_loaded_models=3)
-    await engine.load(engine.config)
+    engine = await started(tmp_path, max_loaded_models=3)
     await use(engine, "a-1")
     await use(engine, "b-1")
     assert list(states(engine).values()).count("loaded") == 3
@@ -221,50 +225,44 @@ async def test_a_lowered_max_loaded_models_unloads_the_least_recently_used_at_on
         update={"model": engine.config.model.model_copy(update={"max_loaded_models": 1})}
     )
     engine.apply_live_settings(lowered)
-    deadline = time.monotonic() + 5
-    while list(states(engine).values()).count("loaded") > 1:
-        assert time.monotonic() < deadline, states(engine)
-        await asyncio.sleep(0.02)
+    one_left = await engine.pool.changes.until(
+        lambda: list(states(engine).values()).count("loaded") == 1, 5
+    )
+    assert one_left, states(engine)
     assert states(engine)["b.gguf"] == "loaded"  # the most recently used one stays
 
 
 @in_loop
-async def test_a_template_that_cannot_render_is_reported_when_its_model_loads(
+async def test_a_replaced_model_is_freed_once_its_last_request_lets_go(
     tmp_path: Path, loads: list[str]
 ) -> None:
-    broken = tmp_path / "broken.jinja"
-    broken.write_text("{{ raise_exception('no system here') }}")
-    aliases = {"bad-*": str(tmp_path / "badtemplate.gguf")}
-    engine = engine_for(tmp_path, chat_template=str(broken), aliases=aliases)
-    await engine.load(engine.config)
-    # What status and /health say (state error, with this error).
-    assert engine.error is not None
-    assert str(broken) in engine.error and "no system here" in engine.error
-    with pytest.raises(NoChatTemplateError, match="no system here"):
-        await use(engine, "anything")
-
-    bad = entry(engine, "badtemplate.gguf")
-    assert bad.template_problem is None  # its own template is read when it loads
-    with pytest.raises(NoChatTemplateError, match=r"badtemplate\.gguf's own chat template"):
-        await use(engine, "bad-1")
-    assert "model.aliases.bad-*.chat_template" in bad.template_problem
+    engine = await started(tmp_path)
+    runtime = await use(engine, "m")
+    engine.pool.hold(runtime)  # a stream still running on the old default
+    other = str(tmp_path / "other.gguf")
+    model = engine.config.model.model_copy(update={"model_path": other})
+    await engine.configure(engine.config.model_copy(update={"model": model}))
+    assert loads == ["default.gguf", "other.gguf"]
+    await asyncio.sleep(0)  # the retiring task runs, and waits
+    assert not runtime.closed
+    engine.pool.release(runtime)
+    assert await engine.pool.changes.until(lambda: runtime.closed, 5)
+    assert engine.metrics.unloads.value(model="default", reason="reload") == 1
 
 
 @in_loop
 async def test_a_stop_ends_the_requests_on_a_replaced_model_and_frees_it(
     tmp_path: Path, loads: list[str]
 ) -> None:
-    engine = engine_for(tmp_path)
-    await engine.load(engine.config)
-    held, _ = await engine._acquire("m")  # a request in flight when the config changes
-    old: Any = held
-    smaller = engine.config.model_copy(
-        update={"model": engine.config.model.model_copy(update={"context_size": 1024})}
-    )
-    await engine.load(smaller)
-    new: Any = engine._models.default
+    engine = await started(tmp_path)
+    old = await use(engine, "m")
+    engine.pool.hold(old)  # a stream still running on the old default
+    smaller = engine.config.model.model_copy(update={"context_size": 1024})
+    await engine.configure(engine.config.model_copy(update={"model": smaller}))
+    new = engine.pool.table.default
     assert new is not None and new is not old
-    assert not old.closed  # the request still runs on it
+    await asyncio.sleep(0)  # the retiring task runs, and waits
+    assert not old.closed
     # A drain that times out ends that request too, and the stop frees the replaced model
     # (its decode thread joined first), not only the current one.
     engine.start_draining()
@@ -272,7 +270,8 @@ async def test_a_stop_ends_the_requests_on_a_replaced_model_and_frees_it(
     assert len(old.scheduler.aborted) == 1
     await engine.close()
     assert old.closed and new.closed
-    assert not engine._retiring
+    assert not engine.pool.retiring_runtimes()
+    assert engine.metrics.unloads.value(model="default", reason="stop") == 2
 
 
 def test_a_runtime_stops_its_decode_thread_before_freeing_the_model() -> None:
@@ -288,3 +287,39 @@ def test_a_runtime_stops_its_decode_thread_before_freeing_the_model() -> None:
     runtime = lifecycle.ModelRuntime(Recorder("model"), Recorder("scheduler"))  # type: ignore[arg-type]
     runtime.close(Recorder("store"))  # type: ignore[arg-type]
     assert calls == ["scheduler.close", "store.save", "model.close"]
+
+
+@in_loop
+async def test_a_template_that_cannot_render_is_reported_when_its_model_loads(
+    tmp_path: Path, loads: list[str]
+) -> None:
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{{ raise_exception('no system here') }}")
+    aliases = {"bad-*": str(tmp_path / "badtemplate.gguf")}
+    engine = await started(tmp_path, chat_template=str(broken), aliases=aliases)
+    # What status and /health say (state error, with this error).
+    assert engine.error is not None
+    assert str(broken) in engine.error and "no system here" in engine.error
+    with pytest.raises(NoChatTemplateError, match="no system here"):
+        await use(engine, "anything")
+
+    bad = entry(engine, "badtemplate.gguf")
+    assert bad.template_problem is None  # its own template is read when it loads
+    with pytest.raises(NoChatTemplateError, match=r"badtemplate\.gguf's own chat template"):
+        await use(engine, "bad-1")
+    assert "model.aliases.bad-*.chat_template" in bad.template_problem
+
+
+@in_loop
+async def test_a_request_waiting_for_room_is_refused_as_soon_as_the_drain_starts(
+    tmp_path: Path, loads: list[str]
+) -> None:
+    engine = await started(tmp_path, max_loaded_models=1)
+    await engine._acquire("m")  # held, as by a stream in flight
+    waiting = asyncio.ensure_future(engine._acquire("a-1"))
+    for _ in range(5):
+        await asyncio.sleep(0)  # it reaches its wait for room
+    engine.start_draining()
+    # Not the OverloadedError its request timeout would end the wait with.
+    with pytest.raises(ShuttingDownError):
+        await waiting

@@ -77,13 +77,14 @@ def test_a_16gb_laptop_gets_an_agent_context_for_a_7b_model_with_q8() -> None:
     plan = plan_kv(
         ModelConfig(kv_cache_type="q8_0"), SEVEN_B, weights=int(4.4 * GB), physical=16 * GB
     )
-    assert plan.context_size >= 2 * AGENT_CONTEXT and not plan.below_agent_context
+    assert plan.context_size >= 2 * AGENT_CONTEXT
     assert plan.fits
 
 
-def test_a_small_context_is_flagged_for_agents() -> None:
+def test_a_configured_context_below_an_agents_is_kept_and_said_so() -> None:
     plan = plan_kv(ModelConfig(context_size=8192), SEVEN_B, weights=GB, physical=16 * GB)
-    assert plan.below_agent_context and plan.reason.startswith("context 8192 as configured")
+    assert plan.context_size == 8192 < AGENT_CONTEXT
+    assert plan.reason.startswith("context 8192 as configured")
 
 
 def test_a_budget_too_small_for_any_context_is_an_error_naming_the_key() -> None:

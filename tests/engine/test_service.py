@@ -1,22 +1,38 @@
-"""Engine._grammar: which grammar a request gets when llama.cpp refuses the schema's."""
+"""Engine._grammar: which grammar a request gets when llama.cpp refuses the schema's; a
+Session's events: the activity record and the metrics follow the generation's phases."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from typing import Any
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, cast
 
 import pytest
 
 from pensieve.config import Config
 from pensieved.engine.grammar import loosest_grammar, request_grammar
-from pensieved.engine.service import Engine
-from pensieved.engine.types import GenerationRequest, ToolChoice, ToolSpec
+from pensieved.engine.service import Engine, ModelRuntime, Session
+from pensieved.engine.types import (
+    Event,
+    Finished,
+    GenerationRequest,
+    Heartbeat,
+    PreparedPrompt,
+    PromptCached,
+    TextPiece,
+    ToolChoice,
+    ToolSpec,
+)
 
 TOOLS = (ToolSpec("alpha", "", {"type": "object", "properties": {"x": {"type": "integer"}}}),)
 
 
 class Refusing:
     """A model whose llama.cpp refuses the grammars in `refused` (fakes only the parse)."""
+
+    name = "refusing"
 
     def __init__(self, refused: set[str]) -> None:
         self.refused = refused
@@ -59,3 +75,53 @@ def test_when_even_the_loosest_is_refused_output_is_unconstrained(
     with caplog.at_level(logging.WARNING, logger="pensieved.engine"):
         assert Engine(Config())._grammar(model, request()) is None
     assert "output is not constrained" in caplog.text
+
+
+@dataclass
+class ScriptedScheduler:
+    """Streams `script`, noting the activity phase each event finds."""
+
+    engine: Engine
+    script: list[Event]
+    phases: list[str] = field(default_factory=list)
+
+    async def stream(
+        self, prepared: Any, deadline: Any, heartbeat_s: float
+    ) -> AsyncIterator[Event]:
+        for event in self.script:
+            self.phases += [e.phase for e in self.engine.activity.entries.values()]
+            yield event
+
+
+@dataclass
+class ScriptedRuntime:
+    scheduler: ScriptedScheduler
+    model: Refusing = field(default_factory=lambda: Refusing(set()))
+
+
+def test_a_sessions_activity_and_metrics_follow_its_phases() -> None:
+    engine = Engine(Config())
+    script: list[Event] = [
+        Heartbeat(),
+        PromptCached(3),
+        TextPiece("Hel"),
+        TextPiece("lo"),
+        Finished("end_turn", None, 10, 2, 3),
+    ]
+    scheduler = ScriptedScheduler(engine, script)
+    runtime = cast(ModelRuntime, ScriptedRuntime(scheduler))
+    prepared = PreparedPrompt(request(), tuple(range(10)), 50)
+    engine.activity.begin("req_1", "POST /v1/messages", "waiting for a slot (10 prompt tokens)")
+    session = Session(engine, "req_1", runtime, prepared)
+
+    async def run() -> list[Event]:
+        return [event async for event in session.events()]
+
+    assert asyncio.run(run()) == script
+    assert session.input_tokens == 10
+    assert scheduler.phases[:2] == ["waiting for a slot (10 prompt tokens)"] * 2
+    assert scheduler.phases[2] == "evaluating the prompt (7 new tokens, 3 cached)"
+    assert scheduler.phases[-1] == "generating"
+    assert engine.metrics.ttft.count(model="refusing") == 1
+    assert engine.metrics.queued.count(model="refusing") == 1
+    assert engine.metrics.output_tokens.value(model="refusing") == 2

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from pensieved.engine.markers import TOOL_CALL_OPEN
 from pensieved.engine.prompt import (
     SYSTEM_NOTE,
     TemplateCaps,
@@ -14,7 +15,6 @@ from pensieved.engine.prompt import (
     template_caps,
 )
 from pensieved.engine.tools import (
-    TOOL_CALL_OPEN,
     ParsedText,
     ToolCallParser,
     render_call,

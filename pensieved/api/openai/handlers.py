@@ -15,7 +15,7 @@ from pensieved.api.handlers import GenerationHandler
 from pensieved.api.openai.convert import to_generation_request
 from pensieved.api.openai.errors import openai_error
 from pensieved.api.openai.stream import OpenAIStream, whole_completion
-from pensieved.engine.service import Session
+from pensieved.engine.interface import GenerationSession
 from pensieved.openai_wire import ChatCompletionRequest
 
 
@@ -51,7 +51,7 @@ class ChatCompletionsHandler(GenerationHandler):
             f"max_tokens={limit if limit is not None else 'unset'}"
         )
 
-        async def run(session: Session) -> None:
+        async def run(session: GenerationSession) -> None:
             if stream:
                 await self.stream_events(session, OpenAIStream(body.model, include_usage))
             else:

@@ -1,7 +1,7 @@
 """Test-only: slow down pensieved's model loads through the engine's own interface.
 
 Put this directory on PYTHONPATH and set PENSIEVE_TEST_LOAD_DELAY_S: every call llama.cpp
-makes to `Engine.load_progress` while reading weights then takes that long, so a load of the
+makes to `ModelPool.keep_loading` while reading weights then takes that long, so a load of the
 small bundled model lasts minutes, long enough to stop or kill the daemon in the middle of
 it. Nothing in the product sleeps; processes that never import the engine (pensievectl)
 are untouched.
@@ -18,18 +18,18 @@ from types import ModuleType
 from typing import Any
 
 _DELAY = float(os.environ.get("PENSIEVE_TEST_LOAD_DELAY_S") or 0)
-_TARGET = "pensieved.engine.service"
+_TARGET = "pensieved.engine.lifecycle"
 
 
 def _slow_down(module: ModuleType) -> None:
-    engine = module.Engine
-    original = engine.load_progress
+    pool = module.ModelPool
+    original = pool.keep_loading
 
-    def load_progress(self: Any, path: Any, fraction: float) -> bool:
+    def keep_loading(self: Any, path: Any, fraction: float) -> bool:
         time.sleep(_DELAY)
         return bool(original(self, path, fraction))
 
-    engine.load_progress = load_progress
+    pool.keep_loading = keep_loading
 
 
 class _Loader(importlib.abc.Loader):
