@@ -37,6 +37,7 @@ from pensieved.engine.memory import (
     pool_tokens,
     shape_from_metadata,
 )
+from pensieved.engine.tools import TOOL_CALL_OPEN
 from pensieved.errors import GrammarError, LoadCancelledError, ModelLoadError
 
 log = logging.getLogger("pensieved.engine")
@@ -294,12 +295,15 @@ class LoadedModel:
 
         return bool(c.llama_vocab_is_eog(self.vocab, token))
 
-    def parsed_grammar(self, grammar: str, *, lazy: bool) -> ParsedGrammar | None:
+    def parsed_grammar(
+        self, grammar: str, *, lazy: bool, trigger: str = TOOL_CALL_OPEN
+    ) -> ParsedGrammar | None:
         """`grammar` parsed for this model's vocabulary (once; see grammar_cache.py), or None
-        if llama.cpp refuses it. Call it off the event loop: a first parse takes a while."""
+        if llama.cpp refuses it; `lazy`: it applies from `trigger` on. Call it off the event
+        loop: a first parse takes a while."""
         if self._grammars is None:
             raise GrammarError("the model was unloaded while preparing this request")
-        return self._grammars.get(grammar, lazy=lazy)
+        return self._grammars.get(grammar, lazy=lazy, trigger=trigger)
 
     @property
     def training_context_exceeded(self) -> bool:

@@ -20,7 +20,8 @@ from typing import Any
 import jinja2
 import jinja2.sandbox
 
-from pensieved.engine.tools import TOOL_CALL_OPEN, to_generic_messages
+from pensieved.engine.dialects.detect import GENERIC, DialectChoice, choose
+from pensieved.engine.tools import to_generic_messages
 from pensieved.engine.types import ChatMessage, ToolSpec
 from pensieved.errors import ChatTemplateError
 
@@ -159,11 +160,13 @@ _PROBE = "pensieve-probe-7f3a"
 class TemplateCaps:
     """What a chat template accepts, found by rendering small probe conversations."""
 
-    tools: bool  # renders `tools` and speaks the `<tool_call>` syntax our parser reads
+    tools: bool  # renders `tools`, and calls in a dialect we read (or were told)
     system_mid: bool  # renders a system message after the conversation has started
+    dialect: DialectChoice = GENERIC  # the tool-call syntax, and how it was chosen
 
 
-def _renders(source: str, messages: list[ChatMessage], **kwargs: Any) -> str | None:
+def render_plain(source: str, messages: list[ChatMessage], **kwargs: Any) -> str | None:
+    """The template's text for `messages` with the contents in place; None if it fails."""
     try:
         rendered, contents = render_text(source, messages, bos_text="", eos_text="", **kwargs)
     except ChatTemplateError:
@@ -172,15 +175,18 @@ def _renders(source: str, messages: list[ChatMessage], **kwargs: Any) -> str | N
 
 
 @lru_cache(maxsize=8)
-def template_caps(source: str | None) -> TemplateCaps:
+def template_caps(source: str | None, tool_dialect: str = "auto") -> TemplateCaps:
+    """What `source` takes; `tool_dialect` is the `tool_dialect` setting (`auto`: detect)."""
+    dialect = choose(source, tool_dialect)
     if not source:
-        return TemplateCaps(tools=False, system_mid=False)
+        return TemplateCaps(tools=False, system_mid=False, dialect=dialect)
     tool = ToolSpec(name=_PROBE, description="probe", parameters={"type": "object"})
-    with_tools = _renders(source, [ChatMessage("user", "hi")], tools=[tool])
-    # Templates that take tools in another syntax (Llama 3.1's bare JSON, Mistral's
-    # [TOOL_CALLS]) get our generic format instead, which our parser and grammar speak.
-    tools = with_tools is not None and _PROBE in with_tools and TOOL_CALL_OPEN in source
-    mid = _renders(
+    with_tools = render_plain(source, [ChatMessage("user", "hi")], tools=[tool])
+    # A template whose calls no dialect reads gets our generic tool section instead, written
+    # in hermes, which our parser and grammar speak.
+    renders_tools = with_tools is not None and _PROBE in with_tools
+    tools = renders_tools and dialect.source != "generic"
+    mid = render_plain(
         source,
         [
             ChatMessage("user", "a"),
@@ -189,7 +195,7 @@ def template_caps(source: str | None) -> TemplateCaps:
             ChatMessage("user", "c"),
         ],
     )
-    return TemplateCaps(tools=tools, system_mid=mid is not None and _PROBE in mid)
+    return TemplateCaps(tools=tools, system_mid=mid is not None and _PROBE in mid, dialect=dialect)
 
 
 SYSTEM_NOTE = "[System message]"
@@ -232,7 +238,7 @@ def conversation_for_template(
         out = list(messages)
         template_tools = tuple(tool for tool in tools if not tool.deferred)
     elif tools or has_tool_history:
-        out = to_generic_messages(messages, tools)
+        out = to_generic_messages(messages, tools, caps.dialect.dialect.syntax.render)
     else:
         out = list(messages)
     if not caps.system_mid and any(m.role == "system" for m in out[1:]):

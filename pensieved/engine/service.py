@@ -22,6 +22,7 @@ from pensieve.activity import Activity
 from pensieve.config import Config
 from pensieve.paths import bundled_model_path
 from pensieve.wire import DecodeStatus, ModelEntryStatus, ModelStatus
+from pensieved.engine.dialects import by_name
 from pensieved.engine.grammar import loosest_grammar, request_grammar
 from pensieved.engine.grammar_cache import ParsedGrammar
 from pensieved.engine.lifecycle import (
@@ -108,6 +109,18 @@ class Stats:
     tokens_generated: int = 0
     prompt_tokens: int = 0
     cache_read_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class PromptSettings:
+    """The settings that shape a model's prompts: `chat_template` (None: the GGUF's) and
+    `tool_dialect` (`auto`: detected from the template)."""
+
+    chat_template: str | None = None
+    tool_dialect: str = "auto"
+
+
+_AUTO = PromptSettings()
 
 
 @dataclass(frozen=True)
@@ -317,9 +330,9 @@ class Engine(ModelLifecycle):
             raise self._no_model_error()
         return entry
 
-    async def _acquire(self, name: str) -> tuple[ModelRuntime, str | None]:
+    async def _acquire(self, name: str) -> tuple[ModelRuntime, PromptSettings]:
         """Hold the loaded model serving `name` (loading it first if need be); with its
-        `chat_template` setting."""
+        `chat_template` and `tool_dialect` settings."""
         entry = self.runtime_for(name)
         _, setting, key = self._models.resolve(name)
         while entry.state != "loaded" or entry.runtime is None:
@@ -328,7 +341,7 @@ class Engine(ModelLifecycle):
         if setting is None and not runtime.model.chat_template:
             raise NoChatTemplateError(missing_template_message(entry.path, key))
         runtime.users += 1
-        return runtime, setting
+        return runtime, PromptSettings(setting, self._models.tool_dialect(name))
 
     @staticmethod
     def _release(runtime: ModelRuntime) -> None:
@@ -336,17 +349,19 @@ class Engine(ModelLifecycle):
         runtime.last_used = time.time()
 
     def _render_tokens(
-        self, model: LoadedModel, request: GenerationRequest, template: str | None = None
+        self, model: LoadedModel, request: GenerationRequest, settings: PromptSettings = _AUTO
     ) -> list[int]:
-        return self._render(model, request, template)[0]
+        return self._render(model, request, settings)[0]
 
     def _render(
-        self, model: LoadedModel, request: GenerationRequest, template: str | None = None
-    ) -> tuple[list[int], bool]:
-        """Prompt tokens, and whether the prompt ends inside a `<think>` block. `template` is
-        a `chat_template` setting overriding the model's own."""
+        self, model: LoadedModel, request: GenerationRequest, settings: PromptSettings = _AUTO
+    ) -> tuple[list[int], bool, str]:
+        """Prompt tokens, whether the prompt ends inside a reasoning block, and the dialect's
+        name. `settings.chat_template` overrides the model's own template."""
+        template = settings.chat_template
         source = template_source(template) if template else model.chat_template
-        caps = template_caps(source)
+        caps = template_caps(source, settings.tool_dialect)
+        reasoning = caps.dialect.dialect.reasoning
         messages, template_tools = conversation_for_template(caps, request.messages, request.tools)
         rendered, contents = render_text(
             source,
@@ -354,7 +369,7 @@ class Engine(ModelLifecycle):
             bos_text=model.bos_text,
             eos_text=model.eos_text,
             tools=template_tools,
-            extra={"enable_thinking": request.thinking},
+            extra={"enable_thinking": request.thinking, **reasoning.switches(request.thinking)},
         )
         tokens = tokenize_rendered(
             rendered,
@@ -363,21 +378,29 @@ class Engine(ModelLifecycle):
             add_bos=model.add_bos,
             bos_text=model.bos_text,
         )
-        return tokens, prompt_opens_thinking(rendered)
+        dialect = caps.dialect.dialect
+        return tokens, prompt_opens_thinking(rendered, reasoning.open), dialect.name
 
-    def _grammar(self, model: LoadedModel, request: GenerationRequest) -> ParsedGrammar | None:
+    def _grammar(
+        self, model: LoadedModel, request: GenerationRequest, dialect: str = "hermes"
+    ) -> ParsedGrammar | None:
         """The request's grammar, built and parsed once per distinct tool set (both cached)."""
         started = time.monotonic()
-        grammar, lazy = request_grammar(request)
+        grammar, lazy = request_grammar(request, by_name(dialect))
         if grammar is None:
             return None
         try:
-            parsed = model.parsed_grammar(grammar, lazy=lazy)
+            trigger = by_name(dialect).syntax.trigger
+            parsed = model.parsed_grammar(grammar, lazy=lazy, trigger=trigger)
             if parsed is not None:
                 return parsed
             log.warning("llama.cpp refused the schema grammar; enforcing the JSON shape only")
-            loosest = loosest_grammar(request)
-            parsed = model.parsed_grammar(loosest, lazy=lazy) if loosest is not None else None
+            loosest = loosest_grammar(request, by_name(dialect))
+            parsed = (
+                model.parsed_grammar(loosest, lazy=lazy, trigger=trigger)
+                if loosest is not None
+                else None
+            )
             if parsed is None:
                 log.warning("llama.cpp refused the loosest grammar too; output is not constrained")
             return parsed
@@ -386,10 +409,10 @@ class Engine(ModelLifecycle):
             self.metrics.grammar_seconds.observe(time.monotonic() - started, model=str(name))
 
     def _prepare_sync(
-        self, model: LoadedModel, request: GenerationRequest, template: str | None = None
-    ) -> tuple[list[int], bool, ParsedGrammar | None]:
-        tokens, thinking_open = self._render(model, request, template)
-        return tokens, thinking_open, self._grammar(model, request)
+        self, model: LoadedModel, request: GenerationRequest, settings: PromptSettings = _AUTO
+    ) -> tuple[list[int], bool, ParsedGrammar | None, str]:
+        tokens, thinking_open, dialect = self._render(model, request, settings)
+        return tokens, thinking_open, self._grammar(model, request, dialect), dialect
 
     async def count_tokens(
         self, name: str, request: GenerationRequest, *, request_id: str, what: str
@@ -451,7 +474,7 @@ class Engine(ModelLifecycle):
         runtime, template = await self._acquire(name)
         model = runtime.model
         try:
-            tokens, thinking_open, grammar = await asyncio.to_thread(
+            tokens, thinking_open, grammar, dialect = await asyncio.to_thread(
                 self._prepare_sync, model, request, template
             )
             room = model.n_ctx - len(tokens)
@@ -467,6 +490,7 @@ class Engine(ModelLifecycle):
             max_tokens,
             grammar=grammar,
             thinking_open=thinking_open,
+            tool_dialect=dialect,
         )
         return runtime, prepared
 
