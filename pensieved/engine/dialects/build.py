@@ -49,7 +49,17 @@ def _rule_safe(text: str) -> str:
 
 
 def _string_only(schema: Any) -> bool:
-    return isinstance(schema, dict) and schema.get("type") == "string"
+    if not isinstance(schema, dict):
+        return False
+    if schema.get("type") == "string":
+        return True
+    values: list[Any] = schema.get("enum", [schema["const"]] if "const" in schema else [])
+    return bool(values) and all(isinstance(v, str) for v in values)
+
+
+# Templates that write values with Jinja's `string` filter spell booleans as Python does
+# (Qwen3-Coder's), and a model copies what its template shows it.
+_BOOLEAN = '( "true" | "false" | "True" | "False" )'
 
 
 def _value_rule(
@@ -63,8 +73,18 @@ def _value_rule(
             return "( " + " | ".join(escape_literal(v) for v in schema["enum"]) + " )"
         if isinstance(schema.get("const"), str):
             return escape_literal(schema["const"])
-        raw = converter.add_rule(f"{name}-raw", text_without(args.value_close))
-        return raw
+        return converter.add_rule(f"{name}-raw", text_without(args.value_close))
+    if (
+        isinstance(schema, dict)
+        and schema.get("type") == "boolean"
+        and set(schema)
+        <= {
+            "type",
+            "description",
+            "title",
+        }
+    ):
+        return _BOOLEAN
     return convert_normalised(converter, schema or {}, name)
 
 

@@ -29,6 +29,8 @@ def typed_value(raw: str, schema: Any) -> Any:
     types = schema.get("type") if isinstance(schema, dict) else None
     if types == "string" or (isinstance(types, list) and types == ["string"]):
         return raw
+    if types == "boolean" and raw in ("True", "False"):  # Python's spelling, from templates
+        return raw == "True"
     try:
         return json.loads(raw)
     except json.JSONDecodeError:
