@@ -20,6 +20,7 @@ import psutil
 from pensieve.config import ModelConfig
 from pensieve.wire import KvSlotStatus, KvStatus
 from pensieved.engine import selftest
+from pensieved.engine.dialects import is_markup
 from pensieved.engine.grammar_cache import GrammarCache, ParsedGrammar
 from pensieved.engine.kvpool import CellPool
 from pensieved.engine.llama import (
@@ -279,10 +280,16 @@ class LoadedModel:
         return list(self._model.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special))
 
     def token_bytes(self, token: int) -> bytes:
-        """The text bytes of a generated token (control tokens render as nothing)."""
+        """The text bytes of a generated token. Control tokens render as nothing, except
+        those a tool dialect writes its calls and reasoning with (`<|channel|>`,
+        `[TOOL_CALLS]`, …), which its parser must see."""
         piece = self._pieces.get(token)
         if piece is None:
             piece = self._to_piece(token, special=False)
+            if not piece:
+                special = self._to_piece(token, special=True)
+                if is_markup(special.decode("utf-8", errors="replace")):
+                    piece = special
             self._pieces[token] = piece
         return piece
 

@@ -23,6 +23,7 @@ from pensieve.config import Config
 from pensieve.paths import bundled_model_path
 from pensieve.wire import DecodeStatus, ModelEntryStatus, ModelStatus
 from pensieved.engine.dialects import by_name
+from pensieved.engine.dialects.detect import DialectChoice, choose
 from pensieved.engine.grammar import loosest_grammar, request_grammar
 from pensieved.engine.grammar_cache import ParsedGrammar
 from pensieved.engine.lifecycle import (
@@ -55,6 +56,7 @@ from pensieved.engine.types import (
     PromptCached,
 )
 from pensieved.errors import (
+    ChatTemplateError,
     LoadCancelledError,
     ModelLoadError,
     ModelUnavailableError,
@@ -601,6 +603,29 @@ class Engine(ModelLifecycle):
             recent_requests=list(runtime.scheduler.recent),
         )
 
+    def _dialect_of(self, path: Path, runtime: ModelRuntime | None) -> DialectChoice | None:
+        """The dialect requests to the model at `path` use (for its first name), or None
+        while it depends on a GGUF template not yet read."""
+        models = self._models
+        setting: str
+        if path == models.default_path:
+            template, setting = self.config.model.chat_template, self.config.model.tool_dialect
+        else:
+            targets = alias_targets(self.config).values()
+            serving = [t for t in targets if Path(t.model_path).expanduser() == path]
+            if not serving:
+                return None
+            template, setting = serving[0].chat_template, models.dialect_of_target(serving[0])
+        if setting != "auto":
+            return choose(None, setting)
+        try:
+            source = template_source(template) if template else None
+        except ChatTemplateError:
+            return None
+        if source is None and runtime is not None:
+            source = runtime.model.chat_template
+        return choose(source, setting) if source else None
+
     def models_status(self) -> list[ModelEntryStatus]:
         """Every configured model, loaded or not (`status` and `pensievectl models`)."""
         models = self._models
@@ -612,6 +637,7 @@ class Engine(ModelLifecycle):
             template = None
             if path == models.default_path:
                 template = self.config.model.chat_template
+            dialect = self._dialect_of(path, runtime)
             out.append(
                 ModelEntryStatus(
                     file=path.name,
@@ -624,6 +650,8 @@ class Engine(ModelLifecycle):
                     load_s=entry.load_s,
                     error=entry.error or entry.template_problem,
                     chat_template=template,
+                    tool_dialect=dialect.dialect.name if dialect else None,
+                    tool_dialect_source=dialect.source if dialect else None,
                     memory_bytes=(
                         runtime.model.size_bytes + runtime.model.kv_bytes() if runtime else 0
                     ),

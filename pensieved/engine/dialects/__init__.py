@@ -36,6 +36,26 @@ _BY_NAME = {dialect.name: dialect for dialect in DIALECTS}
 assert set(_BY_NAME) == set(TOOL_DIALECTS)  # the config's list of names is this one
 
 
+def _markup() -> str:
+    """Every dialect's markup in one text (a sample call and the reasoning tags of each)."""
+    parts = []
+    for dialect in DIALECTS:
+        syntax, reasoning = dialect.syntax, dialect.reasoning
+        parts += [syntax.render("name", {"key": 1}), reasoning.open, reasoning.close]
+        parts += [syntax.block_open, syntax.block_close, *syntax.drop]
+    return "\n".join(parts)
+
+
+MARKUP = _markup()
+
+
+def is_markup(text: str) -> bool:
+    """Whether a control token's text is part of some dialect's markup (`<|channel|>`,
+    `[TOOL_CALLS]`, …): generated text keeps those, where other control tokens render as
+    nothing, so that the dialect's parser sees its calls and reasoning."""
+    return len(text) > 1 and text in MARKUP
+
+
 def by_name(name: str) -> Dialect:
     """The dialect called `name` (one of `TOOL_DIALECTS`)."""
     return _BY_NAME[name]
