@@ -35,8 +35,13 @@ class OutputRouter:
         self._visible = TextStream(self._stops)
         dialect = by_name(prepared.tool_dialect)
         reasoning = dialect.reasoning
+        # A grammar from the first token (a forced call, structured output) leaves no room for
+        # reasoning, whatever block the prompt opened.
+        forced = prepared.grammar is not None and not prepared.grammar.lazy
         self._think = ThinkSplitter(
-            start_open=prepared.thinking_open, open_tag=reasoning.open, close_tag=reasoning.close
+            start_open=prepared.thinking_open and not forced,
+            open_tag=reasoning.open,
+            close_tag=reasoning.close,
         )
         self._show_thinking = request.thinking
         self._no_tools = request.tool_choice.mode == "none"

@@ -69,7 +69,10 @@ class _Marked:
 def _template_messages(messages: Sequence[ChatMessage], marked: _Marked) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for message in messages:
-        item: dict[str, Any] = {"role": message.role, "content": marked.mark(message.content)}
+        # Empty content stays empty: templates test it (`{% if message.content %}`) to decide
+        # what to write before tool calls, and a marker would always pass that test.
+        content = marked.mark(message.content) if message.content else ""
+        item: dict[str, Any] = {"role": message.role, "content": content}
         if message.tool_calls:
             item["tool_calls"] = [
                 {

@@ -184,3 +184,61 @@ def test_a_call_of_an_unknown_tool_is_text(dialect: str) -> None:
     events = parse(dialect, text, 2)
     assert not [e for e in events if isinstance(e, ToolCallStart | ToolCallEnd)]
     assert "".join(e.text for e in events if isinstance(e, ParsedText)).startswith("Sure. ")
+
+
+# ---- reasoning and visible text through the output router ------------------------------
+
+
+def route(dialect: str, pieces: list[str], *, tools: bool = True) -> list[Any]:
+    from pensieved.engine.output import OutputRouter
+    from pensieved.engine.types import GenerationRequest, PreparedPrompt
+
+    request = GenerationRequest(
+        messages=(ChatMessage("user", "hi"),),
+        max_tokens=100,
+        tools=(TOOL,) if tools else (),
+        thinking=True,
+    )
+    events: list[Any] = []
+    router = OutputRouter(PreparedPrompt(request, (1,), 100, tool_dialect=dialect), events.append)
+    for piece in pieces:
+        router.feed(piece)
+    router.end_of_turn()
+    router.finish()
+    return events
+
+
+def pieces_of(text: str, size: int = 3) -> list[str]:
+    return [text[i : i + size] for i in range(0, len(text), size)]
+
+
+@pytest.mark.parametrize(
+    ("dialect", "reply"),
+    [
+        ("harmony", "<|channel|>analysis<|message|>Need weather.<|end|>"),
+        ("seed-oss", "<seed:think>Need weather.</seed:think>"),
+        ("mistral", "[THINK]Need weather.[/THINK]"),
+        ("glm", "<think>Need weather.</think>"),
+    ],
+)
+def test_reasoning_in_the_familys_markup_is_thinking(dialect: str, reply: str) -> None:
+    from pensieved.engine.types import TextPiece, ThinkingPiece
+
+    call = by_name(dialect).syntax.render(TOOL.name, ARGS)
+    events = route(dialect, pieces_of(reply + call))
+    thinking = "".join(e.text for e in events if isinstance(e, ThinkingPiece))
+    assert thinking == "Need weather."
+    assert [e for e in events if isinstance(e, ToolCallEnd)] == [ToolCallEnd(ARGS, True)]
+    assert not [e for e in events if isinstance(e, TextPiece)]
+
+
+def test_harmony_answer_headers_are_not_shown() -> None:
+    from pensieved.engine.types import TextPiece, ThinkingPiece
+
+    reply = (
+        "<|channel|>analysis<|message|>Greet back.<|end|>"
+        "<|start|>assistant<|channel|>final<|message|>Hello there!<|return|>"
+    )
+    events = route("harmony", pieces_of(reply, 2), tools=False)
+    assert "".join(e.text for e in events if isinstance(e, ThinkingPiece)) == "Greet back."
+    assert "".join(e.text for e in events if isinstance(e, TextPiece)) == "Hello there!"

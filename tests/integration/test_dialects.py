@@ -10,6 +10,7 @@ history, so it must share the first turn's prompt as a cached prefix.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from tests.integration.daemon import (
     DaemonProcess,
     control_request,
     prompt_tokens,
+    start_daemon,
     wait_for,
     write_config,
 )
@@ -63,6 +65,15 @@ SCHEDULE: dict[str, Any] = {
 # block reflecting on the budget (~40 tokens), which it leaves out of the history.
 REWRITTEN = {"seed-oss": 48}
 ASK = "Back up my photos every night at 2, incrementally."
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
+    # One thread: on a machine busier than its cores, llama.cpp's spinning worker threads
+    # wait on each other for most of a decode step.
+    d = start_daemon(Path(tmp_path_factory.mktemp("dialects")), {"model": {"threads": 1}})
+    yield d
+    assert d.stop() == 0, d.log_text()
 
 
 def use_template(daemon: DaemonProcess, template: str) -> dict[str, Any]:
@@ -109,7 +120,12 @@ def test_forced_call_and_a_cached_tool_loop(
     status = use_template(daemon, template)
     assert (status["tool_dialect"], status["tool_dialect_source"]) == (dialect, "detected")
     asked: list[Any] = [{"role": "user", "content": ASK}]
-    first = ask(daemon, asked, max_tokens=120, tool_choice={"type": "any"})
+    first = ask(
+        daemon,
+        asked,
+        max_tokens=300,
+        tool_choice={"type": "any", "disable_parallel_tool_use": True},
+    )
     call = tool_use(first)
     assert call.name == SCHEDULE["name"] and first.stop_reason == "tool_use"
     jsonschema.validate(call.input, SCHEDULE["input_schema"])

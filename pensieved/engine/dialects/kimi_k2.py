@@ -34,7 +34,7 @@ KIMI_K2 = Dialect(
         block_open=_BEGIN,
         block_close=_END,
         head=lambda name: (
-            f"{escape_literal(f'{_CALL}functions.{name}:')} [0-9]+ {escape_literal(_ARGS)}"
+            f"{escape_literal(f'{_CALL}functions.{name}:')} [0-9]{{1,4}} {escape_literal(_ARGS)}"
         ),
         head_re=re.compile(
             re.escape(_CALL) + r"\s*(?:functions\.)?(?P<name>[^:<\s]+):\d+\s*" + re.escape(_ARGS)
