@@ -18,11 +18,14 @@ from functools import lru_cache
 from typing import Any
 
 import jinja2
+import jinja2.ext
+import jinja2.nodes
+import jinja2.parser
 import jinja2.sandbox
 
 from pensieved.engine.dialects.detect import GENERIC, DialectChoice, choose
 from pensieved.engine.tools import to_generic_messages
-from pensieved.engine.types import ChatMessage, ToolSpec
+from pensieved.engine.types import ChatMessage, GenerationRequest, ToolCall, ToolSpec
 from pensieved.errors import ChatTemplateError
 
 _MARK_OPEN, _MARK_CLOSE = "\ue000", "\ue001"
@@ -41,10 +44,25 @@ def _tojson(value: Any, indent: int | None = None, **_: Any) -> str:
     return json.dumps(value, ensure_ascii=False, indent=indent, sort_keys=True)
 
 
+class _GenerationBlock(jinja2.ext.Extension):
+    """Hugging Face's `{% generation %}...{% endgeneration %}`: it marks the assistant's text
+    for training masks (`return_assistant_tokens_mask`); rendering keeps the text as it is."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: jinja2.parser.Parser) -> list[jinja2.nodes.Node]:
+        next(parser.stream)
+        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+
 @lru_cache(maxsize=8)
 def _compile(source: str) -> jinja2.Template:
+    # `break`/`continue` (loopcontrols) are on in Hugging Face's and llama.cpp's renderers.
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, undefined=jinja2.ChainableUndefined
+        trim_blocks=True,
+        lstrip_blocks=True,
+        undefined=jinja2.ChainableUndefined,
+        extensions=[jinja2.ext.loopcontrols, _GenerationBlock],
     )
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -90,6 +108,18 @@ def _template_messages(messages: Sequence[ChatMessage], marked: _Marked) -> list
     return out
 
 
+def _date_variables() -> dict[str, str]:
+    """Today, in the spellings templates read it. A day, never a clock time: the date sits in
+    the system prompt, and a time there would change the prompt's start on every request, so
+    no cached prefix would ever be reused."""
+    today = datetime.now()
+    return {
+        "date_string": today.strftime("%d %b %Y"),  # Llama 3.x
+        "datetime": today.strftime("%b %d %Y"),  # firefunction-v2
+        "current_date": today.strftime("%Y-%m-%d"),
+    }
+
+
 def render_text(
     template_source: str | None,
     messages: Sequence[ChatMessage],
@@ -109,25 +139,29 @@ def render_text(
             "so Pensieve cannot format a conversation for it: use an instruction-tuned model"
         )
     marked = _Marked()
+    listed = [
+        {
+            "type": "function",
+            "function": {
+                "name": tool.name,
+                "description": tool.description,
+                "parameters": tool.parameters,
+            },
+        }
+        for tool in tools
+    ]
     context: dict[str, Any] = {
         "messages": _template_messages(messages, marked),
         "add_generation_prompt": True,
         "bos_token": bos_text,
         "eos_token": eos_text,
+        # firefunction-v2 reads the tool list as one JSON string, empty when there is none.
+        "functions": _tojson(listed, indent=2) if listed else "",
+        **_date_variables(),
         **(extra or {}),
     }
-    if tools:
-        context["tools"] = [
-            {
-                "type": "function",
-                "function": {
-                    "name": tool.name,
-                    "description": tool.description,
-                    "parameters": tool.parameters,
-                },
-            }
-            for tool in tools
-        ]
+    if listed:
+        context["tools"] = listed
     try:
         rendered = _compile(template_source).render(**context)
     except ChatTemplateError:
@@ -165,16 +199,32 @@ class TemplateCaps:
 
     tools: bool  # renders `tools`, and calls in a dialect we read (or were told)
     system_mid: bool  # renders a system message after the conversation has started
+    system_first: bool = True  # renders a system message that opens the conversation
+    # Why it cannot render a system prompt and a user turn even with system text folded in
+    # (None: it can); reported when the model loads.
+    error: str | None = None
     dialect: DialectChoice = GENERIC  # the tool-call syntax, and how it was chosen
+    # Renders a user message right after tool results (Mistral's insists on an assistant).
+    user_after_tool: bool = True
 
 
 def render_plain(source: str, messages: list[ChatMessage], **kwargs: Any) -> str | None:
     """The template's text for `messages` with the contents in place; None if it fails."""
+    rendered = _renders(source, messages, **kwargs)
+    return rendered if isinstance(rendered, str) else None
+
+
+def _renders(source: str, messages: list[ChatMessage], **kwargs: Any) -> str | ChatTemplateError:
+    """The probe's rendered text with contents in place, or the template's error."""
     try:
         rendered, contents = render_text(source, messages, bos_text="", eos_text="", **kwargs)
-    except ChatTemplateError:
-        return None
+    except ChatTemplateError as exc:
+        return exc
     return _MARK_RE.sub(lambda m: contents[int(m.group(1))], rendered)
+
+
+def _shows(rendered: str | ChatTemplateError, text: str) -> bool:
+    return isinstance(rendered, str) and text in rendered
 
 
 @lru_cache(maxsize=8)
@@ -183,33 +233,71 @@ def template_caps(source: str | None, tool_dialect: str = "auto") -> TemplateCap
     dialect = choose(source, tool_dialect)
     if not source:
         return TemplateCaps(tools=False, system_mid=False, dialect=dialect)
-    tool = ToolSpec(name=_PROBE, description="probe", parameters={"type": "object"})
-    with_tools = render_plain(source, [ChatMessage("user", "hi")], tools=[tool])
+    with_tools = _renders(source, [ChatMessage("user", "hi")], tools=[_probe_tool()])
     # A template whose calls no dialect reads gets our generic tool section instead, written
     # in hermes, which our parser and grammar speak.
-    renders_tools = with_tools is not None and _PROBE in with_tools
-    tools = renders_tools and dialect.source != "generic"
-    mid = render_plain(
-        source,
-        [
-            ChatMessage("user", "a"),
-            ChatMessage("assistant", "b"),
-            ChatMessage("system", _PROBE),
-            ChatMessage("user", "c"),
-        ],
-    )
-    return TemplateCaps(tools=tools, system_mid=mid is not None and _PROBE in mid, dialect=dialect)
+    tools = _shows(with_tools, _PROBE) and dialect.source != "generic"
+    # Gemma 2 raises "System role not supported"; a template that silently drops the
+    # system text refuses it just as much.
+    opening = ChatMessage("system", "pensieve-opening-2c9e")
+    system_first = _shows(_renders(source, [opening, ChatMessage("user", "hi")]), opening.content)
+    # A later system message is accepted only if the first one stays too: DeepSeek-R1's and
+    # RWKV's templates keep the last system message and drop the others.
+    later = [ChatMessage("user", "a"), ChatMessage("assistant", "b")]
+    later += [ChatMessage("system", _PROBE), ChatMessage("user", "c")]
+    mid = _renders(source, [opening, *later] if system_first else later)
+    system_mid = _shows(mid, _PROBE) and (not system_first or _shows(mid, opening.content))
+    user_after_tool = not tools or _renders_user_after_tool(source)
+    caps = TemplateCaps(tools, system_mid, system_first, None, dialect, user_after_tool)
+    plain = [ChatMessage("system", "Be brief."), ChatMessage("user", "hi")]
+    rendered = _renders(source, conversation_for_template(caps, plain, ())[0])
+    if isinstance(rendered, ChatTemplateError):
+        return TemplateCaps(
+            tools, system_mid, system_first, str(rendered), dialect, user_after_tool
+        )
+    return caps
+
+
+def _renders_user_after_tool(source: str) -> bool:
+    call = ToolCall("call_0", _PROBE, {})
+    messages = [
+        ChatMessage("user", "a"),
+        ChatMessage("assistant", "", tool_calls=(call,)),
+        ChatMessage("tool", "b", tool_call_id="call_0", name=_PROBE),
+        ChatMessage("user", _PROBE),
+    ]
+    return _shows(_renders(source, messages, tools=[_probe_tool()]), _PROBE)
+
+
+def _probe_tool() -> ToolSpec:
+    return ToolSpec(name=_PROBE, description="probe", parameters={"type": "object"})
+
+
+def _user_into_results(messages: Sequence[ChatMessage]) -> list[ChatMessage]:
+    """A user message right after tool results joins the last result's text (an Anthropic
+    user turn holds both; some templates take no user turn before the assistant's)."""
+    out: list[ChatMessage] = []
+    for message in messages:
+        last = out[-1] if out else None
+        if message.role == "user" and last is not None and last.role == "tool":
+            joined = f"{last.content}\n\n{message.content}"
+            out[-1] = ChatMessage("tool", joined, tool_call_id=last.tool_call_id, name=last.name)
+        else:
+            out.append(message)
+    return out
 
 
 SYSTEM_NOTE = "[System message]"
 
 
-def _merge_mid_system(messages: Sequence[ChatMessage]) -> list[ChatMessage]:
-    """Fold system messages after the first turn into the next user turn, clearly marked."""
+def _fold_system(caps: TemplateCaps, messages: Sequence[ChatMessage]) -> list[ChatMessage]:
+    """Fold the system messages the template refuses where they stand (the first, or any
+    later one) into the next user turn, clearly marked."""
     out: list[ChatMessage] = []
     pending: list[str] = []
     for index, message in enumerate(messages):
-        if message.role == "system" and index > 0:
+        kept = caps.system_first if index == 0 else caps.system_mid
+        if message.role == "system" and not kept:
             pending.append(f"{SYSTEM_NOTE}\n{message.content}")
             continue
         if pending and message.role == "user":
@@ -244,6 +332,69 @@ def conversation_for_template(
         out = to_generic_messages(messages, tools, caps.dialect.dialect.syntax.render)
     else:
         out = list(messages)
-    if not caps.system_mid and any(m.role == "system" for m in out[1:]):
-        out = _merge_mid_system(out)
+    out = _fold_system(caps, out)
+    if caps.tools and not caps.user_after_tool:
+        out = _user_into_results(out)
     return out, template_tools
+
+
+# ---- the variables a request sets ----------------------------------------------------------
+
+# The nearest value to try when a template refuses the one asked for: Anthropic's `max` for
+# templates that stop at high, and `medium` for those with only low and high (Hunyuan's).
+_EFFORT_FALLBACK = {"max": "high", "medium": "high"}
+
+
+@lru_cache(maxsize=64)
+def _accepts(source: str, name: str, value: str) -> bool:
+    """Whether the template renders with `name` set to `value` (Hunyuan's raises on a
+    reasoning_effort outside its own list; gpt-oss takes low, medium and high)."""
+    probe = _renders(source, [ChatMessage("user", "hi")], extra={name: value})
+    return isinstance(probe, str)
+
+
+def _reasoning_effort(source: str, request: GenerationRequest) -> str | None:
+    # With thinking off the reasoning is dropped anyway: the least of it costs the least time.
+    wanted = request.effort if request.thinking else "low"
+    if wanted is None or "reasoning_effort" not in source:
+        return None
+    for value in (wanted, _EFFORT_FALLBACK.get(wanted)):
+        if value is not None and _accepts(source, "reasoning_effort", value):
+            return value
+    return None  # the template's own default
+
+
+def request_variables(source: str, request: GenerationRequest) -> dict[str, Any]:
+    """The template switches that follow from the request: thinking on or off (Qwen3's
+    `enable_thinking`, DeepSeek's and Granite's `thinking`) and the reasoning effort."""
+    variables: dict[str, Any] = {"enable_thinking": request.thinking, "thinking": request.thinking}
+    effort = _reasoning_effort(source, request)
+    if effort is not None:
+        variables["reasoning_effort"] = effort
+    return variables
+
+
+def render_request(
+    source: str | None,
+    request: GenerationRequest,
+    *,
+    bos_text: str,
+    eos_text: str,
+    tool_dialect: str = "auto",
+) -> tuple[str, list[str]]:
+    """The request's prompt in the template `source`, with content markers (render_text);
+    `tool_dialect` is the setting that picks the tool dialect (`auto`: detected)."""
+    caps = template_caps(source, tool_dialect)
+    messages, template_tools = conversation_for_template(caps, request.messages, request.tools)
+    extra = None
+    if source:
+        switches = caps.dialect.dialect.reasoning.switches(request.thinking)
+        extra = {**switches, **request_variables(source, request)}
+    return render_text(
+        source,
+        messages,
+        bos_text=bos_text,
+        eos_text=eos_text,
+        tools=template_tools,
+        extra=extra,
+    )

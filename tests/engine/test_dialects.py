@@ -8,9 +8,7 @@ the wrong type. Detection by probe renders picks the same dialect from the templ
 
 from __future__ import annotations
 
-import ctypes
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -127,25 +125,18 @@ def test_detected_from_the_template(template: str, dialect: str, end: str) -> No
     assert choose(source, "glm").source == "configured"
 
 
-def grammar_accepts(vocab_model: Any, grammar: str, text: str) -> bool:
-    """Whether llama.cpp's grammar sampler lets the model write exactly `text`."""
-    import llama_cpp
-
-    sampler = parse_grammar(vocab_model._model.vocab, grammar, lazy=False)
+def grammar_accepts(vocab: Any, vocab_model: Any, grammar: str, text: str) -> bool:
+    """Whether llama.cpp's grammar sampler lets the model write exactly `text`, then stop."""
+    sampler = parse_grammar(vocab, grammar, lazy=False)
     assert sampler is not None, "llama.cpp refused the grammar"
     try:
-        tokens = vocab_model.tokenize(text.encode(), add_bos=False, special=False)
-        for token in [*tokens, vocab_model.token_eos()]:
-            data = (llama_cpp.llama_token_data * 1)(llama_cpp.llama_token_data(token, 0.0, 0.0))
-            array = llama_cpp.llama_token_data_array(data, 1, -1, False)
-            llama_cpp.llama_sampler_apply(sampler, ctypes.byref(array))
-            if math.isinf(data[0].logit):
+        for token in vocab_model.tokenize(text.encode(), add_bos=False, special=False):
+            if not sampler.allows(token):
                 return False
-            if token != vocab_model.token_eos():
-                llama_cpp.llama_sampler_accept(sampler, token)
-        return True
+            sampler.accept(token)
+        return sampler.allows(vocab_model.token_eos())
     finally:
-        llama_cpp.llama_sampler_free(sampler)
+        sampler.close()
 
 
 def from_trigger(dialect: str, text: str) -> str:
@@ -156,18 +147,20 @@ def from_trigger(dialect: str, text: str) -> str:
 
 @pytest.mark.parametrize(("template", "dialect", "end"), TABLE, ids=IDS)
 def test_the_grammar_accepts_the_templates_call(
-    vocab_model: Any, template: str, dialect: str, end: str
+    vocab: Any, vocab_model: Any, template: str, dialect: str, end: str
 ) -> None:
     grammar, _ = tool_call_grammar([TOOL], dialect=by_name(dialect))
     good = from_trigger(dialect, rendered_call(template, end, ARGS))
-    assert grammar_accepts(vocab_model, grammar, good), good
+    assert grammar_accepts(vocab, vocab_model, grammar, good), good
     wrong = from_trigger(dialect, rendered_call(template, end, WRONG))
     assert wrong != good
-    assert not grammar_accepts(vocab_model, grammar, wrong), wrong
+    assert not grammar_accepts(vocab, vocab_model, grammar, wrong), wrong
 
 
 @pytest.mark.parametrize("dialect", [d.name for d in DIALECTS])
-def test_our_own_rendering_parses_and_is_grammatical(vocab_model: Any, dialect: str) -> None:
+def test_our_own_rendering_parses_and_is_grammatical(
+    vocab: Any, vocab_model: Any, dialect: str
+) -> None:
     """For templates that know no tools: calls in the history are written in the dialect."""
     syntax = by_name(dialect).syntax
     text = syntax.render(TOOL.name, ARGS)
@@ -175,7 +168,7 @@ def test_our_own_rendering_parses_and_is_grammatical(vocab_model: Any, dialect: 
         ToolCallEnd(ARGS, True)
     ]
     grammar, _ = tool_call_grammar([TOOL], dialect=by_name(dialect))
-    assert grammar_accepts(vocab_model, grammar, text), text
+    assert grammar_accepts(vocab, vocab_model, grammar, text), text
 
 
 @pytest.mark.parametrize("dialect", [d.name for d in DIALECTS if d.name != "hermes"])

@@ -61,9 +61,10 @@ SCHEDULE: dict[str, Any] = {
         "required": ["folder", "hour", "incremental"],
     },
 }
-# Seed-OSS with reasoning off (thinking_budget 0) ends its generation prompt with a reasoning
-# block reflecting on the budget (~40 tokens), which it leaves out of the history.
-REWRITTEN = {"seed-oss": 48}
+# Templates whose generation prompt opens a reasoning block that their history leaves out:
+# Seed-OSS with reasoning off (thinking_budget 0) reflects on the budget (~40 tokens),
+# MiniMax-M2 opens `<think>` (4 tokens here).
+REWRITTEN = {"seed-oss": 48, "minimax": 6}
 ASK = "Back up my photos every night at 2, incrementally."
 
 

@@ -75,17 +75,19 @@ class Syntax:
     drop: tuple[str, ...] = ()  # markup removed from visible text (message headers)
 
 
-def _enable_thinking(thinking: bool) -> dict[str, Any]:
-    return {"enable_thinking": thinking}
+def _no_switches(thinking: bool) -> dict[str, Any]:
+    return {}
 
 
 @dataclass(frozen=True)
 class Reasoning:
-    """The family's reasoning markup and the template variables that switch it."""
+    """The family's reasoning markup, and template variables of its own that switch it (the
+    common ones, `enable_thinking`, `thinking` and `reasoning_effort`, are set for every
+    template by `prompt.request_variables`)."""
 
     open: str = "<think>"
     close: str = "</think>"
-    switches: Callable[[bool], dict[str, Any]] = _enable_thinking
+    switches: Callable[[bool], dict[str, Any]] = _no_switches
 
 
 @dataclass(frozen=True)

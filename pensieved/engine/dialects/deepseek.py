@@ -12,7 +12,7 @@ import json
 import re
 from typing import Any
 
-from pensieved.engine.dialects.base import Dialect, JsonArgs, Reasoning, Syntax
+from pensieved.engine.dialects.base import Dialect, JsonArgs, Syntax
 from pensieved.engine.gbnf import escape_literal
 
 _BEGIN, _END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
@@ -22,10 +22,6 @@ _CALL, _SEP, _CALL_END = "<｜tool▁call▁begin｜>", "<｜tool▁sep｜>", "<
 def _render(name: str, arguments: dict[str, Any]) -> str:
     args = json.dumps(arguments, ensure_ascii=False, sort_keys=True)
     return f"{_BEGIN}{_CALL}{name}{_SEP}{args}{_CALL_END}{_END}"
-
-
-def _switches(thinking: bool) -> dict[str, Any]:
-    return {"enable_thinking": thinking, "thinking": thinking}
 
 
 DEEPSEEK = Dialect(
@@ -42,5 +38,4 @@ DEEPSEEK = Dialect(
         render=_render,
         separator='"\\n"?',
     ),
-    reasoning=Reasoning(switches=_switches),
 )

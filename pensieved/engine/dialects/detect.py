@@ -13,6 +13,7 @@ from functools import lru_cache
 from typing import Literal
 
 from pensieved.engine.dialects import DIALECTS, Dialect, by_name, default_dialect
+from pensieved.engine.tools import TOOL_CALL_OPEN
 from pensieved.engine.types import ChatMessage, ToolCall, ToolCallEnd, ToolCallStart, ToolSpec
 
 PROBE_TOOL = "pensieve_probe_tool"
@@ -72,7 +73,20 @@ def detect(source: str | None) -> Dialect | None:
     rendered = probe_render(source)
     if rendered is None:
         return None
-    return next((d for d in DIALECTS if reads_probe(d, rendered)), None)
+    found = next((d for d in DIALECTS if reads_probe(d, rendered)), None)
+    written = str(_PROBE_ARGS["probe_path"]) in rendered
+    if found is None and not written and TOOL_CALL_OPEN in source and _lists_tools(source):
+        # Renders the tools and speaks of `<tool_call>` but leaves calls out of the history:
+        # what it teaches is Hermes.
+        return default_dialect()
+    return found
+
+
+def _lists_tools(source: str) -> bool:
+    from pensieved.engine.prompt import render_plain
+
+    rendered = render_plain(source, [ChatMessage("user", "probe")], tools=[_PROBE_SPEC])
+    return rendered is not None and PROBE_TOOL in rendered
 
 
 def choose(source: str | None, setting: str = "auto") -> DialectChoice:

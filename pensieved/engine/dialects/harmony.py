@@ -34,10 +34,6 @@ def _render(name: str, arguments: dict[str, Any]) -> str:
     return f"<|channel|>commentary to=functions.{name} <|constrain|>json<|message|>{args}<|call|>"
 
 
-def _switches(thinking: bool) -> dict[str, Any]:
-    return {"reasoning_effort": "medium" if thinking else "low"}
-
-
 HARMONY = Dialect(
     name="harmony",
     syntax=Syntax(
@@ -63,5 +59,5 @@ HARMONY = Dialect(
             "<|end|>",
         ),
     ),
-    reasoning=Reasoning(open="<|channel|>analysis<|message|>", close="<|end|>", switches=_switches),
+    reasoning=Reasoning(open="<|channel|>analysis<|message|>", close="<|end|>"),
 )

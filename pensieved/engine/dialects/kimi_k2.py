@@ -11,7 +11,7 @@ import json
 import re
 from typing import Any
 
-from pensieved.engine.dialects.base import Dialect, JsonArgs, Reasoning, Syntax
+from pensieved.engine.dialects.base import Dialect, JsonArgs, Syntax
 from pensieved.engine.gbnf import escape_literal
 
 _BEGIN, _END = "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>"
@@ -21,10 +21,6 @@ _CALL, _ARGS, _CALL_END = "<|tool_call_begin|>", "<|tool_call_argument_begin|>",
 def _render(name: str, arguments: dict[str, Any]) -> str:
     args = json.dumps(arguments, ensure_ascii=False, sort_keys=True)
     return f"{_BEGIN}{_CALL}functions.{name}:0{_ARGS}{args}{_CALL_END}{_END}"
-
-
-def _switches(thinking: bool) -> dict[str, Any]:
-    return {"enable_thinking": thinking, "thinking": thinking}
 
 
 KIMI_K2 = Dialect(
@@ -45,5 +41,4 @@ KIMI_K2 = Dialect(
         render=_render,
         separator='"\\n"?',
     ),
-    reasoning=Reasoning(switches=_switches),
 )

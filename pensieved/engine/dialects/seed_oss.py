@@ -24,7 +24,7 @@ def _render(name: str, arguments: dict[str, Any]) -> str:
 
 
 def _switches(thinking: bool) -> dict[str, Any]:
-    return {"enable_thinking": thinking, "thinking_budget": -1 if thinking else 0}
+    return {"thinking_budget": -1 if thinking else 0}
 
 
 SEED_OSS = Dialect(
