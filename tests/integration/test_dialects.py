@@ -65,6 +65,7 @@ SCHEDULE: dict[str, Any] = {
 # Seed-OSS with reasoning off (thinking_budget 0) reflects on the budget (~40 tokens),
 # MiniMax-M2 opens `<think>` (4 tokens here).
 REWRITTEN = {"seed-oss": 48, "minimax": 6}
+SYSTEM = "You schedule backups."
 ASK = "Back up my photos every night at 2, incrementally."
 
 
@@ -101,7 +102,7 @@ def ask(
         model=MODEL,
         max_tokens=max_tokens,
         extra_body={"temperature": 0},
-        system="You schedule backups.",
+        system=SYSTEM,
         tools=[SCHEDULE],
         messages=messages,
         **kwargs,
@@ -121,13 +122,24 @@ def test_forced_call_and_a_cached_tool_loop(
     status = use_template(daemon, template)
     assert (status["tool_dialect"], status["tool_dialect_source"]) == (dialect, "detected")
     asked: list[Any] = [{"role": "user", "content": ASK}]
-    first = ask(
-        daemon,
-        asked,
+    # Streamed: the arguments arrive as input_json_deltas that concatenate to the input.
+    deltas: list[str] = []
+    with daemon.client().messages.stream(
+        model=MODEL,
         max_tokens=300,
+        extra_body={"temperature": 0},
+        system=SYSTEM,
+        tools=[SCHEDULE],
         tool_choice={"type": "any", "disable_parallel_tool_use": True},
-    )
+        messages=asked,
+    ) as stream:
+        for event in stream:
+            if event.type == "content_block_delta" and event.delta.type == "input_json_delta":
+                deltas.append(event.delta.partial_json)
+        first = stream.get_final_message()
     call = tool_use(first)
+    assert json.loads("".join(deltas)) == call.input
+    assert len([d for d in deltas if d]) > 1  # streamed as the arguments came, not at the end
     assert call.name == SCHEDULE["name"] and first.stop_reason == "tool_use"
     jsonschema.validate(call.input, SCHEDULE["input_schema"])
 
