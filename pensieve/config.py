@@ -12,7 +12,7 @@ import ipaddress
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -274,6 +274,36 @@ class UpstreamConfig(_Section):
 BUILTIN_CHAT_TEMPLATES = ("chatml", "gemma", "llama3")
 
 
+# Tool-call dialects pensieved speaks; their code lives in pensieved/engine/dialects/ (a check
+# there keeps the two in step).
+TOOL_DIALECTS = (
+    "hermes",
+    "qwen3-xml",
+    "seed-oss",
+    "glm",
+    "minimax",
+    "harmony",
+    "mistral",
+    "deepseek",
+    "kimi-k2",
+    "llama3",
+)
+ToolDialect = Literal[
+    "auto",
+    "hermes",
+    "qwen3-xml",
+    "seed-oss",
+    "glm",
+    "minimax",
+    "harmony",
+    "mistral",
+    "deepseek",
+    "kimi-k2",
+    "llama3",
+]
+assert get_args(ToolDialect) == ("auto", *TOOL_DIALECTS)
+
+
 def _check_chat_template(value: str | None) -> str | None:
     if value is None or value in BUILTIN_CHAT_TEMPLATES:
         return value
@@ -302,6 +332,12 @@ class AliasTarget(_Section):
         None,
         description="Chat template for this alias: a built-in name (chatml, gemma, llama3) or "
         "a Jinja file; null: `model.chat_template`, else the one in the GGUF.",
+    )
+
+    tool_dialect: ToolDialect | None = Field(
+        None,
+        description="Tool-call syntax of this alias's model (see docs/dialects.md); null: "
+        "`model.tool_dialect` when it serves `model_path`'s file, else `auto`.",
     )
 
     @field_validator("chat_template")
@@ -453,6 +489,12 @@ class ModelConfig(_Section):
         description="Chat template of `model_path`'s model, like llama-server's "
         "--chat-template(-file): a built-in name (chatml, gemma, llama3) or a Jinja file; "
         "null: the GGUF's own. Needed for base models, whose GGUF has none.",
+    )
+    tool_dialect: ToolDialect = Field(
+        "auto",
+        description="Tool-call syntax of `model_path`'s model (hermes, qwen3-xml, seed-oss, "
+        "glm, minimax, harmony, mistral, deepseek, kimi-k2, llama3; see docs/dialects.md); "
+        "`auto`: detected from the chat template.",
     )
     idle_unload_s: float = Field(
         900,

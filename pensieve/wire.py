@@ -205,6 +205,17 @@ class ModelEntryStatus(_ControlModel):
     chat_template: str | None = Field(
         None, description="The `chat_template` setting in force for it (null: the GGUF's)."
     )
+    tool_dialect: str | None = Field(
+        None,
+        description="The tool-call dialect its requests use (docs/dialects.md); null: not "
+        "known until it loads (detected from the GGUF's template).",
+    )
+    tool_dialect_source: Literal["configured", "detected", "generic"] | None = Field(
+        None,
+        description="How the dialect was chosen: `configured` (tool_dialect), `detected` "
+        "(from the chat template), `generic` (the template renders no calls: our own tool "
+        "section, in hermes).",
+    )
     memory_bytes: int = Field(
         0, description="Weights plus KV caches while loaded (0 when unloaded)."
     )

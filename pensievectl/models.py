@@ -35,13 +35,31 @@ def _row(m: ModelEntryStatus, now: float) -> list[str]:
         if m.disk_cached_tokens
         else "0",
         _ago(m.last_used, now),
+        dialect_text(m),
         ", ".join(m.names) or "-",
     ]
 
 
+def dialect_text(m: ModelEntryStatus) -> str:
+    """The tool dialect and how it was chosen, e.g. `qwen3-xml (detected)`."""
+    if m.tool_dialect is None:
+        return "-"
+    return f"{m.tool_dialect} ({m.tool_dialect_source})"
+
+
 def format_models(reply: ModelsResponse, now: float | None = None) -> str:
     now = time.time() if now is None else now
-    header = ["MODEL", "STATE", "SINCE", "MEMORY", "CACHED", "ON DISK", "LAST USE", "SERVES"]
+    header = [
+        "MODEL",
+        "STATE",
+        "SINCE",
+        "MEMORY",
+        "CACHED",
+        "ON DISK",
+        "LAST USE",
+        "TOOL DIALECT",
+        "SERVES",
+    ]
     rows = [header] + [_row(m, now) for m in reply.models]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = [

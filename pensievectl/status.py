@@ -245,6 +245,9 @@ def format_status(s: StatusResponse, config_problem: str | None = None) -> str:
                 f"{model.threads} threads, {model.slots} slots",
             )
         )
+        default = next((m for m in s.models if "(default)" in m.names), None)
+        if default is not None and default.tool_dialect is not None:
+            rows.append(("tool dialect", f"{default.tool_dialect} ({default.tool_dialect_source})"))
         rows += _cache_rows(model)
     else:
         rows.append(("model", _default_unloaded(s)))

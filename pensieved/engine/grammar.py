@@ -15,9 +15,10 @@ from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import Any
 
-from pensieved.engine.gbnf import escape_literal, grammar_problem, integer_range_rule
+from pensieved.engine.dialects import Dialect, by_name, default_dialect
+from pensieved.engine.dialects.build import calls_root
+from pensieved.engine.gbnf import grammar_problem, integer_range_rule
 from pensieved.engine.llama import SchemaConverter
-from pensieved.engine.markers import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 from pensieved.engine.schema import normalise
 from pensieved.engine.types import GenerationRequest, ToolSpec
 
@@ -89,38 +90,33 @@ def _finish(converter: SchemaConverter, rules: dict[str, str]) -> str:
     return converter.format()
 
 
-def _rule_name(index: int) -> str:
-    return f"tool{index}"
+def convert_normalised(converter: SchemaConverter, schema: dict[str, Any], name: str) -> str:
+    """A rule for an already normalised schema; any JSON value when the converter fails."""
+    snapshot = dict(converter.rules)
+    try:
+        return _convert(converter, schema, name)
+    except Exception as exc:  # the converter asserts on shapes it cannot express
+        log.warning("schema %s: not expressible (%s); using any value", name, exc)
+        converter.rules = snapshot
+        return _convert(converter, {}, name)
 
 
 def tool_call_grammar(
-    tools: Sequence[ToolSpec], *, only: str | None = None, parallel: bool = True
+    tools: Sequence[ToolSpec],
+    *,
+    only: str | None = None,
+    parallel: bool = True,
+    dialect: Dialect | None = None,
+    lazy: bool = False,
 ) -> tuple[str, list[str]]:
-    """GBNF for one or more tool calls in the format `tools.py` renders and parses.
+    """GBNF for one or more tool calls in `dialect`'s syntax (default: hermes, the generic
+    format `tools.py` renders). `lazy`: the grammar starts at the dialect's trigger.
 
     Returns the grammar and a list of schema features that were loosened (for the log).
     """
+    syntax = (dialect or default_dialect()).syntax
     converter = SchemaConverter()
-    bodies = []
-    loosened: list[str] = []
-    for index, tool in enumerate(tools):
-        if only is not None and tool.name != only:
-            continue
-        args, notes = schema_rule(converter, tool.parameters or _ANY_OBJECT, _rule_name(index))
-        loosened += [f"{tool.name}: {n}" for n in notes]
-        head = escape_literal(f'{json.dumps(tool.name, ensure_ascii=False)}, "arguments": ')
-        bodies.append(f"{head} {args}")
-    if not bodies:
-        raise ValueError("no tool to build a grammar for")
-    call = (
-        f'{escape_literal(TOOL_CALL_OPEN)} "\\n"? "{{\\"name\\": " tool-body "}}" "\\n"? '
-        f"{escape_literal(TOOL_CALL_CLOSE)}"
-    )
-    rules = {
-        "tool-body": " | ".join(f"( {b} )" for b in bodies),
-        "tool-call": call,
-        "root": 'tool-call ( "\\n"? tool-call )*' if parallel else "tool-call",
-    }
+    rules, loosened = calls_root(syntax, tools, converter, lazy=lazy, only=only, parallel=parallel)
     return _finish(converter, rules), loosened
 
 
@@ -150,9 +146,12 @@ def _checked(grammar: str, loosest: Callable[[], str], what: str) -> str | None:
     return None
 
 
-def _loosest_tools(names: Sequence[str], only: str | None, parallel: bool) -> str:
+def _loosest_tools(
+    names: Sequence[str], only: str | None, parallel: bool, dialect: str, lazy: bool
+) -> str:
     tools = [ToolSpec(name, "", _ANY_OBJECT) for name in names]
-    return tool_call_grammar(tools, only=only, parallel=parallel)[0]
+    found = by_name(dialect)
+    return tool_call_grammar(tools, only=only, parallel=parallel, dialect=found, lazy=lazy)[0]
 
 
 def _loosest_output() -> str:
@@ -162,13 +161,21 @@ def _loosest_output() -> str:
 # Claude Code sends the same tools on every turn: each distinct tool set (or output schema) is
 # built once, and what it loosened is logged once.
 @lru_cache(maxsize=32)
-def _tool_grammar_cached(tools_key: str, only: str | None, parallel: bool) -> str | None:
+def _tool_grammar_cached(
+    tools_key: str, only: str | None, parallel: bool, dialect: str, lazy: bool
+) -> str | None:
     tools = [ToolSpec(t["name"], "", t["schema"]) for t in json.loads(tools_key)]
-    grammar, loosened = tool_call_grammar(tools, only=only, parallel=parallel)
+    grammar, loosened = tool_call_grammar(
+        tools, only=only, parallel=parallel, dialect=by_name(dialect), lazy=lazy
+    )
     if loosened:
         log.info("tool schemas: not enforced by the grammar: %s", "; ".join(loosened))
     names = [tool.name for tool in tools]
-    return _checked(grammar, lambda: _loosest_tools(names, only, parallel), "tool call grammar")
+    return _checked(
+        grammar,
+        lambda: _loosest_tools(names, only, parallel, dialect, lazy),
+        "tool call grammar",
+    )
 
 
 @lru_cache(maxsize=32)
@@ -183,8 +190,11 @@ def _key(value: Any) -> str:
     return json.dumps(value, sort_keys=True, ensure_ascii=False)
 
 
-def request_grammar(request: GenerationRequest) -> tuple[str | None, bool]:
-    """(grammar, lazy) for a request: structured output, forced or optional tool calls.
+def request_grammar(
+    request: GenerationRequest, dialect: Dialect | None = None
+) -> tuple[str | None, bool]:
+    """(grammar, lazy) for a request: structured output, forced or optional tool calls, the
+    calls in `dialect`'s syntax (default hermes).
 
     The grammar is within the limits `grammar_problem` checks, so llama.cpp may parse it.
     """
@@ -195,11 +205,13 @@ def request_grammar(request: GenerationRequest) -> tuple[str | None, bool]:
         return None, False
     key = _key([{"name": t.name, "schema": t.parameters} for t in request.tools])
     only = choice.name if choice.mode == "tool" else None
-    grammar = _tool_grammar_cached(key, only, choice.parallel)
-    return grammar, grammar is not None and choice.mode == "auto"
+    name = (dialect or default_dialect()).name
+    lazy = choice.mode == "auto"
+    grammar = _tool_grammar_cached(key, only, choice.parallel, name, lazy)
+    return grammar, grammar is not None and lazy
 
 
-def loosest_grammar(request: GenerationRequest) -> str | None:
+def loosest_grammar(request: GenerationRequest, dialect: Dialect | None = None) -> str | None:
     """The fallback when llama.cpp refuses a schema-derived grammar: right shape, any values.
 
     None when even that is past the limits (thousands of tools with long names).
@@ -209,5 +221,7 @@ def loosest_grammar(request: GenerationRequest) -> str | None:
     else:
         choice = request.tool_choice
         only = choice.name if choice.mode == "tool" else None
-        grammar = _loosest_tools([t.name for t in request.tools], only, choice.parallel)
+        name = (dialect or default_dialect()).name
+        names = [t.name for t in request.tools]
+        grammar = _loosest_tools(names, only, choice.parallel, name, choice.mode == "auto")
     return grammar if grammar_problem(grammar) is None else None

@@ -34,14 +34,17 @@ log = logging.getLogger("pensieved.engine")
 MAX_PARSED = 16
 
 
-def parse_grammar(vocab: Vocab, grammar: str, *, lazy: bool) -> Grammar | None:
-    """A grammar sampler for `grammar` (lazy: from the first `<tool_call>` on), or None when
-    llama.cpp refuses it (it says why on stderr). The caller closes it."""
+def parse_grammar(
+    vocab: Vocab, grammar: str, *, lazy: bool, trigger: str = TOOL_CALL_OPEN
+) -> Grammar | None:
+    """A grammar sampler for `grammar` (lazy: from the first `trigger` on, the dialect's start
+    of a call), or None when llama.cpp refuses it (it says why on stderr). The caller closes
+    it."""
     problem = grammar_problem(grammar)
     if problem is not None:  # callers check first; this keeps the parser safe regardless
         log.warning("not parsing a grammar past the limits: %s", problem)
         return None
-    patterns = [re.escape(TOOL_CALL_OPEN)] if lazy else None
+    patterns = [re.escape(trigger)] if lazy else None
     return Grammar.parse(vocab, grammar, lazy_patterns=patterns)
 
 
@@ -81,16 +84,18 @@ class GrammarCache:
         self._capacity = capacity
         self._lock = threading.Lock()
         # None: llama.cpp refused that grammar (remembered, so it is not parsed every turn).
-        self._entries: OrderedDict[tuple[str, bool], ParsedGrammar | None] = OrderedDict()
+        self._entries: OrderedDict[tuple[str, bool, str], ParsedGrammar | None] = OrderedDict()
         # Evicted entries live on while a prepared request holds them; close() frees those too.
         self._live: weakref.WeakSet[ParsedGrammar] = weakref.WeakSet()
-        self._parsing: dict[tuple[str, bool], threading.Lock] = {}
+        self._parsing: dict[tuple[str, bool, str], threading.Lock] = {}
         self._closed = False
         self.parses = 0  # for tests and the benchmark: how often llama.cpp parsed
 
-    def get(self, grammar: str, *, lazy: bool) -> ParsedGrammar | None:
+    def get(
+        self, grammar: str, *, lazy: bool, trigger: str = TOOL_CALL_OPEN
+    ) -> ParsedGrammar | None:
         """The parsed `grammar`, parsing it on first use; None if llama.cpp refuses it."""
-        key = (grammar, lazy)
+        key = (grammar, lazy, trigger if lazy else "")
         with self._lock:
             found, parsed = self._lookup(key)
             if found:
@@ -103,7 +108,7 @@ class GrammarCache:
                 found, parsed = self._lookup(key)
                 if found:
                     return parsed
-            template = parse_grammar(self._vocab, grammar, lazy=lazy)
+            template = parse_grammar(self._vocab, grammar, lazy=lazy, trigger=trigger)
             parsed = ParsedGrammar(template, grammar, lazy) if template is not None else None
             with self._lock:
                 self.parses += 1
@@ -119,7 +124,7 @@ class GrammarCache:
                     self._entries.popitem(last=False)  # freed once no request holds it
         return parsed
 
-    def _lookup(self, key: tuple[str, bool]) -> tuple[bool, ParsedGrammar | None]:
+    def _lookup(self, key: tuple[str, bool, str]) -> tuple[bool, ParsedGrammar | None]:
         self._check_open()
         if key not in self._entries:
             return False, None

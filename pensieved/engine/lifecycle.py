@@ -234,6 +234,20 @@ class ModelTable:
             setting = self.config.model.chat_template
         return self.entries.get(path), setting, f"model.aliases.{pattern}.chat_template"
 
+    def tool_dialect(self, name: str) -> str:
+        """The `tool_dialect` setting for requests to `name` (`auto`: detect)."""
+        for pattern, target in alias_targets(self.config).items():
+            if fnmatch.fnmatchcase(name, pattern):
+                return self.dialect_of_target(target)
+        return self.config.model.tool_dialect
+
+    def dialect_of_target(self, target: AliasTarget) -> str:
+        if target.tool_dialect is not None:
+            return target.tool_dialect
+        if Path(target.model_path).expanduser() == self.default_path:
+            return self.config.model.tool_dialect
+        return "auto"
+
     def names_of(self, path: Path) -> list[str]:
         names = [
             pattern

@@ -19,6 +19,7 @@ from pensieve.config import ModelConfig
 from pensieve.hfref import missing_message
 from pensieve.wire import KvSlotStatus, KvStatus
 from pensieved.engine import selftest
+from pensieved.engine.dialects import is_markup
 from pensieved.engine.grammar_cache import GrammarCache, ParsedGrammar
 from pensieved.engine.kvpool import CellPool
 from pensieved.engine.llama import (
@@ -30,6 +31,7 @@ from pensieved.engine.llama import (
     attention_on_gpu,
     init_backend,
 )
+from pensieved.engine.markers import TOOL_CALL_OPEN
 from pensieved.engine.memory import (
     AGENT_CONTEXT,
     KvCacheType,
@@ -243,10 +245,16 @@ class LoadedModel:
         return self.weights.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
 
     def token_bytes(self, token: int) -> bytes:
-        """The text bytes of a generated token (control tokens render as nothing)."""
+        """The text bytes of a generated token. Control tokens render as nothing, except
+        those a tool dialect writes its calls and reasoning with (`<|channel|>`,
+        `[TOOL_CALLS]`, …), which its parser must see."""
         piece = self._pieces.get(token)
         if piece is None:
             piece = self.weights.token_to_piece(token, special=False)
+            if not piece:
+                special = self.weights.token_to_piece(token, special=True)
+                if is_markup(special.decode("utf-8", errors="replace")):
+                    piece = special
             self._pieces[token] = piece
         return piece
 
@@ -259,12 +267,15 @@ class LoadedModel:
     def is_end_of_generation(self, token: int) -> bool:
         return self.weights.is_end_of_generation(token)
 
-    def parsed_grammar(self, grammar: str, *, lazy: bool) -> ParsedGrammar | None:
+    def parsed_grammar(
+        self, grammar: str, *, lazy: bool, trigger: str = TOOL_CALL_OPEN
+    ) -> ParsedGrammar | None:
         """`grammar` parsed for this model's vocabulary (once; see grammar_cache.py), or None
-        if llama.cpp refuses it. Call it off the event loop: a first parse takes a while."""
+        if llama.cpp refuses it; `lazy`: it applies from `trigger` on. Call it off the event
+        loop: a first parse takes a while."""
         if self._grammars is None:
             raise GrammarError("the model was unloaded while preparing this request")
-        return self._grammars.get(grammar, lazy=lazy)
+        return self._grammars.get(grammar, lazy=lazy, trigger=trigger)
 
     def kv_bytes_per_slot(self) -> int:
         """What one slot at the full context would take on its own (its tokens unshared)."""

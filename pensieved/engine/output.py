@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from pensieved.engine.dialects import by_name
+from pensieved.engine.dialects.base import CallParser
 from pensieved.engine.textstream import TextStream
 from pensieved.engine.thinking import ThinkSplitter
-from pensieved.engine.tools import ParsedText, ToolCallParser
+from pensieved.engine.tools import ParsedText
 from pensieved.engine.types import (
     Event,
     PreparedPrompt,
@@ -31,14 +33,25 @@ class OutputRouter:
         self._emit = emit
         self._stops = request.stop_sequences
         self._visible = TextStream(self._stops)
-        self._think = ThinkSplitter(start_open=prepared.thinking_open)
+        dialect = by_name(prepared.tool_dialect)
+        reasoning = dialect.reasoning
+        # A grammar from the first token (a forced call, structured output) leaves no room for
+        # reasoning, whatever block the prompt opened.
+        forced = prepared.grammar is not None and not prepared.grammar.lazy
+        self._think = ThinkSplitter(
+            start_open=prepared.thinking_open and not forced,
+            open_tag=reasoning.open,
+            close_tag=reasoning.close,
+        )
         self._show_thinking = request.thinking
         self._no_tools = request.tool_choice.mode == "none"
         self._parallel = request.tool_choice.parallel
-        self._parser: ToolCallParser | None = None
-        if request.tools and request.output_schema is None:
-            names = () if self._no_tools else tuple(t.name for t in request.tools)
-            self._parser = ToolCallParser(names)
+        self._parser: CallParser | None = None
+        if request.output_schema is None and (request.tools or dialect.syntax.drop):
+            # A dialect with message headers to drop parses every reply; without tools (or
+            # with tool_choice none) it knows no tool, so no call is taken as one.
+            known = () if self._no_tools or not request.tools else request.tools
+            self._parser = dialect.new_parser(known)
         self.stop_reason: StopReason = "max_tokens"
         self.stop_sequence: str | None = None
         self.done = False

@@ -23,9 +23,9 @@ import jinja2.nodes
 import jinja2.parser
 import jinja2.sandbox
 
-from pensieved.engine.markers import TOOL_CALL_OPEN
+from pensieved.engine.dialects.detect import GENERIC, DialectChoice, choose
 from pensieved.engine.tools import to_generic_messages
-from pensieved.engine.types import ChatMessage, GenerationRequest, ToolSpec
+from pensieved.engine.types import ChatMessage, GenerationRequest, ToolCall, ToolSpec
 from pensieved.errors import ChatTemplateError
 
 _MARK_OPEN, _MARK_CLOSE = "\ue000", "\ue001"
@@ -87,7 +87,10 @@ class _Marked:
 def _template_messages(messages: Sequence[ChatMessage], marked: _Marked) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for message in messages:
-        item: dict[str, Any] = {"role": message.role, "content": marked.mark(message.content)}
+        # Empty content stays empty: templates test it (`{% if message.content %}`) to decide
+        # what to write before tool calls, and a marker would always pass that test.
+        content = marked.mark(message.content) if message.content else ""
+        item: dict[str, Any] = {"role": message.role, "content": content}
         if message.tool_calls:
             item["tool_calls"] = [
                 {
@@ -194,12 +197,21 @@ _PROBE = "pensieve-probe-7f3a"
 class TemplateCaps:
     """What a chat template accepts, found by rendering small probe conversations."""
 
-    tools: bool  # renders `tools` and speaks the `<tool_call>` syntax our parser reads
+    tools: bool  # renders `tools`, and calls in a dialect we read (or were told)
     system_mid: bool  # renders a system message after the conversation has started
     system_first: bool = True  # renders a system message that opens the conversation
     # Why it cannot render a system prompt and a user turn even with system text folded in
     # (None: it can); reported when the model loads.
     error: str | None = None
+    dialect: DialectChoice = GENERIC  # the tool-call syntax, and how it was chosen
+    # Renders a user message right after tool results (Mistral's insists on an assistant).
+    user_after_tool: bool = True
+
+
+def render_plain(source: str, messages: list[ChatMessage], **kwargs: Any) -> str | None:
+    """The template's text for `messages` with the contents in place; None if it fails."""
+    rendered = _renders(source, messages, **kwargs)
+    return rendered if isinstance(rendered, str) else None
 
 
 def _renders(source: str, messages: list[ChatMessage], **kwargs: Any) -> str | ChatTemplateError:
@@ -216,14 +228,15 @@ def _shows(rendered: str | ChatTemplateError, text: str) -> bool:
 
 
 @lru_cache(maxsize=8)
-def template_caps(source: str | None) -> TemplateCaps:
+def template_caps(source: str | None, tool_dialect: str = "auto") -> TemplateCaps:
+    """What `source` takes; `tool_dialect` is the `tool_dialect` setting (`auto`: detect)."""
+    dialect = choose(source, tool_dialect)
     if not source:
-        return TemplateCaps(tools=False, system_mid=False)
-    tool = ToolSpec(name=_PROBE, description="probe", parameters={"type": "object"})
-    with_tools = _renders(source, [ChatMessage("user", "hi")], tools=[tool])
-    # Templates that take tools in another syntax (Llama 3.1's bare JSON, Mistral's
-    # [TOOL_CALLS]) get our generic format instead, which our parser and grammar speak.
-    tools = _shows(with_tools, _PROBE) and TOOL_CALL_OPEN in source
+        return TemplateCaps(tools=False, system_mid=False, dialect=dialect)
+    with_tools = _renders(source, [ChatMessage("user", "hi")], tools=[_probe_tool()])
+    # A template whose calls no dialect reads gets our generic tool section instead, written
+    # in hermes, which our parser and grammar speak.
+    tools = _shows(with_tools, _PROBE) and dialect.source != "generic"
     # Gemma 2 raises "System role not supported"; a template that silently drops the
     # system text refuses it just as much.
     opening = ChatMessage("system", "pensieve-opening-2c9e")
@@ -234,12 +247,44 @@ def template_caps(source: str | None) -> TemplateCaps:
     later += [ChatMessage("system", _PROBE), ChatMessage("user", "c")]
     mid = _renders(source, [opening, *later] if system_first else later)
     system_mid = _shows(mid, _PROBE) and (not system_first or _shows(mid, opening.content))
-    caps = TemplateCaps(tools, system_mid, system_first)
+    user_after_tool = not tools or _renders_user_after_tool(source)
+    caps = TemplateCaps(tools, system_mid, system_first, None, dialect, user_after_tool)
     plain = [ChatMessage("system", "Be brief."), ChatMessage("user", "hi")]
     rendered = _renders(source, conversation_for_template(caps, plain, ())[0])
     if isinstance(rendered, ChatTemplateError):
-        return TemplateCaps(caps.tools, caps.system_mid, caps.system_first, str(rendered))
+        return TemplateCaps(
+            tools, system_mid, system_first, str(rendered), dialect, user_after_tool
+        )
     return caps
+
+
+def _renders_user_after_tool(source: str) -> bool:
+    call = ToolCall("call_0", _PROBE, {})
+    messages = [
+        ChatMessage("user", "a"),
+        ChatMessage("assistant", "", tool_calls=(call,)),
+        ChatMessage("tool", "b", tool_call_id="call_0", name=_PROBE),
+        ChatMessage("user", _PROBE),
+    ]
+    return _shows(_renders(source, messages, tools=[_probe_tool()]), _PROBE)
+
+
+def _probe_tool() -> ToolSpec:
+    return ToolSpec(name=_PROBE, description="probe", parameters={"type": "object"})
+
+
+def _user_into_results(messages: Sequence[ChatMessage]) -> list[ChatMessage]:
+    """A user message right after tool results joins the last result's text (an Anthropic
+    user turn holds both; some templates take no user turn before the assistant's)."""
+    out: list[ChatMessage] = []
+    for message in messages:
+        last = out[-1] if out else None
+        if message.role == "user" and last is not None and last.role == "tool":
+            joined = f"{last.content}\n\n{message.content}"
+            out[-1] = ChatMessage("tool", joined, tool_call_id=last.tool_call_id, name=last.name)
+        else:
+            out.append(message)
+    return out
 
 
 SYSTEM_NOTE = "[System message]"
@@ -284,10 +329,13 @@ def conversation_for_template(
         out = list(messages)
         template_tools = tuple(tool for tool in tools if not tool.deferred)
     elif tools or has_tool_history:
-        out = to_generic_messages(messages, tools)
+        out = to_generic_messages(messages, tools, caps.dialect.dialect.syntax.render)
     else:
         out = list(messages)
-    return _fold_system(caps, out), template_tools
+    out = _fold_system(caps, out)
+    if caps.tools and not caps.user_after_tool:
+        out = _user_into_results(out)
+    return out, template_tools
 
 
 # ---- the variables a request sets ----------------------------------------------------------
@@ -327,16 +375,26 @@ def request_variables(source: str, request: GenerationRequest) -> dict[str, Any]
 
 
 def render_request(
-    source: str | None, request: GenerationRequest, *, bos_text: str, eos_text: str
+    source: str | None,
+    request: GenerationRequest,
+    *,
+    bos_text: str,
+    eos_text: str,
+    tool_dialect: str = "auto",
 ) -> tuple[str, list[str]]:
-    """The request's prompt in the template `source`, with content markers (render_text)."""
-    caps = template_caps(source)
+    """The request's prompt in the template `source`, with content markers (render_text);
+    `tool_dialect` is the setting that picks the tool dialect (`auto`: detected)."""
+    caps = template_caps(source, tool_dialect)
     messages, template_tools = conversation_for_template(caps, request.messages, request.tools)
+    extra = None
+    if source:
+        switches = caps.dialect.dialect.reasoning.switches(request.thinking)
+        extra = {**switches, **request_variables(source, request)}
     return render_text(
         source,
         messages,
         bos_text=bos_text,
         eos_text=eos_text,
         tools=template_tools,
-        extra=request_variables(source, request) if source else None,
+        extra=extra,
     )

@@ -21,6 +21,8 @@ from pensieve.config import Config
 from pensieve.hfref import model_file
 from pensieve.paths import bundled_model_path
 from pensieve.wire import DecodeStatus, ModelEntryStatus, ModelStatus
+from pensieved.engine.dialects import by_name
+from pensieved.engine.dialects.detect import DialectChoice, choose
 from pensieved.engine.grammar import loosest_grammar, request_grammar
 from pensieved.engine.grammar_cache import ParsedGrammar
 from pensieved.engine.interface import EngineState, EngineStatus, OnWait, Work
@@ -35,7 +37,7 @@ from pensieved.engine.lifecycle import (
 )
 from pensieved.engine.model import LoadedModel, ModelSettings
 from pensieved.engine.persist import saved_summary
-from pensieved.engine.prompt import render_request, tokenize_rendered
+from pensieved.engine.prompt import render_request, template_caps, tokenize_rendered
 from pensieved.engine.templates import template_problem, template_source
 from pensieved.engine.thinking import prompt_opens_thinking
 from pensieved.engine.types import (
@@ -48,6 +50,7 @@ from pensieved.engine.types import (
     PromptCached,
 )
 from pensieved.errors import (
+    ChatTemplateError,
     LoadCancelledError,
     ModelLoadError,
     ModelUnavailableError,
@@ -101,6 +104,18 @@ class Stats:
     tokens_generated: int = 0
     prompt_tokens: int = 0
     cache_read_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class PromptSettings:
+    """The settings that shape a model's prompts: `chat_template` (None: the GGUF's) and
+    `tool_dialect` (`auto`: detected from the template)."""
+
+    chat_template: str | None = None
+    tool_dialect: str = "auto"
+
+
+_AUTO = PromptSettings()
 
 
 def model_load_key(config: Config) -> tuple[object, ...]:
@@ -304,9 +319,10 @@ class Engine:
 
     async def _acquire(
         self, name: str, on_wait: OnWait | None = None
-    ) -> tuple[ModelRuntime, str | None]:
+    ) -> tuple[ModelRuntime, PromptSettings]:
         """Hold the loaded model serving `name` (loading it first if need be, awaiting
-        `on_wait` every keep-alive period meanwhile); with its `chat_template` setting."""
+        `on_wait` every keep-alive period meanwhile); with its `chat_template` and
+        `tool_dialect` settings."""
         entry = self.entry_for(name)
         _, setting, key = self.pool.table.resolve(name)
         while entry.state != "loaded" or entry.runtime is None:
@@ -317,21 +333,28 @@ class Engine:
         if problem is not None:
             raise NoChatTemplateError(problem)
         self.pool.hold(runtime)
-        return runtime, setting
+        return runtime, PromptSettings(setting, self.pool.table.tool_dialect(name))
 
     def _render_tokens(
-        self, model: LoadedModel, request: GenerationRequest, template: str | None = None
+        self, model: LoadedModel, request: GenerationRequest, settings: PromptSettings = _AUTO
     ) -> list[int]:
-        return self._render(model, request, template)[0]
+        return self._render(model, request, settings)[0]
 
     def _render(
-        self, model: LoadedModel, request: GenerationRequest, template: str | None = None
-    ) -> tuple[list[int], bool]:
-        """Prompt tokens, and whether the prompt ends inside a `<think>` block. `template` is
-        a `chat_template` setting overriding the model's own."""
+        self, model: LoadedModel, request: GenerationRequest, settings: PromptSettings = _AUTO
+    ) -> tuple[list[int], bool, str]:
+        """Prompt tokens, whether the prompt ends inside a reasoning block, and the dialect's
+        name. `settings.chat_template` overrides the model's own template."""
+        template = settings.chat_template
         source = template_source(template) if template else model.chat_template
+        caps = template_caps(source, settings.tool_dialect)
+        reasoning = caps.dialect.dialect.reasoning
         rendered, contents = render_request(
-            source, request, bos_text=model.bos_text, eos_text=model.eos_text
+            source,
+            request,
+            bos_text=model.bos_text,
+            eos_text=model.eos_text,
+            tool_dialect=settings.tool_dialect,
         )
         tokens = tokenize_rendered(
             rendered,
@@ -340,21 +363,29 @@ class Engine:
             add_bos=model.add_bos,
             bos_text=model.bos_text,
         )
-        return tokens, prompt_opens_thinking(rendered)
+        dialect = caps.dialect.dialect
+        return tokens, prompt_opens_thinking(rendered, reasoning.open), dialect.name
 
-    def _grammar(self, model: LoadedModel, request: GenerationRequest) -> ParsedGrammar | None:
+    def _grammar(
+        self, model: LoadedModel, request: GenerationRequest, dialect: str = "hermes"
+    ) -> ParsedGrammar | None:
         """The request's grammar, built and parsed once per distinct tool set (both cached)."""
         started = time.monotonic()
-        grammar, lazy = request_grammar(request)
+        grammar, lazy = request_grammar(request, by_name(dialect))
         if grammar is None:
             return None
         try:
-            parsed = model.parsed_grammar(grammar, lazy=lazy)
+            trigger = by_name(dialect).syntax.trigger
+            parsed = model.parsed_grammar(grammar, lazy=lazy, trigger=trigger)
             if parsed is not None:
                 return parsed
             log.warning("llama.cpp refused the schema grammar; enforcing the JSON shape only")
-            loosest = loosest_grammar(request)
-            parsed = model.parsed_grammar(loosest, lazy=lazy) if loosest is not None else None
+            loosest = loosest_grammar(request, by_name(dialect))
+            parsed = (
+                model.parsed_grammar(loosest, lazy=lazy, trigger=trigger)
+                if loosest is not None
+                else None
+            )
             if parsed is None:
                 log.warning("llama.cpp refused the loosest grammar too; output is not constrained")
             return parsed
@@ -362,10 +393,10 @@ class Engine:
             self.metrics.grammar_seconds.observe(time.monotonic() - started, model=model.name)
 
     def _prepare_sync(
-        self, model: LoadedModel, request: GenerationRequest, template: str | None = None
-    ) -> tuple[list[int], bool, ParsedGrammar | None]:
-        tokens, thinking_open = self._render(model, request, template)
-        return tokens, thinking_open, self._grammar(model, request)
+        self, model: LoadedModel, request: GenerationRequest, settings: PromptSettings = _AUTO
+    ) -> tuple[list[int], bool, ParsedGrammar | None, str]:
+        tokens, thinking_open, dialect = self._render(model, request, settings)
+        return tokens, thinking_open, self._grammar(model, request, dialect), dialect
 
     async def count_tokens(self, name: str, request: GenerationRequest, work: Work) -> int:
         self.activity.begin(work.request_id, work.what, "rendering and tokenizing the prompt")
@@ -420,7 +451,7 @@ class Engine:
         runtime, template = await self._acquire(name, on_wait)
         model = runtime.model
         try:
-            tokens, thinking_open, grammar = await asyncio.to_thread(
+            tokens, thinking_open, grammar, dialect = await asyncio.to_thread(
                 self._prepare_sync, model, request, template
             )
             room = model.n_ctx - len(tokens)
@@ -436,6 +467,7 @@ class Engine:
             max_tokens,
             grammar=grammar,
             thinking_open=thinking_open,
+            tool_dialect=dialect,
         )
         return runtime, prepared
 
@@ -546,6 +578,29 @@ class Engine:
             recent_requests=list(runtime.scheduler.recent),
         )
 
+    def _dialect_of(self, path: Path, runtime: ModelRuntime | None) -> DialectChoice | None:
+        """The dialect requests to the model at `path` use (for its first name), or None
+        while it depends on a GGUF template not yet read."""
+        models = self.pool.table
+        setting: str
+        if path == models.default_path:
+            template, setting = self.config.model.chat_template, self.config.model.tool_dialect
+        else:
+            targets = alias_targets(self.config).values()
+            serving = [t for t in targets if Path(t.model_path).expanduser() == path]
+            if not serving:
+                return None
+            template, setting = serving[0].chat_template, models.dialect_of_target(serving[0])
+        if setting != "auto":
+            return choose(None, setting)
+        try:
+            source = template_source(template) if template else None
+        except ChatTemplateError:
+            return None
+        if source is None and runtime is not None:
+            source = runtime.model.chat_template
+        return choose(source, setting) if source else None
+
     def models_status(self) -> list[ModelEntryStatus]:
         """Every configured model, loaded or not (`status` and `pensievectl models`)."""
         models = self.pool.table
@@ -557,6 +612,7 @@ class Engine:
             template = None
             if path == models.default_path:
                 template = self.config.model.chat_template
+            dialect = self._dialect_of(path, runtime)
             out.append(
                 ModelEntryStatus(
                     file=path.name,
@@ -569,6 +625,8 @@ class Engine:
                     load_s=entry.load_s,
                     error=entry.error or entry.template_problem,
                     chat_template=template,
+                    tool_dialect=dialect.dialect.name if dialect else None,
+                    tool_dialect_source=dialect.source if dialect else None,
                     memory_bytes=(
                         runtime.model.size_bytes + runtime.model.kv_bytes() if runtime else 0
                     ),

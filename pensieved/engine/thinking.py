@@ -13,16 +13,22 @@ THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
 
 
-def prompt_opens_thinking(rendered_prompt: str) -> bool:
-    """Whether the generation prompt ends inside a `<think>` block the template opened."""
+def prompt_opens_thinking(rendered_prompt: str, open_tag: str = THINK_OPEN) -> bool:
+    """Whether the generation prompt ends inside a reasoning block the template opened."""
     tail = rendered_prompt.rstrip()
-    return tail.endswith(THINK_OPEN)
+    return tail.endswith(open_tag)
 
 
 class ThinkSplitter:
-    """Feed generated text; get (is_thinking, text) pieces back as soon as they are decided."""
+    """Feed generated text; get (is_thinking, text) pieces back as soon as they are decided.
 
-    def __init__(self, *, start_open: bool = False) -> None:
+    The tags are the model family's (`<think>`, `<seed:think>`, `[THINK]`, harmony's
+    analysis channel header and `<|end|>`)."""
+
+    def __init__(
+        self, *, start_open: bool = False, open_tag: str = THINK_OPEN, close_tag: str = THINK_CLOSE
+    ) -> None:
+        self._open, self._close = open_tag, close_tag
         self._state = "thinking" if start_open else "start"  # start | thinking | after | text
         self._buffer = ""
         self._fresh = True  # nothing of the reasoning seen yet
@@ -39,10 +45,10 @@ class ThinkSplitter:
     def _step(self, out: list[tuple[bool, str]]) -> None:
         if self._state == "start":
             stripped = self._buffer.lstrip()
-            if stripped.startswith(THINK_OPEN):
-                self._buffer = stripped[len(THINK_OPEN) :].lstrip("\n")
+            if stripped.startswith(self._open):
+                self._buffer = stripped[len(self._open) :].lstrip("\n")
                 self._state = "thinking"
-            elif stripped and not THINK_OPEN.startswith(stripped):
+            elif stripped and not self._open.startswith(stripped):
                 self._state = "text"
         elif self._state == "thinking":
             if self._fresh:  # the line break after `<think>` is layout too
@@ -50,15 +56,15 @@ class ThinkSplitter:
                 if not self._buffer:
                     return
                 self._fresh = False
-            at = self._buffer.find(THINK_CLOSE)
+            at = self._buffer.find(self._close)
             if at >= 0:
                 out.append((True, self._buffer[:at].rstrip("\n")))
-                self._buffer = self._buffer[at + len(THINK_CLOSE) :]
+                self._buffer = self._buffer[at + len(self._close) :]
                 self._state = "after"
                 return
             # Held: a possible start of `</think>` and the line breaks before it, which are
             # layout around the tag, not reasoning.
-            keep = held_prefix(self._buffer, THINK_CLOSE)
+            keep = held_prefix(self._buffer, self._close)
             cut = len(self._buffer) - keep
             cut -= _trailing_newlines(self._buffer[:cut])
             if cut > 0:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,15 +41,19 @@ def render_call(name: str, arguments: dict[str, Any]) -> str:
     return f"{TOOL_CALL_OPEN}\n{body}\n{TOOL_CALL_CLOSE}"
 
 
-def tools_system_text(tools: Sequence[ToolSpec]) -> str:
-    """The generic tool section placed at the start of the system message."""
+RenderCall = Callable[[str, dict[str, Any]], str]
+
+
+def tools_system_text(tools: Sequence[ToolSpec], render: RenderCall = render_call) -> str:
+    """The generic tool section placed at the start of the system message; calls are shown
+    as `render` writes them (the dialect's syntax)."""
     lines = [
         "# Tools",
         "",
         "You can call the tools listed below. To call one, write a tool call in exactly this "
         "form (the arguments are a JSON object that matches the tool's input_schema):",
         "",
-        render_call("tool_name", {"argument": "value"}),
+        render("tool_name", {"argument": "value"}),
         "",
         # The text does not depend on tool_choice: it is part of the prefix every turn shares.
         "You may write a short sentence before a tool call, and make several tool calls one "
@@ -81,7 +85,7 @@ def _result_text(message: ChatMessage) -> str:
 
 
 def to_generic_messages(
-    messages: Sequence[ChatMessage], tools: Sequence[ToolSpec]
+    messages: Sequence[ChatMessage], tools: Sequence[ToolSpec], render: RenderCall = render_call
 ) -> list[ChatMessage]:
     """Rewrite a conversation with tools for a template that knows nothing of tools.
 
@@ -92,14 +96,14 @@ def to_generic_messages(
     rest = list(messages)
     listed = [tool for tool in tools if not tool.deferred]
     if listed:
-        system = tools_system_text(listed)
+        system = tools_system_text(listed, render)
         if rest and rest[0].role == "system":
             system = f"{system}\n\n{rest.pop(0).content}"
         out.append(ChatMessage(role="system", content=system))
     for message in rest:
         if message.role == "assistant" and message.tool_calls:
             parts = [message.content] if message.content else []
-            parts += [render_call(call.name, call.arguments) for call in message.tool_calls]
+            parts += [render(call.name, call.arguments) for call in message.tool_calls]
             out.append(ChatMessage(role="assistant", content="\n".join(parts)))
         elif message.role == "tool":
             text = _result_text(message)

@@ -96,6 +96,7 @@ class PreparedPrompt:
     # first `<tool_call>` on); each generation samples with a copy of it.
     grammar: ParsedGrammar | None = None
     thinking_open: bool = False  # the prompt ends inside a `<think>` block
+    tool_dialect: str = "hermes"  # the syntax of calls and reasoning (engine/dialects)
 
     @property
     def input_tokens(self) -> int:

@@ -38,7 +38,7 @@ class Refusing:
         self.refused = refused
         self.asked: list[tuple[str, bool]] = []
 
-    def parsed_grammar(self, grammar: str, *, lazy: bool) -> Any:
+    def parsed_grammar(self, grammar: str, *, lazy: bool, trigger: str = "") -> Any:
         self.asked.append((grammar, lazy))
         return None if grammar in self.refused else ("parsed", grammar, lazy)
 

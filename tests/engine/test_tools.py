@@ -219,7 +219,9 @@ def rendered(source: str, messages: list[ChatMessage], tools: list[ToolSpec]) ->
 
 def test_caps_are_detected() -> None:
     assert template_caps(CHATML) == TemplateCaps(tools=False, system_mid=True)
-    assert template_caps(TOOLS_TEMPLATE) == TemplateCaps(tools=True, system_mid=True)
+    caps = template_caps(TOOLS_TEMPLATE)
+    assert (caps.tools, caps.system_mid, caps.dialect.source) == (True, True, "detected")
+    assert caps.dialect.dialect.name == "hermes"
     assert template_caps(STRICT_TEMPLATE) == TemplateCaps(tools=False, system_mid=False)
 
 

@@ -24,7 +24,13 @@ def status(**fields: object) -> ModelEntryStatus:
 def test_the_table_shows_state_memory_caches_and_last_use() -> None:
     reply = ModelsResponse(
         models=[
-            status(memory_bytes=300 * 1024 * 1024, cached_tokens=812, last_used=NOW - 5),
+            status(
+                memory_bytes=300 * 1024 * 1024,
+                cached_tokens=812,
+                last_used=NOW - 5,
+                tool_dialect="qwen3-xml",
+                tool_dialect_source="detected",
+            ),
             status(
                 file="b.gguf",
                 path="/m/b.gguf",
@@ -43,11 +49,12 @@ def test_the_table_shows_state_memory_caches_and_last_use() -> None:
     )
     lines = format_models(reply, now=NOW).splitlines()
     assert lines[0].split() == [
-        "MODEL", "STATE", "SINCE", "MEMORY", "CACHED", "ON", "DISK", "LAST", "USE", "SERVES"
+        "MODEL", "STATE", "SINCE", "MEMORY", "CACHED", "ON", "DISK", "LAST", "USE", "TOOL",
+        "DIALECT", "SERVES"
     ]  # fmt: skip
     assert lines[1].split() == [
         "a.gguf", "loaded", "1m", "30s", "ago", "300.0", "MB", "812", "0", "5s", "ago",
-        "(default)",
+        "qwen3-xml", "(detected)", "(default)",
     ]  # fmt: skip
     assert "b.gguf" in lines[2] and "unloaded" in lines[2] and "1h 0m ago" in lines[2]
     assert "20000 (2.0 MB)" in lines[2] and lines[2].endswith("claude-haiku-*")

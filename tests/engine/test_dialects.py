@@ -1,0 +1,237 @@
+"""Every dialect against its family's real chat template (../shared/fixtures/chat-templates).
+
+The round trip: the template renders a conversation with an assistant tool call in its
+history; our parser reads that call back into the same name and input, our grammar (run by
+llama.cpp's own grammar sampler) accepts the same text, and rejects it when one parameter has
+the wrong type. Detection by probe renders picks the same dialect from the template.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pensieved.engine.dialects import DIALECTS, by_name
+from pensieved.engine.dialects.base import ParsedText
+from pensieved.engine.dialects.detect import choose, detect
+from pensieved.engine.grammar import tool_call_grammar
+from pensieved.engine.grammar_cache import parse_grammar
+from pensieved.engine.prompt import render_plain
+from pensieved.engine.types import (
+    ChatMessage,
+    ToolCall,
+    ToolCallDelta,
+    ToolCallEnd,
+    ToolCallStart,
+    ToolSpec,
+)
+
+TEMPLATES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "chat-templates"
+if not TEMPLATES.is_dir():
+    TEMPLATES = Path("/work/shared/fixtures/chat-templates")
+
+TOOL = ToolSpec(
+    "get_weather",
+    "Weather for a city.",
+    {
+        "type": "object",
+        "properties": {
+            "city": {"type": "string"},
+            "days": {"type": "integer", "minimum": 1, "maximum": 14},
+            "detailed": {"type": "boolean"},
+            "units": {"type": "string", "enum": ["metric", "imperial"]},
+        },
+        "required": ["city", "days"],
+        "additionalProperties": False,
+    },
+)
+ARGS: dict[str, Any] = {"city": "Paris, France", "days": 3, "detailed": True, "units": "metric"}
+WRONG: dict[str, Any] = {**ARGS, "days": "three"}
+
+# (template file, dialect, what ends the assistant's turn in that template)
+TABLE = [
+    ("NousResearch-Hermes-3-Llama-3.1-8B-tool_use.jinja", "hermes", "<|im_end|>"),
+    ("Qwen-Qwen3-0.6B.jinja", "hermes", "<|im_end|>"),
+    ("Qwen3-Coder.jinja", "qwen3-xml", "<|im_end|>"),
+    ("Qwen3.5-4B.jinja", "qwen3-xml", "<|im_end|>"),
+    ("NVIDIA-Nemotron-3-Nano-30B-A3B-BF16.jinja", "qwen3-xml", "<|im_end|>"),
+    ("ByteDance-Seed-OSS.jinja", "seed-oss", "<seed:eos>"),
+    ("GLM-4.6.jinja", "glm", "<|observation|>"),
+    ("GLM-4.7-Flash.jinja", "glm", "<|observation|>"),
+    ("MiniMax-M2.jinja", "minimax", "[e~["),
+    ("openai-gpt-oss-120b.jinja", "harmony", "<|start|>functions"),
+    ("unsloth-mistral-Devstral-Small-2507.jinja", "mistral", "[TOOL_RESULTS]"),
+    ("mistralai-Ministral-3-14B-Reasoning-2512.jinja", "mistral", "[TOOL_RESULTS]"),
+    ("deepseek-ai-DeepSeek-V3.1.jinja", "deepseek", "<｜end▁of▁sentence｜>"),  # noqa: RUF001
+    ("moonshotai-Kimi-K2.jinja", "kimi-k2", "<|im_end|>"),
+    ("meta-llama-Llama-3.3-70B-Instruct.jinja", "llama3", "<|eot_id|>"),
+]
+IDS = [row[0].removesuffix(".jinja") for row in TABLE]
+
+
+def test_every_dialect_is_in_the_table() -> None:
+    assert {d.name for d in DIALECTS} == {row[1] for row in TABLE}
+
+
+def rendered_call(template: str, end: str, args: dict[str, Any]) -> str:
+    """The template's own text for an assistant turn that calls TOOL with `args`."""
+    source = (TEMPLATES / template).read_text()
+    asked = [ChatMessage("system", "Be brief."), ChatMessage("user", "Weather in Paris?")]
+    call = ChatMessage("assistant", "", tool_calls=(ToolCall("call_1", TOOL.name, args),))
+    result = ChatMessage("tool", "sunny", tool_call_id="call_1", name=TOOL.name)
+    before = render_plain(source, asked, tools=[TOOL])
+    after = render_plain(source, [*asked, call, result], tools=[TOOL])
+    assert before is not None and after is not None
+    common = 0
+    while common < min(len(before), len(after)) and before[common] == after[common]:
+        common += 1
+    return after[common : after.index(end, common)]
+
+
+def parse(dialect: str, text: str, chunk: int) -> list[Any]:
+    parser = by_name(dialect).new_parser([TOOL])
+    out: list[Any] = []
+    for start in range(0, len(text), chunk):
+        out += parser.feed(text[start : start + chunk])
+    return out + parser.finish()
+
+
+@pytest.mark.parametrize(("template", "dialect", "end"), TABLE, ids=IDS)
+@pytest.mark.parametrize("chunk", [1, 5, 10_000])
+def test_the_templates_call_parses_back(template: str, dialect: str, end: str, chunk: int) -> None:
+    events = parse(dialect, rendered_call(template, end, ARGS), chunk)
+    assert [e.name for e in events if isinstance(e, ToolCallStart)] == [TOOL.name]
+    ends = [e for e in events if isinstance(e, ToolCallEnd)]
+    assert ends == [ToolCallEnd(ARGS, True)]
+    deltas = [e.partial_json for e in events if isinstance(e, ToolCallDelta)]
+    assert json.loads("".join(deltas)) == ARGS
+    if chunk == 1:  # the arguments stream: more than one delta before the end
+        assert len(deltas) > 1
+    # Only layout (and an empty reasoning block the template writes) is left as text.
+    text = "".join(e.text for e in events if isinstance(e, ParsedText))
+    assert TOOL.name not in text and "Paris" not in text
+
+
+@pytest.mark.parametrize(("template", "dialect", "end"), TABLE, ids=IDS)
+def test_detected_from_the_template(template: str, dialect: str, end: str) -> None:
+    source = (TEMPLATES / template).read_text()
+    found = detect(source)
+    assert found is not None and found.name == dialect
+    assert choose(source).source == "detected"
+    assert choose(source, "glm") == choose(source, "glm")
+    assert choose(source, "glm").source == "configured"
+
+
+def grammar_accepts(vocab: Any, vocab_model: Any, grammar: str, text: str) -> bool:
+    """Whether llama.cpp's grammar sampler lets the model write exactly `text`, then stop."""
+    sampler = parse_grammar(vocab, grammar, lazy=False)
+    assert sampler is not None, "llama.cpp refused the grammar"
+    try:
+        for token in vocab_model.tokenize(text.encode(), add_bos=False, special=False):
+            if not sampler.allows(token):
+                return False
+            sampler.accept(token)
+        return sampler.allows(vocab_model.token_eos())
+    finally:
+        sampler.close()
+
+
+def from_trigger(dialect: str, text: str) -> str:
+    """The call as the grammar produces it: from the dialect's trigger on."""
+    trigger = by_name(dialect).syntax.trigger
+    return text[text.index(trigger) :].rstrip()
+
+
+@pytest.mark.parametrize(("template", "dialect", "end"), TABLE, ids=IDS)
+def test_the_grammar_accepts_the_templates_call(
+    vocab: Any, vocab_model: Any, template: str, dialect: str, end: str
+) -> None:
+    grammar, _ = tool_call_grammar([TOOL], dialect=by_name(dialect))
+    good = from_trigger(dialect, rendered_call(template, end, ARGS))
+    assert grammar_accepts(vocab, vocab_model, grammar, good), good
+    wrong = from_trigger(dialect, rendered_call(template, end, WRONG))
+    assert wrong != good
+    assert not grammar_accepts(vocab, vocab_model, grammar, wrong), wrong
+
+
+@pytest.mark.parametrize("dialect", [d.name for d in DIALECTS])
+def test_our_own_rendering_parses_and_is_grammatical(
+    vocab: Any, vocab_model: Any, dialect: str
+) -> None:
+    """For templates that know no tools: calls in the history are written in the dialect."""
+    syntax = by_name(dialect).syntax
+    text = syntax.render(TOOL.name, ARGS)
+    assert [e for e in parse(dialect, text, 3) if isinstance(e, ToolCallEnd)] == [
+        ToolCallEnd(ARGS, True)
+    ]
+    grammar, _ = tool_call_grammar([TOOL], dialect=by_name(dialect))
+    assert grammar_accepts(vocab, vocab_model, grammar, text), text
+
+
+@pytest.mark.parametrize("dialect", [d.name for d in DIALECTS if d.name != "hermes"])
+def test_a_call_of_an_unknown_tool_is_text(dialect: str) -> None:
+    text = "Sure. " + by_name(dialect).syntax.render("rm_rf", {"path": "/"})
+    events = parse(dialect, text, 2)
+    assert not [e for e in events if isinstance(e, ToolCallStart | ToolCallEnd)]
+    assert "".join(e.text for e in events if isinstance(e, ParsedText)).startswith("Sure. ")
+
+
+# ---- reasoning and visible text through the output router ------------------------------
+
+
+def route(dialect: str, pieces: list[str], *, tools: bool = True) -> list[Any]:
+    from pensieved.engine.output import OutputRouter
+    from pensieved.engine.types import GenerationRequest, PreparedPrompt
+
+    request = GenerationRequest(
+        messages=(ChatMessage("user", "hi"),),
+        max_tokens=100,
+        tools=(TOOL,) if tools else (),
+        thinking=True,
+    )
+    events: list[Any] = []
+    router = OutputRouter(PreparedPrompt(request, (1,), 100, tool_dialect=dialect), events.append)
+    for piece in pieces:
+        router.feed(piece)
+    router.end_of_turn()
+    router.finish()
+    return events
+
+
+def pieces_of(text: str, size: int = 3) -> list[str]:
+    return [text[i : i + size] for i in range(0, len(text), size)]
+
+
+@pytest.mark.parametrize(
+    ("dialect", "reply"),
+    [
+        ("harmony", "<|channel|>analysis<|message|>Need weather.<|end|>"),
+        ("seed-oss", "<seed:think>Need weather.</seed:think>"),
+        ("mistral", "[THINK]Need weather.[/THINK]"),
+        ("glm", "<think>Need weather.</think>"),
+    ],
+)
+def test_reasoning_in_the_familys_markup_is_thinking(dialect: str, reply: str) -> None:
+    from pensieved.engine.types import TextPiece, ThinkingPiece
+
+    call = by_name(dialect).syntax.render(TOOL.name, ARGS)
+    events = route(dialect, pieces_of(reply + call))
+    thinking = "".join(e.text for e in events if isinstance(e, ThinkingPiece))
+    assert thinking == "Need weather."
+    assert [e for e in events if isinstance(e, ToolCallEnd)] == [ToolCallEnd(ARGS, True)]
+    assert not [e for e in events if isinstance(e, TextPiece)]
+
+
+def test_harmony_answer_headers_are_not_shown() -> None:
+    from pensieved.engine.types import TextPiece, ThinkingPiece
+
+    reply = (
+        "<|channel|>analysis<|message|>Greet back.<|end|>"
+        "<|start|>assistant<|channel|>final<|message|>Hello there!<|return|>"
+    )
+    events = route("harmony", pieces_of(reply, 2), tools=False)
+    assert "".join(e.text for e in events if isinstance(e, ThinkingPiece)) == "Greet back."
+    assert "".join(e.text for e in events if isinstance(e, TextPiece)) == "Hello there!"
