@@ -34,13 +34,23 @@ def _row(m: ModelEntryStatus, now: float) -> list[str]:
         if m.disk_cached_tokens
         else "0",
         _ago(m.last_used, now),
+        _cache(m),
         ", ".join(m.names) or "-",
     ]
 
 
+def _cache(m: ModelEntryStatus) -> str:
+    """Architecture and cache strategy (docs/caching.md), known once the model is loaded."""
+    kv = m.model.kv if m.model is not None else None
+    if kv is None:
+        return "-"
+    return f"{kv.architecture}: {kv.cache_strategy}"
+
+
 def format_models(reply: ModelsResponse, now: float | None = None) -> str:
     now = time.time() if now is None else now
-    header = ["MODEL", "STATE", "SINCE", "MEMORY", "CACHED", "ON DISK", "LAST USE", "SERVES"]
+    header = ["MODEL", "STATE", "SINCE", "MEMORY", "CACHED", "ON DISK", "LAST USE", "CACHE"]
+    header.append("SERVES")
     rows = [header] + [_row(m, now) for m in reply.models]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = [

@@ -123,3 +123,69 @@ class SchemaConverter:
 
     def format(self) -> str:
         return str(self._converter.format_grammar())
+
+
+# ---- memory kinds and partial sequence states (context checkpoints) -------------------------
+
+
+def model_is_recurrent(model: Any) -> bool:
+    """Every layer keeps a recurrent state (Mamba, RWKV): no per-position cache at all."""
+    return bool(lib().llama_model_is_recurrent(model))
+
+
+def model_is_hybrid(model: Any) -> bool:
+    """Some layers keep a recurrent state, the others attention (Qwen3.5, LFM2, Granite 4)."""
+    return bool(lib().llama_model_is_hybrid(model))
+
+
+def model_sliding_window(model: Any) -> int:
+    """The sliding-window attention span in tokens, 0 when every attention layer is global."""
+    return int(lib().llama_model_n_swa(model))
+
+
+def seq_pos_min(memory: Any, seq: int) -> int:
+    """The smallest position sequence `seq` still holds in every layer's memory (-1: empty).
+
+    For a sliding-window cache it is the oldest position the window layers kept."""
+    return int(lib().llama_memory_seq_pos_min(memory, seq))
+
+
+def seq_pos_max(memory: Any, seq: int) -> int:
+    """The largest position sequence `seq` holds (-1: empty)."""
+    return int(lib().llama_memory_seq_pos_max(memory, seq))
+
+
+def seq_rm(memory: Any, seq: int, start: int, end: int = -1) -> bool:
+    """Remove positions [start, end) of `seq` (-1: open); False when the memory cannot cut
+    there (a recurrent state), in which case nothing changed."""
+    return bool(lib().llama_memory_seq_rm(memory, seq, start, end))
+
+
+def seq_cp(memory: Any, source: int, target: int, start: int = -1, end: int = -1) -> None:
+    """Give `target` `source`'s positions [start, end) (-1: open)."""
+    lib().llama_memory_seq_cp(memory, source, target, start, end)
+
+
+def seq_state(ctx: Any, seq: int, *, partial: bool) -> bytes | None:
+    """Sequence `seq`'s state as bytes, or None if llama.cpp exported nothing.
+
+    `partial`: only what cannot be cut back afterwards, the recurrent state and the sliding
+    window's cells (LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY); the per-position attention cache stays
+    out, so a checkpoint costs a window or a state, not the whole prefix."""
+    c = lib()
+    flags = c.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY if partial else c.LLAMA_STATE_SEQ_FLAGS_NONE
+    size = int(c.llama_state_seq_get_size_ext(ctx, seq, flags))
+    if size == 0:
+        return None
+    buffer = (ctypes.c_uint8 * size)()
+    got = int(c.llama_state_seq_get_data_ext(ctx, buffer, size, seq, flags))
+    return bytes(memoryview(buffer)[:got]) if got else None
+
+
+def set_seq_state(ctx: Any, seq: int, state: bytes, *, partial: bool) -> bool:
+    """Read a state from `seq_state` into sequence `seq` (replacing what it held of the same
+    parts); False when llama.cpp refused it."""
+    c = lib()
+    flags = c.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY if partial else c.LLAMA_STATE_SEQ_FLAGS_NONE
+    buffer = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+    return int(c.llama_state_seq_set_data_ext(ctx, buffer, len(state), seq, flags)) > 0

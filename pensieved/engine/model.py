@@ -19,7 +19,9 @@ import psutil
 
 from pensieve.config import ModelConfig
 from pensieve.wire import KvSlotStatus, KvStatus
-from pensieved.engine import selftest
+from pensieved.engine import llama, selftest
+from pensieved.engine.caching import CacheStrategy, architecture, choose
+from pensieved.engine.checkpoints import Checkpoint, Checkpoints
 from pensieved.engine.grammar_cache import GrammarCache, ParsedGrammar
 from pensieved.engine.kvpool import CellPool
 from pensieved.engine.llama import (
@@ -57,6 +59,7 @@ class ModelSettings:
     kv_cache_type: KvCacheType = "f16"
     memory_budget_mb: int | None = None
     kv_unified: bool | Literal["auto"] = "auto"
+    swa_full: bool | Literal["auto"] = "auto"
 
     def sizing(self) -> ModelConfig:
         """The config keys `memory.plan_kv` resolves `auto` from."""
@@ -137,6 +140,7 @@ class LoadedModel:
             self.metadata: dict[str, str] = dict(self._model.metadata())
             self.plan: KvPlan = self._plan(settings)
             self.flash_attention = flash_attention_for(settings)
+            self.strategy: CacheStrategy = self._strategy(settings)
             self._context = _internals.LlamaContext(
                 model=self._model, params=self._context_params(settings), verbose=True
             )
@@ -161,6 +165,11 @@ class LoadedModel:
         per_slot = self.pool_tokens if self.unified else int(c.llama_n_ctx_seq(self.ctx))
         self.n_ctx: int = min(self.plan.context_size, per_slot)
         self.cells = CellPool(self.pool_tokens, self.slots + 1, copies=not self.unified)
+        # What the budget leaves beside the weights and the KV cache (unknown sizes: no cap).
+        spare = self.plan.budget_bytes - self.plan.total_bytes if self.plan.budget_bytes else None
+        self.checkpoints = Checkpoints(
+            self.slots + 1, max_bytes=None if spare is None else max(spare, 0)
+        )
         self.n_batch: int = settings.batch_size
         self.n_ctx_train: int = self._model.n_ctx_train()
         # Sliding-window attention: a sequence's saved state keeps only the window.
@@ -214,6 +223,31 @@ class LoadedModel:
             )
         return plan
 
+    def _strategy(self, settings: ModelSettings) -> CacheStrategy:
+        """How this architecture keeps a slot's prefix reusable (caching/), and why."""
+        handle = self._model.model
+        arch = architecture(
+            recurrent=llama.model_is_recurrent(handle),
+            hybrid=llama.model_is_hybrid(handle),
+            window=llama.model_sliding_window(handle),
+        )
+        strategy, why = choose(
+            arch,
+            settings.swa_full,
+            pool_tokens=self.plan.pool_tokens,
+            slots=self.plan.slots,
+            batch=settings.batch_size,
+        )
+        self.strategy_reason = f"{strategy.describe()}: {why}"
+        log.info(
+            "%s: %s; cache strategy %s, %s",
+            settings.path.name,
+            arch.describe(),
+            strategy.name,
+            self.strategy_reason,
+        )
+        return strategy
+
     def _context_params(self, settings: ModelSettings) -> Any:
         c = lib()
 
@@ -225,6 +259,7 @@ class LoadedModel:
         ctx_params.n_ctx = plan.pool_tokens
         ctx_params.n_seq_max = plan.slots + 1 if plan.unified else plan.slots
         ctx_params.kv_unified = plan.unified
+        ctx_params.swa_full = self.strategy.swa_full
         cache_type = {"q8_0": c.GGML_TYPE_Q8_0, "q4_0": c.GGML_TYPE_Q4_0}.get(
             settings.kv_cache_type, c.GGML_TYPE_F16
         )
@@ -312,30 +347,97 @@ class LoadedModel:
     def forget(self, seq: int, keep: int) -> int:
         """Drop sequence `seq`'s KV cells from position `keep` on; the positions kept.
 
-        Recurrent and hybrid models cannot cut a sequence in the middle: theirs is cleared.
+        Where the memory cannot be cut there (a recurrent state, a sliding window that moved
+        on), the newest checkpoint at or before `keep` is restored, and the positions kept are
+        its; without one the sequence is cleared.
         """
-        c = lib()
-
-        if keep > 0 and c.llama_memory_seq_rm(self.memory, seq, keep, -1):
-            self.cells.trim(seq, keep)
+        length = self.cells.length(seq)
+        cuttable = keep >= length or self.strategy.can_cut(self._pos_min, seq, length, keep)
+        if keep > 0 and cuttable and llama.seq_rm(self.memory, seq, keep):
+            self._trimmed(seq, keep)
             return keep
-        c.llama_memory_seq_rm(self.memory, seq, -1, -1)
-        self.cells.trim(seq, 0)
+        if keep > 0 and self.strategy.checkpoints:
+            checkpoint = self.checkpoints.newest_at_or_before(seq, keep)
+            if checkpoint is not None and self._restore(seq, checkpoint):
+                return checkpoint.position
+        llama.seq_rm(self.memory, seq, -1)
+        self._trimmed(seq, 0)
         return 0
 
-    def share_prefix(self, source: int, target: int, count: int) -> None:
-        """Make sequence `target` hold `source`'s first `count` positions. In the shared cache
-        these are the same cells (`llama_memory_seq_cp` only marks them); with a cache per
-        slot, llama.cpp copies `source`'s whole cache at the start of the next decode."""
-        c = lib()
+    def _pos_min(self, seq: int) -> int:
+        return llama.seq_pos_min(self.memory, seq)
 
-        c.llama_memory_seq_rm(self.memory, target, -1, -1)
+    def _trimmed(self, seq: int, keep: int) -> None:
+        self.cells.trim(seq, keep)
+        self.checkpoints.trim(seq, keep)
+
+    def _restore(self, seq: int, checkpoint: Checkpoint) -> bool:
+        """Put `checkpoint`'s partial state into `seq` (which holds at least its positions in
+        the attention cells) and cut the rest; False (and `seq` cleared) if refused."""
+        position = checkpoint.position
+        if (
+            llama.set_seq_state(self.ctx, seq, checkpoint.state, partial=True)
+            and llama.seq_rm(self.memory, seq, position)
+            and llama.seq_pos_max(self.memory, seq) == position - 1
+        ):
+            self._trimmed(seq, position)
+            return True
+        log.warning("slot %d: llama.cpp refused a checkpoint at %d; clearing it", seq, position)
+        llama.seq_rm(self.memory, seq, -1)
+        self._trimmed(seq, 0)
+        return False
+
+    def checkpoint(self, seq: int) -> None:
+        """Keep sequence `seq`'s partial state at its current end (see checkpoints.py)."""
+        position = self.cells.length(seq)
+        state = llama.seq_state(self.ctx, seq, partial=True)
+        if position > 0 and state is not None:
+            self.checkpoints.add(seq, Checkpoint(position, state))
+
+    def share_prefix(self, source: int, target: int, count: int, minimum: int = 0) -> int:
+        """Make sequence `target` hold `source`'s first `count` positions, or fewer (a
+        checkpoint's) where `source`'s memory cannot be cut at `count`; the positions shared,
+        0 (and `target` untouched) when that would not be more than `minimum`.
+
+        In the shared cache the attention cells are the same cells (`llama_memory_seq_cp`
+        only marks them); with a cache per slot, llama.cpp copies `source`'s whole cache at
+        the start of the next decode. A checkpoint is restored into `target` over that."""
+        length = self.cells.length(source)
+        whole = count >= length
+        checkpoint = None
+        if self.strategy.checkpoints and not whole:
+            if self.strategy.can_cut(self._pos_min, source, length, count):
+                checkpoint = None
+            else:
+                checkpoint = self.checkpoints.newest_at_or_before(source, count)
+                if checkpoint is None:
+                    return 0
+                count = checkpoint.position
+        if count <= minimum:
+            return 0
+        llama.seq_rm(self.memory, target, -1)
+        if checkpoint is None:
+            if self.unified:
+                llama.seq_cp(self.memory, source, target, 0, count)
+            else:
+                llama.seq_cp(self.memory, source, target)
+                llama.seq_rm(self.memory, target, count)
+            self.cells.share(source, target, count)
+            self.checkpoints.share(source, target, count)
+            return count
         if self.unified:
-            c.llama_memory_seq_cp(self.memory, source, target, 0, count)
+            llama.seq_cp(self.memory, source, target, 0, count)
         else:
-            c.llama_memory_seq_cp(self.memory, source, target, -1, -1)
-            c.llama_memory_seq_rm(self.memory, target, count, -1)
-        self.cells.share(source, target, count)
+            # A copy between per-slot caches happens at the next decode, and would overwrite
+            # the checkpoint's window cells: the source's state is copied now instead.
+            state = llama.seq_state(self.ctx, source, partial=False)
+            if state is None or not llama.set_seq_state(self.ctx, target, state, partial=False):
+                llama.seq_rm(self.memory, target, -1)
+                self._trimmed(target, 0)
+                return 0
+        self.cells.share(source, target, length if not self.unified else count)
+        self.checkpoints.share(source, target, count)
+        return count if self._restore(target, checkpoint) else 0
 
     def kv_status(self) -> KvStatus:
         """The shared KV cache for `status`: sizes and why, use, sharing, each slot's cost."""
@@ -373,9 +475,14 @@ class LoadedModel:
                     tokens=part.tokens,
                     own_cells=part.own,
                     cost_bytes=round(part.cost * per_token),
+                    checkpoints=self.checkpoints.status(part.index),
                 )
                 for part in parts[: self.slots]
             ],
+            architecture=self.strategy.architecture.describe(),
+            cache_strategy=self.strategy.name,
+            cache_strategy_reason=self.strategy_reason,
+            checkpoint_bytes=self.checkpoints.total_bytes(),
         )
 
     def kv_bytes(self) -> int:

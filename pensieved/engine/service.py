@@ -83,6 +83,7 @@ def settings_for(config: Config, path: Path) -> ModelSettings:
         flash_attention=m.flash_attention,
         kv_cache_type=m.kv_cache_type,
         kv_unified=m.kv_unified,
+        swa_full=m.swa_full,
         memory_budget_mb=m.memory_budget_mb,
     )
 
@@ -342,9 +343,10 @@ class Engine(ModelLifecycle):
 
     def _render(
         self, model: LoadedModel, request: GenerationRequest, template: str | None = None
-    ) -> tuple[list[int], bool]:
-        """Prompt tokens, and whether the prompt ends inside a `<think>` block. `template` is
-        a `chat_template` setting overriding the model's own."""
+    ) -> tuple[list[int], bool, list[int]]:
+        """Prompt tokens, whether the prompt ends inside a `<think>` block, and where each
+        content string ends. `template` is a `chat_template` setting overriding the model's
+        own."""
         source = template_source(template) if template else model.chat_template
         caps = template_caps(source)
         messages, template_tools = conversation_for_template(caps, request.messages, request.tools)
@@ -356,14 +358,16 @@ class Engine(ModelLifecycle):
             tools=template_tools,
             extra={"enable_thinking": request.thinking},
         )
+        ends: list[int] = []
         tokens = tokenize_rendered(
             rendered,
             contents,
             lambda text, special, add_bos: model.tokenize(text, special=special, add_bos=add_bos),
             add_bos=model.add_bos,
             bos_text=model.bos_text,
+            content_ends=ends,
         )
-        return tokens, prompt_opens_thinking(rendered)
+        return tokens, prompt_opens_thinking(rendered), ends
 
     def _grammar(self, model: LoadedModel, request: GenerationRequest) -> ParsedGrammar | None:
         """The request's grammar, built and parsed once per distinct tool set (both cached)."""
@@ -387,9 +391,9 @@ class Engine(ModelLifecycle):
 
     def _prepare_sync(
         self, model: LoadedModel, request: GenerationRequest, template: str | None = None
-    ) -> tuple[list[int], bool, ParsedGrammar | None]:
-        tokens, thinking_open = self._render(model, request, template)
-        return tokens, thinking_open, self._grammar(model, request)
+    ) -> tuple[list[int], bool, ParsedGrammar | None, list[int]]:
+        tokens, thinking_open, ends = self._render(model, request, template)
+        return tokens, thinking_open, self._grammar(model, request), ends
 
     async def count_tokens(
         self, name: str, request: GenerationRequest, *, request_id: str, what: str
@@ -451,7 +455,7 @@ class Engine(ModelLifecycle):
         runtime, template = await self._acquire(name)
         model = runtime.model
         try:
-            tokens, thinking_open, grammar = await asyncio.to_thread(
+            tokens, thinking_open, grammar, ends = await asyncio.to_thread(
                 self._prepare_sync, model, request, template
             )
             room = model.n_ctx - len(tokens)
@@ -467,6 +471,7 @@ class Engine(ModelLifecycle):
             max_tokens,
             grammar=grammar,
             thinking_open=thinking_open,
+            content_ends=tuple(ends),
         )
         return runtime, prepared
 

@@ -93,6 +93,8 @@ class PreparedPrompt:
     # first `<tool_call>` on); each generation samples with a copy of it.
     grammar: ParsedGrammar | None = None
     thinking_open: bool = False  # the prompt ends inside a `<think>` block
+    # Token positions where each message's content ends: checkpoints go at some of them.
+    content_ends: tuple[int, ...] = ()
 
     @property
     def input_tokens(self) -> int:

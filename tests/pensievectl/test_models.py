@@ -43,10 +43,11 @@ def test_the_table_shows_state_memory_caches_and_last_use() -> None:
     )
     lines = format_models(reply, now=NOW).splitlines()
     assert lines[0].split() == [
-        "MODEL", "STATE", "SINCE", "MEMORY", "CACHED", "ON", "DISK", "LAST", "USE", "SERVES"
+        "MODEL", "STATE", "SINCE", "MEMORY", "CACHED", "ON", "DISK", "LAST", "USE", "CACHE",
+        "SERVES",
     ]  # fmt: skip
     assert lines[1].split() == [
-        "a.gguf", "loaded", "1m", "30s", "ago", "300.0", "MB", "812", "0", "5s", "ago",
+        "a.gguf", "loaded", "1m", "30s", "ago", "300.0", "MB", "812", "0", "5s", "ago", "-",
         "(default)",
     ]  # fmt: skip
     assert "b.gguf" in lines[2] and "unloaded" in lines[2] and "1h 0m ago" in lines[2]
