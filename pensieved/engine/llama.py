@@ -12,11 +12,13 @@ not cost that.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib
 import logging
+import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import cache
 from typing import Any
 
@@ -49,12 +51,21 @@ _log_callback: Any = None
 _last_level = 0
 
 
+# The memory buffers a context allocates, as llama.cpp reports them (at info level): KV cells,
+# and the recurrent states (RS). Read while `memory_buffers` is open on the creating thread.
+_BUFFER_SIZE = re.compile(r"(?:KV|RS) buffer size\s*=\s*([\d.]+) MiB")
+_buffers: dict[int, list[int]] = {}
+
+
 def _forward_llama_log(level: int, text: bytes, _user_data: Any) -> None:
     global _last_level
     if level != 5:
         _last_level = level
     forwarded = _FORWARDED.get(_last_level)
     message = text.decode("utf-8", errors="replace").strip()
+    sizes = _buffers.get(threading.get_ident())
+    if sizes is not None and (found := _BUFFER_SIZE.search(message)):
+        sizes.append(round(float(found.group(1)) * 1024 * 1024))
     if forwarded is not None and message:
         _llama_log.log(forwarded, "%s", message)
 
@@ -70,6 +81,18 @@ def init_backend() -> None:
             c.llama_log_set(_log_callback, ctypes.c_void_p(0))
             c.llama_backend_init()
             _backend_ready = True
+
+
+@contextlib.contextmanager
+def memory_buffers() -> Iterator[list[int]]:
+    """Collects the sizes of the KV and recurrent-state buffers of a context created inside
+    (on this thread): what the cache really takes, sliding windows and states included."""
+    sizes: list[int] = []
+    _buffers[threading.get_ident()] = sizes
+    try:
+        yield sizes
+    finally:
+        _buffers.pop(threading.get_ident(), None)
 
 
 def attention_on_gpu(gpu_layers: int) -> bool:

@@ -141,9 +141,14 @@ class LoadedModel:
             self.plan: KvPlan = self._plan(settings)
             self.flash_attention = flash_attention_for(settings)
             self.strategy: CacheStrategy = self._strategy(settings)
-            self._context = _internals.LlamaContext(
-                model=self._model, params=self._context_params(settings), verbose=True
-            )
+            with llama.memory_buffers() as buffers:
+                self._context = _internals.LlamaContext(
+                    model=self._model, params=self._context_params(settings), verbose=True
+                )
+            # A small window cache or recurrent states are not the plan's every-layer-every-cell
+            # estimate: what llama.cpp logged it allocated (in MiB to two decimals) stands.
+            estimated = not self.strategy.checkpoints or not buffers
+            self.allocated_bytes: int = self.plan.kv_bytes if estimated else sum(buffers)
         except (ValueError, RuntimeError, OSError) as exc:
             self.close()
             if self._load_cancelled:
@@ -465,7 +470,7 @@ class LoadedModel:
             cells_used=used,
             cells_shared=shared,
             bytes_per_token=per_token,
-            allocated_bytes=self.kv_bytes(),
+            allocated_bytes=self.allocated_bytes,
             budget_bytes=self.plan.budget_bytes,
             sizing=self.plan.reason,
             warning=warning,
@@ -486,8 +491,9 @@ class LoadedModel:
         )
 
     def kv_bytes(self) -> int:
-        """The KV cache allocated: every cell of the pool, used or not."""
-        return self.pool_tokens * self.plan.bytes_per_token
+        """The KV cache allocated (every cell of the pool, used or not, and recurrent states),
+        and the checkpoints kept."""
+        return self.allocated_bytes + self.checkpoints.total_bytes()
 
     def close(self) -> None:
         # Parsed grammars point at the model's vocabulary; the context goes before the model.

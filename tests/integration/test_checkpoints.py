@@ -4,9 +4,9 @@ prefix across turns, between slots, across a restart and an idle unload.
 Three models, one daemon each for the module: a tiny hybrid (LFM2) and a tiny recurrent model
 (Mamba) with random weights (tests/tiny_models.py), and Gemma 3 270M with the small
 sliding-window cache. Their replies are noise to people; the tokens read from the cache are
-exact. Each conversation's next turn carries the previous reply as text, which tokenizes
-differently from the tokens generated: the prompt leaves the slot's cache inside the reply, the
-case only a checkpoint serves.
+exact. Each conversation's next turn carries the previous reply in another form than the tokens
+generated (as Claude Code drops the thinking): the prompt leaves the slot's cache where the
+reply starts, the case only a checkpoint serves.
 """
 
 from __future__ import annotations
@@ -102,9 +102,16 @@ def turn(served: Served, question: str) -> tuple[int, int]:
     reply = served.client().messages.create(
         model=MODEL, max_tokens=12, system=SYSTEM, messages=messages
     )
-    text = "".join(block.text for block in reply.content if block.type == "text")
-    served.turns = [*messages, {"role": "assistant", "content": text or "(nothing)"}]
+    # The client keeps the reply in a form of its own (as Claude Code drops the thinking): the
+    # next prompt leaves the slot's cache where the reply starts.
+    kept = f"(reply {len(served.turns) // 2 + 1}, as the client keeps it)"
+    served.turns = [*messages, {"role": "assistant", "content": kept}]
     return reply.usage.cache_read_input_tokens or 0, prompt_tokens(reply.usage)
+
+
+def last_report(served: Served) -> dict[str, Any]:
+    report: dict[str, Any] = served.status()["model"]["recent_requests"][-1]
+    return report
 
 
 def kv(served: Served) -> dict[str, Any]:
@@ -133,6 +140,8 @@ def test_turn_two_reads_its_prefix_from_a_checkpoint(served: Served) -> None:
     for question in ("And then?", "Why that one?"):
         read, prompt = turn(served, question)
         assert read >= 0.95 * prompt, (read, prompt)
+        report = last_report(served)
+        assert report["diverged_at"] is not None and read <= report["diverged_at"], report
 
 
 def test_a_second_session_takes_the_shared_prefix_from_the_other_slot(served: Served) -> None:
@@ -147,7 +156,7 @@ def test_a_second_session_takes_the_shared_prefix_from_the_other_slot(served: Se
     assert read >= 0.9 * prompt, (read, prompt)
     after = [s["tokens"] for s in kv(served)["slots"]]
     assert all(after) and after[before.index(max(before))] == max(before), (before, after)
-    report = served.status()["model"]["recent_requests"][-1]
+    report = last_report(served)
     assert report["source"].startswith("slot"), report
 
 
@@ -158,7 +167,7 @@ def test_checkpoints_are_read_back_after_a_restart(served: Served) -> None:
     assert restored, status["slots"]
     read, prompt = turn(served, "Restarted: go on.")
     assert read >= 0.95 * prompt, (read, prompt)
-    assert "restored from disk" in served.status()["model"]["recent_requests"][-1]["source"]
+    assert "restored from disk" in last_report(served)["source"]
 
 
 def test_checkpoints_are_read_back_after_an_idle_unload(served: Served) -> None:
@@ -169,7 +178,7 @@ def test_checkpoints_are_read_back_after_an_idle_unload(served: Served) -> None:
         wait_for(lambda: served.status()["model"] is None, 60)
         read, prompt = turn(served, "Back from idle: go on.")
         assert read >= 0.95 * prompt, (read, prompt)
-        assert "restored from disk" in served.status()["model"]["recent_requests"][-1]["source"]
+        assert "restored from disk" in last_report(served)["source"]
     finally:
         config["model"].pop("idle_unload_s")
         write_config(served.daemon.config_path, config)
