@@ -145,9 +145,9 @@ class LoadedModel:
                 self._context = _internals.LlamaContext(
                     model=self._model, params=self._context_params(settings), verbose=True
                 )
-            # A small window cache or recurrent states are not the plan's every-layer-every-cell
+            # Window layers and recurrent states are not the plan's every-layer-every-cell
             # estimate: what llama.cpp logged it allocated (in MiB to two decimals) stands.
-            estimated = not self.strategy.checkpoints or not buffers
+            estimated = self.strategy.architecture.kind == "full" or not buffers
             self.allocated_bytes: int = self.plan.kv_bytes if estimated else sum(buffers)
         except (ValueError, RuntimeError, OSError) as exc:
             self.close()
