@@ -10,7 +10,8 @@ leaves the cache where that reply starts: only a checkpoint, or a cache that can
 keeps the prefix.
 
 Per turn: TTFT and the share of the prompt read from the cache; turn N's TTFT over the time
-to evaluate its new tokens alone, estimated from the cold turn's prefill rate. Then Gemma 3's
+to evaluate its new tokens alone after its cached ones and sample (llama-cpp-python in
+process, nothing else running: the floor). Then Gemma 3's
 KV memory at 32k, one slot, with the small window cache plus its checkpoints and with the
 full-size window cache (pensieved's `status`, llama.cpp's own buffer sizes).
 """
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.targets import (
+    InProcess,
     ServerProcess,
     Settings,
     start_llama_server,
@@ -62,13 +64,6 @@ def conversation(server: ServerProcess, log: Callable[[str], None]) -> list[dict
         log(f"{server.name} turn {n + 1}: {result.ttft_s:.2f}s, read {read}/{prompt}")
         kept = f"(reply {n + 1}, as the client keeps it)"
         messages.append({"role": "assistant", "content": kept})
-    cold_s, cold_tokens = float(turns[0]["ttft_s"]), int(turns[0]["prompt_tokens"])
-    last = turns[-1]
-    new = int(last["prompt_tokens"]) - int(last["cache_read_tokens"])
-    if cold_tokens and new:
-        alone = new * cold_s / cold_tokens
-        last["new_tokens_alone_s"] = alone
-        last["ttft_over_new_tokens_alone"] = float(last["ttft_s"]) / alone
     return turns
 
 
@@ -121,8 +116,40 @@ def run(
                 results[key] = {"error": repr(exc)[:300]}
             finally:
                 server.stop()
+        try:
+            mine = {k: r for k, r in results.items() if k.startswith(f"{kind}: ")}
+            floors(path, one, mine, log)
+        except Exception as exc:  # the reuse figures stand without the floor
+            log(f"{kind}: no in-process floor: {exc!r}")
     results["gemma_kv_32k"] = gemma_memory(models["swa"], one, log)
     return results
+
+
+def floors(
+    path: Path, settings: Settings, results: dict[str, Any], log: Callable[[str], None]
+) -> None:
+    """Each target's last turn over the time llama-cpp-python takes to evaluate that turn's
+    new tokens after its cached ones, in process and alone on the machine."""
+    inprocess = InProcess(
+        path,
+        threads=settings.threads,
+        context_size=settings.context_size,
+        batch_size=settings.batch_size,
+        flash_attention=settings.flash_attention,
+    )
+    try:
+        for key, result in results.items():
+            if "turns" not in result:
+                continue
+            last = result["turns"][-1]
+            cached = int(last["cache_read_tokens"])
+            new = int(last["prompt_tokens"]) - cached
+            alone = inprocess.eval_suffix_s(cached, new)
+            last["new_tokens_alone_s"] = alone
+            last["ttft_over_new_tokens_alone"] = float(last["ttft_s"]) / alone
+            log(f"{key}: {new} new tokens after {cached} take {alone:.2f}s alone")
+    finally:
+        inprocess.close()
 
 
 def gemma_memory(path: Path, settings: Settings, log: Callable[[str], None]) -> dict[str, Any]:
