@@ -18,6 +18,7 @@ from typing import Any
 
 import psutil
 
+from bench import architectures as architectures_bench
 from bench import claude_code as claude_code_bench
 from bench import grammar as grammar_bench
 from bench.report import ratios, table
@@ -93,6 +94,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "and llama-server unified and not (--request; --context-size defaults to 32768 here)",
     )
     parser.add_argument(
+        "--architectures",
+        action="store_true",
+        help="with --claude-code: turn-N cache reuse and TTFT on a full-attention, a "
+        "sliding-window and a hybrid model, against llama-server --ctx-checkpoints default and "
+        "0, and Gemma 3's KV memory at 32k (bench/architectures.json)",
+    )
+    parser.add_argument(
         "--request",
         default=str(claude_code_bench.FIXTURE),
         help="captured Claude Code request the --claude-code workload is built from",
@@ -117,6 +125,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.output = (
             "bench/grammar.json"
             if args.grammar
+            else "bench/architectures.json"
+            if args.claude_code and args.architectures
             else "bench/claude_code.json"
             if args.claude_code
             else "bench/results.json"
@@ -164,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.grammar:
         return grammar_main(args, model, settings)
+    if args.claude_code and args.architectures:
+        return architectures_main(args, settings)
     if args.claude_code:
         return claude_code_main(args, model, settings)
     report: dict[str, Any] = {
@@ -361,6 +373,44 @@ def claude_code_main(args: argparse.Namespace, model: Path, settings: Settings) 
         markdown.write_text(claude_code_bench.table(report))
     print(markdown.read_text() if markdown.exists() else "no target ran")
     log(f"wrote {output} and {markdown}")
+    return 0
+
+
+def architectures_main(args: argparse.Namespace, settings: Settings) -> int:
+    from pensieve.paths import cache_dir
+    from tests.tiny_models import build
+
+    binary, why = (None, "skipped (--no-llama-server)")
+    if not args.no_llama_server:
+        binary, why = find_llama_server(args.llama_server)
+    if binary is None:
+        log(f"llama-server rows skipped: {why}")
+    bundled = bundled_model_path()
+    gemma = Path(__file__).resolve().parents[1] / ".venv" / "models" / "gemma-3-270m-q4_k_m.gguf"
+    if bundled is None or not gemma.is_file():
+        print("skipped: the bundled model or Gemma 3 is missing (make install)", file=sys.stderr)
+        return 0
+    tiny = build(cache_dir() / "bench-models")
+    models = {"full": bundled, "swa": gemma, "hybrid": tiny["hybrid"]}
+    report: dict[str, Any] = {
+        "generated_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "models": {kind: str(path) for kind, path in models.items()},
+        "llama_server": {"binary": str(binary) if binary else None, "status": why},
+    }
+    machine_line = report["machine"]
+    report["preamble"] = (
+        f"{machine_line.get('cpu', '')}; one slot of {architectures_bench.CONTEXT} tokens, "
+        f"{settings.threads} threads; {architectures_bench.TURNS} turns, one run each (the "
+        "machine was shared). llama-server: " + (str(binary) if binary else f"not run ({why})")
+    )
+    report["results"] = architectures_bench.run(models, settings, binary, log)
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2) + "\n")
+    markdown = Path(args.markdown) if args.markdown else output.with_suffix(".md")
+    markdown.write_text(architectures_bench.table(report))
+    print(markdown.read_text())
     return 0
 
 

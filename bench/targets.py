@@ -186,6 +186,9 @@ class Settings:
     kv_cache_type: str = "f16"  # f16, q8_0, q4_0 on every side
     kv_unified: bool | str = "auto"  # pensieved's model.kv_unified
     llama_unified: bool = False  # llama-server with --kv-unified (one pool of cells)
+    # More of pensieved's `model` keys (swa_full, chat_template), and more llama-server flags.
+    pensieved_model: tuple[tuple[str, Any], ...] = ()
+    llama_args: tuple[str, ...] = ()
 
 
 def start_pensieved(model: Path, settings: Settings) -> ServerProcess:
@@ -211,6 +214,7 @@ def start_pensieved(model: Path, settings: Settings) -> ServerProcess:
             "max_output_tokens": settings.context_size,
             # Cold means cold: no KV caches saved by an earlier run.
             "prefix_cache_mb": 0,
+            **dict(settings.pensieved_model),
         },
     }
     config_path = workdir / "config.json"
@@ -307,6 +311,7 @@ def llama_server_args(binary: Path, model: Path, port: int, settings: Settings) 
         settings.flash_attention,  # the same on every side, so the attention kernels match
         "--jinja",
         "--no-webui",
+        *settings.llama_args,
     ]
 
 

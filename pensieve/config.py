@@ -472,6 +472,14 @@ class ModelConfig(_Section):
         "kernel checks one by one. `auto`: shared on a GPU or Metal, or when a cache per slot "
         "would not fit the memory budget; per slot otherwise.",
     )
+    swa_full: bool | Literal["auto"] = Field(
+        "auto",
+        description="For sliding-window models (Gemma 3, gpt-oss): keep every position in the "
+        "window layers (true), so a cached prefix is cut anywhere at the full context's memory, "
+        "or only about a window per slot plus a few checkpoints to go back to (false). `auto`: "
+        "the smaller of the two; at an agent's context that is the small cache "
+        "(docs/caching.md).",
+    )
     aliases: dict[str, AliasValue] = Field(
         default_factory=dict,
         description="Requested model name patterns (fnmatch, e.g. `claude-haiku-*`) mapped "
@@ -525,7 +533,7 @@ class ModelConfig(_Section):
     def _context_range(cls, value: Any) -> Any:
         return _int_or_auto(value, MIN_CONTEXT, MAX_CONTEXT)
 
-    @field_validator("kv_unified", mode="before")
+    @field_validator("kv_unified", "swa_full", mode="before")
     @classmethod
     def _kv_unified(cls, value: Any) -> Any:
         # Checked before the union, so an error names the key, not one of the union's members.

@@ -98,12 +98,24 @@ class DecodeStatus(_ControlModel):
     )
 
 
+class CheckpointStatus(_ControlModel):
+    count: int = Field(0, description="Checkpoints the slot keeps.")
+    bytes: int = Field(0, description="Their memory, together.")
+    positions: list[int] = Field(
+        default_factory=list, description="The token positions they restore to, oldest first."
+    )
+
+
 class KvSlotStatus(_ControlModel):
     slot: int = Field(description="The slot (a KV sequence of the model's context).")
     tokens: int = Field(description="Tokens its cache holds.")
     own_cells: int = Field(description="Cells only it holds: what evicting it would free.")
     cost_bytes: int = Field(
         description="What it really costs: its own cells plus its share of each shared cell."
+    )
+    checkpoints: CheckpointStatus = Field(
+        default_factory=CheckpointStatus,
+        description="States it can go back to (recurrent, hybrid and sliding-window models).",
     )
 
 
@@ -128,6 +140,18 @@ class KvStatus(_ControlModel):
         None, description="A plain warning, e.g. a context too small for Claude Code."
     )
     slots: list[KvSlotStatus] = Field(description="Each slot's part of the cache.")
+    architecture: str = Field(
+        "full attention",
+        description="How the model's layers remember: full attention, sliding-window "
+        "attention (window), hybrid recurrent + attention, or recurrent.",
+    )
+    cache_strategy: str = Field(
+        "full-attention",
+        description="full-attention, swa-full, swa-checkpoints or recurrent-checkpoints "
+        "(docs/caching.md).",
+    )
+    cache_strategy_reason: str = Field("", description="What the strategy does, and why it.")
+    checkpoint_bytes: int = Field(0, description="Memory of every slot's checkpoints.")
 
 
 class CacheReport(_ControlModel):

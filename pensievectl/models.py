@@ -36,6 +36,7 @@ def _row(m: ModelEntryStatus, now: float) -> list[str]:
         else "0",
         _ago(m.last_used, now),
         dialect_text(m),
+        _cache(m),
         ", ".join(m.names) or "-",
     ]
 
@@ -45,6 +46,14 @@ def dialect_text(m: ModelEntryStatus) -> str:
     if m.tool_dialect is None:
         return "-"
     return f"{m.tool_dialect} ({m.tool_dialect_source})"
+
+
+def _cache(m: ModelEntryStatus) -> str:
+    """Architecture and cache strategy (docs/caching.md), known once the model is loaded."""
+    kv = m.model.kv if m.model is not None else None
+    if kv is None:
+        return "-"
+    return f"{kv.architecture}: {kv.cache_strategy}"
 
 
 def format_models(reply: ModelsResponse, now: float | None = None) -> str:
@@ -58,6 +67,7 @@ def format_models(reply: ModelsResponse, now: float | None = None) -> str:
         "ON DISK",
         "LAST USE",
         "TOOL DIALECT",
+        "CACHE",
         "SERVES",
     ]
     rows = [header] + [_row(m, now) for m in reply.models]

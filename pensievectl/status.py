@@ -125,7 +125,18 @@ def _kv_rows(kv: KvStatus) -> list[tuple[str, str]]:
             f"slot: {per_slot}",
         ),
         ("sizes", f"{kv.sizing}; budget {human_bytes(kv.budget_bytes)}"),
+        ("architecture", f"{kv.architecture}; cache strategy {kv.cache_strategy}"),
     ]
+    held = [slot for slot in kv.slots if slot.checkpoints.count]
+    if held or kv.cache_strategy.endswith("checkpoints"):
+        where = "; ".join(
+            f"slot {slot.slot}: {slot.checkpoints.count} at "
+            + ", ".join(str(p) for p in slot.checkpoints.positions)
+            for slot in held
+        )
+        rows.append(
+            ("checkpoints", f"{human_bytes(kv.checkpoint_bytes)}" + (f"; {where}" if where else ""))
+        )
     if kv.warning:
         rows.append(("WARNING", kv.warning))
     return rows

@@ -47,6 +47,7 @@ _MODEL_KEYS = frozenset(
         "model.mmap",
         "model.kv_cache_type",
         "model.kv_unified",
+        "model.swa_full",
         "model.flash_attention",
         "model.memory_budget_mb",
     }

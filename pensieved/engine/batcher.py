@@ -190,6 +190,8 @@ class Batcher:
             generation.decoded = True
             generation.slot.tokens.extend(added)
             cells.append(generation.seq, len(added))
+            if generation.position in generation.marks:
+                self._model.checkpoint(generation.seq)
         self._sample(plan)
         stats = self.stats
         stats.steps += 1

@@ -24,6 +24,25 @@ from pensieved.engine.types import Event, Failed, Finished, PreparedPrompt, Prom
 # at the next decode: a memory copy of tens of ms on a CPU, against 10-20 ms per prompt token
 # evaluated there. Below this many tokens gained, evaluating them costs about as much.
 COPY_MIN_TOKENS = 32
+# Checkpoints of a prompt, for models whose cache cannot be cut back (checkpoints.py): every
+# this many tokens of a long prefill, and this many tokens before its end as well as at it. The
+# next turn's prompt usually leaves this one inside its last lines (the template renders the
+# reply's turn differently from the generation prompt it was asked with).
+CHECKPOINT_EVERY = 4096
+CHECKPOINT_BEFORE_END = 8
+
+
+def checkpoint_marks(length: int, start: int, content_ends: Sequence[int] = ()) -> tuple[int, ...]:
+    """Positions past `start` where a prompt of `length` tokens is checkpointed, ascending.
+
+    Besides the regular ones and its end: where the first message (the system prompt, which
+    a second session or a subagent shares) and the last but one end (what the next turn
+    keeps however the last one is rendered again)."""
+    marks = set(range(CHECKPOINT_EVERY, length, CHECKPOINT_EVERY))
+    marks |= {length - CHECKPOINT_BEFORE_END, length}
+    if content_ends:
+        marks |= {content_ends[0], content_ends[-2] if len(content_ends) > 1 else 0}
+    return tuple(sorted(m for m in marks if m > start))
 
 
 class Generation:
@@ -65,6 +84,8 @@ class Generation:
         # that the client's retry reads the whole prompt from the cache.
         self.hung_up = False
         self.background = False
+        # Where the batcher checkpoints this prompt (none for a cache that cuts anywhere).
+        self.marks: tuple[int, ...] = ()
 
     @property
     def seq(self) -> int:
@@ -96,15 +117,18 @@ class Generation:
         # With a cache per slot the prefix is copied, a copy of the donor's whole cache: only
         # worth it for more than a few tokens.
         if shared - own >= (1 if model.unified else COPY_MIN_TOKENS):
-            model.share_prefix(donor.index, self.seq, shared)
-            self.slot.tokens = donor.tokens[:shared]
-            self.shared_from = donor.index
-            own, read_from = shared, donor
+            got = model.share_prefix(donor.index, self.seq, shared, minimum=own)
+            if got:
+                self.slot.tokens = donor.tokens[:got]
+                self.shared_from = donor.index
+                own, read_from = got, donor
         # Reuse the cached prefix; keep at least one token to evaluate so logits are fresh.
         wanted = max(0, min(own, len(tokens) - 1))
         self.reused = model.forget(self.seq, wanted)
         del self.slot.tokens[self.reused :]
         self.evaluated = self.reused
+        if model.strategy.checkpoints:
+            self.marks = checkpoint_marks(len(tokens), self.reused, self.prepared.content_ends)
         self.report.cache_read_tokens = self.reused
         self.report.source = source(read_from, self.reused)
         self.slot.restored = False  # from now on it holds what this request evaluated
@@ -126,7 +150,12 @@ class Generation:
     def take_prompt(self, budget: int) -> tuple[int, ...]:
         """The next at most `budget` prompt tokens to evaluate (counted as evaluated)."""
         start = self.evaluated
-        chunk = self.prepared.tokens[start : start + budget]
+        end = start + budget
+        for mark in self.marks:
+            if mark > start:
+                end = min(end, mark)  # a chunk ends at a checkpoint
+                break
+        chunk = self.prepared.tokens[start:end]
         self.evaluated += len(chunk)
         return chunk
 

@@ -18,6 +18,7 @@ context and batch owners against a stand-in package that has only the calls they
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib
 import importlib.metadata
@@ -25,9 +26,10 @@ import importlib.util
 import logging
 import math
 import os
+import re
 import threading
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -86,12 +88,21 @@ _log_callback: Any = None
 _last_level = 0
 
 
+# The memory buffers a context allocates, as llama.cpp reports them (at info level): KV cells,
+# and the recurrent states (RS). Read while `memory_buffers` is open on the creating thread.
+_BUFFER_SIZE = re.compile(r"(?:KV|RS) buffer size\s*=\s*([\d.]+) MiB")
+_buffers: dict[int, list[int]] = {}
+
+
 def _forward_llama_log(level: int, text: bytes, _user_data: Any) -> None:
     global _last_level
     if level != 5:
         _last_level = level
     forwarded = _FORWARDED.get(_last_level)
     message = text.decode("utf-8", errors="replace").strip()
+    sizes = _buffers.get(threading.get_ident())
+    if sizes is not None and (found := _BUFFER_SIZE.search(message)):
+        sizes.append(round(float(found.group(1)) * 1024 * 1024))
     if forwarded is not None and message:
         _llama_log.log(forwarded, "%s", message)
 
@@ -113,6 +124,18 @@ def init_backend(*, forward_log: bool = True) -> None:
             c.llama_log_set(_log_callback, ctypes.c_void_p(0))
             c.llama_backend_init()
             _backend_ready = True
+
+
+@contextlib.contextmanager
+def memory_buffers() -> Iterator[list[int]]:
+    """Collects the sizes of the KV and recurrent-state buffers of a context created inside
+    (on this thread): what the cache really takes, sliding windows and states included."""
+    sizes: list[int] = []
+    _buffers[threading.get_ident()] = sizes
+    try:
+        yield sizes
+    finally:
+        _buffers.pop(threading.get_ident(), None)
 
 
 def attention_on_gpu(gpu_layers: int) -> bool:
@@ -198,6 +221,14 @@ class Model:
         """The sliding attention window (0: none)."""
         return int(lib().llama_model_n_swa(self._open()))
 
+    def is_recurrent(self) -> bool:
+        """Every layer keeps a recurrent state (Mamba, RWKV): no per-position cache at all."""
+        return bool(lib().llama_model_is_recurrent(self._open()))
+
+    def is_hybrid(self) -> bool:
+        """Some layers keep a recurrent state, the others attention (Qwen3.5, LFM2)."""
+        return bool(lib().llama_model_is_hybrid(self._open()))
+
     def n_vocab(self) -> int:
         return int(lib().llama_vocab_n_tokens(self.vocab))
 
@@ -263,6 +294,7 @@ class ContextParams:
     cache_type: CacheType | None = None  # K and V alike
     flash_attention: FlashAttention | None = None
     no_perf: bool | None = None
+    swa_full: bool | None = None  # every position in the sliding-window layers
 
 
 class Context:
@@ -293,6 +325,8 @@ class Context:
             }[params.flash_attention]
         if params.no_perf is not None:
             native.no_perf = params.no_perf
+        if params.swa_full is not None:
+            native.swa_full = params.swa_full
         pointer = c.llama_init_from_model(model._open(), native)
         if not pointer:
             raise LlamaError("Failed to create llama_context")
@@ -339,18 +373,31 @@ class Context:
     def seq_pos_max(self, seq: int) -> int:
         return int(lib().llama_memory_seq_pos_max(self._kv, seq))
 
-    def seq_state(self, seq: int) -> memoryview | None:
-        """Sequence `seq`'s cells as bytes (for `load_seq_state`); None if llama.cpp fails."""
+    def seq_state(self, seq: int, *, partial: bool = False) -> memoryview | None:
+        """Sequence `seq`'s cells as bytes (for `load_seq_state`); None if llama.cpp fails.
+
+        `partial`: only what cannot be cut back afterwards, the recurrent states and the
+        sliding window's cells (LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY); the per-position
+        attention cache stays out, so a checkpoint costs a window or a state, not a prefix."""
         c = lib()
-        size = int(c.llama_state_seq_get_size(self.handle, seq))
+        flags = c.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY if partial else c.LLAMA_STATE_SEQ_FLAGS_NONE
+        size = int(c.llama_state_seq_get_size_ext(self.handle, seq, flags))
+        if size == 0:
+            return None
         buffer = (ctypes.c_uint8 * size)()
-        got = int(c.llama_state_seq_get_data(self.handle, buffer, size, seq))
+        got = int(c.llama_state_seq_get_data_ext(self.handle, buffer, size, seq, flags))
         return memoryview(buffer)[:got] if got else None
 
-    def load_seq_state(self, seq: int, state: bytearray) -> bool:
-        """Read `seq_state`'s bytes into sequence `seq`; False if llama.cpp refuses them."""
-        buffer = (ctypes.c_uint8 * len(state)).from_buffer(state)
-        return bool(lib().llama_state_seq_set_data(self.handle, buffer, len(state), seq))
+    def load_seq_state(self, seq: int, state: bytes | bytearray, *, partial: bool = False) -> bool:
+        """Read `seq_state`'s bytes into sequence `seq` (replacing what it held of the same
+        parts); False if llama.cpp refuses them."""
+        c = lib()
+        flags = c.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY if partial else c.LLAMA_STATE_SEQ_FLAGS_NONE
+        if isinstance(state, bytearray):
+            buffer: Any = (ctypes.c_uint8 * len(state)).from_buffer(state)
+        else:
+            buffer = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+        return bool(c.llama_state_seq_set_data_ext(self.handle, buffer, len(state), seq, flags))
 
     def close(self) -> None:
         if not self._closed:

@@ -18,7 +18,9 @@ import psutil
 from pensieve.config import ModelConfig
 from pensieve.hfref import missing_message
 from pensieve.wire import KvSlotStatus, KvStatus
-from pensieved.engine import selftest
+from pensieved.engine import llama, selftest
+from pensieved.engine.caching import CacheStrategy, architecture, choose
+from pensieved.engine.checkpoints import Checkpoint, Checkpoints
 from pensieved.engine.dialects import is_markup
 from pensieved.engine.grammar_cache import GrammarCache, ParsedGrammar
 from pensieved.engine.kvpool import CellPool
@@ -60,6 +62,7 @@ class ModelSettings:
     kv_cache_type: KvCacheType = "f16"
     memory_budget_mb: int | None = None
     kv_unified: bool | Literal["auto"] = "auto"
+    swa_full: bool | Literal["auto"] = "auto"
 
     def sizing(self) -> ModelConfig:
         """The config keys `memory.plan_kv` resolves `auto` from."""
@@ -129,7 +132,13 @@ class LoadedModel:
             self.metadata: dict[str, str] = weights.metadata()
             self.plan: KvPlan = self._plan(settings)
             self.flash_attention = flash_attention_for(settings)
-            context = Context(weights, self._context_params(settings))
+            self.strategy: CacheStrategy = self._strategy(settings, weights)
+            with llama.memory_buffers() as buffers:
+                context = Context(weights, self._context_params(settings))
+            # Window layers and recurrent states are not the plan's every-layer-every-cell
+            # estimate: what llama.cpp logged it allocated (in MiB to two decimals) stands.
+            estimated = self.strategy.architecture.kind == "full" or not buffers
+            self.allocated_bytes: int = self.plan.kv_bytes if estimated else sum(buffers)
         except (ValueError, RuntimeError, OSError) as exc:
             if weights is not None:
                 weights.close()
@@ -152,6 +161,11 @@ class LoadedModel:
         per_slot = self.pool_tokens if self.unified else context.n_ctx_seq()
         self.n_ctx: int = min(self.plan.context_size, per_slot)
         self.cells = CellPool(self.pool_tokens, self.slots + 1, copies=not self.unified)
+        # What the budget leaves beside the weights and the KV cache (unknown sizes: no cap).
+        spare = self.plan.budget_bytes - self.plan.total_bytes if self.plan.budget_bytes else None
+        self.checkpoints = Checkpoints(
+            self.slots + 1, max_bytes=None if spare is None else max(spare, 0)
+        )
         self.n_batch: int = settings.batch_size
         self.n_ctx_train: int = weights.n_ctx_train()
         # Sliding-window attention: a sequence's saved state keeps only the window.
@@ -205,6 +219,30 @@ class LoadedModel:
             )
         return plan
 
+    def _strategy(self, settings: ModelSettings, weights: Model) -> CacheStrategy:
+        """How this architecture keeps a slot's prefix reusable (caching/), and why."""
+        arch = architecture(
+            recurrent=weights.is_recurrent(),
+            hybrid=weights.is_hybrid(),
+            window=weights.n_swa(),
+        )
+        strategy, why = choose(
+            arch,
+            settings.swa_full,
+            pool_tokens=self.plan.pool_tokens,
+            slots=self.plan.slots,
+            batch=settings.batch_size,
+        )
+        self.strategy_reason = f"{strategy.describe()}: {why}"
+        log.info(
+            "%s: %s; cache strategy %s, %s",
+            settings.path.name,
+            arch.describe(),
+            strategy.name,
+            self.strategy_reason,
+        )
+        return strategy
+
     def _context_params(self, settings: ModelSettings) -> ContextParams:
         plan = self.plan
         # Shared: one pool of cells for every slot (see kvpool.py), and one more sequence
@@ -219,6 +257,7 @@ class LoadedModel:
             cache_type=settings.kv_cache_type,
             flash_attention=self.flash_attention,
             no_perf=True,
+            swa_full=self.strategy.swa_full,
         )
 
     def _progress(self, keep_loading: Callable[[float], bool]) -> Callable[[float], bool]:
@@ -284,27 +323,97 @@ class LoadedModel:
     def forget(self, seq: int, keep: int) -> int:
         """Drop sequence `seq`'s KV cells from position `keep` on; the positions kept.
 
-        Recurrent and hybrid models cannot cut a sequence in the middle: theirs is cleared.
+        Where the memory cannot be cut there (a recurrent state, a sliding window that moved
+        on), the newest checkpoint at or before `keep` is restored, and the positions kept are
+        its; without one the sequence is cleared.
         """
-        if keep > 0 and self.context.seq_rm(seq, keep, -1):
-            self.cells.trim(seq, keep)
+        length = self.cells.length(seq)
+        cuttable = keep >= length or self.strategy.can_cut(self._pos_min, seq, length, keep)
+        if keep > 0 and cuttable and self.context.seq_rm(seq, keep, -1):
+            self._trimmed(seq, keep)
             return keep
+        if keep > 0 and self.strategy.checkpoints:
+            checkpoint = self.checkpoints.newest_at_or_before(seq, keep)
+            if checkpoint is not None and self._restore(seq, checkpoint):
+                return checkpoint.position
         self.context.seq_rm(seq, -1, -1)
-        self.cells.trim(seq, 0)
+        self._trimmed(seq, 0)
         return 0
 
-    def share_prefix(self, source: int, target: int, count: int) -> None:
-        """Make sequence `target` hold `source`'s first `count` positions. In the shared cache
-        these are the same cells (`llama_memory_seq_cp` only marks them); with a cache per
-        slot, llama.cpp copies `source`'s whole cache at the start of the next decode."""
-        context = self.context
-        context.seq_rm(target, -1, -1)
+    def _pos_min(self, seq: int) -> int:
+        return self.context.seq_pos_min(seq)
+
+    def _trimmed(self, seq: int, keep: int) -> None:
+        self.cells.trim(seq, keep)
+        self.checkpoints.trim(seq, keep)
+
+    def _restore(self, seq: int, checkpoint: Checkpoint) -> bool:
+        """Put `checkpoint`'s partial state into `seq` (which holds at least its positions in
+        the attention cells) and cut the rest; False (and `seq` cleared) if refused."""
+        position = checkpoint.position
+        if (
+            self.context.load_seq_state(seq, checkpoint.state, partial=True)
+            and self.context.seq_rm(seq, position, -1)
+            and self.context.seq_pos_max(seq) == position - 1
+        ):
+            self._trimmed(seq, position)
+            return True
+        log.warning("slot %d: llama.cpp refused a checkpoint at %d; clearing it", seq, position)
+        self.context.seq_rm(seq, -1, -1)
+        self._trimmed(seq, 0)
+        return False
+
+    def checkpoint(self, seq: int) -> None:
+        """Keep sequence `seq`'s partial state at its current end (see checkpoints.py)."""
+        position = self.cells.length(seq)
+        state = self.context.seq_state(seq, partial=True)
+        if position > 0 and state is not None:
+            self.checkpoints.add(seq, Checkpoint(position, bytes(state)))
+
+    def share_prefix(self, source: int, target: int, count: int, minimum: int = 0) -> int:
+        """Make sequence `target` hold `source`'s first `count` positions, or fewer (a
+        checkpoint's) where `source`'s memory cannot be cut at `count`; the positions shared,
+        0 (and `target` untouched) when that would not be more than `minimum`.
+
+        In the shared cache the attention cells are the same cells (`llama_memory_seq_cp`
+        only marks them); with a cache per slot, llama.cpp copies `source`'s whole cache at
+        the start of the next decode. A checkpoint is restored into `target` over that."""
+        length = self.cells.length(source)
+        whole = count >= length
+        checkpoint = None
+        if self.strategy.checkpoints and not whole:
+            if self.strategy.can_cut(self._pos_min, source, length, count):
+                checkpoint = None
+            else:
+                checkpoint = self.checkpoints.newest_at_or_before(source, count)
+                if checkpoint is None:
+                    return 0
+                count = checkpoint.position
+        if count <= minimum:
+            return 0
+        self.context.seq_rm(target, -1, -1)
+        if checkpoint is None:
+            if self.unified:
+                self.context.seq_cp(source, target, 0, count)
+            else:
+                self.context.seq_cp(source, target, -1, -1)
+                self.context.seq_rm(target, count, -1)
+            self.cells.share(source, target, count)
+            self.checkpoints.share(source, target, count)
+            return count
         if self.unified:
-            context.seq_cp(source, target, 0, count)
+            self.context.seq_cp(source, target, 0, count)
         else:
-            context.seq_cp(source, target, -1, -1)
-            context.seq_rm(target, count, -1)
-        self.cells.share(source, target, count)
+            # A copy between per-slot caches happens at the next decode, and would overwrite
+            # the checkpoint's window cells: the source's state is copied now instead.
+            state = self.context.seq_state(source)
+            if state is None or not self.context.load_seq_state(target, bytearray(state)):
+                self.context.seq_rm(target, -1, -1)
+                self._trimmed(target, 0)
+                return 0
+        self.cells.share(source, target, length if not self.unified else count)
+        self.checkpoints.share(source, target, count)
+        return count if self._restore(target, checkpoint) else 0
 
     def kv_status(self) -> KvStatus:
         """The shared KV cache for `status`: sizes and why, use, sharing, each slot's cost."""
@@ -332,7 +441,7 @@ class LoadedModel:
             cells_used=used,
             cells_shared=shared,
             bytes_per_token=per_token,
-            allocated_bytes=self.kv_bytes(),
+            allocated_bytes=self.allocated_bytes,
             budget_bytes=self.plan.budget_bytes,
             sizing=self.plan.reason,
             warning=warning,
@@ -342,14 +451,20 @@ class LoadedModel:
                     tokens=part.tokens,
                     own_cells=part.own,
                     cost_bytes=round(part.cost * per_token),
+                    checkpoints=self.checkpoints.status(part.index),
                 )
                 for part in parts[: self.slots]
             ],
+            architecture=self.strategy.architecture.describe(),
+            cache_strategy=self.strategy.name,
+            cache_strategy_reason=self.strategy_reason,
+            checkpoint_bytes=self.checkpoints.total_bytes(),
         )
 
     def kv_bytes(self) -> int:
-        """The KV cache allocated: every cell of the pool, used or not."""
-        return self.pool_tokens * self.plan.bytes_per_token
+        """The KV cache allocated (every cell of the pool, used or not, and recurrent states),
+        and the checkpoints kept."""
+        return self.allocated_bytes + self.checkpoints.total_bytes()
 
     def close(self) -> None:
         # Parsed grammars point at the model's vocabulary; the context goes before the model.

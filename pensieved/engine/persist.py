@@ -11,6 +11,10 @@ are the same cells as a slot saved before it writes only its own tail (staged in
 scratch sequence, the one part of its cells llama.cpp can export alone) and names that slot
 as its base; at restore the tail is read back and the base's prefix shared into it again.
 
+Models whose cache cannot be cut back (recurrent, hybrid, a small sliding-window cache) save
+each slot's checkpoints (checkpoints.py) after its state, so that a restored slot still serves
+a prompt that leaves it before its end; their slots are saved whole, never against a base.
+
 Each model's files live in a directory named by a key over everything that makes a KV state
 valid: the model file (path, size, modification time), the settings that shape its context,
 and the llama.cpp build. A changed model or setting gets a new key, so stale states are never
@@ -30,6 +34,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from pensieved.engine.checkpoints import Checkpoint
 from pensieved.engine.llama import package_version
 from pensieved.engine.model import LoadedModel
 from pensieved.engine.slots import Slot
@@ -55,6 +60,7 @@ def model_key(model: LoadedModel) -> str:
         "layout": "unified" if model.unified else "per-slot",
         "gpu_layers": settings.gpu_layers,
         "flash_attention": settings.flash_attention,  # changes the V cache layout
+        "cache_strategy": model.strategy.name,  # a small window cache saves other parts
         "llama_cpp_python": package_version(),
     }
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
@@ -64,10 +70,11 @@ def model_key(model: LoadedModel) -> str:
 def persistable(model: LoadedModel) -> bool:
     """Whether a slot's saved state is good for reuse of any prefix of it.
 
-    Sliding-window models save only the cells the last position attends to, so a restored
-    state could not be trimmed to a shorter prefix; their caches are not saved.
+    A sliding-window model with the full-size cache saves only the cells the last position
+    attends to, and has no checkpoints: a restored state could not be trimmed to a shorter
+    prefix, so its caches are not saved.
     """
-    return model.sliding_window <= 0
+    return model.strategy.persistable
 
 
 class PrefixStore:
@@ -110,14 +117,15 @@ class PrefixStore:
                     len(state) / 1e6,
                 )
                 continue
+            checkpoints = model.checkpoints.of(slot.index)
             try:
-                _write(target / f"slot-{written}.kv", slot, state, base, shared)
+                _write(target / f"slot-{written}.kv", slot, state, base, shared, checkpoints)
             except OSError as exc:
                 log.warning("cannot save KV caches to %s: %s", target, exc)
                 break
             saved.append((written, slot))
             written += 1
-            used += len(state)
+            used += len(state) + sum(c.size for c in checkpoints)
         if written:
             log.info(
                 "saved %d KV cache(s) of %s (%.0f MB) in %.1fs",
@@ -164,7 +172,7 @@ class PrefixStore:
         for path in files:
             try:
                 number = _file_number(path)
-                tokens, state, base, shared = _read(path)
+                tokens, state, base, shared, checkpoints = _read(path)
             except (OSError, ValueError) as exc:
                 log.warning("discarding saved KV cache %s: %s", path, exc)
                 path.unlink(missing_ok=True)
@@ -181,6 +189,8 @@ class PrefixStore:
                 path.unlink(missing_ok=True)
                 continue
             slot.tokens, slot.restored = tokens, True
+            for checkpoint in checkpoints:
+                model.checkpoints.add(slot.index, checkpoint)
             placed[number] = slot
             restored += 1
         if restored:
@@ -217,6 +227,8 @@ def _base_for(
     model: LoadedModel, slot: Slot, saved: list[tuple[int, Slot]]
 ) -> tuple[int | None, int]:
     """The saved slot whose cells `slot` shares the longest prefix of, and that length."""
+    if model.strategy.checkpoints:
+        return None, 0  # a state that cannot be cut is not split into base and tail
     best: tuple[int | None, int] = (None, 0)
     for number, other in saved:
         common = model.cells.common(slot.index, other.index)
@@ -240,7 +252,9 @@ def _load(
         context.seq_cp(donor.index, slot.index, 0, shared)
     first = context.seq_pos_min(slot.index)
     last = context.seq_pos_max(slot.index)
-    if not loaded or first != 0 or last + 1 != length:
+    # A recurrent state or a small window holds only the last positions: its first is not 0.
+    whole = first == 0 or model.strategy.checkpoints
+    if not loaded or not whole or last + 1 != length:
         model.forget(slot.index, 0)
         return False
     # The books: the donor's cells, then the ones just read.
@@ -250,20 +264,55 @@ def _load(
     return True
 
 
-def _write(path: Path, slot: Slot, state: memoryview, base: int | None, shared: int) -> None:
+def _write(
+    path: Path,
+    slot: Slot,
+    state: memoryview,
+    base: int | None,
+    shared: int,
+    checkpoints: Sequence[Checkpoint] = (),
+) -> None:
+    """The header, the metadata (JSON), the state, then each checkpoint's state."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = json.dumps({"tokens": slot.tokens, "base": base, "shared": shared}).encode()
+    meta = json.dumps(
+        {
+            "tokens": slot.tokens,
+            "base": base,
+            "shared": shared,
+            "checkpoints": [[c.position, c.size] for c in checkpoints],
+        }
+    ).encode()
     partial = path.with_suffix(".partial")
     with partial.open("wb") as f:
         f.write(MAGIC)
         f.write(struct.pack("<QQ", len(meta), len(state)))
         f.write(meta)
         f.write(state)
+        for checkpoint in checkpoints:
+            f.write(checkpoint.state)
     os.replace(partial, path)
 
 
-def _read(path: Path) -> tuple[list[int], bytearray, int | None, int]:
-    """Tokens, KV state, the file number of its base (or None) and the positions shared."""
+def _checkpoint_sizes(meta: dict[str, object], length: int) -> list[tuple[int, int]]:
+    listed = meta.get("checkpoints", [])
+    if not isinstance(listed, list):
+        raise ValueError("bad checkpoint list")
+    sizes = []
+    for entry in listed:
+        if (
+            not isinstance(entry, list)
+            or len(entry) != 2
+            or not all(isinstance(n, int) and n > 0 for n in entry)
+            or entry[0] > length
+        ):
+            raise ValueError("bad checkpoint entry")
+        sizes.append((entry[0], entry[1]))
+    return sizes
+
+
+def _read(path: Path) -> tuple[list[int], bytearray, int | None, int, list[Checkpoint]]:
+    """Tokens, KV state, the file number of its base (or None), the positions shared, and
+    the checkpoints saved with it."""
     with path.open("rb") as f:
         if f.read(len(MAGIC)) != MAGIC:
             raise ValueError("not a Pensieve KV cache file")
@@ -271,7 +320,8 @@ def _read(path: Path) -> tuple[list[int], bytearray, int | None, int]:
         if len(header) != 16:
             raise ValueError("truncated header")
         meta_len, state_len = struct.unpack("<QQ", header)
-        if len(MAGIC) + 16 + meta_len + state_len != os.fstat(f.fileno()).st_size:
+        size = os.fstat(f.fileno()).st_size
+        if len(MAGIC) + 16 + meta_len + state_len > size:
             raise ValueError("sizes in the header do not match the file")
         meta = json.loads(f.read(meta_len))
         if not isinstance(meta, dict):
@@ -279,6 +329,9 @@ def _read(path: Path) -> tuple[list[int], bytearray, int | None, int]:
         tokens = meta.get("tokens")
         if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
             raise ValueError("bad token list")
+        sizes = _checkpoint_sizes(meta, len(tokens))
+        if len(MAGIC) + 16 + meta_len + state_len + sum(n for _, n in sizes) != size:
+            raise ValueError("sizes in the header do not match the file")
         base, shared = meta.get("base"), meta.get("shared", 0)
         if base is not None and not isinstance(base, int):
             raise ValueError("bad base")
@@ -287,7 +340,8 @@ def _read(path: Path) -> tuple[list[int], bytearray, int | None, int]:
         state = bytearray(state_len)
         if f.readinto(state) != state_len:
             raise ValueError("truncated state")
-    return tokens, state, base, shared
+        checkpoints = [Checkpoint(position, f.read(n)) for position, n in sizes]
+    return tokens, state, base, shared, checkpoints
 
 
 def saved_summary(directory: Path, model_file: Path) -> tuple[int, int]:

@@ -172,9 +172,18 @@ def render_text(
 
 
 def tokenize_rendered(
-    rendered: str, contents: list[str], tokenize: Tokenizer, *, add_bos: bool, bos_text: str
+    rendered: str,
+    contents: list[str],
+    tokenize: Tokenizer,
+    *,
+    add_bos: bool,
+    bos_text: str,
+    content_ends: list[int] | None = None,
 ) -> list[int]:
-    """Tokenize template text with specials on and content text with specials off."""
+    """Tokenize template text with specials on and content text with specials off.
+
+    `content_ends`, if given, gets the token position where each content string ends (a
+    message's end, near where a client puts `cache_control`)."""
     if add_bos and bos_text and rendered.startswith(bos_text):
         rendered = rendered[len(bos_text) :]  # the tokenizer adds the BOS token itself
     tokens: list[int] = tokenize("", True, True) if add_bos else []
@@ -183,6 +192,8 @@ def tokenize_rendered(
         tokens += tokenize(rendered[position : match.start()], True, False)
         index = int(match.group(1))
         tokens += tokenize(contents[index] if index < len(contents) else "", False, False)
+        if content_ends is not None:
+            content_ends.append(len(tokens))
         position = match.end()
     tokens += tokenize(rendered[position:], True, False)
     return tokens

@@ -79,6 +79,7 @@ def settings_for(config: Config, path: Path) -> ModelSettings:
         flash_attention=m.flash_attention,
         kv_cache_type=m.kv_cache_type,
         kv_unified=m.kv_unified,
+        swa_full=m.swa_full,
         memory_budget_mb=m.memory_budget_mb,
     )
 
@@ -342,9 +343,10 @@ class Engine:
 
     def _render(
         self, model: LoadedModel, request: GenerationRequest, settings: PromptSettings = _AUTO
-    ) -> tuple[list[int], bool, str]:
-        """Prompt tokens, whether the prompt ends inside a reasoning block, and the dialect's
-        name. `settings.chat_template` overrides the model's own template."""
+    ) -> tuple[list[int], bool, str, list[int]]:
+        """Prompt tokens, whether the prompt ends inside a reasoning block, the dialect's name,
+        and where each content string ends. `settings.chat_template` overrides the model's own
+        template."""
         template = settings.chat_template
         source = template_source(template) if template else model.chat_template
         caps = template_caps(source, settings.tool_dialect)
@@ -356,15 +358,17 @@ class Engine:
             eos_text=model.eos_text,
             tool_dialect=settings.tool_dialect,
         )
+        ends: list[int] = []
         tokens = tokenize_rendered(
             rendered,
             contents,
             lambda text, special, add_bos: model.tokenize(text, special=special, add_bos=add_bos),
             add_bos=model.add_bos,
             bos_text=model.bos_text,
+            content_ends=ends,
         )
         dialect = caps.dialect.dialect
-        return tokens, prompt_opens_thinking(rendered, reasoning.open), dialect.name
+        return tokens, prompt_opens_thinking(rendered, reasoning.open), dialect.name, ends
 
     def _grammar(
         self, model: LoadedModel, request: GenerationRequest, dialect: str = "hermes"
@@ -394,9 +398,9 @@ class Engine:
 
     def _prepare_sync(
         self, model: LoadedModel, request: GenerationRequest, settings: PromptSettings = _AUTO
-    ) -> tuple[list[int], bool, ParsedGrammar | None, str]:
-        tokens, thinking_open, dialect = self._render(model, request, settings)
-        return tokens, thinking_open, self._grammar(model, request, dialect), dialect
+    ) -> tuple[list[int], bool, ParsedGrammar | None, str, list[int]]:
+        tokens, thinking_open, dialect, ends = self._render(model, request, settings)
+        return tokens, thinking_open, self._grammar(model, request, dialect), dialect, ends
 
     async def count_tokens(self, name: str, request: GenerationRequest, work: Work) -> int:
         self.activity.begin(work.request_id, work.what, "rendering and tokenizing the prompt")
@@ -451,7 +455,7 @@ class Engine:
         runtime, template = await self._acquire(name, on_wait)
         model = runtime.model
         try:
-            tokens, thinking_open, grammar, dialect = await asyncio.to_thread(
+            tokens, thinking_open, grammar, dialect, ends = await asyncio.to_thread(
                 self._prepare_sync, model, request, template
             )
             room = model.n_ctx - len(tokens)
@@ -468,6 +472,7 @@ class Engine:
             grammar=grammar,
             thinking_open=thinking_open,
             tool_dialect=dialect,
+            content_ends=tuple(ends),
         )
         return runtime, prepared
 

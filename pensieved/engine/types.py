@@ -97,6 +97,8 @@ class PreparedPrompt:
     grammar: ParsedGrammar | None = None
     thinking_open: bool = False  # the prompt ends inside a `<think>` block
     tool_dialect: str = "hermes"  # the syntax of calls and reasoning (engine/dialects)
+    # Token positions where each message's content ends: checkpoints go at some of them.
+    content_ends: tuple[int, ...] = ()
 
     @property
     def input_tokens(self) -> int:

@@ -6,7 +6,16 @@ import threading
 from collections.abc import Sequence
 from typing import Any, cast
 
-from pensieved.engine.generation import COPY_MIN_TOKENS, Generation
+from pensieved.engine.caching.base import Architecture, CacheStrategy
+from pensieved.engine.caching.full import FullAttention
+from pensieved.engine.caching.recurrent import RecurrentCheckpoints
+from pensieved.engine.generation import (
+    CHECKPOINT_BEFORE_END,
+    CHECKPOINT_EVERY,
+    COPY_MIN_TOKENS,
+    Generation,
+    checkpoint_marks,
+)
 from pensieved.engine.model import LoadedModel
 from pensieved.engine.slots import Slot
 from pensieved.engine.types import (
@@ -25,8 +34,9 @@ END = 0  # the scripted model's end-of-generation token
 class ScriptedModel:
     n_vocab = 100
 
-    def __init__(self, *, unified: bool = True) -> None:
+    def __init__(self, *, unified: bool = True, strategy: CacheStrategy | None = None) -> None:
         self.unified = unified
+        self.strategy = strategy or FullAttention()
         self.shares: list[tuple[int, int, int]] = []
         self.forgotten: list[tuple[int, int]] = []
 
@@ -34,8 +44,9 @@ class ScriptedModel:
         self.forgotten.append((seq, keep))
         return keep
 
-    def share_prefix(self, source: int, target: int, count: int) -> None:
+    def share_prefix(self, source: int, target: int, count: int, minimum: int = 0) -> int:
         self.shares.append((source, target, count))
+        return count
 
     def is_end_of_generation(self, token: int) -> bool:
         return token == END
@@ -232,3 +243,36 @@ def test_only_a_prompt_still_being_read_goes_on_in_the_background() -> None:
     done.begin(_model(ScriptedModel()))
     done.take_prompt(10)
     assert not done.go_background()  # the whole prompt is in: nothing left to gain
+
+
+def test_checkpoints_go_at_the_first_and_last_but_one_message_the_end_and_regularly() -> None:
+    length = 2 * CHECKPOINT_EVERY + 100
+    marks = checkpoint_marks(length, 0, content_ends=(700, 5000, length - 3))
+    assert marks == (
+        700,  # the system prompt's end
+        CHECKPOINT_EVERY,
+        5000,  # where the last message starts
+        2 * CHECKPOINT_EVERY,
+        length - CHECKPOINT_BEFORE_END,
+        length,
+    )
+    assert checkpoint_marks(length, 5000, (700, 5000, length - 3))[0] == 2 * CHECKPOINT_EVERY
+
+
+def test_a_model_that_cannot_cut_back_takes_its_prompt_in_chunks_ending_at_checkpoints() -> None:
+    prompt = tuple(range(1, 1001))
+    slot = Slot(0)
+    g, _, _ = _generation(prompt, slot)
+    g.prepared = PreparedPrompt(g.prepared.request, prompt, 8, content_ends=(300, 990))
+    g.begin(_model(ScriptedModel(strategy=RecurrentCheckpoints(Architecture("recurrent")))))
+    chunks = []
+    while g.prompt_left:
+        chunks.append(len(g.take_prompt(512)))
+    assert chunks == [300, 512, 188 - CHECKPOINT_BEFORE_END, CHECKPOINT_BEFORE_END]
+
+
+def test_a_full_attention_model_takes_no_checkpoints() -> None:
+    prompt = tuple(range(1, 1001))
+    g, _, _ = _generation(prompt, Slot(0))
+    g.begin(_model(ScriptedModel()))
+    assert g.marks == () and len(g.take_prompt(512)) == 512

@@ -50,11 +50,11 @@ def test_the_table_shows_state_memory_caches_and_last_use() -> None:
     lines = format_models(reply, now=NOW).splitlines()
     assert lines[0].split() == [
         "MODEL", "STATE", "SINCE", "MEMORY", "CACHED", "ON", "DISK", "LAST", "USE", "TOOL",
-        "DIALECT", "SERVES"
+        "DIALECT", "CACHE", "SERVES"
     ]  # fmt: skip
     assert lines[1].split() == [
         "a.gguf", "loaded", "1m", "30s", "ago", "300.0", "MB", "812", "0", "5s", "ago",
-        "qwen3-xml", "(detected)", "(default)",
+        "qwen3-xml", "(detected)", "-", "(default)",
     ]  # fmt: skip
     assert "b.gguf" in lines[2] and "unloaded" in lines[2] and "1h 0m ago" in lines[2]
     assert "20000 (2.0 MB)" in lines[2] and lines[2].endswith("claude-haiku-*")
