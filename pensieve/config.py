@@ -352,6 +352,14 @@ class ModelConfig(_Section):
         "kernel checks one by one. `auto`: shared on a GPU or Metal, or when a cache per slot "
         "would not fit the memory budget; per slot otherwise.",
     )
+    speculative: Literal["auto", "ngram", "off"] = Field(
+        "auto",
+        description="Speculative decoding: `auto` and `ngram` draft from the conversation "
+        "itself (what the output copies from the prompt: an Edit's old_string, paths, keys) "
+        "and verify the draft in the same batch, output unchanged; they also append text a "
+        "tool-call grammar forces without sampling it. `off`: one token per request per step. "
+        "See docs/speculation.md.",
+    )
     aliases: dict[str, AliasValue] = Field(
         default_factory=dict,
         description="Requested model name patterns (fnmatch, e.g. `claude-haiku-*`) mapped "

@@ -78,6 +78,18 @@ def attention_on_gpu(gpu_layers: int) -> bool:
     return gpu_layers != 0 and bool(lib().llama_supports_gpu_offload())
 
 
+def memory_cut_problem(model: Any, *, swa_full: bool) -> str | None:
+    """Why a sequence's last positions cannot be removed from `model`'s memory (speculative
+    drafts need it), or None when they can. A recurrent state has no positions to remove;
+    a sliding-window cache not kept whole may already have dropped what a cut back needs."""
+    c = lib()
+    if c.llama_model_is_recurrent(model) or c.llama_model_is_hybrid(model):
+        return "the model's recurrent memory cannot drop rejected draft tokens"
+    if c.llama_model_n_swa(model) > 0 and not swa_full:
+        return "its sliding-window KV cache may not hold what dropping draft tokens needs"
+    return None
+
+
 def progress_callback(progress: Callable[[float, Any], bool]) -> Any:
     """A C callback for a model load's progress; the caller keeps it alive during the load."""
     return lib().llama_progress_callback(progress)

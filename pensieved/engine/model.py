@@ -27,6 +27,7 @@ from pensieved.engine.llama import (
     init_backend,
     internals,
     lib,
+    memory_cut_problem,
     progress_callback,
 )
 from pensieved.engine.memory import (
@@ -37,6 +38,7 @@ from pensieved.engine.memory import (
     pool_tokens,
     shape_from_metadata,
 )
+from pensieved.engine.speculation import SpeculationMode
 from pensieved.errors import GrammarError, LoadCancelledError, ModelLoadError
 
 log = logging.getLogger("pensieved.engine")
@@ -57,6 +59,7 @@ class ModelSettings:
     kv_cache_type: KvCacheType = "f16"
     memory_budget_mb: int | None = None
     kv_unified: bool | Literal["auto"] = "auto"
+    speculative: SpeculationMode = "auto"
 
     def sizing(self) -> ModelConfig:
         """The config keys `memory.plan_kv` resolves `auto` from."""
@@ -165,6 +168,9 @@ class LoadedModel:
         self.n_ctx_train: int = self._model.n_ctx_train()
         # Sliding-window attention: a sequence's saved state keeps only the window.
         self.sliding_window: int = int(c.llama_model_n_swa(self._model.model))
+        # Why speculative drafts cannot run on this model (None: they can).
+        swa_full = bool(self._context_params(settings).swa_full)
+        self.cut_problem = memory_cut_problem(self._model.model, swa_full=swa_full)
         self.bos_id: int = self._model.token_bos()
         self.eos_id: int = self._model.token_eos()
         self.add_bos: bool = bool(self._model.add_bos_token())

@@ -128,6 +128,27 @@ class Sampler:
                 return int(self._data[self._array.selected].id)
         return None
 
+    @property
+    def grammar(self) -> Sampler | None:
+        """This sampler as jump-forward reads its grammar (`allowed`, `advance`); None
+        without a grammar."""
+        return self if self._grammar is not None else None
+
+    def allowed(self, candidates: np.ndarray) -> np.ndarray:
+        """The candidates (at most the longest shortlist) the grammar allows next."""
+        size = len(candidates)
+        view = self._view[:size]
+        view["id"] = candidates
+        view["logit"] = 0.0
+        view["p"] = 0.0
+        self._reset(size)
+        self._llama.llama_sampler_apply(self._grammar, self._array_ref)
+        return np.array(view["id"][~np.isinf(view["logit"])])
+
+    def advance(self, token: int) -> None:
+        """Move the grammar over `token` as if it had been sampled (jump-forward)."""
+        self._llama.llama_sampler_accept(self._grammar, token)
+
     def _reset(self, size: int) -> None:
         self._array.size = size
         self._array.selected = -1

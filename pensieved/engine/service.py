@@ -84,6 +84,7 @@ def settings_for(config: Config, path: Path) -> ModelSettings:
         kv_cache_type=m.kv_cache_type,
         kv_unified=m.kv_unified,
         memory_budget_mb=m.memory_budget_mb,
+        speculative=m.speculative,
     )
 
 
