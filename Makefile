@@ -33,7 +33,7 @@ LLM_DIR := $(VENV)/llm-cli
 LLM_STAMP := $(LLM_DIR)/.installed-stamp
 export PENSIEVE_TEST_LLM := $(abspath $(LLM_DIR))/bin/llm
 
-.PHONY: install run test lint typecheck unit integration man clean packaging-deps claude-code \
+.PHONY: install run test lint typecheck unit integration man docs clean packaging-deps claude-code \
 	test-claude-latest capture-claude-code \
 	llm-cli lock lock-check
 
@@ -134,9 +134,13 @@ unit: install
 integration: install claude-code llm-cli
 	$(BIN)/pytest tests/integration $(PYTEST_ARGS)
 
-# Regenerate man/pensieved.8 and man/pensievectl.1 from the real argparse parsers.
-man: install
+# Regenerate the generated documentation: man/pensieved.8 and man/pensievectl.1 from the real
+# argparse parsers; man/pensieve.json.5, the key reference in docs/configuration.md and
+# docs/exit-status.md from pensieve/config.py's Field descriptions and pensieve/exitcodes.py.
+# Run it after changing a flag, a config key or an exit code; tests/test_docs.py fails until then.
+man docs: install
 	$(BIN)/python packaging/gen_man.py
+	$(BIN)/python packaging/gen_config_ref.py
 
 # The packaging tests shell out to ruby (`ruby -c` on the formula) and man/groff (`man -l`).
 # Install Debian's packages when they are missing and apt-get exists (CI runs as root).

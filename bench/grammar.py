@@ -67,12 +67,13 @@ def build_times(tools: list[dict[str, Any]], model: Path, *, reps: int) -> dict[
     from pensieved.engine.gbnf import grammar_size
     from pensieved.engine.grammar import request_grammar
     from pensieved.engine.grammar_cache import GrammarCache
+    from pensieved.engine.llama import Vocab
     from pensieved.engine.types import GenerationRequest, ToolSpec
 
     specs = tuple(ToolSpec(t["name"], "", t.get("input_schema") or {}) for t in tools)
     request = GenerationRequest(messages=(), max_tokens=1, tools=specs)
     llm = llama_cpp.Llama(model_path=str(model), vocab_only=True, verbose=False)
-    vocab = llm._model.vocab
+    vocab = Vocab(llm._model.vocab)
     cold: list[float] = []
     built: list[float] = []
     cached: list[float] = []
@@ -88,7 +89,7 @@ def build_times(tools: list[dict[str, Any]], model: Path, *, reps: int) -> dict[
             assert grammar is not None
             parsed = cache.get(grammar, lazy=lazy)
             assert parsed is not None, "llama.cpp refused the grammar"
-            llama_cpp.llama_sampler_free(parsed.clone())
+            parsed.clone().close()
             cold.append(time.perf_counter() - started)
             built.append(middle - started)
             for _ in range(20):
@@ -98,7 +99,7 @@ def build_times(tools: list[dict[str, Any]], model: Path, *, reps: int) -> dict[
                 parsed = cache.get(grammar, lazy=lazy)
                 assert parsed is not None
                 before_clone = time.perf_counter()
-                llama_cpp.llama_sampler_free(parsed.clone())
+                parsed.clone().close()
                 done = time.perf_counter()
                 cached.append(done - started)
                 clone.append(done - before_clone)
@@ -134,6 +135,7 @@ def sampling_costs(
 
     from pensieved.engine.grammar import request_grammar
     from pensieved.engine.grammar_cache import GrammarCache
+    from pensieved.engine.llama import ContextHandle, Vocab
     from pensieved.engine.sampler import Sampler, _chain
     from pensieved.engine.types import GenerationRequest, Sampling, ToolChoice, ToolSpec
 
@@ -151,17 +153,17 @@ def sampling_costs(
         n_threads_batch=threads,
         verbose=False,
     )
-    cache = GrammarCache(llm._model.vocab)
+    cache = GrammarCache(Vocab(llm._model.vocab))
     prompt = llm.tokenize(PROMPT.encode(), add_bos=True)
 
-    def run(pick: Callable[[Any], int]) -> tuple[list[int], float, float]:
+    def run(pick: Callable[[ContextHandle], int]) -> tuple[list[int], float, float]:
         llm.reset()
         llm.eval(prompt)
         out: list[int] = []
         sampling = decoding = 0.0
         for _ in range(tokens):
             started = time.perf_counter()
-            token = pick(llm.ctx)
+            token = pick(ContextHandle(llm.ctx))
             middle = time.perf_counter()
             llm.eval([token])
             sampling += middle - started
@@ -176,12 +178,8 @@ def sampling_costs(
         first = _chain(greedy, 1, parsed.clone())
         checked = Sampler(greedy, parsed, seed=1, n_vocab=llm.n_vocab())
         try:
-            _, free_ms, decode_ms = run(
-                lambda ctx: int(llama_cpp.llama_sampler_sample(free.sampler, ctx, -1))
-            )
-            first_out, first_ms, _ = run(
-                lambda ctx: int(llama_cpp.llama_sampler_sample(first.sampler, ctx, -1))
-            )
+            _, free_ms, decode_ms = run(lambda ctx: free.sample(ctx, -1))
+            first_out, first_ms, _ = run(lambda ctx: first.sample(ctx, -1))
             checked_out, checked_ms, _ = run(lambda ctx: checked.sample(ctx, -1))
         finally:
             free.close()

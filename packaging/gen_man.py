@@ -2,8 +2,9 @@
 
 argparse-manpage renders every subcommand and flag; the sections argparse knows nothing about
 (FILES, SIGNALS, EXIT STATUS, ENVIRONMENT, SEE ALSO) are added here. Exit statuses come from
-the shared IntEnums (pensieve.exitcodes: DaemonExit, CtlExit), so a new code without a
-description here fails the generation instead of going undocumented.
+the shared IntEnums and their descriptions (pensieve.exitcodes), so a new code without a
+description fails the generation instead of going undocumented. The config file's page,
+pensieve.json(5), comes from packaging/gen_config_ref.py; `make docs` runs both.
 
     python packaging/gen_man.py            # rewrite man/*
     python packaging/gen_man.py --check    # exit 1 if a committed page is stale
@@ -14,9 +15,10 @@ from __future__ import annotations
 import argparse
 import enum
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from argparse_manpage.manpage import Manpage  # type: ignore[import-untyped]
 
@@ -26,11 +28,18 @@ MAN_DIR = REPO / "man"
 # bump it together with the version when cutting a release.
 MAN_DATE = "2026-11-25"
 MANUAL = "Pensieve Manual"
+E = TypeVar("E", bound=enum.IntEnum)
+
+
+# Characters the man fonts lack (troff warns "can't find special character") spelled in ASCII.
+_ROFF_CHARS = {"\u2026": "...", "\u2192": "->", "\u2190": "<-", "\u2248": "~"}
 
 
 def roff(text: str) -> str:
     """Plain text to roff: `code` in bold, literal hyphens, and no hyphenation inside paths,
     flags, variable names or code (troff would otherwise break $PENSIEVE_CONFIG as $PEN-SIEVE)."""
+    for char, spelled in _ROFF_CHARS.items():
+        text = text.replace(char, spelled)
     out = []
     for i, part in enumerate(text.replace("\\", "\\e").split("`")):
         in_code = i % 2 == 1  # odd-numbered parts were between backticks
@@ -143,43 +152,15 @@ PENSIEVED_SIGNALS = tagged(
     ]
 )
 
-PENSIEVED_EXIT_DOCS = {
-    "OK": "Stopped cleanly after SIGTERM, SIGINT or `pensievectl stop`. launchd and systemd "
-    "do not restart a clean exit.",
-    "FAILURE": "An unexpected error; service managers restart the daemon after it. A fatal "
-    "signal (a crash in llama.cpp) ends it with that signal instead, after faulthandler has "
-    "written every thread's traceback to standard error.",
-    "CONFIG": "A command-line flag is invalid (also argparse's usage errors). A broken config "
-    "file does not stop the daemon: it runs degraded, answers 503 with the reason, and "
-    "recovers when the file is fixed.",
-    "ALREADY_RUNNING": "Another pensieved already owns the control socket, or already serves "
-    "the same config file.",
-    "LISTEN": "The HTTP address cannot be bound (the port is in use or not permitted).",
-    "SOCKET": "The control socket cannot be created (the path is too long, or its directory "
-    "belongs to someone else).",
-}
 
-PENSIEVECTL_EXIT_DOCS = {
-    "OK": "Success; for `status`, pensieved is running.",
-    "FAILURE": "The command failed; for `validate`, the config file is invalid; for "
-    "`claude`, Claude Code is not installed, or the model's context cannot hold its prompt, a "
-    "reply and room to work.",
-    "USAGE": "Bad command line.",
-    "NOT_RUNNING": "pensieved is not running: no socket, or a stale one left by a killed "
-    "daemon (LSB status code 3). When it died (a signal, a kill), `status` says which "
-    "signal, what it was running and its last log lines.",
-    "UNKNOWN": "The state cannot be told: permission denied on the socket, another user's "
-    "socket, or no answer (LSB status code 4).",
-}
-
-
-def exit_status(codes: type[enum.IntEnum], docs: dict[str, str]) -> str:
-    missing = [code.name for code in codes if code.name not in docs]
+def exit_status(codes: type[E], docs: Mapping[E, str]) -> str:
+    """The codes' descriptions (pensieve.exitcodes) as a .TP list; a code without one fails."""
+    missing = [code.name for code in codes if code not in docs]
     if missing:
         raise SystemExit(
-            f"gen_man: exit codes without a description in packaging/gen_man.py: {missing}"
+            f"gen_man: exit codes without a description in pensieve/exitcodes.py: {missing}"
         )
-    return tagged((f".B {int(code)}", docs[code.name]) for code in codes)
+    return tagged((f".B {int(code)}", docs[code]) for code in codes)
 
 
 @dataclass(frozen=True)
@@ -203,14 +184,14 @@ def _pensieved_parser() -> argparse.ArgumentParser:
 
 def _pensieved_sections() -> list[tuple[str, str]]:
     # daemon.py imports tornado and the engine; fine for a build-time script.
-    from pensieve.exitcodes import DaemonExit
+    from pensieve.exitcodes import DAEMON_EXIT_DOCS, DaemonExit
 
     return [
         ("SIGNALS", PENSIEVED_SIGNALS),
-        ("EXIT STATUS", exit_status(DaemonExit, PENSIEVED_EXIT_DOCS)),
+        ("EXIT STATUS", exit_status(DaemonExit, DAEMON_EXIT_DOCS)),
         ("ENVIRONMENT", ENVIRONMENT),
         ("FILES", FILES),
-        ("SEE ALSO", "pensievectl(1), launchd.plist(5), systemd.service(5)"),
+        ("SEE ALSO", "pensievectl(1), pensieve.json(5), launchd.plist(5), systemd.service(5)"),
     ]
 
 
@@ -221,13 +202,13 @@ def _pensievectl_parser() -> argparse.ArgumentParser:
 
 
 def _pensievectl_sections() -> list[tuple[str, str]]:
-    from pensieve.exitcodes import CtlExit
+    from pensieve.exitcodes import CTL_EXIT_DOCS, CtlExit
 
     return [
-        ("EXIT STATUS", exit_status(CtlExit, PENSIEVECTL_EXIT_DOCS)),
+        ("EXIT STATUS", exit_status(CtlExit, CTL_EXIT_DOCS)),
         ("ENVIRONMENT", CTL_ENVIRONMENT),
         ("FILES", FILES),
-        ("SEE ALSO", "pensieved(8), launchctl(1), systemctl(1), brew(1)"),
+        ("SEE ALSO", "pensieved(8), pensieve.json(5), launchctl(1), systemctl(1), brew(1)"),
     ]
 
 

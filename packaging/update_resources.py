@@ -2,7 +2,7 @@
 
 The runtime lock (packaging/lock/runtime.lock, written by `make lock`) pins every package
 pensieve needs at run time, with the hashes of its files; `make install` and the pip route in
-the README install the same versions. Each resource is the package's sdist on PyPI: Homebrew
+docs/install.md install the same versions. Each resource is the package's sdist on PyPI: Homebrew
 builds everything from source, which is also how llama-cpp-python gets Metal on Apple
 Silicon. Packages Homebrew ships as formulae (numpy) are `depends_on` lines instead of
 resources, as homebrew-core requires.

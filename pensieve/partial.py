@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, SecretStr
 
 from pensieve.config import (
     Config,
@@ -106,7 +106,7 @@ def _guard_server(server: ServerConfig, raw: Any) -> tuple[ServerConfig, tuple[s
         return server, tuple(notes)
     key, key_file = raw.get("api_key"), raw.get("api_key_file")
     if isinstance(key, str) and key:
-        server = server.model_copy(update={"api_key": key})
+        server = server.model_copy(update={"api_key": SecretStr(key)})
         notes.append("API key taken from the file")
     elif isinstance(key_file, str) and key_file:
         server = server.model_copy(update={"api_key_file": key_file})

@@ -391,6 +391,12 @@ class ConfigResponse(_ControlModel):
         description="As in the status: where each section came from, while the file has been "
         "invalid since start.",
     )
+    api_key: str | None = Field(
+        None,
+        description="The API key in force (`server.api_key`, or its key file's), which `values` "
+        "shows masked: for `pensievectl claude`, over a socket only its owner can use. Null: no "
+        "key, or a key file the daemon cannot read. Never printed.",
+    )
 
 
 class StopResponse(_ControlModel):

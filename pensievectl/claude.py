@@ -11,7 +11,7 @@ import os
 import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pensieve.exitcodes import CtlExit
 from pensievectl.claude_env import MANAGED, ClaudeEnv, Daemon, claude_env, shell_exports
@@ -22,6 +22,9 @@ from pensievectl.errors import (
     NotServingError,
     SettingsFileError,
 )
+
+if TYPE_CHECKING:
+    from pensieve.wire import ConfigResponse
 
 # Loading the model reads its weights and saved KV caches: minutes on a slow disk.
 LOAD_TIMEOUT_S = 900.0
@@ -134,17 +137,16 @@ def _reachable(url: str) -> str:
     return url.replace("//0.0.0.0:", "//127.0.0.1:").replace("//[::]:", "//[::1]:")
 
 
-def _api_key(server: Mapping[str, Any]) -> str | None:
-    """The daemon's API key, from its running config (its key file read as it reads it)."""
+def _api_key(running: ConfigResponse) -> str | None:
+    """The daemon's API key: as it sends it, else (an older daemon, or a key file it cannot
+    read) read from its key file here, which says what is wrong with the file."""
+    if running.api_key is not None:
+        return running.api_key
     from pensieve.config import Config, ConfigError, ServerConfig, api_key
 
+    key_file = running.values.get("server", {}).get("api_key_file")
     try:
-        config = Config(
-            server=ServerConfig(
-                api_key=server.get("api_key"), api_key_file=server.get("api_key_file")
-            )
-        )
-        return api_key(config)
+        return api_key(Config(server=ServerConfig(api_key_file=key_file)))
     except ConfigError as exc:
         raise InvalidConfigError(
             f"{exc.issues[0]}: Claude Code would be refused without the key"
@@ -173,10 +175,11 @@ def gather(ctx: CommandContext) -> Daemon:
         model = loaded.model.model
         if model is None:
             raise NotServingError(f"{default.file} did not load: see `pensievectl status`")
-    values = client.config().values
+    running = client.config()
+    values = running.values
     return Daemon(
         base_url=_reachable(status.http.url),
-        api_key=_api_key(values.get("server", {})),
+        api_key=_api_key(running),
         model_name=model.name,
         model_file=Path(model.path).name,
         context=model.context_size,

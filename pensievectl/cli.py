@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from collections.abc import Sequence
 
 from pensieve import __version__
-from pensieve.exitcodes import CtlExit
+from pensieve.exitcodes import CTL_EXIT_DOCS, CtlExit
 from pensievectl.context import CommandContext
 from pensievectl.errors import CtlError, exit_status_for
 
@@ -15,15 +16,22 @@ DESCRIPTION = (
     "Control pensieved, the local Anthropic Messages API server, over its Unix control socket, "
     "and check its config file."
 )
-EPILOG = """\
-exit status:
-  0  success (status: running)
-  1  failure (validate: the config is invalid)
-  2  bad command line
-  3  pensieved is not running (no socket, or a stale one left by a killed daemon; if it
-     died, status says by which signal and what it was running)
-  4  unknown: the socket cannot be used (permission denied, another user's, no answer)
 
+
+def _exit_status_text() -> str:
+    # From the codes' one description (pensieve.exitcodes), so --help, the man page and the docs
+    # cannot disagree; backticks are markup for the man page and the docs only.
+    lines = ["exit status:"]
+    for code, text in CTL_EXIT_DOCS.items():
+        body = textwrap.wrap(text.replace("`", ""), width=88)
+        lines.append(f"  {int(code)}  {body[0]}")
+        lines += [f"     {line}" for line in body[1:]]
+    return "\n".join(lines) + "\n\n"
+
+
+EPILOG = (
+    _exit_status_text()
+    + """\
 files:
   config  --config, else $PENSIEVE_CONFIG, else the per-user config directory's
           pensieve/config.json
@@ -32,6 +40,7 @@ files:
           not parse (or nothing answers at its socket), the socket recorded by the daemon
           that serves that config (pensieve/run/ in the runtime directory)
 """
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,6 +147,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cache.add_argument("--json", action="store_true", help="machine-readable output")
 
+    pull = commands.add_parser(
+        "pull",
+        help="download a GGUF model from Hugging Face (user/repo[:QUANT], user/repo/file.gguf, "
+        "or a catalog name) into the Hugging Face cache, where model.model_path finds it",
+    )
+    pull.add_argument(
+        "ref",
+        nargs="?",
+        metavar="REF",
+        help="what to pull (default: the models the config names that are not pulled yet, "
+        "else the catalog model that best fits the memory budget)",
+    )
+    pull.add_argument(
+        "--list",
+        dest="list_catalog",
+        action="store_true",
+        help="the catalog of coding models: which fit this machine's memory budget and why "
+        "the others do not",
+    )
+    pull.add_argument("--yes", "-y", action="store_true", help="do not ask before a large download")
+
+    rm = commands.add_parser(
+        "rm",
+        help="delete a downloaded model (and its split parts and mmproj) from the Hugging Face "
+        "cache; refused while the config names it",
+    )
+    rm.add_argument("ref", metavar="REF", help="as for pull: user/repo[:QUANT], a file, a name")
+
     config = commands.add_parser("config", help="show the effective config or write a default one")
     config_commands = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     show = config_commands.add_parser(
@@ -177,6 +214,14 @@ def dispatch(args: argparse.Namespace, ctx: CommandContext) -> int:
         if args.models_command is None:
             return models.run_models(ctx, as_json)
         return models.run_model_action(ctx, args.models_command, args.name, as_json)
+    if command == "pull":
+        from pensievectl.pull import run_pull
+
+        return run_pull(ctx, args.ref, args.yes, args.list_catalog)
+    if command == "rm":
+        from pensievectl.downloads import run_rm
+
+        return run_rm(ctx, args.ref)
     if command == "cache":
         from pensievectl.cache import run_cache
 
@@ -192,9 +237,9 @@ def dispatch(args: argparse.Namespace, ctx: CommandContext) -> int:
             return configcmds.run_config_show(ctx, args.json)
         return configcmds.run_config_generate(ctx, args.output, args.force)
     if command == "service":
-        from pensievectl import service
+        from pensievectl.service import run_service
 
-        return int(service.run(args))
+        return run_service(ctx, args.service_command, dry_run=args.dry_run)
     if command == "claude":
         from pensievectl.claude import run_claude
 

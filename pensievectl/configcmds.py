@@ -231,7 +231,7 @@ def _show_running_instead(ctx: CommandContext, file_error: str, as_json: bool) -
         payload = {
             "config_file": str(ctx.config_path),
             "file_error": file_error,
-            "running": running.model_dump(mode="json"),
+            "running": running.model_dump(mode="json", exclude={"api_key"}),
         }
         ctx.say(json.dumps(payload, indent=2))
     else:

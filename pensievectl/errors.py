@@ -59,6 +59,10 @@ class SettingsFileError(CtlError):
     """`claude --settings`: Claude Code's settings.json cannot be read or written."""
 
 
+class PullError(CtlError):
+    """`pull`, `rm` or a downloaded model's listing failed: bad name, the Hub, the disk."""
+
+
 # Most specific first: the first matching class wins.
 _EXIT_STATUS: tuple[tuple[type[CtlError], CtlExit], ...] = (
     (NotRunningError, CtlExit.NOT_RUNNING),
@@ -78,6 +82,7 @@ _EXIT_STATUS: tuple[tuple[type[CtlError], CtlExit], ...] = (
     (NotServingError, CtlExit.FAILURE),
     (ContextTooSmallError, CtlExit.FAILURE),
     (SettingsFileError, CtlExit.FAILURE),
+    (PullError, CtlExit.FAILURE),
 )
 
 

@@ -7,6 +7,7 @@ import json
 import time
 from typing import TYPE_CHECKING
 
+from pensieve.client import NotRunningError, StaleSocketError
 from pensieve.exitcodes import CtlExit
 from pensievectl.context import CommandContext
 from pensievectl.status import human_bytes, human_duration, speculation_summary
@@ -61,11 +62,22 @@ def format_models(reply: ModelsResponse, now: float | None = None) -> str:
 
 
 def run_models(ctx: CommandContext, as_json: bool) -> int:
-    reply = ctx.client(timeout=10.0).models()
+    """The configured models (from the daemon), then those downloaded into the Hugging Face
+    cache; with the daemon down, the downloaded ones before the error."""
+    from pensievectl.downloads import downloaded, format_downloaded
+
+    try:
+        reply = ctx.client(timeout=10.0).models()
+    except (NotRunningError, StaleSocketError):
+        if not as_json:
+            ctx.say(format_downloaded(downloaded()))
+        raise
     if as_json:
         ctx.say(json.dumps(reply.model_dump(mode="json"), indent=2))
     else:
         ctx.say(format_models(reply))
+        ctx.say("")
+        ctx.say(format_downloaded(downloaded()))
     return CtlExit.OK
 
 

@@ -4,8 +4,10 @@
 bootstrap gui/UID`) or a systemd user unit (Linux, enabled with `systemctl --user`) rendered from
 the templates in pensievectl/templates. `start` and `stop` go through the installed service (also
 Homebrew's `homebrew.mxcl.pensieve` agent) rather than spawning a second copy, or letting a plain
-exit be restarted. Rendering is pure (paths in, text out) and every OS command goes through an
-injectable `CommandRunner`, so the macOS path is tested on Linux with a fake one.
+exit be restarted. Rendering is pure (paths in, text out). Every launchctl and systemctl
+command, for install and uninstall as for start and stop, is a method of one driver (`Launchd`,
+`Systemd`) that runs it through an injectable `CommandRunner`, so the macOS path is tested on
+Linux with a fake one.
 """
 
 from __future__ import annotations
@@ -19,12 +21,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from string import Template
-from typing import Protocol, TextIO
+from typing import TYPE_CHECKING, Protocol, TextIO
 from xml.sax.saxutils import escape as xml_escape
 
 from pensieve.exitcodes import CtlExit
 from pensieve.paths import default_config_path
-from pensievectl.errors import SupervisorError, exit_status_for
+from pensievectl.errors import SupervisorError
+
+if TYPE_CHECKING:
+    from pensievectl.context import CommandContext
 
 LAUNCHD_LABEL = "dev.pensieve.pensieved"
 # `brew services` names its agent after the formula; two agents would fight over the port.
@@ -143,7 +148,6 @@ class ServiceHost:
     find_program: Callable[[], Path | None] = _find_pensieved
     default_config: Callable[[], Path] = default_config_path
     out: TextIO = field(default_factory=lambda: sys.stdout)
-    err: TextIO = field(default_factory=lambda: sys.stderr)
 
     @property
     def is_macos(self) -> bool:
@@ -188,17 +192,14 @@ def service_paths(ctx: ServiceHost, config: str | None) -> ServicePaths:
     )
 
 
-def _run(
-    ctx: ServiceHost, argv: list[str], dry_run: bool, *, may_fail: bool = False
-) -> CommandResult:
-    ctx.out.write(("would run: " if dry_run else "+ ") + " ".join(argv) + "\n")
-    if dry_run:
-        return CommandResult(0)
-    result = ctx.runner(argv)
-    if result.returncode != 0 and not may_fail:
-        detail = (result.stderr or result.stdout).strip()
-        raise SupervisorError(f"`{' '.join(argv)}` failed ({result.returncode}): {detail}")
-    return result
+def _echoing(ctx: ServiceHost, dry_run: bool) -> CommandRunner:
+    """The host's runner, each command shown first; a dry run shows it and runs nothing."""
+
+    def run(argv: Sequence[str]) -> CommandResult:
+        ctx.out.write(("would run: " if dry_run else "+ ") + " ".join(argv) + "\n")
+        return CommandResult(0) if dry_run else ctx.runner(argv)
+
+    return run
 
 
 def _write(ctx: ServiceHost, path: Path, text: str, dry_run: bool) -> None:
@@ -237,8 +238,16 @@ def install(ctx: ServiceHost, config: str | None = None, dry_run: bool = False) 
         raise SupervisorError(f"no service manager support for platform {ctx.platform!r}")
 
 
-def _launchd_loaded(ctx: ServiceHost) -> bool:
-    return ctx.runner(["launchctl", "print", ctx.service_target()]).returncode == 0
+def _launchd(ctx: ServiceHost, dry_run: bool) -> Launchd:
+    """Our LaunchAgent's driver for install and uninstall: changes echoed (and skipped for a
+    dry run); `launchctl print` only reads, so it runs even for a dry run."""
+    return Launchd(
+        LAUNCHD_LABEL, ctx.plist_path(), ctx.uid, _echoing(ctx, dry_run), query=ctx.runner
+    )
+
+
+def _systemd(ctx: ServiceHost, dry_run: bool) -> Systemd:
+    return Systemd(ctx.unit_path(), _echoing(ctx, dry_run))
 
 
 def _install_launchd(ctx: ServiceHost, paths: ServicePaths, dry_run: bool) -> None:
@@ -251,15 +260,12 @@ def _install_launchd(ctx: ServiceHost, paths: ServicePaths, dry_run: bool) -> No
     _ensure_config(ctx, paths.config, dry_run)
     if not dry_run:
         paths.log.parent.mkdir(parents=True, exist_ok=True)
-    plist = ctx.plist_path()
-    _write(ctx, plist, render_plist(paths), dry_run)
+    _write(ctx, ctx.plist_path(), render_plist(paths), dry_run)
+    agent = _launchd(ctx, dry_run)
     # A loaded job keeps its old definition: unload it first so the new plist takes effect.
-    # (`launchctl print` only reads, so it runs even for --dry-run.)
-    if _launchd_loaded(ctx):
-        _run(ctx, ["launchctl", "bootout", ctx.service_target()], dry_run, may_fail=True)
-    # `launchctl disable` (or an earlier `brew services`-style stop) persists across bootouts.
-    _run(ctx, ["launchctl", "enable", ctx.service_target()], dry_run)
-    _run(ctx, ["launchctl", "bootstrap", ctx.domain(), str(plist)], dry_run)
+    if agent.is_loaded():
+        agent.unload(check=False)
+    agent.load()
     ctx.out.write(
         f"pensieved runs under launchd as {LAUNCHD_LABEL} (starts at login, restarted after a "
         f"crash)\n  config: {paths.config}\n  log:    {paths.log}\n"
@@ -270,8 +276,7 @@ def _install_launchd(ctx: ServiceHost, paths: ServicePaths, dry_run: bool) -> No
 def _install_systemd(ctx: ServiceHost, paths: ServicePaths, dry_run: bool) -> None:
     _ensure_config(ctx, paths.config, dry_run)
     _write(ctx, ctx.unit_path(), render_systemd_unit(paths), dry_run)
-    _run(ctx, ["systemctl", "--user", "daemon-reload"], dry_run)
-    _run(ctx, ["systemctl", "--user", "enable", "--now", SYSTEMD_UNIT], dry_run)
+    _systemd(ctx, dry_run).enable()
     ctx.out.write(
         f"pensieved runs under systemd as the user unit {SYSTEMD_UNIT} (restarted after a "
         f"failure)\n  config: {paths.config}\n  log:    journalctl --user -u pensieved\n"
@@ -282,23 +287,23 @@ def _install_systemd(ctx: ServiceHost, paths: ServicePaths, dry_run: bool) -> No
 
 def uninstall(ctx: ServiceHost, dry_run: bool = False) -> None:
     if ctx.is_macos:
-        plist = ctx.plist_path()
-        loaded = _launchd_loaded(ctx)
-        if not plist.exists() and not loaded:
+        agent = _launchd(ctx, dry_run)
+        loaded = agent.is_loaded()
+        if not agent.plist.exists() and not loaded:
             ctx.out.write(f"no LaunchAgent {LAUNCHD_LABEL} is installed\n")
             return
         if loaded:
             # bootout sends SIGTERM and waits ExitTimeOut, so in-flight requests drain.
-            _run(ctx, ["launchctl", "bootout", ctx.service_target()], dry_run)
-        _remove(ctx, plist, dry_run)
+            agent.unload()
+        _remove(ctx, agent.plist, dry_run)
     elif ctx.platform.startswith("linux"):
-        unit = ctx.unit_path()
-        if not unit.exists():
-            ctx.out.write(f"no systemd user unit {unit} is installed\n")
+        unit = _systemd(ctx, dry_run)
+        if not unit.unit_file.exists():
+            ctx.out.write(f"no systemd user unit {unit.unit_file} is installed\n")
             return
-        _run(ctx, ["systemctl", "--user", "disable", "--now", SYSTEMD_UNIT], dry_run)
-        _remove(ctx, unit, dry_run)
-        _run(ctx, ["systemctl", "--user", "daemon-reload"], dry_run)
+        unit.disable()
+        _remove(ctx, unit.unit_file, dry_run)
+        unit.reload_units()
     else:
         raise SupervisorError(f"no service manager support for platform {ctx.platform!r}")
     ctx.out.write("the Pensieve service is uninstalled (config and logs are kept)\n")
@@ -345,11 +350,15 @@ def _check(runner: CommandRunner, argv: Sequence[str]) -> None:
 
 @dataclass
 class Launchd:
+    """A LaunchAgent: every launchctl command Pensieve runs, for install, uninstall, start and
+    stop alike. `query` runs the read-only `launchctl print` (default: `runner`)."""
+
     label: str
     plist: Path
     uid: int
     runner: CommandRunner
-    keep_alive: object
+    keep_alive: object = False
+    query: CommandRunner | None = None
 
     @property
     def name(self) -> str:
@@ -367,17 +376,35 @@ class Launchd:
         return self.keep_alive is True
 
     def is_loaded(self) -> bool:
-        return self.runner(["launchctl", "print", self.target]).returncode == 0
+        query = self.query or self.runner
+        return query(["launchctl", "print", self.target]).returncode == 0
+
+    def load(self) -> None:
+        """Enable the job (`launchctl disable`, or a `brew services`-style stop, persists across
+        bootouts) and bootstrap its plist into the GUI domain."""
+        _check(self.runner, ["launchctl", "enable", self.target])
+        self._bootstrap()
+
+    def _bootstrap(self) -> None:
+        _check(self.runner, ["launchctl", "bootstrap", f"gui/{self.uid}", str(self.plist)])
+
+    def unload(self, *, check: bool = True) -> None:
+        """Boot the job out: launchd sends SIGTERM and waits ExitTimeOut, so requests drain."""
+        argv = ["launchctl", "bootout", self.target]
+        if check:
+            _check(self.runner, argv)
+        else:
+            self.runner(argv)
 
     def start(self) -> None:
         # As `brew services start` does: bootstrap the plist into the GUI domain if launchd
         # does not know it yet, then kickstart it.
         if not self.is_loaded():
-            _check(self.runner, ["launchctl", "bootstrap", f"gui/{self.uid}", str(self.plist)])
+            self._bootstrap()
         _check(self.runner, ["launchctl", "kickstart", self.target])
 
     def stop(self) -> None:
-        _check(self.runner, ["launchctl", "bootout", self.target])
+        self.unload()
 
     def stop_command(self) -> str:
         if self.label == HOMEBREW_LAUNCHD_LABEL:
@@ -387,9 +414,11 @@ class Launchd:
 
 @dataclass
 class Systemd:
+    """The systemd user unit: every systemctl command Pensieve runs."""
+
     unit_file: Path
     runner: CommandRunner
-    restart: str
+    restart: str = "no"
 
     @property
     def name(self) -> str:
@@ -399,15 +428,30 @@ class Systemd:
     def restarts_clean_exit(self) -> bool:
         return self.restart in ("always", "on-success")
 
+    def _systemctl(self, *args: str) -> None:
+        _check(self.runner, ["systemctl", "--user", *args])
+
     def is_loaded(self) -> bool:
         argv = ["systemctl", "--user", "is-active", "--quiet", SYSTEMD_UNIT]
         return self.runner(argv).returncode == 0
 
+    def reload_units(self) -> None:
+        self._systemctl("daemon-reload")
+
+    def enable(self) -> None:
+        """Read the (new) unit file, then enable the unit and start it now."""
+        self.reload_units()
+        self._systemctl("enable", "--now", SYSTEMD_UNIT)
+
+    def disable(self) -> None:
+        """Stop the unit (systemd sends SIGTERM and waits) and keep it from starting again."""
+        self._systemctl("disable", "--now", SYSTEMD_UNIT)
+
     def start(self) -> None:
-        _check(self.runner, ["systemctl", "--user", "start", SYSTEMD_UNIT])
+        self._systemctl("start", SYSTEMD_UNIT)
 
     def stop(self) -> None:
-        _check(self.runner, ["systemctl", "--user", "stop", SYSTEMD_UNIT])
+        self._systemctl("stop", SYSTEMD_UNIT)
 
     def stop_command(self) -> str:
         return f"systemctl --user stop {SYSTEMD_UNIT}"
@@ -495,17 +539,15 @@ def add_subparser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser
             action="store_true",
             help="print the file and the commands instead of writing or running anything",
         )
-    parser.set_defaults(service_run=run)
 
 
-def run(args: argparse.Namespace, ctx: ServiceHost | None = None) -> int:
-    ctx = ctx or ServiceHost()
-    try:
-        if args.service_command == "install":
-            install(ctx, getattr(args, "config", None), args.dry_run)
-        else:
-            uninstall(ctx, args.dry_run)
-    except SupervisorError as exc:
-        ctx.err.write(f"pensievectl service {args.service_command}: {exc}\n")
-        return int(exit_status_for(exc))
+def run_service(
+    ctx: CommandContext, action: str, *, dry_run: bool, host: ServiceHost | None = None
+) -> int:
+    """`pensievectl service install|uninstall`; failures are raised to the dispatcher."""
+    host = host or ServiceHost(out=ctx.out)
+    if action == "install":
+        install(host, ctx.config_arg, dry_run)
+    else:
+        uninstall(host, dry_run)
     return int(CtlExit.OK)

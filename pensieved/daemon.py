@@ -31,6 +31,7 @@ from pensieve.config import (
     parse_config,
     read_config_data,
 )
+from pensieve.config import api_key as configured_api_key
 from pensieve.exitcodes import DaemonExit
 from pensieve.partial import Salvaged, salvage_config
 from pensieve.paths import default_config_path
@@ -240,7 +241,14 @@ class Daemon:
             flags=sorted(self.overrides),
             config_error=self.config_error,
             config_sources=self._sources(),
+            api_key=self._api_key(),
         )
+
+    def _api_key(self) -> str | None:
+        try:
+            return configured_api_key(self.config)
+        except ConfigError:
+            return None  # an unreadable key file: pensievectl reads it to say why
 
     def _boot_model(self) -> str | None:
         path = default_model_path(self.config)

@@ -50,7 +50,8 @@ class ModelUnavailableError(PensieveError):
 
 
 class NoChatTemplateError(ModelUnavailableError):
-    """The model has no chat template and the config names none: 503 until the config does."""
+    """The model has no chat template that renders (none in its GGUF and none configured, or
+    one that fails on a plain conversation): 503 until the config names one that renders."""
 
 
 class ModelLoadError(PensieveError):

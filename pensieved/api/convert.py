@@ -192,4 +192,5 @@ def to_generation_request(
         tool_choice=to_engine_tool_choice(request, tools),
         output_schema=output_schema(request),
         thinking=request.thinking is not None and request.thinking.type != "disabled",
+        effort=request.output_config.effort if request.output_config else None,
     )

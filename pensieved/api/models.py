@@ -223,6 +223,11 @@ class OutputConfig(_ExtraIgnored):
     format: OutputFormat | None = Field(
         None, description="Structured output: the reply is JSON valid against the schema."
     )
+    effort: str | None = Field(
+        None,
+        description="How much effort to spend (low, medium, high, max): sets the reasoning "
+        "effort of chat templates that have one (gpt-oss's `reasoning_effort`).",
+    )
 
 
 class _PromptFields(_ExtraIgnored):

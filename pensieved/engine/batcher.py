@@ -19,10 +19,10 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 from pensieved.engine.generation import Generation
-from pensieved.engine.llama import lib
+from pensieved.engine.llama import Batch
 from pensieved.engine.model import LoadedModel
 from pensieved.engine.speculation import SpecStats, SpeculationSetup, draft_budget
 from pensieved.errors import EngineError, KvCacheFullError
@@ -57,11 +57,9 @@ class Runner(Protocol):
 
 class Batcher:
     def __init__(self, model: LoadedModel) -> None:
-        c = lib()
-
         self._model = model
         self._capacity = model.n_batch
-        self._batch: Any = c.llama_batch_init(self._capacity, 0, 1)
+        self._batch = Batch(self._capacity)
         self._inbox: deque[Generation] = deque()
         self._active: list[Generation] = []
         self._wakeup = threading.Condition()
@@ -89,15 +87,11 @@ class Batcher:
 
     def close(self) -> None:
         """Stop the thread; generations still running end as if cancelled."""
-        c = lib()
-
         with self._wakeup:
             self._stopping = True
             self._wakeup.notify()
         self._thread.join()
-        if self._batch is not None:
-            c.llama_batch_free(self._batch)
-            self._batch = None
+        self._batch.close()
 
     # ---- the decode thread ------------------------------------------------------------------
 
@@ -183,12 +177,13 @@ class Batcher:
         # (generation, batch index of its first logits or -1, tokens added to its sequence)
         plan: list[tuple[Generation, int, tuple[int, ...]]] = []
         n = prompt = 0
+        put = self._batch.put
         for generation, tokens, logits in adds:
             if generation.next_token is None:
                 prompt += len(tokens)
             start, first = generation.position, len(tokens) - logits
             for offset, token in enumerate(tokens):
-                self._put(n + offset, token, start + offset, generation.seq, logits=offset >= first)
+                put(n + offset, token, start + offset, generation.seq, logits=offset >= first)
             plan.append((generation, n + first if logits else -1, tokens))
             n += len(tokens)
         before = time.perf_counter()
@@ -290,19 +285,8 @@ class Batcher:
             )
             del slot.tokens[kept:]
 
-    def _put(self, i: int, token: int, position: int, seq: int, *, logits: bool) -> None:
-        batch = self._batch
-        batch.token[i] = token
-        batch.pos[i] = position
-        batch.n_seq_id[i] = 1
-        batch.seq_id[i][0] = seq
-        batch.logits[i] = logits
-
     def _decode(self, n: int) -> None:
-        c = lib()
-
-        self._batch.n_tokens = n
-        status = c.llama_decode(self._model.ctx, self._batch)
+        status = self._model.context.decode(self._batch, n)
         if status != 0:
             # 1: no room in the KV cache (prompts are fitted to a slot, so this is a bug);
             # 2: aborted; below 0: a backend error. The batch's sequences are in doubt.
@@ -345,7 +329,7 @@ class Batcher:
         accepted = 0
         over = False
         for offset in range(len(draft) + 1):
-            token = sampler.sample(self._model.ctx, index + offset)
+            token = sampler.sample(self._model.context.handle, index + offset)
             over = generation.accept(self._model, token)
             if over or offset == len(draft) or token != draft[offset]:
                 break

@@ -15,16 +15,14 @@ can overflow the parser's stack, which no exception handler catches.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import re
 import threading
 import weakref
 from collections import OrderedDict
-from typing import Any
 
 from pensieved.engine.gbnf import grammar_problem
-from pensieved.engine.llama import lib
+from pensieved.engine.llama import Grammar, Vocab
 from pensieved.engine.tools import TOOL_CALL_OPEN
 from pensieved.errors import GrammarError
 
@@ -36,60 +34,49 @@ log = logging.getLogger("pensieved.engine")
 MAX_PARSED = 16
 
 
-def _free(pointer: Any) -> None:
-    lib().llama_sampler_free(pointer)
-
-
-def parse_grammar(vocab: Any, grammar: str, *, lazy: bool) -> Any:
+def parse_grammar(vocab: Vocab, grammar: str, *, lazy: bool) -> Grammar | None:
     """A grammar sampler for `grammar` (lazy: from the first `<tool_call>` on), or None when
-    llama.cpp refuses it (it says why on stderr). The caller frees it (llama_sampler_free)."""
+    llama.cpp refuses it (it says why on stderr). The caller closes it."""
     problem = grammar_problem(grammar)
     if problem is not None:  # callers check first; this keeps the parser safe regardless
         log.warning("not parsing a grammar past the limits: %s", problem)
         return None
-    llama = lib()
-    if lazy:
-        patterns = (ctypes.c_char_p * 1)(re.escape(TOOL_CALL_OPEN).encode())
-        tokens = (llama.llama_token * 0)()
-        pointer = llama.llama_sampler_init_grammar_lazy_patterns(
-            vocab, grammar.encode(), b"root", patterns, 1, tokens, 0
-        )
-    else:
-        pointer = llama.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
-    return pointer if pointer else None
+    patterns = [re.escape(TOOL_CALL_OPEN)] if lazy else None
+    return Grammar.parse(vocab, grammar, lazy_patterns=patterns)
 
 
 class ParsedGrammar:
-    """A parsed grammar sampler, to be cloned; freed when unreferenced or its model closes."""
+    """A parsed grammar sampler, to be cloned; freed when unreferenced or its model closes
+    (the template's own finalizer frees it when it is collected)."""
 
-    def __init__(self, pointer: Any, text: str, lazy: bool) -> None:
+    def __init__(self, template: Grammar, text: str, lazy: bool) -> None:
         self.text = text
         self.lazy = lazy
-        self._pointer: Any = pointer
+        self._template: Grammar | None = template
         self._lock = threading.Lock()
-        self._finalizer = weakref.finalize(self, _free, pointer)
 
-    def clone(self) -> Any:
+    def clone(self) -> Grammar:
         """A fresh grammar sampler in its initial state; the caller owns it."""
         with self._lock:
-            if self._pointer is None:
+            if self._template is None:
                 raise GrammarError("the model this grammar was parsed for has been unloaded")
-            pointer = lib().llama_sampler_clone(self._pointer)
-        if not pointer:
+            copy = self._template.clone()
+        if copy is None:
             raise GrammarError("llama.cpp could not copy a parsed grammar")
-        return pointer
+        return copy
 
     def free(self) -> None:
         with self._lock:
-            self._pointer = None
-            self._finalizer()  # frees once, whichever of this and garbage collection is first
+            if self._template is not None:
+                self._template.close()
+                self._template = None
 
 
 class GrammarCache:
     """A model's parsed grammars. Prompt preparation (worker threads) parses and looks up;
     the decode thread clones; `close` frees them all before the model goes."""
 
-    def __init__(self, vocab: Any, capacity: int = MAX_PARSED) -> None:
+    def __init__(self, vocab: Vocab, capacity: int = MAX_PARSED) -> None:
         self._vocab = vocab
         self._capacity = capacity
         self._lock = threading.Lock()
@@ -116,8 +103,8 @@ class GrammarCache:
                 found, parsed = self._lookup(key)
                 if found:
                     return parsed
-            pointer = parse_grammar(self._vocab, grammar, lazy=lazy)
-            parsed = ParsedGrammar(pointer, grammar, lazy) if pointer is not None else None
+            template = parse_grammar(self._vocab, grammar, lazy=lazy)
+            parsed = ParsedGrammar(template, grammar, lazy) if template is not None else None
             with self._lock:
                 self.parses += 1
                 self._parsing.pop(key, None)

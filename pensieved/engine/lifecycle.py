@@ -26,14 +26,16 @@ from typing import Literal, TypeVar
 
 from pensieve.activity import Activity
 from pensieve.config import AliasTarget, Config, alias_target
+from pensieve.gguf import read_gguf_metadata
+from pensieve.hfref import model_file
 from pensieve.paths import cache_dir
 from pensieved.engine.batcher import Batcher
 from pensieved.engine.llama import attention_on_gpu
-from pensieved.engine.memory import budget_bytes, plan_for_file, read_gguf_metadata
+from pensieved.engine.memory import budget_bytes, plan_for_file
 from pensieved.engine.model import LoadedModel, ModelSettings
 from pensieved.engine.persist import PrefixStore
 from pensieved.engine.scheduler import Scheduler
-from pensieved.engine.templates import missing_template_message
+from pensieved.engine.templates import template_problem
 from pensieved.errors import (
     LoadCancelledError,
     ModelUnavailableError,
@@ -217,7 +219,7 @@ class ModelTable:
     def resolve_pattern(
         self, pattern: str, target: AliasTarget
     ) -> tuple[ModelEntry | None, str | None, str]:
-        path = Path(target.model_path).expanduser()
+        path = model_file(target.model_path)
         setting = target.chat_template
         if setting is None and path == self.default_path:
             setting = self.config.model.chat_template
@@ -227,7 +229,7 @@ class ModelTable:
         names = [
             pattern
             for pattern, target in alias_targets(self.config).items()
-            if Path(target.model_path).expanduser() == path
+            if model_file(target.model_path) == path
         ]
         return (["(default)"] if path == self.default_path else []) + names
 
@@ -313,6 +315,7 @@ class ModelLifecycle:
         self.metrics.loads.inc(model=path.stem)
         self.metrics.load_seconds.observe(elapsed, model=path.stem)
         log.info("model %s loaded in %.1fs", path.name, elapsed)
+        await self._check_alias_templates()  # its own template, for the aliases it serves
 
     async def _make_room(self, entry: ModelEntry) -> None:
         """Wait until `entry` may load under `model.max_loaded_models`, unloading the least
@@ -497,8 +500,9 @@ class ModelLifecycle:
             await self._start_unload(min(idle, key=lambda e: e.used_at), "room")
 
     async def _check_alias_templates(self) -> None:
-        """Report an alias whose model has no chat template and that names none, from the
-        GGUF's header, before any request is refused for it (status, `models`, the log)."""
+        """Report an alias whose model has no chat template and that names none (from the
+        GGUF's header), or whose template cannot render (the one it names, or once its model
+        is loaded its own), before any request is refused for it (status, `models`, the log)."""
         models = self._models
         for pattern, target in alias_targets(models.config).items():
             entry, setting, key = models.resolve_pattern(pattern, target)
@@ -506,8 +510,11 @@ class ModelLifecycle:
                 continue
             if entry.has_template is None:
                 entry.has_template = await asyncio.to_thread(gguf_has_template, entry.path)
-            if setting is None and entry.has_template is False:
-                message = missing_template_message(entry.path, key)
+            message = None
+            if setting is not None or entry.runtime is not None or entry.has_template is False:
+                own = entry.runtime.model.chat_template if entry.runtime is not None else None
+                message = template_problem(entry.path, setting, own, key)
+            if message is not None:
                 if entry.template_problem != message:
                     log.error("%s", message)
                 entry.template_problem = message

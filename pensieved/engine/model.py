@@ -1,34 +1,34 @@
 """Loading a GGUF model with llama-cpp-python, and what we need to know about it.
 
 A `LoadedModel` owns the weights and one llama.cpp context with a KV sequence per slot, so
-several conversations stay warm and are decoded together. Nothing outside `pensieved.engine`
-touches c.
+several conversations stay warm and are decoded together. The native calls are in llama.py.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import psutil
 
 from pensieve.config import ModelConfig
+from pensieve.hfref import missing_message
 from pensieve.wire import KvSlotStatus, KvStatus
 from pensieved.engine import selftest
 from pensieved.engine.grammar_cache import GrammarCache, ParsedGrammar
 from pensieved.engine.kvpool import CellPool
 from pensieved.engine.llama import (
+    Context,
+    ContextParams,
+    FlashAttention,
+    Model,
+    Vocab,
     attention_on_gpu,
     init_backend,
-    internals,
-    lib,
-    memory_cut_problem,
-    progress_callback,
 )
 from pensieved.engine.memory import (
     AGENT_CONTEXT,
@@ -55,7 +55,7 @@ class ModelSettings:
     batch_size: int
     slots: int | Literal["auto"]
     mmap: bool = False
-    flash_attention: str = "auto"  # auto, on, off
+    flash_attention: FlashAttention = "auto"
     kv_cache_type: KvCacheType = "f16"
     memory_budget_mb: int | None = None
     kv_unified: bool | Literal["auto"] = "auto"
@@ -78,7 +78,7 @@ class ModelSettings:
         return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
-def flash_attention_for(settings: ModelSettings) -> str:
+def flash_attention_for(settings: ModelSettings) -> FlashAttention:
     """`on`, `off` or `auto`: a quantized V cache needs flash attention, so `auto` turns it
     on (the config refuses `off` with a quantized cache)."""
     if settings.kv_cache_type != "f16" and settings.flash_attention == "auto":
@@ -103,55 +103,43 @@ class LoadedModel:
         # A build that dies on this CPU is found in a child first: a load error, not a
         # daemon killed by SIGILL on its first request.
         selftest.ensure_runnable()
-        c = lib()
-        _internals = internals()
-
         init_backend()
         self.settings = settings
         path = settings.path
         if not path.is_file():
-            raise ModelLoadError(
-                f"model file not found: {path}; set model.model_path in the config to a GGUF file"
-            )
+            not_found = f"model file not found: {path}; set model.model_path to a GGUF file"
+            raise ModelLoadError(missing_message(path) or not_found)
         stat = path.stat()
         self.size_bytes = stat.st_size
         # What the weights were read from: saved KV caches are filed under this, not under
         # whatever the path holds when they are saved (the file may be replaced meanwhile).
         self.file_identity = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-        model_params = c.llama_model_default_params()
-        model_params.n_gpu_layers = settings.gpu_layers
-        # Read in, not mapped, unless asked: a mapped file that is replaced in place under a
-        # running daemon takes the process down with SIGBUS.
-        model_params.load_mode = c.LLAMA_LOAD_MODE_MMAP if settings.mmap else c.LLAMA_LOAD_MODE_NONE
         self._load_cancelled = False
-        if keep_loading is not None:
-            model_params.progress_callback = self._progress_callback(keep_loading)
-        self._model: Any = None
-        self._context: Any = None
         self._grammars: GrammarCache | None = None
+        weights: Model | None = None
         try:
-            # verbose=True only keeps llama-cpp-python from pointing the process's stdout and
-            # stderr at /dev/null for the whole load: that would swallow every other thread's
-            # log lines meanwhile, and faulthandler's report of a crash. llama.cpp's own
-            # messages go through llama.py's log forwarding either way.
-            self._model = _internals.LlamaModel(
-                path_model=str(path), params=model_params, verbose=True
+            # Read in, not mapped, unless asked: a mapped file that is replaced in place under
+            # a running daemon takes the process down with SIGBUS.
+            weights = Model(
+                path,
+                gpu_layers=settings.gpu_layers,
+                mmap=settings.mmap,
+                progress=None if keep_loading is None else self._progress(keep_loading),
             )
-            self.metadata: dict[str, str] = dict(self._model.metadata())
+            self.metadata: dict[str, str] = weights.metadata()
             self.plan: KvPlan = self._plan(settings)
             self.flash_attention = flash_attention_for(settings)
-            self._context = _internals.LlamaContext(
-                model=self._model, params=self._context_params(settings), verbose=True
-            )
+            context = Context(weights, self._context_params(settings))
         except (ValueError, RuntimeError, OSError) as exc:
-            self.close()
+            if weights is not None:
+                weights.close()
             if self._load_cancelled:
                 raise LoadCancelledError(f"loading model {path} was abandoned") from None
             raise ModelLoadError(f"cannot load model {path}: {exc}") from exc
-        self.ctx: Any = self._context.ctx
-        self.memory: Any = self._context.memory
-        self.vocab: Any = self._model.vocab
-        self.n_vocab: int = int(c.llama_vocab_n_tokens(self.vocab))
+        self.weights = weights
+        self.context = context
+        self.vocab: Vocab = weights.vocab
+        self.n_vocab: int = weights.n_vocab()
         self._grammars = GrammarCache(self.vocab)
         self.chat_template: str | None = self.metadata.get("tokenizer.chat_template")
         self.slots: int = self.plan.slots
@@ -160,20 +148,19 @@ class LoadedModel:
         self.scratch_seq = self.slots
         # Per slot: what one conversation may hold, prompt and reply together. A shared pool
         # is larger; a slot's limit in it is ours to keep (prompts are fitted to it).
-        self.pool_tokens: int = int(c.llama_n_ctx(self.ctx))
-        per_slot = self.pool_tokens if self.unified else int(c.llama_n_ctx_seq(self.ctx))
+        self.pool_tokens: int = context.n_ctx()
+        per_slot = self.pool_tokens if self.unified else context.n_ctx_seq()
         self.n_ctx: int = min(self.plan.context_size, per_slot)
         self.cells = CellPool(self.pool_tokens, self.slots + 1, copies=not self.unified)
         self.n_batch: int = settings.batch_size
-        self.n_ctx_train: int = self._model.n_ctx_train()
+        self.n_ctx_train: int = weights.n_ctx_train()
         # Sliding-window attention: a sequence's saved state keeps only the window.
-        self.sliding_window: int = int(c.llama_model_n_swa(self._model.model))
+        self.sliding_window: int = weights.n_swa()
         # Why speculative drafts cannot run on this model (None: they can).
-        swa_full = bool(self._context_params(settings).swa_full)
-        self.cut_problem = memory_cut_problem(self._model.model, swa_full=swa_full)
-        self.bos_id: int = self._model.token_bos()
-        self.eos_id: int = self._model.token_eos()
-        self.add_bos: bool = bool(self._model.add_bos_token())
+        self.cut_problem = weights.memory_cut_problem()
+        self.bos_id: int = weights.token_bos()
+        self.eos_id: int = weights.token_eos()
+        self.add_bos: bool = weights.add_bos()
         self.bos_text = self._piece(self.bos_id)
         self.eos_text = self._piece(self.eos_id)
         self.name = path.stem
@@ -220,35 +207,24 @@ class LoadedModel:
             )
         return plan
 
-    def _context_params(self, settings: ModelSettings) -> Any:
-        c = lib()
-
+    def _context_params(self, settings: ModelSettings) -> ContextParams:
         plan = self.plan
-        ctx_params = c.llama_context_default_params()
         # Shared: one pool of cells for every slot (see kvpool.py), and one more sequence
         # than slots, the scratch sequence persistence stages a slot's own tail in. Per slot:
         # llama.cpp gives each sequence an equal part of n_ctx.
-        ctx_params.n_ctx = plan.pool_tokens
-        ctx_params.n_seq_max = plan.slots + 1 if plan.unified else plan.slots
-        ctx_params.kv_unified = plan.unified
-        cache_type = {"q8_0": c.GGML_TYPE_Q8_0, "q4_0": c.GGML_TYPE_Q4_0}.get(
-            settings.kv_cache_type, c.GGML_TYPE_F16
+        return ContextParams(
+            n_ctx=plan.pool_tokens,
+            n_batch=settings.batch_size,
+            n_threads=settings.effective_threads,
+            n_seq_max=plan.slots + 1 if plan.unified else plan.slots,
+            kv_unified=plan.unified,
+            cache_type=settings.kv_cache_type,
+            flash_attention=self.flash_attention,
+            no_perf=True,
         )
-        ctx_params.type_k = cache_type
-        ctx_params.type_v = cache_type
-        ctx_params.n_batch = settings.batch_size
-        ctx_params.n_ubatch = settings.batch_size
-        ctx_params.n_threads = settings.effective_threads
-        ctx_params.n_threads_batch = settings.effective_threads
-        ctx_params.no_perf = True
-        ctx_params.flash_attn_type = {
-            "on": c.LLAMA_FLASH_ATTN_TYPE_ENABLED,
-            "off": c.LLAMA_FLASH_ATTN_TYPE_DISABLED,
-        }.get(self.flash_attention, c.LLAMA_FLASH_ATTN_TYPE_AUTO)
-        return ctx_params
 
-    def _progress_callback(self, keep_loading: Callable[[float], bool]) -> Any:
-        def progress(fraction: float, _user_data: Any) -> bool:
+    def _progress(self, keep_loading: Callable[[float], bool]) -> Callable[[float], bool]:
+        def progress(fraction: float) -> bool:
             try:
                 go = bool(keep_loading(fraction))
             except Exception:  # an exception cannot cross into C; ctypes would return False
@@ -258,47 +234,34 @@ class LoadedModel:
                 self._load_cancelled = True
             return go
 
-        # Kept on the instance: llama.cpp calls it for as long as the load runs.
-        self._progress = progress_callback(progress)
-        return self._progress
+        return progress
 
     def _piece(self, token: int) -> str:
         if token < 0:
             return ""
-        return self._to_piece(token, special=True).decode("utf-8", errors="replace")
-
-    def _to_piece(self, token: int, *, special: bool) -> bytes:
-        c = lib()
-
-        vocab = self.vocab
-        buf = ctypes.create_string_buffer(64)
-        n = c.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
-        if n < 0:  # the piece is longer than the buffer: -n is the size it needs
-            buf = ctypes.create_string_buffer(-n)
-            n = c.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
-        return buf.raw[: max(n, 0)]
+        return self.weights.token_to_piece(token, special=True).decode("utf-8", errors="replace")
 
     def tokenize(self, text: str, *, special: bool, add_bos: bool = False) -> list[int]:
         if not text and not add_bos:
             return []
-        return list(self._model.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special))
+        return self.weights.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
 
     def token_bytes(self, token: int) -> bytes:
         """The text bytes of a generated token (control tokens render as nothing)."""
         piece = self._pieces.get(token)
         if piece is None:
-            piece = self._to_piece(token, special=False)
+            piece = self.weights.token_to_piece(token, special=False)
             self._pieces[token] = piece
         return piece
 
     def token_text(self, tokens: Sequence[int]) -> str:
         """Tokens as text for people to read, control tokens included (`<|im_start|>`)."""
-        return b"".join(self._to_piece(t, special=True) for t in tokens).decode("utf-8", "replace")
+        return b"".join(self.weights.token_to_piece(t, special=True) for t in tokens).decode(
+            "utf-8", "replace"
+        )
 
     def is_end_of_generation(self, token: int) -> bool:
-        c = lib()
-
-        return bool(c.llama_vocab_is_eog(self.vocab, token))
+        return self.weights.is_end_of_generation(token)
 
     def parsed_grammar(self, grammar: str, *, lazy: bool) -> ParsedGrammar | None:
         """`grammar` parsed for this model's vocabulary (once; see grammar_cache.py), or None
@@ -320,12 +283,10 @@ class LoadedModel:
 
         Recurrent and hybrid models cannot cut a sequence in the middle: theirs is cleared.
         """
-        c = lib()
-
-        if keep > 0 and c.llama_memory_seq_rm(self.memory, seq, keep, -1):
+        if keep > 0 and self.context.seq_rm(seq, keep, -1):
             self.cells.trim(seq, keep)
             return keep
-        c.llama_memory_seq_rm(self.memory, seq, -1, -1)
+        self.context.seq_rm(seq, -1, -1)
         self.cells.trim(seq, 0)
         return 0
 
@@ -333,21 +294,20 @@ class LoadedModel:
         """Make sequence `target` hold `source`'s first `count` positions. In the shared cache
         these are the same cells (`llama_memory_seq_cp` only marks them); with a cache per
         slot, llama.cpp copies `source`'s whole cache at the start of the next decode."""
-        c = lib()
-
-        c.llama_memory_seq_rm(self.memory, target, -1, -1)
+        context = self.context
+        context.seq_rm(target, -1, -1)
         if self.unified:
-            c.llama_memory_seq_cp(self.memory, source, target, 0, count)
+            context.seq_cp(source, target, 0, count)
         else:
-            c.llama_memory_seq_cp(self.memory, source, target, -1, -1)
-            c.llama_memory_seq_rm(self.memory, target, count, -1)
+            context.seq_cp(source, target, -1, -1)
+            context.seq_rm(target, count, -1)
         self.cells.share(source, target, count)
 
     def kv_status(self) -> KvStatus:
         """The shared KV cache for `status`: sizes and why, use, sharing, each slot's cost."""
         used, shared, parts = self.cells.snapshot()
         per_token = self.plan.bytes_per_token
-        flash = self.flash_attention
+        flash: str = self.flash_attention
         if flash != self.settings.flash_attention:
             flash += f" (a {self.settings.kv_cache_type} V cache needs flash attention)"
         elif flash == "auto":
@@ -392,9 +352,5 @@ class LoadedModel:
         # Parsed grammars point at the model's vocabulary; the context goes before the model.
         if self._grammars is not None:
             self._grammars.close()
-        if self._context is not None:
-            self._context.close()
-            self._context = None
-        if self._model is not None:
-            self._model.close()
-            self._model = None
+        self.context.close()
+        self.weights.close()

@@ -19,9 +19,7 @@ read; the oldest directories are deleted to keep the total under the configured 
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
-import importlib.metadata
 import json
 import logging
 import os
@@ -32,7 +30,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from pensieved.engine.llama import lib
+from pensieved.engine.llama import package_version
 from pensieved.engine.model import LoadedModel
 from pensieved.engine.slots import Slot
 
@@ -57,7 +55,7 @@ def model_key(model: LoadedModel) -> str:
         "layout": "unified" if model.unified else "per-slot",
         "gpu_layers": settings.gpu_layers,
         "flash_attention": settings.flash_attention,  # changes the V cache layout
-        "llama_cpp_python": importlib.metadata.version("llama-cpp-python"),
+        "llama_cpp_python": package_version(),
     }
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
     return f"{settings.path.stem}-{digest[:16]}"
@@ -133,25 +131,21 @@ class PrefixStore:
 
     def _export(self, model: LoadedModel, slot: Slot, skip: int) -> memoryview | None:
         """Slot's KV state, without its first `skip` positions (those are saved elsewhere)."""
-        c = lib()
-
+        context = model.context
         seq = slot.index
         if skip:
             # The tail alone, in the scratch sequence: seq_cp shares the cells, nothing moves.
             seq = model.scratch_seq
-            c.llama_memory_seq_rm(model.memory, seq, -1, -1)
-            c.llama_memory_seq_cp(model.memory, slot.index, seq, skip, -1)
+            context.seq_rm(seq, -1, -1)
+            context.seq_cp(slot.index, seq, skip, -1)
         try:
-            size = int(c.llama_state_seq_get_size(model.ctx, seq))
-            buffer = (ctypes.c_uint8 * size)()
-            got = int(c.llama_state_seq_get_data(model.ctx, buffer, size, seq))
+            state = context.seq_state(seq)
         finally:
             if skip:
-                c.llama_memory_seq_rm(model.memory, seq, -1, -1)
-        if got == 0:
+                context.seq_rm(seq, -1, -1)
+        if state is None:
             log.warning("llama.cpp could not export slot %d's KV cache", slot.index)
-            return None
-        return memoryview(buffer)[:got]
+        return state
 
     def restore(self, model: LoadedModel, slots: Sequence[Slot]) -> int:
         """Read saved states into empty slots; the count restored. Bad files are deleted."""
@@ -240,14 +234,12 @@ def _load(
     length: int,
 ) -> bool:
     """Read one saved state into `slot`, sharing `donor`'s first `shared` cells into it."""
-    c = lib()
-
-    buffer = (ctypes.c_uint8 * len(state)).from_buffer(state)
-    loaded = c.llama_state_seq_set_data(model.ctx, buffer, len(state), slot.index)
+    context = model.context
+    loaded = context.load_seq_state(slot.index, state)
     if loaded and donor is not None:
-        c.llama_memory_seq_cp(model.memory, donor.index, slot.index, 0, shared)
-    first = c.llama_memory_seq_pos_min(model.memory, slot.index)
-    last = c.llama_memory_seq_pos_max(model.memory, slot.index)
+        context.seq_cp(donor.index, slot.index, 0, shared)
+    first = context.seq_pos_min(slot.index)
+    last = context.seq_pos_max(slot.index)
     if not loaded or first != 0 or last + 1 != length:
         model.forget(slot.index, 0)
         return False

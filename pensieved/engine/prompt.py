@@ -18,10 +18,13 @@ from functools import lru_cache
 from typing import Any
 
 import jinja2
+import jinja2.ext
+import jinja2.nodes
+import jinja2.parser
 import jinja2.sandbox
 
 from pensieved.engine.tools import TOOL_CALL_OPEN, to_generic_messages
-from pensieved.engine.types import ChatMessage, ToolSpec
+from pensieved.engine.types import ChatMessage, GenerationRequest, ToolSpec
 from pensieved.errors import ChatTemplateError
 
 _MARK_OPEN, _MARK_CLOSE = "\ue000", "\ue001"
@@ -40,10 +43,25 @@ def _tojson(value: Any, indent: int | None = None, **_: Any) -> str:
     return json.dumps(value, ensure_ascii=False, indent=indent, sort_keys=True)
 
 
+class _GenerationBlock(jinja2.ext.Extension):
+    """Hugging Face's `{% generation %}...{% endgeneration %}`: it marks the assistant's text
+    for training masks (`return_assistant_tokens_mask`); rendering keeps the text as it is."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: jinja2.parser.Parser) -> list[jinja2.nodes.Node]:
+        next(parser.stream)
+        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+
 @lru_cache(maxsize=8)
 def _compile(source: str) -> jinja2.Template:
+    # `break`/`continue` (loopcontrols) are on in Hugging Face's and llama.cpp's renderers.
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, undefined=jinja2.ChainableUndefined
+        trim_blocks=True,
+        lstrip_blocks=True,
+        undefined=jinja2.ChainableUndefined,
+        extensions=[jinja2.ext.loopcontrols, _GenerationBlock],
     )
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -86,6 +104,18 @@ def _template_messages(messages: Sequence[ChatMessage], marked: _Marked) -> list
     return out
 
 
+def _date_variables() -> dict[str, str]:
+    """Today, in the spellings templates read it. A day, never a clock time: the date sits in
+    the system prompt, and a time there would change the prompt's start on every request, so
+    no cached prefix would ever be reused."""
+    today = datetime.now()
+    return {
+        "date_string": today.strftime("%d %b %Y"),  # Llama 3.x
+        "datetime": today.strftime("%b %d %Y"),  # firefunction-v2
+        "current_date": today.strftime("%Y-%m-%d"),
+    }
+
+
 def render_text(
     template_source: str | None,
     messages: Sequence[ChatMessage],
@@ -105,25 +135,29 @@ def render_text(
             "so Pensieve cannot format a conversation for it: use an instruction-tuned model"
         )
     marked = _Marked()
+    listed = [
+        {
+            "type": "function",
+            "function": {
+                "name": tool.name,
+                "description": tool.description,
+                "parameters": tool.parameters,
+            },
+        }
+        for tool in tools
+    ]
     context: dict[str, Any] = {
         "messages": _template_messages(messages, marked),
         "add_generation_prompt": True,
         "bos_token": bos_text,
         "eos_token": eos_text,
+        # firefunction-v2 reads the tool list as one JSON string, empty when there is none.
+        "functions": _tojson(listed, indent=2) if listed else "",
+        **_date_variables(),
         **(extra or {}),
     }
-    if tools:
-        context["tools"] = [
-            {
-                "type": "function",
-                "function": {
-                    "name": tool.name,
-                    "description": tool.description,
-                    "parameters": tool.parameters,
-                },
-            }
-            for tool in tools
-        ]
+    if listed:
+        context["tools"] = listed
     try:
         rendered = _compile(template_source).render(**context)
     except ChatTemplateError:
@@ -161,14 +195,23 @@ class TemplateCaps:
 
     tools: bool  # renders `tools` and speaks the `<tool_call>` syntax our parser reads
     system_mid: bool  # renders a system message after the conversation has started
+    system_first: bool = True  # renders a system message that opens the conversation
+    # Why it cannot render a system prompt and a user turn even with system text folded in
+    # (None: it can); reported when the model loads.
+    error: str | None = None
 
 
-def _renders(source: str, messages: list[ChatMessage], **kwargs: Any) -> str | None:
+def _renders(source: str, messages: list[ChatMessage], **kwargs: Any) -> str | ChatTemplateError:
+    """The probe's rendered text with contents in place, or the template's error."""
     try:
         rendered, contents = render_text(source, messages, bos_text="", eos_text="", **kwargs)
-    except ChatTemplateError:
-        return None
+    except ChatTemplateError as exc:
+        return exc
     return _MARK_RE.sub(lambda m: contents[int(m.group(1))], rendered)
+
+
+def _shows(rendered: str | ChatTemplateError, text: str) -> bool:
+    return isinstance(rendered, str) and text in rendered
 
 
 @lru_cache(maxsize=8)
@@ -179,28 +222,36 @@ def template_caps(source: str | None) -> TemplateCaps:
     with_tools = _renders(source, [ChatMessage("user", "hi")], tools=[tool])
     # Templates that take tools in another syntax (Llama 3.1's bare JSON, Mistral's
     # [TOOL_CALLS]) get our generic format instead, which our parser and grammar speak.
-    tools = with_tools is not None and _PROBE in with_tools and TOOL_CALL_OPEN in source
-    mid = _renders(
-        source,
-        [
-            ChatMessage("user", "a"),
-            ChatMessage("assistant", "b"),
-            ChatMessage("system", _PROBE),
-            ChatMessage("user", "c"),
-        ],
-    )
-    return TemplateCaps(tools=tools, system_mid=mid is not None and _PROBE in mid)
+    tools = _shows(with_tools, _PROBE) and TOOL_CALL_OPEN in source
+    # Gemma 2 raises "System role not supported"; a template that silently drops the
+    # system text refuses it just as much.
+    opening = ChatMessage("system", "pensieve-opening-2c9e")
+    system_first = _shows(_renders(source, [opening, ChatMessage("user", "hi")]), opening.content)
+    # A later system message is accepted only if the first one stays too: DeepSeek-R1's and
+    # RWKV's templates keep the last system message and drop the others.
+    later = [ChatMessage("user", "a"), ChatMessage("assistant", "b")]
+    later += [ChatMessage("system", _PROBE), ChatMessage("user", "c")]
+    mid = _renders(source, [opening, *later] if system_first else later)
+    system_mid = _shows(mid, _PROBE) and (not system_first or _shows(mid, opening.content))
+    caps = TemplateCaps(tools, system_mid, system_first)
+    plain = [ChatMessage("system", "Be brief."), ChatMessage("user", "hi")]
+    rendered = _renders(source, conversation_for_template(caps, plain, ())[0])
+    if isinstance(rendered, ChatTemplateError):
+        return TemplateCaps(caps.tools, caps.system_mid, caps.system_first, str(rendered))
+    return caps
 
 
 SYSTEM_NOTE = "[System message]"
 
 
-def _merge_mid_system(messages: Sequence[ChatMessage]) -> list[ChatMessage]:
-    """Fold system messages after the first turn into the next user turn, clearly marked."""
+def _fold_system(caps: TemplateCaps, messages: Sequence[ChatMessage]) -> list[ChatMessage]:
+    """Fold the system messages the template refuses where they stand (the first, or any
+    later one) into the next user turn, clearly marked."""
     out: list[ChatMessage] = []
     pending: list[str] = []
     for index, message in enumerate(messages):
-        if message.role == "system" and index > 0:
+        kept = caps.system_first if index == 0 else caps.system_mid
+        if message.role == "system" and not kept:
             pending.append(f"{SYSTEM_NOTE}\n{message.content}")
             continue
         if pending and message.role == "user":
@@ -235,6 +286,56 @@ def conversation_for_template(
         out = to_generic_messages(messages, tools)
     else:
         out = list(messages)
-    if not caps.system_mid and any(m.role == "system" for m in out[1:]):
-        out = _merge_mid_system(out)
-    return out, template_tools
+    return _fold_system(caps, out), template_tools
+
+
+# ---- the variables a request sets ----------------------------------------------------------
+
+# The nearest value to try when a template refuses the one asked for: Anthropic's `max` for
+# templates that stop at high, and `medium` for those with only low and high (Hunyuan's).
+_EFFORT_FALLBACK = {"max": "high", "medium": "high"}
+
+
+@lru_cache(maxsize=64)
+def _accepts(source: str, name: str, value: str) -> bool:
+    """Whether the template renders with `name` set to `value` (Hunyuan's raises on a
+    reasoning_effort outside its own list; gpt-oss takes low, medium and high)."""
+    probe = _renders(source, [ChatMessage("user", "hi")], extra={name: value})
+    return isinstance(probe, str)
+
+
+def _reasoning_effort(source: str, request: GenerationRequest) -> str | None:
+    # With thinking off the reasoning is dropped anyway: the least of it costs the least time.
+    wanted = request.effort if request.thinking else "low"
+    if wanted is None or "reasoning_effort" not in source:
+        return None
+    for value in (wanted, _EFFORT_FALLBACK.get(wanted)):
+        if value is not None and _accepts(source, "reasoning_effort", value):
+            return value
+    return None  # the template's own default
+
+
+def request_variables(source: str, request: GenerationRequest) -> dict[str, Any]:
+    """The template switches that follow from the request: thinking on or off (Qwen3's
+    `enable_thinking`, DeepSeek's and Granite's `thinking`) and the reasoning effort."""
+    variables: dict[str, Any] = {"enable_thinking": request.thinking, "thinking": request.thinking}
+    effort = _reasoning_effort(source, request)
+    if effort is not None:
+        variables["reasoning_effort"] = effort
+    return variables
+
+
+def render_request(
+    source: str | None, request: GenerationRequest, *, bos_text: str, eos_text: str
+) -> tuple[str, list[str]]:
+    """The request's prompt in the template `source`, with content markers (render_text)."""
+    caps = template_caps(source)
+    messages, template_tools = conversation_for_template(caps, request.messages, request.tools)
+    return render_text(
+        source,
+        messages,
+        bos_text=bos_text,
+        eos_text=eos_text,
+        tools=template_tools,
+        extra=request_variables(source, request) if source else None,
+    )

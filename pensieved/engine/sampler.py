@@ -20,14 +20,11 @@ size for that step.
 
 from __future__ import annotations
 
-import ctypes
-import math
-from typing import Any
-
 import numpy as np
+import numpy.typing as npt
 
 from pensieved.engine.grammar_cache import ParsedGrammar
-from pensieved.engine.llama import internals, lib
+from pensieved.engine.llama import Candidates, ContextHandle, Grammar, SamplerChain, logits_at
 from pensieved.engine.types import Sampling
 
 # The likeliest tokens a refused pick is redrawn from (step 2 above), tried in turn: checking
@@ -36,21 +33,19 @@ from pensieved.engine.types import Sampling
 # longer lists now and then).
 SHORTLISTS = (64, 1024, 8192)
 
-_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
 
-
-def _chain(sampling: Sampling, seed: int, grammar: Any = None) -> Any:
+def _chain(sampling: Sampling, seed: int, grammar: Grammar | None = None) -> SamplerChain:
     """The sampler chain of `Llama._init_sampler`, after `grammar` (owned by it) if given."""
-    chain = internals().LlamaSampler()
+    chain = SamplerChain()
     if grammar is not None:
-        lib().llama_sampler_chain_add(chain.sampler, grammar)
+        chain.add_grammar(grammar)
     if sampling.temperature == 0.0:
         chain.add_greedy()
     else:
         chain.add_top_k(sampling.top_k)
         chain.add_top_p(sampling.top_p, 1)
         chain.add_min_p(0.0, 1)
-        chain.add_temp(sampling.temperature)
+        chain.add_temperature(sampling.temperature)
         chain.add_dist(seed)
     return chain
 
@@ -61,11 +56,9 @@ class Sampler:
     def __init__(
         self, sampling: Sampling, grammar: ParsedGrammar | None, *, seed: int, n_vocab: int
     ) -> None:
-        llama = lib()
-        self._llama = llama
         self._chain = _chain(sampling, seed)
-        self._constrained: Any = None
-        self._grammar: Any = None
+        self._constrained: SamplerChain | None = None
+        self._grammar: Grammar | None = None
         self.resampled = 0  # steps whose first pick the grammar refused
         self.full = 0  # of those, steps that needed the grammar over the whole vocabulary
         if grammar is None:
@@ -78,54 +71,42 @@ class Sampler:
         # Steps 2 and 3 (see the module docstring); the last one owns the grammar.
         self._constrained = _chain(sampling, seed, self._grammar)
         self._n_vocab = n_vocab
-        self._data = (llama.llama_token_data * max(SHORTLISTS))()
-        self._array = llama.llama_token_data_array(self._data, 1, -1, False)
-        self._array_ref = ctypes.byref(self._array)
-        self._view = np.frombuffer(self._data, dtype=_TOKEN_DATA)
+        self._candidates = Candidates(max(SHORTLISTS))
 
-    def sample(self, ctx: Any, index: int) -> int:
+    def sample(self, ctx: ContextHandle, index: int) -> int:
         """The next token from the logits at `index` of the last batch, accepted."""
-        llama = self._llama
-        token = int(llama.llama_sampler_sample(self._chain.sampler, ctx, index))
-        if self._grammar is None:
+        token = self._chain.sample(ctx, index)
+        grammar = self._grammar
+        if grammar is None:
             return token
-        if self._check(token):
-            llama.llama_sampler_accept(self._grammar, token)
+        if grammar.allows(token):
+            grammar.accept(token)
             return token
         self.resampled += 1
-        redrawn = self._from_shortlist(ctx, index)
+        redrawn = self._from_shortlist(grammar, ctx, index)
         if redrawn is not None:
-            llama.llama_sampler_accept(self._grammar, redrawn)
+            grammar.accept(redrawn)
             return redrawn
         self.full += 1
-        return int(llama.llama_sampler_sample(self._constrained.sampler, ctx, index))
+        assert self._constrained is not None  # made with the grammar
+        return self._constrained.sample(ctx, index)
 
-    def _check(self, token: int) -> bool:
-        """Whether the grammar allows `token` next (a lazy one not yet triggered allows all)."""
-        data = self._data[0]
-        data.id = token
-        data.logit = 0.0
-        self._reset(1)
-        self._llama.llama_sampler_apply(self._grammar, self._array_ref)
-        return not math.isinf(data.logit)
-
-    def _from_shortlist(self, ctx: Any, index: int) -> int | None:
+    def _from_shortlist(self, grammar: Grammar, ctx: ContextHandle, index: int) -> int | None:
         """The chain's pick among the likeliest tokens the grammar allows; None if none."""
-        llama = self._llama
-        pointer = llama.llama_get_logits_ith(ctx, index)
-        logits = np.ctypeslib.as_array(pointer, shape=(self._n_vocab,))
+        logits = logits_at(ctx, index, self._n_vocab)
+        candidates = self._candidates
         for size in SHORTLISTS:
             if size >= self._n_vocab:
                 break
-            view = self._view[:size]
+            view = candidates.entries[:size]
             view["id"] = np.argpartition(logits, -size)[-size:]
             view["logit"] = logits[view["id"]]
             view["p"] = 0.0
-            self._reset(size)
-            llama.llama_sampler_apply(self._grammar, self._array_ref)
+            candidates.use(size)
+            grammar.apply(candidates)
             if not np.isinf(view["logit"]).all():
-                llama.llama_sampler_apply(self._chain.sampler, self._array_ref)
-                return int(self._data[self._array.selected].id)
+                self._chain.apply(candidates)
+                return candidates.selected()
         return None
 
     @property
@@ -134,25 +115,23 @@ class Sampler:
         without a grammar."""
         return self if self._grammar is not None else None
 
-    def allowed(self, candidates: np.ndarray) -> np.ndarray:
+    def allowed(self, candidates: npt.NDArray[np.int32]) -> npt.NDArray[np.int32]:
         """The candidates (at most the longest shortlist) the grammar allows next."""
+        grammar = self._grammar
+        assert grammar is not None  # only `grammar` hands this sampler out
         size = len(candidates)
-        view = self._view[:size]
+        view = self._candidates.entries[:size]
         view["id"] = candidates
         view["logit"] = 0.0
         view["p"] = 0.0
-        self._reset(size)
-        self._llama.llama_sampler_apply(self._grammar, self._array_ref)
-        return np.array(view["id"][~np.isinf(view["logit"])])
+        self._candidates.use(size)
+        grammar.apply(self._candidates)
+        return np.array(view["id"][~np.isinf(view["logit"])], dtype=np.int32)
 
     def advance(self, token: int) -> None:
         """Move the grammar over `token` as if it had been sampled (jump-forward)."""
-        self._llama.llama_sampler_accept(self._grammar, token)
-
-    def _reset(self, size: int) -> None:
-        self._array.size = size
-        self._array.selected = -1
-        self._array.sorted = False
+        assert self._grammar is not None
+        self._grammar.accept(token)
 
     def close(self) -> None:
         self._chain.close()

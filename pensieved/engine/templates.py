@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pensieve.config import BUILTIN_CHAT_TEMPLATES
+from pensieved.engine.prompt import template_caps
 from pensieved.errors import ChatTemplateError
 
 # Qwen, SmolLM, many fine-tunes: <|im_start|>role ... <|im_end|>.
@@ -75,4 +76,27 @@ def missing_template_message(model_file: Path, key: str) -> str:
         f"{model_file.name} has no chat template (its GGUF has no tokenizer.chat_template; it "
         f"is probably a base model): set {key} to a built-in template ({names}) or a Jinja "
         "file, or use an instruction-tuned model"
+    )
+
+
+def template_problem(
+    model_file: Path, setting: str | None, own: str | None, key: str
+) -> str | None:
+    """Why no request to the model can be rendered (None: they can), said once when it loads
+    rather than by every request: no template at all, an unreadable file, or a template that
+    fails on a system prompt and a user turn. `setting` is `key`'s value, `own` the GGUF's."""
+    if setting is None and not own:
+        return missing_template_message(model_file, key)
+    names = ", ".join(BUILTIN)
+    try:
+        source = template_source(setting) if setting else own
+    except ChatTemplateError as exc:
+        return f"{exc}; requests to {model_file.name} will fail until {key} names a readable file"
+    error = template_caps(source).error
+    if error is None:
+        return None
+    where = f"the chat template {setting}" if setting else f"{model_file.name}'s own chat template"
+    return (
+        f"{where} cannot render a conversation ({error}); requests to {model_file.name} will "
+        f"fail until {key} names a template that renders: a Jinja file or one of {names}"
     )

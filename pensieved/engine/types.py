@@ -80,6 +80,9 @@ class GenerationRequest:
     output_schema: dict[str, Any] | None = None
     # Return `<think>` reasoning as thinking events (True) or drop it (False).
     thinking: bool = False
+    # The client's effort (Anthropic's output_config.effort: low, medium, high, max), which
+    # sets a template's `reasoning_effort` where it has one; None: the template's default.
+    effort: str | None = None
 
 
 @dataclass(frozen=True)

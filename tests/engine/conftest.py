@@ -6,6 +6,7 @@ from typing import Any
 import pytest
 
 from pensieve.paths import bundled_model_path
+from pensieved.engine.llama import Vocab
 
 
 @pytest.fixture(scope="session")
@@ -22,5 +23,5 @@ def vocab_model() -> Iterator[Any]:
 
 
 @pytest.fixture(scope="session")
-def vocab(vocab_model: Any) -> Any:
-    return vocab_model._model.vocab
+def vocab(vocab_model: Any) -> Vocab:
+    return Vocab(vocab_model._model.vocab)

@@ -22,6 +22,7 @@ from pensieved.engine.grammar import (
     tool_call_grammar,
 )
 from pensieved.engine.grammar_cache import parse_grammar
+from pensieved.engine.llama import Vocab
 from pensieved.engine.types import GenerationRequest, ToolChoice, ToolSpec
 from tests.claude_code_captures import FIXTURES, capture_files, load
 from tests.engine.test_gbnf import nested_grammar
@@ -99,14 +100,12 @@ ODD_SCHEMAS: list[Any] = [
 ]
 
 
-def grammar_parses(vocab: Any, grammar: str, *, lazy: bool = False) -> bool:
+def grammar_parses(vocab: Vocab, grammar: str, *, lazy: bool = False) -> bool:
     """Whether llama.cpp's parser accepts `grammar` (it says why on stderr when not)."""
-    import llama_cpp
-
-    pointer = parse_grammar(vocab, grammar, lazy=lazy)
-    if pointer is None:
+    parsed = parse_grammar(vocab, grammar, lazy=lazy)
+    if parsed is None:
         return False
-    llama_cpp.llama_sampler_free(pointer)
+    parsed.close()
     return True
 
 
@@ -313,13 +312,14 @@ def test_the_deepest_grammar_allowed_parses_on_a_small_thread_stack() -> None:
         "import threading, llama_cpp\n"
         "from pensieve.paths import bundled_model_path\n"
         "from pensieved.engine.grammar_cache import parse_grammar\n"
+        "from pensieved.engine.llama import Vocab\n"
         "llm = llama_cpp.Llama(model_path=str(bundled_model_path()), vocab_only=True,"
         " verbose=False)\n"
         f"text = {nested_grammar(MAX_GRAMMAR_DEPTH)!r}\n"
         "threading.stack_size(512 * 1024)\n"
         "ok = []\n"
         "thread = threading.Thread(target=lambda: ok.append(\n"
-        "    parse_grammar(llm._model.vocab, text, lazy=False) is not None))\n"
+        "    parse_grammar(Vocab(llm._model.vocab), text, lazy=False) is not None))\n"
         "thread.start(); thread.join()\n"
         "assert ok == [True], ok\n"
     )

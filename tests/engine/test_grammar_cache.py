@@ -6,15 +6,14 @@ The clone checks below run llama.cpp's own grammar sampler: a token the grammar 
 
 from __future__ import annotations
 
-import ctypes
 import gc
-import math
 import threading
 from typing import Any
 
 import pytest
 
 from pensieved.engine.grammar_cache import GrammarCache
+from pensieved.engine.llama import Grammar, Vocab
 from pensieved.errors import GrammarError
 
 ABC = 'root ::= "abc"\n'
@@ -26,28 +25,19 @@ def token(vocab_model: Any, text: str) -> int:
     return int(tokens[0])
 
 
-def allows(sampler: Any, tok: int) -> bool:
-    import llama_cpp
-
-    data = (llama_cpp.llama_token_data * 1)(llama_cpp.llama_token_data(tok, 0.0, 0.0))
-    array = llama_cpp.llama_token_data_array(data, 1, -1, False)
-    llama_cpp.llama_sampler_apply(sampler, ctypes.byref(array))
-    return not math.isinf(data[0].logit)
+def allows(grammar: Grammar, tok: int) -> bool:
+    return grammar.allows(tok)
 
 
-def accept(sampler: Any, tok: int) -> None:
-    import llama_cpp
-
-    llama_cpp.llama_sampler_accept(sampler, tok)
+def accept(grammar: Grammar, tok: int) -> None:
+    grammar.accept(tok)
 
 
-def free(sampler: Any) -> None:
-    import llama_cpp
-
-    llama_cpp.llama_sampler_free(sampler)
+def free(grammar: Grammar) -> None:
+    grammar.close()
 
 
-def test_parsed_once_and_every_clone_starts_fresh(vocab: Any, vocab_model: Any) -> None:
+def test_parsed_once_and_every_clone_starts_fresh(vocab: Vocab, vocab_model: Any) -> None:
     cache = GrammarCache(vocab)
     a, b, c = (token(vocab_model, t) for t in "abc")
     parsed = cache.get(ABC, lazy=False)
@@ -67,7 +57,7 @@ def test_parsed_once_and_every_clone_starts_fresh(vocab: Any, vocab_model: Any) 
     cache.close()
 
 
-def test_lazy_clones_wait_for_the_trigger(vocab: Any, vocab_model: Any) -> None:
+def test_lazy_clones_wait_for_the_trigger(vocab: Vocab, vocab_model: Any) -> None:
     cache = GrammarCache(vocab)
     parsed = cache.get('root ::= "<tool_call>" "x"\n', lazy=True)
     assert parsed is not None and parsed.lazy
@@ -85,7 +75,7 @@ def test_lazy_clones_wait_for_the_trigger(vocab: Any, vocab_model: Any) -> None:
     cache.close()
 
 
-def test_refusals_are_remembered(vocab: Any) -> None:
+def test_refusals_are_remembered(vocab: Vocab) -> None:
     cache = GrammarCache(vocab)
     bad = "root ::= undefined-rule\n"
     assert cache.get(bad, lazy=False) is None
@@ -94,7 +84,7 @@ def test_refusals_are_remembered(vocab: Any) -> None:
     cache.close()
 
 
-def test_eviction_keeps_grammars_that_requests_hold(vocab: Any, vocab_model: Any) -> None:
+def test_eviction_keeps_grammars_that_requests_hold(vocab: Vocab, vocab_model: Any) -> None:
     cache = GrammarCache(vocab, capacity=2)
     held = cache.get(ABC, lazy=False)
     assert held is not None
@@ -111,7 +101,7 @@ def test_eviction_keeps_grammars_that_requests_hold(vocab: Any, vocab_model: Any
     cache.close()
 
 
-def test_close_frees_everything_and_refuses_more(vocab: Any) -> None:
+def test_close_frees_everything_and_refuses_more(vocab: Vocab) -> None:
     cache = GrammarCache(vocab)
     parsed = cache.get(ABC, lazy=False)
     assert parsed is not None
@@ -122,7 +112,7 @@ def test_close_frees_everything_and_refuses_more(vocab: Any) -> None:
         cache.get(ABC, lazy=False)
 
 
-def test_threads_share_one_parse(vocab: Any) -> None:
+def test_threads_share_one_parse(vocab: Vocab) -> None:
     cache = GrammarCache(vocab)
     grammar = 'root ::= "t" [a-z]{1,40}\n'
     results: list[Any] = []

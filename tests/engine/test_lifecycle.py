@@ -17,7 +17,7 @@ import pytest
 from pensieve.config import parse_config
 from pensieved.engine import lifecycle
 from pensieved.engine.service import Engine
-from pensieved.errors import ModelLoadError, OverloadedError
+from pensieved.errors import ModelLoadError, NoChatTemplateError, OverloadedError
 
 
 def in_loop(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
@@ -53,13 +53,16 @@ class FakeRuntime:
 
 @pytest.fixture
 def loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Model loads succeed at once (a file named `broken*` fails); the names loaded."""
+    """Model loads succeed at once (a file named `broken*` fails, one named `badtemplate*`
+    carries a template that does not compile); the names loaded."""
     loaded: list[str] = []
 
     def fake_load(settings: Any, store: Any, keep_loading: Any) -> FakeRuntime:
         if settings.path.name.startswith("broken"):
             raise ModelLoadError(f"cannot load model {settings.path}")
         loaded.append(settings.path.name)
+        if settings.path.name.startswith("badtemplate"):  # its own template does not compile
+            return FakeRuntime(FakeModel(settings.path.stem, "{% for %}"))
         return FakeRuntime(FakeModel(settings.path.stem))
 
     monkeypatch.setattr(lifecycle, "_load_runtime", fake_load)
@@ -214,3 +217,25 @@ async def test_a_lowered_max_loaded_models_unloads_the_least_recently_used_at_on
         assert time.monotonic() < deadline, states(engine)
         await asyncio.sleep(0.02)
     assert states(engine)["b.gguf"] == "loaded"  # the most recently used one stays
+
+
+@in_loop
+async def test_a_template_that_cannot_render_is_reported_when_its_model_loads(
+    tmp_path: Path, loads: list[str]
+) -> None:
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{{ raise_exception('no system here') }}")
+    aliases = {"bad-*": str(tmp_path / "badtemplate.gguf")}
+    engine = engine_for(tmp_path, chat_template=str(broken), aliases=aliases)
+    await engine.load(engine.config)
+    # What status and /health say (state error, with this error).
+    assert engine.error is not None
+    assert str(broken) in engine.error and "no system here" in engine.error
+    with pytest.raises(NoChatTemplateError, match="no system here"):
+        await use(engine, "anything")
+
+    bad = entry(engine, "badtemplate.gguf")
+    assert bad.template_problem is None  # its own template is read when it loads
+    with pytest.raises(NoChatTemplateError, match=r"badtemplate\.gguf's own chat template"):
+        await use(engine, "bad-1")
+    assert "model.aliases.bad-*.chat_template" in bad.template_problem

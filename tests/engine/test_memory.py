@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from pensieve.config import ModelConfig
+from pensieve.gguf import read_gguf_metadata
 from pensieve.paths import bundled_model_path
 from pensieved.engine import memory
 from pensieved.engine.memory import (
@@ -17,7 +18,6 @@ from pensieved.engine.memory import (
     kv_bytes_per_token,
     plan_kv,
     pool_tokens,
-    read_gguf_metadata,
     read_shape,
     shape_from_metadata,
 )

@@ -13,6 +13,7 @@ import pytest
 
 from pensieve.paths import bundled_model_path
 from pensieved.engine.grammar_cache import GrammarCache, ParsedGrammar
+from pensieved.engine.llama import ContextHandle, Vocab
 from pensieved.engine.sampler import Sampler, _chain
 from pensieved.engine.types import Sampling
 
@@ -35,7 +36,7 @@ def llm() -> Iterator[Any]:
 
 @pytest.fixture(scope="module")
 def grammars(llm: Any) -> Iterator[GrammarCache]:
-    cache = GrammarCache(llm._model.vocab)
+    cache = GrammarCache(Vocab(llm._model.vocab))
     yield cache
     cache.close()
 
@@ -46,7 +47,7 @@ def run(llm: Any, pick: Any, n: int = 40) -> list[int]:
     llm.eval(llm.tokenize(b"Once upon a time, in a land far away,", add_bos=True))
     out: list[int] = []
     for _ in range(n):
-        token = pick(llm.ctx)
+        token = pick(ContextHandle(llm.ctx))
         out.append(token)
         if llm.token_eos() == token:
             break
@@ -55,11 +56,9 @@ def run(llm: Any, pick: Any, n: int = 40) -> list[int]:
 
 
 def grammar_first(llm: Any, parsed: ParsedGrammar, sampling: Sampling) -> list[int]:
-    import llama_cpp
-
     chain = _chain(sampling, 7, parsed.clone())
     try:
-        return run(llm, lambda ctx: llama_cpp.llama_sampler_sample(chain.sampler, ctx, -1))
+        return run(llm, lambda ctx: chain.sample(ctx, -1))
     finally:
         chain.close()
 
@@ -102,11 +101,9 @@ def test_a_lazy_grammar_leaves_free_text_alone(llm: Any, grammars: GrammarCache)
     assert parsed is not None
     sampler = Sampler(GREEDY, parsed, seed=7, n_vocab=llm.n_vocab())
     free = _chain(GREEDY, 7)
-    import llama_cpp
-
     try:
         lazy = run(llm, lambda ctx: sampler.sample(ctx, -1))
-        plain = run(llm, lambda ctx: llama_cpp.llama_sampler_sample(free.sampler, ctx, -1))
+        plain = run(llm, lambda ctx: free.sample(ctx, -1))
     finally:
         sampler.close()
         free.close()

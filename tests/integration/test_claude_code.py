@@ -350,7 +350,7 @@ def request_body(billing: str, last_user: str) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def cc_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
-    """A daemon set up as the README tells Claude Code users to (scaled to the tiny model)."""
+    """A daemon set up as docs/claude-code.md tells Claude Code users to (for the tiny model)."""
     d = start_daemon(
         Path(tmp_path_factory.mktemp("cc")),
         {"model": {"context_size": 16384, "slots": 1, "max_output_tokens": 48}},

@@ -59,6 +59,11 @@ def test_print_env_shows_the_real_context_and_timeouts_from_the_measured_rate(
     assert exports["CLAUDE_CODE_MAX_CONTEXT_TOKENS"] == str(model["context_size"]) == str(CONTEXT)
     assert exports["CLAUDE_CODE_MAX_OUTPUT_TOKENS"] == str(MAX_OUTPUT)
     assert "prefill rate not measured yet" in text
+    # The key pensievectl claude gets from the daemon is never what `config show` prints.
+    for argv in (("config", "show"), ("config", "show", "--json")):
+        shown = run_ctl(*argv, config=daemon.config_path)
+        assert shown.returncode == 0 and "**********" in shown.stdout
+        assert KEY not in shown.stdout + shown.stderr
 
     # What it printed reaches the daemon: a wrong key would get 401.
     client = anthropic.Anthropic(

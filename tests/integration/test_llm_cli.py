@@ -51,7 +51,7 @@ def llm(llm_daemon: DaemonProcess, tmp_path: Path) -> Any:
     binary = _llm_binary()
     user_dir = tmp_path / "llm"
     user_dir.mkdir()
-    # What a user writes to point llm at pensieved (the README's lines).
+    # What a user writes to point llm at pensieved (docs/openai.md's lines).
     (user_dir / "extra-openai-models.yaml").write_text(
         "- model_id: pensieve\n"
         "  model_name: smollm2\n"

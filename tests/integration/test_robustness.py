@@ -25,10 +25,12 @@ from pensieve.paths import bundled_model_path
 from tests.integration.daemon import (
     DaemonProcess,
     RawResponse,
+    control_status,
     prompt_tokens,
     raw_http,
     sse_events,
     start_daemon,
+    wait_for,
 )
 
 JSON = {"Content-Type": "application/json"}
@@ -505,10 +507,6 @@ def test_sigkill_mid_stream_then_restart(tmp_path: Path) -> None:
 
 
 def test_reload_under_load(tmp_path: Path) -> None:
-    try:
-        import pensieved.reload  # noqa: F401
-    except ImportError:
-        pytest.skip("hot reload (the control-plane issue) has not landed")
     d = start_daemon(tmp_path, {"server": {"max_concurrent_requests": 16}})
     results: list[RawResponse | BaseException] = []
 
@@ -538,15 +536,47 @@ def test_reload_under_load(tmp_path: Path) -> None:
             assert isinstance(r, RawResponse), r
             check_reply(r)
             assert r.status == 200, r.body[:300]
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if raw_http(d.port, "GET", "/health").json().get("context_size") == 1024:
-                break
-            time.sleep(0.5)
-        assert raw_http(d.port, "GET", "/health").json()["context_size"] == 1024
+        wait_for(
+            lambda: raw_http(d.port, "GET", "/health").json().get("context_size") == 1024,
+            timeout=120,
+            interval=0.5,
+        )
         r = _ask(d)
         check_reply(r)
         assert r.status == 200
+    finally:
+        assert d.stop() == 0, d.log_text()[-3000:]
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.xfail(
+    strict=False,  # it passes now and then: the stall depends on when the swap lands
+    reason="a model swap while the old model evaluates a prompt often stalls that model's "
+    "requests until they time out (and the daemon can die of SIGSEGV at the next stop); found "
+    "while removing this module's stale skip, left to the model-pool rework",
+)
+def test_reload_during_a_prompt_evaluation(tmp_path: Path) -> None:
+    d = start_daemon(tmp_path, {"server": {"max_concurrent_requests": 16}})
+    results: list[RawResponse | BaseException] = []
+
+    def client(stream: bool) -> None:
+        try:
+            results.append(_ask(d, max_tokens=24, stream=stream, timeout=60))
+        except BaseException as exc:
+            results.append(exc)
+
+    threads = [threading.Thread(target=client, args=(i % 2 == 0,)) for i in range(6)]
+    try:
+        for t in threads:
+            t.start()
+        wait_for(lambda: control_status(d.socket_path)["requests"]["running"] >= 1, timeout=60)
+        config = json.loads(d.config_path.read_text())
+        config["model"]["context_size"] = 1024
+        d.config_path.write_text(json.dumps(config))
+        d.proc.send_signal(signal.SIGHUP)
+        for t in threads:
+            t.join(120)
+        assert [getattr(r, "status", r) for r in results] == [200] * 6
     finally:
         assert d.stop() == 0, d.log_text()[-3000:]
 

@@ -10,6 +10,7 @@ import pytest
 from pensieve.config import (
     Config,
     ConfigError,
+    api_key,
     apply_overrides,
     diff_configs,
     load_config_file,
@@ -173,7 +174,7 @@ def test_loopback_lookalike_host_needs_a_key() -> None:
         ),
         (
             {"urls": ["http://x"], "api_key": "k", "api_key_file": "/k"},
-            "model.upstreams.claude-opus-*",
+            "model.upstreams.claude-opus-*.api_key_file",
             "not both",
         ),
         ({}, "model.upstreams.claude-opus-*.urls", "required"),
@@ -204,6 +205,27 @@ def test_upstream_key_is_masked_everywhere_it_is_shown(tmp_path: Path) -> None:
     assert (
         upstream_key("o-*", apply_overrides(config, {"server.port": 9000}).model.upstreams["o-*"])
         == "s3cret"
+    )
+
+
+def test_server_key_is_masked_everywhere_it_is_shown_but_still_used() -> None:
+    config = parse_config({"server": {"host": "0.0.0.0", "api_key": "s3cret"}})
+    assert api_key(config) == "s3cret"
+    assert "s3cret" not in json.dumps(config.model_dump(mode="json"))
+    assert "s3cret" not in repr(config) and "s3cret" not in str(config)
+    changed = parse_config({"server": {"host": "0.0.0.0", "api_key": "n3w"}})
+    diff = diff_configs(config, changed)
+    assert "server.api_key" in diff and "s3cret" not in repr(diff) and "n3w" not in repr(diff)
+    assert api_key(apply_overrides(config, {"server.port": 9000})) == "s3cret"
+    assert api_key(parse_config({"server": {"api_key": ""}})) is None
+
+
+def test_server_key_and_key_file_together_are_refused() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({"server": {"api_key": "k", "api_key_file": "/k"}})
+    assert paths_of(info.value) == ["server.api_key_file"]
+    assert str(info.value.issues[0]) == (
+        "server.api_key_file: set api_key or api_key_file, not both: remove one of them"
     )
 
 

@@ -363,9 +363,12 @@ def status_reply(model: dict[str, Any] | None, url: str = "http://0.0.0.0:8080")
 class FakeClient:
     """The daemon's replies, and what was asked of it."""
 
-    def __init__(self, model: dict[str, Any] | None, key_file: Path | None = None) -> None:
+    def __init__(
+        self, model: dict[str, Any] | None, key_file: Path | None = None, key: str | None = None
+    ) -> None:
         self.model = model
         self.key_file = key_file
+        self.key = key  # sent apart from the values, as the daemon does; None: as older ones
         self.loads: list[str] = []
 
     def status(self) -> StatusResponse:
@@ -374,12 +377,16 @@ class FakeClient:
     def config(self) -> Any:
         from pensieve.wire import ConfigResponse
 
-        server = {"api_key": None, "api_key_file": str(self.key_file) if self.key_file else None}
+        server = {
+            "api_key": None if self.key is None else "**********",  # masked, as the daemon does
+            "api_key_file": str(self.key_file) if self.key_file else None,
+        }
         return ConfigResponse(
             config_file="/c.json",
             values={"server": server, "model": {"max_output_tokens": 4096}},
             flags=[],
             config_error=None,
+            api_key=self.key,
         )
 
     def model_action(self, action: str, name: str) -> ModelActionResponse:
@@ -438,6 +445,12 @@ def test_claude_code_replaces_pensievectl_with_its_arguments_and_variables(
     assert "ANTHROPIC_DEFAULT_HAIKU_MODEL" not in env  # claude-haiku-* routes it
     err = ctx.err.getvalue()  # type: ignore[attr-defined]
     assert "context 40960 tokens" in err and "100 tokens/s" in err
+
+
+def test_the_key_the_daemon_sends_is_used_not_the_masked_value(tmp_path: Path) -> None:
+    code, _, ctx = run(FakeClient(model_status(), key="in-file-key"), ["claude", "--print-env"], {})
+    assert code == CtlExit.OK
+    assert "export ANTHROPIC_AUTH_TOKEN=in-file-key" in ctx.out.getvalue()  # type: ignore[attr-defined]
 
 
 def test_an_unloaded_default_model_is_loaded_for_its_context(tmp_path: Path) -> None:

@@ -6,7 +6,6 @@ would read and the launchctl calls, both of which are plain data.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import plistlib
@@ -19,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from pensieve.config import Config, load_config_file
-from pensievectl import service
+from pensieve.exitcodes import CtlExit
+from pensievectl import cli, service
 from pensievectl.service import (
     HOMEBREW_LAUNCHD_LABEL,
     LAUNCHD_LABEL,
@@ -85,8 +85,21 @@ def make_ctx(tmp_path: Path, platform: str, runner: FakeRunner) -> ServiceHost:
         find_program=lambda: program,
         default_config=lambda: config,
         out=io.StringIO(),
-        err=io.StringIO(),
     )
+
+
+def run_cli(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    host: ServiceHost,
+    *argv: str,
+) -> tuple[int, str]:
+    """`pensievectl ARGV` through the real parser and dispatcher, on a fake host: the exit
+    status and what was printed on stderr."""
+    monkeypatch.setattr(service, "ServiceHost", lambda **_: host)
+    capsys.readouterr()
+    status = cli.main(list(argv))
+    return status, capsys.readouterr().err
 
 
 def sample_paths(root: Path) -> ServicePaths:
@@ -282,25 +295,28 @@ def test_macos_dry_run_changes_nothing(tmp_path: Path) -> None:
     assert f"would run: launchctl bootstrap gui/{UID} {ctx.plist_path()}" in out
 
 
-def test_macos_install_refuses_next_to_a_homebrew_service(tmp_path: Path) -> None:
+def test_macos_install_refuses_next_to_a_homebrew_service(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     runner = FakeRunner()
     ctx = make_ctx(tmp_path, "darwin", runner)
     brew_plist = ctx.plist_path("homebrew.mxcl.pensieve")
     brew_plist.parent.mkdir(parents=True)
     brew_plist.write_text("")
-    args = argparse.Namespace(service_command="install", dry_run=False, config=None)
-    assert service.run(args, ctx) == 1
-    assert "brew services" in ctx.err.getvalue()  # type: ignore[attr-defined]
+    status, err = run_cli(monkeypatch, capsys, ctx, "service", "install")
+    assert status == CtlExit.FAILURE
+    assert err.startswith("pensievectl: Homebrew already runs") and "brew services" in err
     assert not ctx.plist_path().exists()
     assert runner.mutating() == []
 
 
-def test_macos_install_reports_a_failing_launchctl(tmp_path: Path) -> None:
+def test_macos_install_reports_a_failing_launchctl(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     ctx = make_ctx(tmp_path, "darwin", FakeRunner(fail="bootstrap"))
-    args = argparse.Namespace(service_command="install", dry_run=False, config=None)
-    assert service.run(args, ctx) == 1
-    err = ctx.err.getvalue()  # type: ignore[attr-defined]
-    assert "launchctl bootstrap" in err and "Input/output error" in err
+    status, err = run_cli(monkeypatch, capsys, ctx, "service", "install")
+    assert status == CtlExit.FAILURE
+    assert err.startswith("pensievectl: `launchctl bootstrap") and "Input/output error" in err
 
 
 def test_macos_uninstall_boots_out_and_removes(tmp_path: Path) -> None:
@@ -314,11 +330,12 @@ def test_macos_uninstall_boots_out_and_removes(tmp_path: Path) -> None:
     assert ctx.default_config().exists()  # the user's config stays
 
 
-def test_macos_uninstall_when_not_installed(tmp_path: Path) -> None:
+def test_macos_uninstall_when_not_installed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     runner = FakeRunner(loaded=False)
     ctx = make_ctx(tmp_path, "darwin", runner)
-    args = argparse.Namespace(service_command="uninstall", dry_run=False)
-    assert service.run(args, ctx) == 0
+    assert run_cli(monkeypatch, capsys, ctx, "service", "uninstall") == (CtlExit.OK, "")
     assert "no LaunchAgent" in ctx.out.getvalue()  # type: ignore[attr-defined]
     assert runner.mutating() == []
 
@@ -357,38 +374,41 @@ def test_linux_uninstall(tmp_path: Path) -> None:
     ]
 
 
-def test_unsupported_platform(tmp_path: Path) -> None:
+def test_unsupported_platform(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     ctx = make_ctx(tmp_path, "win32", FakeRunner())
-    args = argparse.Namespace(service_command="install", dry_run=False, config=None)
-    assert service.run(args, ctx) == 1
-    assert "win32" in ctx.err.getvalue()  # type: ignore[attr-defined]
+    status, err = run_cli(monkeypatch, capsys, ctx, "service", "install")
+    assert status == CtlExit.FAILURE and "win32" in err
 
 
-def test_missing_pensieved_is_explained(tmp_path: Path) -> None:
+def test_missing_pensieved_is_explained(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     ctx = make_ctx(tmp_path, "linux", FakeRunner())
     ctx.find_program = lambda: None
-    args = argparse.Namespace(service_command="install", dry_run=False, config=None)
-    assert service.run(args, ctx) == 1
-    assert "cannot find the pensieved executable" in ctx.err.getvalue()  # type: ignore[attr-defined]
+    status, err = run_cli(monkeypatch, capsys, ctx, "service", "install")
+    assert status == CtlExit.FAILURE
+    assert err.startswith("pensievectl: cannot find the pensieved executable")
 
 
 # ---- the command line -------------------------------------------------------------------------
 
 
-def test_subparser_wiring(tmp_path: Path) -> None:
-    parser = argparse.ArgumentParser(prog="pensievectl")
-    parser.add_argument("--config")
-    commands = parser.add_subparsers(dest="command", required=True)
-    service.add_subparser(commands)
-    args = parser.parse_args(["service", "install", "--dry-run"])
-    assert args.service_command == "install" and args.dry_run is True
-    assert args.service_run is service.run
+def test_service_goes_through_the_dispatcher_with_the_global_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     runner = FakeRunner()
     ctx = make_ctx(tmp_path, "linux", runner)
-    assert args.service_run(args, ctx) == 0
+    mine = tmp_path / "mine.json"
+    argv = ("--config", str(mine), "service", "install", "--dry-run")
+    assert run_cli(monkeypatch, capsys, ctx, *argv) == (CtlExit.OK, "")
     assert runner.calls == []
-    with pytest.raises(SystemExit):
-        parser.parse_args(["service"])  # an action is required
+    out = ctx.out.getvalue()  # type: ignore[attr-defined]
+    assert f"--config {mine}" in out and "would run: systemctl --user enable --now" in out
+    with pytest.raises(SystemExit) as usage:
+        cli.main(["service"])  # an action is required
+    assert usage.value.code == CtlExit.USAGE
 
 
 # ---- agreement with `pensievectl start/stop` (the same module) -----------------------

@@ -255,4 +255,5 @@ def to_generation_request(request: ChatCompletionRequest) -> GenerationRequest:
         tool_choice=to_engine_tool_choice(request),
         output_schema=output_schema(request),
         thinking=effort is not None and effort not in NO_REASONING,
+        effort=effort,
     )
