@@ -85,6 +85,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "free prose and 4 clients beside it (--decode-tokens, --reps)",
     )
     parser.add_argument(
+        "--llama-spec-types",
+        default=",".join(agent_edit.LLAMA_SPEC_TYPES),
+        help="llama-server --spec-type values --agent-edit compares (comma-separated)",
+    )
+    parser.add_argument(
         "--grammar",
         action="store_true",
         help="only the grammar workload: build time and constrained decode rate on the tools "
@@ -297,7 +302,7 @@ def agent_edit_main(args: argparse.Namespace, model: Path, settings: Settings) -
     )
     log(f"llama-server: {why}")
     if binary is not None:
-        for spec_type in ("", *agent_edit.LLAMA_SPEC_TYPES):
+        for spec_type in ("", *filter(None, args.llama_spec_types.split(","))):
             extra = ["--spec-type", spec_type] if spec_type else []
             name = f"llama-server {spec_type or 'no speculation'}"
             starts[name] = functools.partial(start_llama_server, binary, model, settings, extra)
