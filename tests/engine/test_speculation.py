@@ -189,3 +189,16 @@ def test_forced_tokens_go_with_the_sampled_one_and_only_the_last_wants_logits() 
     g.draft = (8, 9)
     ((_, tokens, logits),) = plan_step([g], capacity=64, step=0)
     assert tokens == (5, 6, 7, 8, 9) and logits == 3
+
+
+def test_a_finished_requests_own_index_is_taken_over_not_rebuilt() -> None:
+    conversation = ConversationIndex(capacity=64)
+    speculation = NgramSpeculation(conversation)
+    sequence = [1, 2, *COPIED, 3]
+    speculation.propose(sequence, 4)
+    conversation.remember([*sequence, 4, 5], speculation.index)
+    assert conversation._sequences[0] is speculation.index
+    assert speculation.index.tokens == [*sequence, 4, 5]
+    conversation.remember(list(range(100, 200)))  # longer than it keeps: only its end
+    assert conversation._tokens <= 64 + len(sequence) + 2
+    assert len(conversation._sequences[0].tokens) == 64

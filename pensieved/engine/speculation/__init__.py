@@ -104,8 +104,10 @@ class Speculator:
 
     def close(self) -> None:
         """The generation ended: its sequence joins the conversation index."""
-        if self._conversation is not None and self._drafters:
-            self._conversation.remember(self.sequence)
+        if self._conversation is None or not self._drafters:
+            return
+        own = next((d.index for d in self._drafters if isinstance(d, NgramSpeculation)), None)
+        self._conversation.remember(self.sequence, own)
 
 
 class SpeculationSetup:

@@ -91,18 +91,22 @@ class ConversationIndex:
         self._tokens = 0
         self._lock = threading.Lock()
 
-    def remember(self, tokens: Sequence[int]) -> None:
-        """Keep a finished request's sequence (replacing one it extends, a previous turn)."""
+    def remember(self, tokens: Sequence[int], indexed: NgramIndex | None = None) -> None:
+        """Keep a finished request's sequence (replacing one it extends, a previous turn);
+        `indexed`, an index of a prefix of it, is taken over rather than built again."""
         if len(tokens) <= KEY:
             return
+        if indexed is None or len(indexed.tokens) > len(tokens) or len(tokens) > self._capacity:
+            indexed = NgramIndex()
+            indexed.extend(tokens[-self._capacity :])
+        else:
+            indexed.extend(tokens[len(indexed.tokens) :])
         with self._lock:
             for index in list(self._sequences):
                 old = index.tokens
                 if len(old) <= len(tokens) and list(tokens[: len(old)]) == old:
                     self._sequences.remove(index)
                     self._tokens -= len(old)
-            indexed = NgramIndex()
-            indexed.extend(tokens[-self._capacity :])
             self._sequences.appendleft(indexed)
             self._tokens += len(indexed.tokens)
             while self._tokens > self._capacity and len(self._sequences) > 1:
@@ -125,6 +129,11 @@ class NgramSpeculation:
     def __init__(self, conversation: ConversationIndex | None = None) -> None:
         self._own = NgramIndex()
         self._conversation = conversation
+
+    @property
+    def index(self) -> NgramIndex:
+        """The index of the generation's sequence so far (handed to the conversation's)."""
+        return self._own
 
     def propose(self, tokens: Sequence[int], k: int) -> Proposal | None:
         own = self._own
