@@ -14,7 +14,9 @@ drafter that proposes one token with certainty: the draft token is kept with pro
 p(token), and on rejection the token drawn is distributed as p with the draft token taken out
 and renormalised (the residual). So the output has the distribution of plain decoding, greedy
 output is the same token for token, and a seeded request draws one random number per token
-emitted, as without speculation.
+emitted, as without speculation. (Up to floating point: logits computed in a step of several
+positions may differ in their last bits from one position's, which can flip a near tie;
+docs/speculation.md.)
 """
 
 from __future__ import annotations
