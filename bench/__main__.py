@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import functools
 import importlib.metadata
 import json
 import os
@@ -18,6 +19,7 @@ from typing import Any
 
 import psutil
 
+from bench import agent_edit
 from bench import architectures as architectures_bench
 from bench import claude_code as claude_code_bench
 from bench import grammar as grammar_bench
@@ -28,6 +30,7 @@ from bench.targets import (
     Settings,
     find_llama_server,
     llama_cpp_python_lib_dir,
+    llama_server_args,
     start_llama_server,
     start_pensieved,
 )
@@ -76,6 +79,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--quick", action="store_true", help="a tiny run to check the benchmark itself works"
     )
     parser.add_argument(
+        "--agent-edit",
+        action="store_true",
+        help="only the agent-edit workload: speculative decoding where the output copies its "
+        "prompt, on pensieved (on, off) and llama-server (none, n-gram --spec-types), with "
+        "free prose and 4 clients beside it (--decode-tokens, --reps)",
+    )
+    parser.add_argument(
+        "--llama-spec-types",
+        default=",".join(agent_edit.LLAMA_SPEC_TYPES),
+        help="llama-server --spec-type values --agent-edit compares (comma-separated)",
+    )
+    parser.add_argument(
         "--grammar",
         action="store_true",
         help="only the grammar workload: build time and constrained decode rate on the tools "
@@ -121,6 +136,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.concurrency_reps = 1
         args.turns, args.concurrent_tokens, args.clients, args.startups = 2, 8, "1,2", 1
         args.slots, args.context_size = 2, 2048
+    if args.output is None and args.agent_edit:
+        args.output = "bench/agent_edit.json"
     if args.output is None:
         args.output = (
             "bench/grammar.json"
@@ -172,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         flash_attention=args.flash_attention,
         kv_unified={"true": True, "false": False}.get(args.kv_unified, "auto"),
     )
+    if args.agent_edit:
+        return agent_edit_main(args, model, settings)
     if args.grammar:
         return grammar_main(args, model, settings)
     if args.claude_code and args.architectures:
@@ -268,6 +287,61 @@ def main(argv: list[str] | None = None) -> int:
     output.write_text(json.dumps(report, indent=2) + "\n")
     markdown = Path(args.markdown) if args.markdown else output.with_suffix(".md")
     text = table(report)
+    markdown.write_text(text)
+    print(text)
+    log(f"wrote {output} and {markdown}")
+    return 0
+
+
+def agent_edit_main(args: argparse.Namespace, model: Path, settings: Settings) -> int:
+    import llama_cpp
+
+    vocab = llama_cpp.Llama(model_path=str(model), vocab_only=True, verbose=False)
+
+    def tokenize(text: str) -> list[int]:
+        return list(vocab.tokenize(text.encode(), add_bos=False, special=False))
+
+    starts: dict[str, Callable[[], ServerProcess]] = {}
+    commands: dict[str, list[str]] = {}
+    for mode in ("auto", "off"):
+        spec = dataclasses.replace(settings, speculative=mode)
+        starts[f"pensieved speculation {mode}"] = functools.partial(start_pensieved, model, spec)
+        commands[f"pensieved speculation {mode}"] = [
+            "python", "-m", "pensieved", f"(model.speculative: {mode})"
+        ]  # fmt: skip
+    binary, why = (
+        (None, "skipped") if args.no_llama_server else find_llama_server(args.llama_server)
+    )
+    log(f"llama-server: {why}")
+    if binary is not None:
+        for spec_type in ("", *filter(None, args.llama_spec_types.split(","))):
+            extra = ["--spec-type", spec_type] if spec_type else []
+            name = f"llama-server {spec_type or 'no speculation'}"
+            starts[name] = functools.partial(start_llama_server, binary, model, settings, extra)
+            commands[name] = [*llama_server_args(binary, model, 0, settings), *extra]
+    report = agent_edit.run(
+        starts,
+        commands,
+        tokenize,
+        tokens=args.decode_tokens,
+        reps=args.reps,
+        pensieved=[name for name in starts if name.startswith("pensieved")],
+        log=log,
+    )
+    vocab.close()
+    report = {
+        "generated_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "model": {"path": str(model), "size_bytes": model.stat().st_size},
+        "settings": dataclasses.asdict(settings),
+        **report,
+    }
+    report["machine"]["load_average_at_end"] = list(os.getloadavg())
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2) + "\n")
+    markdown = Path(args.markdown) if args.markdown else output.with_suffix(".md")
+    text = agent_edit.table(report)
     markdown.write_text(text)
     print(text)
     log(f"wrote {output} and {markdown}")

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -189,6 +189,7 @@ class Settings:
     # More of pensieved's `model` keys (swa_full, chat_template), and more llama-server flags.
     pensieved_model: tuple[tuple[str, Any], ...] = ()
     llama_args: tuple[str, ...] = ()
+    speculative: str = "auto"  # pensieved's model.speculative
 
 
 def start_pensieved(model: Path, settings: Settings) -> ServerProcess:
@@ -211,6 +212,7 @@ def start_pensieved(model: Path, settings: Settings) -> ServerProcess:
             "flash_attention": settings.flash_attention,
             "kv_cache_type": settings.kv_cache_type,
             "kv_unified": settings.kv_unified,
+            "speculative": settings.speculative,
             "max_output_tokens": settings.context_size,
             # Cold means cold: no KV caches saved by an earlier run.
             "prefix_cache_mb": 0,
@@ -248,11 +250,13 @@ def find_llama_server(explicit: str | None) -> tuple[Path | None, str]:
     )
 
 
-def start_llama_server(binary: Path, model: Path, settings: Settings) -> ServerProcess:
+def start_llama_server(
+    binary: Path, model: Path, settings: Settings, extra: Sequence[str] = ()
+) -> ServerProcess:
     workdir = Path(tempfile.mkdtemp(prefix="llama-server-bench-"))
     port = free_port()
     log_path = workdir / "llama-server.log"
-    args = llama_server_args(binary, model, port, settings)
+    args = [*llama_server_args(binary, model, port, settings), *extra]
     return _launch("llama-server", args, port, log_path, workdir, same_kernels_env())
 
 

@@ -480,6 +480,14 @@ class ModelConfig(_Section):
         "the smaller of the two; at an agent's context that is the small cache "
         "(docs/caching.md).",
     )
+    speculative: Literal["auto", "ngram", "off"] = Field(
+        "auto",
+        description="Speculative decoding: `auto` and `ngram` draft from the conversation "
+        "itself (what the output copies from the prompt: an Edit's old_string, paths, keys) "
+        "and verify the draft in the same batch, output unchanged; they also append text a "
+        "tool-call grammar forces without sampling it. `off`: one token per request per step. "
+        "See docs/speculation.md.",
+    )
     aliases: dict[str, AliasValue] = Field(
         default_factory=dict,
         description="Requested model name patterns (fnmatch, e.g. `claude-haiku-*`) mapped "

@@ -81,6 +81,22 @@ class HttpStatus(_ControlModel):
     error: str | None = Field(None, description="Why the HTTP listener is not up.")
 
 
+class SpeculationStatus(_ControlModel):
+    mode: str = Field("off", description="`model.speculative` for this model.")
+    note: str = Field("", description="What speculation runs on this model, and why not more.")
+    drafts: int = Field(0, description="Drafts verified.")
+    drafted: int = Field(0, description="Tokens in those drafts.")
+    accepted: int = Field(0, description="Draft tokens kept (each one a decode step saved).")
+    forced: int = Field(
+        0, description="Tokens a grammar forced, appended without sampling (jump-forward)."
+    )
+    acceptance_rate: float = Field(0.0, description="`accepted / drafted`.")
+    tokens_per_step: float = Field(
+        0.0, description="Output tokens per decode step of a generating request (1 without it)."
+    )
+    gained: int = Field(0, description="Output tokens that cost no step: accepted plus forced.")
+
+
 class DecodeStatus(_ControlModel):
     steps: int = Field(description="Batches decoded since the model was loaded.")
     tokens: int = Field(description="Tokens in those batches (prompt and generated).")
@@ -95,6 +111,10 @@ class DecodeStatus(_ControlModel):
         0.0,
         description="Their share of `llama_s` (each batch's time split by its tokens): "
         "`prompt_tokens / prompt_s` is the measured prefill rate.",
+    )
+    speculation: SpeculationStatus = Field(
+        default_factory=SpeculationStatus,
+        description="Speculative decoding: drafts, their acceptance, tokens gained.",
     )
 
 

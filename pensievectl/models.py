@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from pensieve.client import NotRunningError, StaleSocketError
 from pensieve.exitcodes import CtlExit
 from pensievectl.context import CommandContext
-from pensievectl.status import human_bytes, human_duration
+from pensievectl.status import human_bytes, human_duration, speculation_summary
 
 if TYPE_CHECKING:
     from pensieve.wire import ModelEntryStatus, ModelsResponse
@@ -82,6 +82,10 @@ def format_models(reply: ModelsResponse, now: float | None = None) -> str:
     for m in reply.models:
         if m.error:
             lines.append(f"{m.file}: {m.error}")
+        if m.model is not None:
+            lines.append(
+                f"{m.file}: speculation: {speculation_summary(m.model.decode.speculation)}"
+            )
     return "\n".join(lines)
 
 

@@ -23,7 +23,14 @@ from pensievectl.context import CommandContext
 from pensievectl.errors import CtlError, exit_status_for
 
 if TYPE_CHECKING:
-    from pensieve.wire import KvStatus, ModelStatus, PreviousExit, ReloadResult, StatusResponse
+    from pensieve.wire import (
+        KvStatus,
+        ModelStatus,
+        PreviousExit,
+        ReloadResult,
+        SpeculationStatus,
+        StatusResponse,
+    )
 
 
 def examine_dead(record: RunRecord, exit_status: int | None = None) -> Death:
@@ -142,6 +149,18 @@ def _kv_rows(kv: KvStatus) -> list[tuple[str, str]]:
     return rows
 
 
+def speculation_summary(spec: SpeculationStatus) -> str:
+    """What speculative decoding runs and what it has earned, in one line."""
+    line = spec.note or spec.mode
+    if spec.tokens_per_step:
+        line += (
+            f"; {spec.tokens_per_step:.2f} tokens per step, {spec.gained} tokens gained "
+            f"({spec.accepted} of {spec.drafted} drafted accepted, "
+            f"{spec.acceptance_rate:.0%}; {spec.forced} forced by a grammar)"
+        )
+    return line
+
+
 def _cache_rows(model: ModelStatus) -> list[tuple[str, str]]:
     """KV memory and slot contents; decode batching and its Python overhead."""
     rows = []
@@ -169,6 +188,7 @@ def _cache_rows(model: ModelStatus) -> list[tuple[str, str]]:
                 f"{decode.python_s / steps * 1e6:.0f} us in Python per batch",
             )
         )
+    rows.append(("speculation", speculation_summary(decode.speculation)))
     if decode.prompt_tokens and decode.prompt_s > 0:
         rate = decode.prompt_tokens / decode.prompt_s
         rows.append(("prefill", f"{rate:.0f} tokens/s over {decode.prompt_tokens} prompt tokens"))

@@ -18,12 +18,13 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from pensieved.engine.generation import Generation
 from pensieved.engine.llama import Batch
 from pensieved.engine.model import LoadedModel
+from pensieved.engine.speculation import SpecStats, SpeculationSetup, draft_budget
 from pensieved.errors import EngineError, KvCacheFullError
 
 log = logging.getLogger("pensieved.engine")
@@ -41,6 +42,7 @@ class DecodeStats:
     # by its tokens): the measured prefill rate `pensievectl claude` sizes timeouts from.
     prompt_tokens: int = 0
     prompt_s: float = 0.0
+    speculation: SpecStats = field(default_factory=SpecStats)
 
 
 class Runner(Protocol):
@@ -63,6 +65,12 @@ class Batcher:
         self._wakeup = threading.Condition()
         self._stopping = False
         self.stats = DecodeStats()
+        self.speculation = SpeculationSetup(
+            model.settings.speculative,
+            can_cut=model.cut_problem is None,
+            why_not=model.cut_problem or "",
+            stats=self.stats.speculation,
+        )
         self._thread = threading.Thread(
             target=self._run, name=f"pensieve-decode-{model.name}", daemon=True
         )
@@ -131,6 +139,10 @@ class Batcher:
                 log.exception("generation could not start")
             generation.fail(exc)
             return
+        sampler = generation.sampler
+        generation.speculator = self.speculation.speculator(
+            generation.prepared.tokens, sampler.grammar if sampler else None, self._model
+        )
         self._active.append(generation)
 
     def _step(self) -> None:
@@ -160,20 +172,20 @@ class Batcher:
         room = self._make_room(batch)
         if room <= 0:
             return
+        self._draft(batch, room)
         adds = plan_step(batch, room, self.stats.steps)
-        # (generation, batch index of its logits or -1, tokens it added to its sequence)
+        # (generation, batch index of its first logits or -1, tokens added to its sequence)
         plan: list[tuple[Generation, int, tuple[int, ...]]] = []
         n = prompt = 0
         put = self._batch.put
-        for generation, tokens, wants_logits in adds:
+        for generation, tokens, logits in adds:
             if generation.next_token is None:
                 prompt += len(tokens)
-            start, final = generation.position, len(tokens) - 1
+            start, first = generation.position, len(tokens) - logits
             for offset, token in enumerate(tokens):
-                logits = wants_logits and offset == final
-                put(n + offset, token, start + offset, generation.seq, logits=logits)
+                put(n + offset, token, start + offset, generation.seq, logits=offset >= first)
+            plan.append((generation, n + first if logits else -1, tokens))
             n += len(tokens)
-            plan.append((generation, n - 1 if wants_logits else -1, tokens))
         before = time.perf_counter()
         try:
             self._decode(n)
@@ -202,6 +214,24 @@ class Batcher:
             stats.prompt_s += (after - before) * prompt / n
         stats.python_s += time.perf_counter() - after + before - started
 
+    def _draft(self, running: list[Generation], room: int) -> None:
+        """Give drafting generations their drafts for this step, within the step's budget
+        (see `draft_budget`): the other streams' tokens and prompts keep their room."""
+        decoding = [g for g in running if g.pending]
+        budget = draft_budget(sum(len(g.pending) for g in decoding), room)
+        turn = self.stats.steps % len(decoding) if decoding else 0
+        for generation in decoding[turn:] + decoding[:turn]:
+            speculator = generation.speculator
+            generation.draft = ()
+            if speculator is None or not speculator.drafts or budget <= 0:
+                continue
+            wanted = min(speculator.wanted(), budget)
+            if wanted > 0 and generation.output + len(generation.pending) < (
+                generation.prepared.max_tokens
+            ):
+                generation.draft = speculator.draft(wanted)
+                budget -= len(generation.draft)
+
     def _make_room(self, running: list[Generation]) -> int:
         """Batch room this step, within the free cells of the KV cache.
 
@@ -210,7 +240,7 @@ class Batcher:
         """
         cells = self._model.cells
         while running:
-            decoding = sum(1 for g in running if g.next_token is not None)
+            decoding = sum(len(g.pending) for g in running)
             reading = sum(g.prompt_left for g in running if g.next_token is None)
             wanted = min(self._capacity, decoding + reading)
             if wanted > cells.free:
@@ -272,15 +302,15 @@ class Batcher:
             if index < 0:
                 continue
             generation.next_token = None
+            draft, generation.draft = generation.draft, ()
             if generation.background:
                 generation.end()  # the whole prompt is in the cache: the retry samples
                 self._active.remove(generation)
                 continue
             try:
-                sampler = generation.sampler
-                assert sampler is not None  # begin() made it
-                token = sampler.sample(self._model.context.handle, index)
-                over = generation.accept(self._model, token)
+                over = self._verify(generation, index, draft)
+                if not over and generation.speculator is not None:
+                    over = self._jump(generation)
                 if over:
                     generation.finish()
             except Exception as exc:
@@ -289,6 +319,52 @@ class Batcher:
                 over = True
             if over:
                 self._active.remove(generation)
+
+    def _verify(self, generation: Generation, index: int, draft: tuple[int, ...]) -> bool:
+        """Sample the position after the last pending token and, while each draft token is
+        the one sampled before it, the position after that draft token too (the acceptance
+        rule of speculation/base.py); drop the rejected draft positions from the KV cache.
+        True when the generation is over."""
+        sampler = generation.sampler
+        assert sampler is not None  # begin() made it
+        emitted_before = generation.output
+        accepted = 0
+        over = False
+        for offset in range(len(draft) + 1):
+            token = sampler.sample(self._model.context.handle, index + offset)
+            over = generation.accept(self._model, token)
+            if over or offset == len(draft) or token != draft[offset]:
+                break
+            accepted += 1
+        # The accepted draft tokens are in the KV cache already: only the last token sampled
+        # is decoded next.
+        del generation.pending[:-1]
+        if draft:
+            rejected = len(draft) - accepted
+            if rejected:
+                keep = generation.position - rejected
+                self._model.forget(generation.seq, keep)
+                del generation.slot.tokens[keep:]
+            speculator = generation.speculator
+            assert speculator is not None  # only its drafts are verified
+            speculator.observe(len(draft), accepted)
+        stats = self.speculation.stats
+        stats.emitting_steps += 1
+        stats.emitted += generation.output - emitted_before
+        return over
+
+    def _jump(self, generation: Generation) -> bool:
+        """Emit what the grammar forces after the sampled token (speculation/jump.py); it is
+        decoded with it in the next batch. True when the generation is over."""
+        speculator = generation.speculator
+        assert speculator is not None
+        stats = self.speculation.stats
+        for token in speculator.forced():
+            stats.forced += 1
+            stats.emitted += 1
+            if generation.accept(self._model, token):
+                return True
+        return False
 
     def _reset_slot(self, generation: Generation) -> None:
         """Forget a sequence whose KV state is in doubt after a failed decode."""
@@ -304,31 +380,37 @@ def _flush(generations: list[Generation]) -> None:
 
 def plan_step(
     running: list[Generation], capacity: int, step: int
-) -> list[tuple[Generation, tuple[int, ...], bool]]:
-    """What each generation adds to this step's batch, and whether it wants logits back.
+) -> list[tuple[Generation, tuple[int, ...], int]]:
+    """What each generation adds to this step's batch, and how many of its last tokens want
+    logits back.
 
-    Sampled tokens come first (when there are more streams than batch room, which ones wait
-    rotates with `step`); prompt chunks fill the rest in arrival order, so the oldest prompt
-    finishes first. The result is in sequence order: with a KV cache per slot, llama.cpp
-    evaluates only runs of consecutive sequence ids in one pass. (A shared cache takes any
-    order in one pass; what limits its step is the cache's free cells, which `capacity`
-    already accounts for.)
+    Output tokens come first, each stream's pending ones with its draft (logits at the last
+    pending token and at every draft token); when there are more streams than batch room,
+    which ones wait rotates with `step`. Prompt chunks fill the rest in arrival order, so the
+    oldest prompt finishes first. The result is in sequence order: with a KV cache per slot,
+    llama.cpp evaluates only runs of consecutive sequence ids in one pass. (A shared cache
+    takes any order in one pass; what limits its step is the cache's free cells, which
+    `capacity` already accounts for.)
     """
     room = capacity
-    decoding = [g for g in running if g.next_token is not None]
-    if len(decoding) > room:
-        turn = step % len(decoding)
-        decoding = (decoding[turn:] + decoding[:turn])[:room]
-    adds: list[tuple[Generation, tuple[int, ...], bool]] = [
-        (g, (g.next_token,), True) for g in decoding if g.next_token is not None
-    ]
-    room -= len(adds)
+    decoding = [g for g in running if g.pending]
+    turn = step % len(decoding) if decoding else 0
+    adds: list[tuple[Generation, tuple[int, ...], int]] = []
+    for generation in decoding[turn:] + decoding[:turn]:
+        pending = generation.pending
+        if len(pending) > room:
+            generation.draft = ()
+            continue  # its turn comes when the rotation puts it first
+        draft = generation.draft[: room - len(pending)]
+        generation.draft = draft
+        adds.append((generation, (*pending, *draft), 1 + len(draft)))
+        room -= len(pending) + len(draft)
     for generation in running:
         if room <= 0:
             break
         if generation.next_token is None:
             chunk = generation.take_prompt(room)
             room -= len(chunk)
-            adds.append((generation, chunk, generation.prompt_left == 0))
+            adds.append((generation, chunk, int(generation.prompt_left == 0)))
     adds.sort(key=lambda add: add[0].seq)
     return adds

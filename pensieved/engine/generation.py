@@ -17,6 +17,7 @@ from pensieved.engine.model import LoadedModel
 from pensieved.engine.output import OutputRouter
 from pensieved.engine.sampler import Sampler
 from pensieved.engine.slots import Slot, best_donor
+from pensieved.engine.speculation import Speculator
 from pensieved.engine.textstream import TextStream
 from pensieved.engine.types import Event, Failed, Finished, PreparedPrompt, PromptCached
 
@@ -69,7 +70,11 @@ class Generation:
         self.on_done = on_done
         self.reused = 0
         self.evaluated = 0  # prompt tokens in the KV cache, the reused ones included
-        self.next_token: int | None = None  # sampled, to be decoded in the next batch
+        # Output not yet in the KV cache, decoded in the next batch: the token sampled last,
+        # then any a grammar forced after it (jump-forward, speculation/jump.py).
+        self.pending: list[int] = []
+        self.draft: tuple[int, ...] = ()  # speculated to follow `pending`, to be verified
+        self.speculator: Speculator | None = None
         self.output = 0
         self.sampler: Sampler | None = None
         self._router: OutputRouter | None = None
@@ -86,6 +91,15 @@ class Generation:
         self.background = False
         # Where the batcher checkpoints this prompt (none for a cache that cuts anywhere).
         self.marks: tuple[int, ...] = ()
+
+    @property
+    def next_token(self) -> int | None:
+        """The last output token not yet decoded (None while the prompt is read)."""
+        return self.pending[-1] if self.pending else None
+
+    @next_token.setter
+    def next_token(self, token: int | None) -> None:
+        self.pending = [] if token is None else [token]
 
     @property
     def seq(self) -> int:
@@ -169,9 +183,11 @@ class Generation:
         self.output += 1
         if router.feed(self._decoder.feed(model.token_bytes(token)).text):
             return True
+        if self.speculator is not None:
+            self.speculator.record(token)
         if self.output >= self.prepared.max_tokens:
             return True
-        self.next_token = token
+        self.pending.append(token)
         return False
 
     def finish(self) -> None:
@@ -208,6 +224,9 @@ class Generation:
             # the slot's cells were never written, and must not be reused.
             model.forget(self.seq, 0)
             self.slot.tokens.clear()
+        if self.speculator is not None:
+            self.speculator.close()
+            self.speculator = None
         if self.sampler is not None:
             self.sampler.close()
             self.sampler = None

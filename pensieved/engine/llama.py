@@ -232,6 +232,21 @@ class Model:
     def n_vocab(self) -> int:
         return int(lib().llama_vocab_n_tokens(self.vocab))
 
+    def memory_cut_problem(self, *, swa_full: bool | None = None) -> str | None:
+        """Why a sequence's last positions cannot be removed from this model's memory
+        (speculative drafts need it), or None when they can. A recurrent state has no
+        positions to remove; a sliding-window cache not kept whole (`swa_full`, None:
+        llama.cpp's default) may already have dropped what a cut back needs."""
+        c = lib()
+        pointer = self._open()
+        if c.llama_model_is_recurrent(pointer) or c.llama_model_is_hybrid(pointer):
+            return "the model's recurrent memory cannot drop rejected draft tokens"
+        if swa_full is None:
+            swa_full = bool(c.llama_context_default_params().swa_full)
+        if self.n_swa() > 0 and not swa_full:
+            return "its sliding-window KV cache may not hold what dropping draft tokens needs"
+        return None
+
     def token_bos(self) -> int:
         return int(lib().llama_vocab_bos(self.vocab))
 

@@ -42,6 +42,7 @@ from pensieved.engine.memory import (
     pool_tokens,
     shape_from_metadata,
 )
+from pensieved.engine.speculation import SpeculationMode
 from pensieved.errors import GrammarError, LoadCancelledError, ModelLoadError
 
 log = logging.getLogger("pensieved.engine")
@@ -63,6 +64,7 @@ class ModelSettings:
     memory_budget_mb: int | None = None
     kv_unified: bool | Literal["auto"] = "auto"
     swa_full: bool | Literal["auto"] = "auto"
+    speculative: SpeculationMode = "auto"
 
     def sizing(self) -> ModelConfig:
         """The config keys `memory.plan_kv` resolves `auto` from."""
@@ -170,6 +172,8 @@ class LoadedModel:
         self.n_ctx_train: int = weights.n_ctx_train()
         # Sliding-window attention: a sequence's saved state keeps only the window.
         self.sliding_window: int = weights.n_swa()
+        # Why speculative drafts cannot run on this model (None: they can).
+        self.cut_problem = weights.memory_cut_problem()
         self.bos_id: int = weights.token_bos()
         self.eos_id: int = weights.token_eos()
         self.add_bos: bool = weights.add_bos()

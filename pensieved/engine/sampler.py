@@ -21,6 +21,7 @@ size for that step.
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
 
 from pensieved.engine.grammar_cache import ParsedGrammar
 from pensieved.engine.llama import Candidates, ContextHandle, Grammar, SamplerChain, logits_at
@@ -107,6 +108,30 @@ class Sampler:
                 self._chain.apply(candidates)
                 return candidates.selected()
         return None
+
+    @property
+    def grammar(self) -> Sampler | None:
+        """This sampler as jump-forward reads its grammar (`allowed`, `advance`); None
+        without a grammar."""
+        return self if self._grammar is not None else None
+
+    def allowed(self, candidates: npt.NDArray[np.int32]) -> npt.NDArray[np.int32]:
+        """The candidates (at most the longest shortlist) the grammar allows next."""
+        grammar = self._grammar
+        assert grammar is not None  # only `grammar` hands this sampler out
+        size = len(candidates)
+        view = self._candidates.entries[:size]
+        view["id"] = candidates
+        view["logit"] = 0.0
+        view["p"] = 0.0
+        self._candidates.use(size)
+        grammar.apply(self._candidates)
+        return np.array(view["id"][~np.isinf(view["logit"])], dtype=np.int32)
+
+    def advance(self, token: int) -> None:
+        """Move the grammar over `token` as if it had been sampled (jump-forward)."""
+        assert self._grammar is not None
+        self._grammar.accept(token)
 
     def close(self) -> None:
         self._chain.close()

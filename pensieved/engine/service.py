@@ -81,6 +81,7 @@ def settings_for(config: Config, path: Path) -> ModelSettings:
         kv_unified=m.kv_unified,
         swa_full=m.swa_full,
         memory_budget_mb=m.memory_budget_mb,
+        speculative=m.speculative,
     )
 
 
@@ -533,6 +534,24 @@ class Engine:
             lambda: per_model(lambda rt: rt.model.kv_bytes()),
             ("model",),
         )
+        speculation = (
+            ("drafted", "Tokens drafted by speculative decoding (n-gram), per loaded model."),
+            ("accepted", "Drafted tokens kept: each one a decode step saved."),
+            ("forced", "Tokens a grammar forced, appended without sampling (jump-forward)."),
+            ("acceptance_rate", "Drafted tokens kept, as a fraction of those drafted."),
+            ("tokens_per_step", "Output tokens per decode step of a generating request."),
+            ("gained", "Output tokens that cost no decode step: accepted plus forced."),
+        )
+
+        def speculation_figure(name: str) -> Callable[[], list[tuple[dict[str, str], float]]]:
+            return lambda: per_model(
+                lambda rt: getattr(rt.scheduler.decode_stats.speculation, name)
+            )
+
+        for name, text in speculation:
+            registry.gauge(
+                f"pensieve_speculation_{name}", text, speculation_figure(name), ("model",)
+            )
         registry.gauge(
             "pensieve_models_loaded",
             "Models loaded now.",

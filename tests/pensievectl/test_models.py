@@ -75,3 +75,26 @@ def test_the_command_line() -> None:
     assert (args.models_command, args.name, args.json_action) == ("load", "claude-haiku-*", True)
     args = parser.parse_args(["models", "unload", "b.gguf"])
     assert (args.models_command, args.name) == ("unload", "b.gguf")
+
+
+def test_a_loaded_models_speculation_is_summed_up_in_one_line() -> None:
+    from pensieve.wire import SpeculationStatus
+    from pensievectl.status import speculation_summary
+
+    idle = SpeculationStatus(mode="auto", note="n-gram drafts and jump-forward")
+    assert speculation_summary(idle) == "n-gram drafts and jump-forward"
+    busy = SpeculationStatus(
+        mode="auto",
+        note="n-gram drafts and jump-forward",
+        drafts=40,
+        drafted=160,
+        accepted=120,
+        forced=30,
+        acceptance_rate=0.75,
+        tokens_per_step=2.5,
+        gained=150,
+    )
+    assert speculation_summary(busy) == (
+        "n-gram drafts and jump-forward; 2.50 tokens per step, 150 tokens gained "
+        "(120 of 160 drafted accepted, 75%; 30 forced by a grammar)"
+    )

@@ -1,0 +1,150 @@
+"""The agent-edit workload: speculative decoding where the output copies, and where not.
+
+An agent's edits copy: an Edit's old_string is lines a Read put in the context. Here the
+model is asked to repeat a source file it was given (greedy), which it does for most of its
+output; each figure is printed beside its *copy share*: the fraction of output tokens that
+continue a 12-gram found earlier in the prompt or the output. Targets, side by side in one
+run with the same GGUF, threads and kernels: pensieved with speculation on and off,
+llama-server without speculation and with its n-gram `--spec-type`s. Beside that, what
+speculation costs where nothing is copied: free prose, one client and four at once.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from bench.targets import ServerProcess, stream_message
+from bench.workloads import body, decode_rate, median, story_prompt
+
+COPY_GRAM = 12
+SOURCE = Path(__file__).resolve().parent.parent / "pensieved" / "engine" / "slots.py"
+# llama-server's n-gram kinds compared (its default is none).
+LLAMA_SPEC_TYPES = ("ngram-mod", "ngram-simple", "ngram-map-k")
+
+
+def copy_prompt() -> str:
+    return f"Repeat this code exactly as it is:\n\n{SOURCE.read_text()}"
+
+
+def copy_share(context: Sequence[int], output: Sequence[int], n: int = COPY_GRAM) -> float:
+    """Output tokens continuing an n-gram (n tokens ending at them) seen earlier."""
+    sequence = list(context) + list(output)
+    seen: set[tuple[int, ...]] = set()
+    start = len(context)
+    copied = 0
+    for end in range(n, len(sequence) + 1):
+        gram = tuple(sequence[end - n : end])
+        if end > start and gram in seen:
+            copied += 1
+        seen.add(gram)
+    return copied / len(output) if output else 0.0
+
+
+def one_rate(server: ServerProcess, prompt: str, tokens: int) -> tuple[float | None, str]:
+    result = stream_message(server.port, body([{"role": "user", "content": prompt}], tokens))
+    return decode_rate(result), result.text
+
+
+def four_clients(server: ServerProcess, tokens: int) -> float:
+    def one(i: int) -> int:
+        prompt = story_prompt(("dragon", "robot", "sailing ship", "lighthouse keeper")[i])
+        return stream_message(
+            server.port, body([{"role": "user", "content": prompt}], tokens)
+        ).output_tokens
+
+    import time
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        total = sum(pool.map(one, range(4)))
+    return total / (time.perf_counter() - started)
+
+
+def run(
+    starts: dict[str, Callable[[], ServerProcess]],
+    command_lines: dict[str, list[str]],
+    tokenize: Callable[[str], list[int]],
+    *,
+    tokens: int,
+    reps: int,
+    pensieved: Sequence[str],
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """Each target in turn (one server at a time: the machine has few cores)."""
+    prompt = copy_prompt()
+    context = tokenize(prompt)
+    rows: dict[str, Any] = {}
+    for name, start in starts.items():
+        log(f"agent-edit: {name}")
+        server = start()
+        try:
+            rates, shares, prose = [], [], []
+            for _ in range(reps):
+                rate, text = one_rate(server, prompt, tokens)
+                if rate is not None:
+                    rates.append(rate)
+                shares.append(copy_share(context, tokenize(text)))
+                if name in pensieved:
+                    prose_rate, _ = one_rate(server, story_prompt(), tokens)
+                    if prose_rate is not None:
+                        prose.append(prose_rate)
+            row: dict[str, Any] = {
+                "command": shlex.join(command_lines.get(name, [])),
+                "copy_tokens_per_s": median(rates),
+                "copy_share": median(shares),
+                "runs": rates,
+            }
+            if name in pensieved:
+                row["prose_tokens_per_s"] = median(prose)
+                row["four_clients_tokens_per_s"] = median(
+                    [four_clients(server, tokens // 2) for _ in range(reps)]
+                )
+            rows[name] = row
+        finally:
+            server.stop()
+    return {"max_tokens": tokens, "reps": reps, "source": SOURCE.name, "targets": rows}
+
+
+def table(report: dict[str, Any]) -> str:
+    rows = report["targets"]
+    lines = [
+        f"# agent-edit: repeat {report['source']} ({report['max_tokens']} greedy tokens, "
+        f"median of {report['reps']})",
+        "",
+        "| target | copy tok/s | copy share | prose tok/s | 4 clients tok/s |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+
+    def fmt(value: float | None, pattern: str = "{:.1f}") -> str:
+        return "-" if value is None else pattern.format(value)
+
+    for name, row in rows.items():
+        lines.append(
+            f"| {name} | {fmt(row['copy_tokens_per_s'])} | {fmt(row['copy_share'], '{:.0%}')} | "
+            f"{fmt(row.get('prose_tokens_per_s'))} | {fmt(row.get('four_clients_tokens_per_s'))} |"
+        )
+    on, off = rows.get("pensieved speculation auto"), rows.get("pensieved speculation off")
+    if on and off:
+        lines.append("")
+        for key, what in (
+            ("copy_tokens_per_s", "copying"),
+            ("prose_tokens_per_s", "free prose"),
+            ("four_clients_tokens_per_s", "4 clients"),
+        ):
+            if on.get(key) and off.get(key):
+                lines.append(f"- speculation on / off, {what}: {on[key] / off[key]:.2f}x")
+        for name, row in rows.items():
+            if name.startswith("llama-server") and row["copy_tokens_per_s"]:
+                ratio = on["copy_tokens_per_s"] / row["copy_tokens_per_s"]
+                lines.append(f"- pensieved (speculation on) / {name}, copying: {ratio:.2f}x")
+    lines.append("")
+    lines.append("Command lines:")
+    lines.append("")
+    for name, row in rows.items():
+        if row["command"]:
+            lines.append(f"- {name}: `{row['command']}`")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,148 @@
+"""Speculative decoding: more than one output token per decode step where the output is
+predictable. The kinds (one module each) share the `Speculation` interface of `base.py`:
+
+- `ngram.py`: drafts from the conversation itself (verified, exact);
+- `jump.py`: text the grammar forces, appended without sampling.
+
+`Speculator` is one generation's use of them; `SpeculationSetup` is a model's (its mode, its
+conversation index, its counters). See docs/speculation.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+from pensieved.engine.speculation.base import (
+    DraftLength,
+    Proposal,
+    SpecStats,
+    Speculation,
+    draft_budget,
+)
+from pensieved.engine.speculation.jump import Grammar, JumpForward, Vocabulary
+from pensieved.engine.speculation.ngram import ConversationIndex, NgramSpeculation
+
+SpeculationMode = Literal["auto", "ngram", "off"]
+
+__all__ = [
+    "ConversationIndex",
+    "DraftLength",
+    "JumpForward",
+    "NgramSpeculation",
+    "Proposal",
+    "SpecStats",
+    "Speculation",
+    "SpeculationMode",
+    "SpeculationSetup",
+    "Speculator",
+    "draft_budget",
+]
+
+
+class Speculator:
+    """One generation's speculation: its drafting kinds, forced text, adaptive length."""
+
+    def __init__(
+        self,
+        prompt: Sequence[int],
+        drafters: Sequence[Speculation],
+        jump: JumpForward | None,
+        stats: SpecStats,
+        conversation: ConversationIndex | None,
+    ) -> None:
+        self.sequence: list[int] = list(prompt)  # prompt plus output, drafts excluded
+        self._drafters = list(drafters)
+        self._jump = jump
+        self._stats = stats
+        self._conversation = conversation
+        self.length = DraftLength()
+        self._last: Speculation | None = None
+
+    @property
+    def drafts(self) -> bool:
+        return bool(self._drafters)
+
+    def record(self, token: int) -> None:
+        """An output token (sampled or forced)."""
+        self.sequence.append(token)
+
+    def forced(self) -> tuple[int, ...]:
+        """Tokens the grammar forces next; the grammar has advanced over them."""
+        if self._jump is None:
+            return ()
+        proposal = self._jump.propose(self.sequence, 0)
+        return proposal.tokens if proposal is not None else ()
+
+    def wanted(self) -> int:
+        """Tokens this slot would draft this step (0 while paused or not drafting)."""
+        return self.length.wanted() if self._drafters else 0
+
+    def draft(self, k: int) -> tuple[int, ...]:
+        """At most `k` draft tokens to follow the sequence (first kind with one wins)."""
+        self._last = None
+        if k <= 0:
+            return ()
+        for drafter in self._drafters:
+            proposal = drafter.propose(self.sequence, k)
+            if proposal is not None and proposal.tokens:
+                self._last = drafter
+                return proposal.tokens[:k]
+        return ()
+
+    def observe(self, proposed: int, accepted: int) -> None:
+        """How a verified draft went."""
+        if proposed <= 0:
+            return
+        self.length.observe(proposed, accepted)
+        if self._last is not None:
+            self._last.observe(proposed, accepted)
+        stats = self._stats
+        stats.drafts += 1
+        stats.drafted += proposed
+        stats.accepted += accepted
+
+    def close(self) -> None:
+        """The generation ended: its sequence joins the conversation index."""
+        if self._conversation is None or not self._drafters:
+            return
+        own = next((d.index for d in self._drafters if isinstance(d, NgramSpeculation)), None)
+        self._conversation.remember(self.sequence, own)
+
+
+class SpeculationSetup:
+    """A model's speculation: which kinds its generations use, and their counters."""
+
+    def __init__(
+        self,
+        mode: SpeculationMode,
+        *,
+        can_cut: bool,
+        why_not: str = "",
+        stats: SpecStats | None = None,
+    ) -> None:
+        self.mode = mode
+        # Drafts need the rejected positions removed from the KV cache: recurrent and
+        # hybrid memories (and a sliding window cache not kept whole) cannot cut a tail.
+        self.ngram = mode != "off" and can_cut
+        self.jump = mode != "off"
+        self.stats = stats if stats is not None else SpecStats()
+        self.conversation = ConversationIndex() if self.ngram else None
+        if mode == "off":
+            note = "off (model.speculative)"
+        elif not can_cut:
+            note = f"jump-forward only: no n-gram drafts, {why_not}"
+        else:
+            note = "n-gram drafts and jump-forward"
+        self.stats.mode, self.stats.note = mode, note
+
+    def speculator(
+        self, prompt: Sequence[int], grammar: Grammar | None, vocab: Vocabulary
+    ) -> Speculator | None:
+        drafters: list[Speculation] = []
+        if self.ngram:
+            drafters.append(NgramSpeculation(self.conversation))
+        jump = JumpForward(grammar, vocab) if self.jump and grammar is not None else None
+        if not drafters and jump is None:
+            return None
+        return Speculator(prompt, drafters, jump, self.stats, self.conversation)
