@@ -5,7 +5,17 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
-from pensieved.api.models import (
+from pensieved.api.tool_search import ToolTable
+from pensieved.engine.tools import loaded_tool_text
+from pensieved.engine.types import (
+    ChatMessage,
+    GenerationRequest,
+    Sampling,
+    ToolCall,
+    ToolChoice,
+)
+from pensieved.errors import InvalidRequestError, UnsupportedContentError
+from pensieved.wire.anthropic import (
     ContentBlock,
     DocumentBlock,
     ImageBlock,
@@ -19,16 +29,6 @@ from pensieved.api.models import (
     ToolUseBlock,
     _PromptFields,
 )
-from pensieved.api.tool_search import ToolTable
-from pensieved.engine.tools import loaded_tool_text
-from pensieved.engine.types import (
-    ChatMessage,
-    GenerationRequest,
-    Sampling,
-    ToolCall,
-    ToolChoice,
-)
-from pensieved.errors import InvalidRequestError, UnsupportedContentError
 
 # Claude Code puts per-session client metadata first in `system`; it is no instruction, and
 # keeping it would make every session's prompt prefix differ (no KV reuse across sessions).

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pensieved import errors as e
-from pensieved.api.models import ErrorDetail, ErrorEnvelope
+from pensieved.wire.anthropic import ErrorDetail, ErrorEnvelope
 
 # Most specific first: the first matching class wins.
 _MAP: tuple[tuple[type[Exception], int, str], ...] = (

@@ -24,7 +24,6 @@ import tornado.iostream
 import tornado.web
 
 from pensieved.api.convert import BILLING_HEADER_PREFIX, messages_request, to_generation_request
-from pensieved.api.models import CountTokensRequest, MessagesRequest
 from pensieved.api.sse import AnthropicStream, whole_message
 from pensieved.api.streaming import ErrorEvent, errors_in_band, pipe, send_comment
 from pensieved.engine.interface import ServingEngine, Work
@@ -32,6 +31,7 @@ from pensieved.engine.types import Event
 from pensieved.errors import ModelUnavailableError, UpstreamRejectedError
 from pensieved.upstream import openai
 from pensieved.upstream.pool import Reply, Route, Upstreams
+from pensieved.wire.anthropic import CountTokensRequest, MessagesRequest
 
 log = logging.getLogger("pensieved.api")
 

@@ -21,19 +21,19 @@ from pensieved.api import forward, limits, security, streaming
 from pensieved.api.convert import messages_request, new_id, to_generation_request
 from pensieved.api.disconnect import cancel_on_hangup
 from pensieved.api.errors import STATUS_TYPES, classify, envelope, internal_message
-from pensieved.api.models import (
-    CountTokensRequest,
-    CountTokensResponse,
-    MessagesRequest,
-    ModelInfo,
-    ModelList,
-)
 from pensieved.api.sse import LOADING_COMMENT, AnthropicStream, whole_message
 from pensieved.engine.interface import GenerationSession, ServingEngine, Work
 from pensieved.engine.types import Event, GenerationRequest
 from pensieved.errors import InvalidRequestError, NotFoundError, PensieveError
 from pensieved.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from pensieved.upstream.pool import Upstreams
+from pensieved.wire.anthropic import (
+    CountTokensRequest,
+    CountTokensResponse,
+    MessagesRequest,
+    ModelInfo,
+    ModelList,
+)
 
 log = logging.getLogger("pensieved.api")
 access_log = logging.getLogger("pensieved.access")

@@ -12,7 +12,19 @@ import json
 from collections.abc import AsyncIterator
 
 from pensieved.api.convert import new_id
-from pensieved.api.models import (
+from pensieved.engine.types import (
+    Event,
+    Failed,
+    Finished,
+    Heartbeat,
+    PromptCached,
+    TextPiece,
+    ThinkingPiece,
+    ToolCallDelta,
+    ToolCallEnd,
+    ToolCallStart,
+)
+from pensieved.wire.anthropic import (
     BlockEvent,
     ContentBlockDelta,
     ContentBlockStart,
@@ -25,18 +37,6 @@ from pensieved.api.models import (
     SignatureDelta,
     TextDelta,
     ThinkingDelta,
-)
-from pensieved.engine.types import (
-    Event,
-    Failed,
-    Finished,
-    Heartbeat,
-    PromptCached,
-    TextPiece,
-    ThinkingPiece,
-    ToolCallDelta,
-    ToolCallEnd,
-    ToolCallStart,
 )
 
 

@@ -13,7 +13,9 @@ from collections.abc import AsyncIterator, Sequence
 
 from pensieved.api.convert import new_id
 from pensieved.api.errors import envelope
-from pensieved.api.models import (
+from pensieved.api.replies import ReplyBuilder, collect
+from pensieved.engine.types import Event, Failed, Finished, Heartbeat, PromptCached
+from pensieved.wire.anthropic import (
     Message,
     MessageDelta,
     MessageStart,
@@ -23,8 +25,6 @@ from pensieved.api.models import (
     StreamEvent,
     Usage,
 )
-from pensieved.api.replies import ReplyBuilder, collect
-from pensieved.engine.types import Event, Failed, Finished, Heartbeat, PromptCached
 
 # Keeps the connection alive while waiting for a slot, before the stream may send events.
 WAITING_COMMENT = b": waiting for a slot\n\n"

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from pensieved.api.models import (
+from pensieved.engine.types import ToolSpec
+from pensieved.errors import InvalidRequestError
+from pensieved.wire.anthropic import (
     Tool,
     ToolReferenceBlock,
     ToolResultBlock,
     _PromptFields,
 )
-from pensieved.engine.types import ToolSpec
-from pensieved.errors import InvalidRequestError
 
 
 def _spec(tool: Tool) -> ToolSpec:

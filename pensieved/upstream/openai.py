@@ -30,7 +30,7 @@ from pensieved.engine.types import (
     ToolCallStart,
 )
 from pensieved.errors import UpstreamError
-from pensieved.openai_wire import (
+from pensieved.wire.openai import (
     AssistantMessage,
     ChatCompletion,
     ChatCompletionChunk,

@@ -9,8 +9,8 @@ from pydantic import ValidationError
 
 from pensieved.api.convert import to_generation_request
 from pensieved.api.handlers import validation_message
-from pensieved.api.models import MessagesRequest
 from pensieved.errors import InvalidRequestError, UnsupportedContentError
+from pensieved.wire.anthropic import MessagesRequest
 
 TOOLS = [{"name": "Read", "input_schema": {"type": "object"}}]
 USE = {"type": "tool_use", "id": "toolu_1", "name": "Read", "input": {}}

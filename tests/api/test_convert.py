@@ -8,7 +8,6 @@ from typing import Any
 import pytest
 
 from pensieved.api.convert import to_generation_request
-from pensieved.api.models import MessagesRequest, OutTextBlock, OutThinkingBlock, OutToolUseBlock
 from pensieved.api.replies import ReplyBuilder
 from pensieved.engine.types import (
     TextPiece,
@@ -19,6 +18,12 @@ from pensieved.engine.types import (
     ToolChoice,
 )
 from pensieved.errors import InvalidRequestError
+from pensieved.wire.anthropic import (
+    MessagesRequest,
+    OutTextBlock,
+    OutThinkingBlock,
+    OutToolUseBlock,
+)
 
 TOOL = {"name": "Read", "input_schema": {"type": "object"}}
 

@@ -7,11 +7,11 @@ from typing import Any
 import pytest
 
 from pensieved.api.convert import to_generation_request
-from pensieved.api.models import MessagesRequest
 from pensieved.engine.prompt import TemplateCaps, conversation_for_template
 from pensieved.engine.tools import loaded_tool_text
 from pensieved.engine.types import GenerationRequest
 from pensieved.errors import InvalidRequestError
+from pensieved.wire.anthropic import MessagesRequest
 
 BASH = {"name": "Bash", "input_schema": {"type": "object", "properties": {"cmd": {}}}}
 SEARCH = {"name": "ToolSearch", "input_schema": {"type": "object"}}

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from pensieved.api.convert import to_generation_request
-from pensieved.api.models import CountTokensRequest, MessagesRequest
 from pensieved.engine.prompt import render_request, template_caps
 from pensieved.engine.templates import template_source
 from pensieved.engine.types import GenerationRequest
+from pensieved.wire.anthropic import CountTokensRequest, MessagesRequest
 from tests.chat_templates import TEMPLATES, template_files
 from tests.claude_code_captures import capture_files, load
 

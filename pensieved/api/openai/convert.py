@@ -26,7 +26,7 @@ from pensieved.errors import (
     UnsupportedContentError,
     UnsupportedParameterError,
 )
-from pensieved.openai_wire import (
+from pensieved.wire.openai import (
     AssistantMessage,
     ChatCompletionRequest,
     DeveloperMessage,

@@ -10,7 +10,7 @@ stays 503. Codes follow OpenAI's where one exists (`context_length_exceeded`,
 from __future__ import annotations
 
 from pensieved import errors as e
-from pensieved.openai_wire import ErrorDetail, ErrorEnvelope
+from pensieved.wire.openai import ErrorDetail, ErrorEnvelope
 
 # Anthropic-side status → (OpenAI status, type, code).
 _BY_STATUS: dict[int, tuple[int, str, str | None]] = {

@@ -16,7 +16,7 @@ from pensieved.api.openai.convert import to_generation_request
 from pensieved.api.openai.errors import openai_error
 from pensieved.api.openai.stream import OpenAIStream, whole_completion
 from pensieved.engine.interface import GenerationSession
-from pensieved.openai_wire import ChatCompletionRequest
+from pensieved.wire.openai import ChatCompletionRequest
 
 
 class ChatCompletionsHandler(GenerationHandler):

@@ -19,7 +19,9 @@ import time
 from collections.abc import AsyncIterator
 
 from pensieved.api.convert import new_id
-from pensieved.api.models import (
+from pensieved.api.replies import ReplyBuilder, collect
+from pensieved.engine.types import Event, Failed, Finished, Heartbeat, PromptCached, StopReason
+from pensieved.wire.anthropic import (
     BlockEvent,
     ContentBlockStart,
     ContentBlockStop,
@@ -30,9 +32,7 @@ from pensieved.api.models import (
     TextDelta,
     ThinkingDelta,
 )
-from pensieved.api.replies import ReplyBuilder, collect
-from pensieved.engine.types import Event, Failed, Finished, Heartbeat, PromptCached, StopReason
-from pensieved.openai_wire import (
+from pensieved.wire.openai import (
     ChatCompletion,
     ChatCompletionChunk,
     Choice,

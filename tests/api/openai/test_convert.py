@@ -17,7 +17,7 @@ from pensieved.errors import (
     UnsupportedContentError,
     UnsupportedParameterError,
 )
-from pensieved.openai_wire import ChatCompletionRequest
+from pensieved.wire.openai import ChatCompletionRequest
 
 USER = {"role": "user", "content": "hi"}
 WEATHER = {

@@ -25,7 +25,7 @@ from pensieved.engine.types import (
     ToolCallStart,
 )
 from pensieved.errors import EngineError
-from pensieved.openai_wire import ErrorDetail, ErrorEnvelope
+from pensieved.wire.openai import ErrorDetail, ErrorEnvelope
 
 TEXT_EVENTS: list[Event] = [
     Heartbeat(),

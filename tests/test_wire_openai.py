@@ -9,7 +9,7 @@ import openai.types.chat as sdk
 import pytest
 from pydantic import ValidationError
 
-from pensieved.openai_wire import (
+from pensieved.wire.openai import (
     AssistantMessage,
     ChatCompletion,
     ChatCompletionChunk,
@@ -33,7 +33,7 @@ from pensieved.openai_wire import (
     ToolMessage,
     UserMessage,
 )
-from pensieved.openai_wire import Choice as WholeChoice
+from pensieved.wire.openai import Choice as WholeChoice
 
 FULL_REQUEST: dict[str, Any] = {
     "model": "gpt-4o",
