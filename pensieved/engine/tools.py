@@ -137,6 +137,37 @@ _HEADER = re.compile(
 )
 
 
+class JsonEnd:
+    """Finds where a streamed JSON value ends: string and escape state and bracket depth, kept
+    across pieces of text."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.in_string = False
+        self.escaped = False
+
+    def scan(self, text: str, start: int) -> int | None:
+        """The index just past the value's closing bracket in `text`, or None if it goes on."""
+        for i in range(start, len(text)):
+            char = text[i]
+            if self.in_string:
+                if self.escaped:
+                    self.escaped = False
+                elif char == "\\":
+                    self.escaped = True
+                elif char == '"':
+                    self.in_string = False
+            elif char == '"':
+                self.in_string = True
+            elif char in "{[":
+                self.depth += 1
+            elif char in "}]":
+                self.depth -= 1
+                if self.depth == 0:
+                    return i + 1
+        return None
+
+
 class ToolCallParser:
     """Splits streamed model text into plain text and tool calls.
 
@@ -153,9 +184,7 @@ class ToolCallParser:
         self._buffer = ""  # undecided text of the current state
         self._raw = ""  # the whole current call as written, for falling back to text
         self._args = ""  # argument JSON forwarded so far
-        self._depth = 0
-        self._in_string = False
-        self._escaped = False
+        self._json = JsonEnd()
         self._started_args = False
         self.calls = 0  # complete calls so far
 
@@ -206,7 +235,7 @@ class ToolCallParser:
                     self._raw += match.group(0)
                     self._buffer = self._buffer[match.end() :]
                     self._state = "args"
-                    self._args, self._depth, self._in_string, self._escaped = "", 0, False, False
+                    self._args, self._json = "", JsonEnd()
                     self._started_args = False
                     out.append(ToolCallStart(name))
                     return
@@ -246,26 +275,7 @@ class ToolCallParser:
             self._raw += text[:i]
             text = text[i:]
             i = 0
-        end = None
-        while i < len(text):
-            char = text[i]
-            if self._in_string:
-                if self._escaped:
-                    self._escaped = False
-                elif char == "\\":
-                    self._escaped = True
-                elif char == '"':
-                    self._in_string = False
-            elif char == '"':
-                self._in_string = True
-            elif char in "{[":
-                self._depth += 1
-            elif char in "}]":
-                self._depth -= 1
-                if self._depth == 0:
-                    end = i + 1
-                    break
-            i += 1
+        end = self._json.scan(text, i)
         chunk = text[:end] if end is not None else text
         if chunk:
             self._args += chunk

@@ -16,7 +16,7 @@ from typing import Any
 
 from pensieved.engine.dialects.base import Parsed, ParsedText, Syntax, XmlArgs
 from pensieved.engine.holdback import held_prefix
-from pensieved.engine.tools import repair_partial_json
+from pensieved.engine.tools import JsonEnd, repair_partial_json
 from pensieved.engine.types import ToolCallDelta, ToolCallEnd, ToolCallStart, ToolSpec
 
 # A call head not recognised within this many characters is not a call.
@@ -49,8 +49,8 @@ class SyntaxParser:
         self._raw = ""  # the current call (or block) as written, for falling back to text
         self._name = ""
         self._args = ""  # argument JSON forwarded so far
-        self._depth = 0
-        self._in_string = self._escaped = self._started = False
+        self._json = JsonEnd()
+        self._started = False
         self.calls = 0
 
     @property
@@ -141,8 +141,8 @@ class SyntaxParser:
             return
         self._take(match.end())
         self._name = name
-        self._args, self._depth = "", 0
-        self._in_string = self._escaped = self._started = False
+        self._args, self._json = "", JsonEnd()
+        self._started = False
         self._state = "args"
         out.append(ToolCallStart(name))
 
@@ -159,26 +159,7 @@ class SyntaxParser:
                 self._state = "raw"
                 return
             self._started = True
-        end = None
-        while i < len(text):
-            char = text[i]
-            if self._in_string:
-                if self._escaped:
-                    self._escaped = False
-                elif char == "\\":
-                    self._escaped = True
-                elif char == '"':
-                    self._in_string = False
-            elif char == '"':
-                self._in_string = True
-            elif char in "{[":
-                self._depth += 1
-            elif char in "}]":
-                self._depth -= 1
-                if self._depth == 0:
-                    end = i + 1
-                    break
-            i += 1
+        end = self._json.scan(text, i)
         chunk = self._take(end if end is not None else len(text))
         if chunk:
             self._args += chunk
