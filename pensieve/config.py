@@ -484,8 +484,8 @@ class ModelConfig(_Section):
         "auto",
         description="Speculative decoding: `auto` and `ngram` draft from the conversation "
         "itself (what the output copies from the prompt: an Edit's old_string, paths, keys) "
-        "and verify the draft in the same batch, output unchanged; they also append text a "
-        "tool-call grammar forces without sampling it. `off`: one token per request per step. "
+        "and verify the draft in the same batch, output unchanged; text a tool-call grammar "
+        "forces is drafted the same way. `off`: one token per request per step. "
         "See docs/speculation.md.",
     )
     aliases: dict[str, AliasValue] = Field(

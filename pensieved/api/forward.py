@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from typing import Any
 
 import tornado.iostream
@@ -226,7 +226,7 @@ async def _openai(
             return
         encoder = AnthropicStream(body.model, 0)
 
-        async def encoded() -> AsyncIterator[bytes]:
+        async def encoded() -> AsyncGenerator[bytes, None]:
             async for event in openai.stream_events(reply.chunks(), thinking=request.thinking):
                 yield encoder.feed(event)
 

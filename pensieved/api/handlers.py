@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncGenerator, Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
@@ -387,9 +388,10 @@ class GenerationHandler(BaseHandler):
         """Stream the session's events as `encoder` puts them; an error before anything was
         sent (a timeout in the queue) is a plain HTTP error, after it an SSE event."""
 
-        async def encoded() -> AsyncIterator[bytes]:
-            async for event in session.events():
-                yield encoder.feed(event)
+        async def encoded() -> AsyncGenerator[bytes, None]:
+            async with contextlib.aclosing(session.events()) as events:
+                async for event in events:
+                    yield encoder.feed(event)
 
         await streaming.pipe(self, encoded(), self.request_id, self.stream_error)
 

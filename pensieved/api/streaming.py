@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 import tornado.iostream
 import tornado.web
@@ -81,22 +81,24 @@ async def errors_in_band(
 
 async def pipe(
     handler: tornado.web.RequestHandler,
-    chunks: AsyncIterable[bytes],
+    chunks: AsyncGenerator[bytes, None],
     request_id: str,
     error_event: ErrorEvent,
 ) -> None:
     """Send `chunks` as a streamed reply and finish it. A failure before anything was sent is
     raised (a plain HTTP error); after, it ends the stream as an error event (closing an event
-    the source left half-sent first). A client that hangs up ends it quietly."""
+    the source left half-sent first). A client that hangs up ends it quietly, and `chunks` is
+    closed at once: left to the garbage collector, its generation would run on meanwhile."""
     if not headers_sent(handler):
         start_event_stream(handler)
     tail = _EVENT_END
     try:
-        async for chunk in chunks:
-            if chunk:
-                handler.write(chunk)
-                await handler.flush()
-                tail = (tail + chunk)[-2:]
+        async with contextlib.aclosing(chunks):
+            async for chunk in chunks:
+                if chunk:
+                    handler.write(chunk)
+                    await handler.flush()
+                    tail = (tail + chunk)[-2:]
     except tornado.iostream.StreamClosedError:
         log.info("client closed the stream (request-id %s)", request_id)
     except Exception as exc:

@@ -225,11 +225,8 @@ class Batcher:
             generation.draft = ()
             if speculator is None or not speculator.drafts or budget <= 0:
                 continue
-            wanted = min(speculator.wanted(), budget)
-            if wanted > 0 and generation.output + len(generation.pending) < (
-                generation.prepared.max_tokens
-            ):
-                generation.draft = speculator.draft(wanted)
+            if generation.output + len(generation.pending) < generation.prepared.max_tokens:
+                generation.draft = speculator.draft(budget)
                 budget -= len(generation.draft)
 
     def _make_room(self, running: list[Generation]) -> int:

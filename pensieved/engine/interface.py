@@ -7,7 +7,7 @@ imports llama.cpp.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
@@ -50,7 +50,7 @@ class GenerationSession(Protocol):
         """The prompt's length in tokens, cached ones included."""
         ...
 
-    def events(self) -> AsyncIterator[Event]:
+    def events(self) -> AsyncGenerator[Event, None]:
         """The generation's events, up to its `Finished` or `Failed`."""
         ...
 

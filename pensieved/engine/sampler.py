@@ -110,31 +110,43 @@ class Sampler:
         return None
 
     @property
-    def grammar(self) -> Sampler | None:
-        """This sampler as jump-forward reads its grammar (`allowed`, `advance`); None
-        without a grammar."""
-        return self if self._grammar is not None else None
-
-    def allowed(self, candidates: npt.NDArray[np.int32]) -> npt.NDArray[np.int32]:
-        """The candidates (at most the longest shortlist) the grammar allows next."""
-        grammar = self._grammar
-        assert grammar is not None  # only `grammar` hands this sampler out
-        size = len(candidates)
-        view = self._candidates.entries[:size]
-        view["id"] = candidates
-        view["logit"] = 0.0
-        view["p"] = 0.0
-        self._candidates.use(size)
-        grammar.apply(self._candidates)
-        return np.array(view["id"][~np.isinf(view["logit"])], dtype=np.int32)
-
-    def advance(self, token: int) -> None:
-        """Move the grammar over `token` as if it had been sampled (jump-forward)."""
-        assert self._grammar is not None
-        self._grammar.accept(token)
+    def grammar(self) -> GrammarState | None:
+        """The grammar's state as jump-forward reads it; None without a grammar."""
+        if self._grammar is None:
+            return None
+        return GrammarState(self._grammar, self._candidates)
 
     def close(self) -> None:
         self._chain.close()
         if self._constrained is not None:
             self._constrained.close()  # frees the grammar it owns
             self._constrained = None
+
+
+class GrammarState:
+    """A grammar as jump-forward reads it: what it allows next, a move over a token, and a
+    copy to walk ahead on (used by the decode thread only, like its sampler)."""
+
+    def __init__(self, grammar: Grammar, candidates: Candidates) -> None:
+        self._grammar = grammar
+        self._candidates = candidates  # scratch space, shared with the sampler
+
+    def allowed(self, candidates: npt.NDArray[np.int32]) -> npt.NDArray[np.int32]:
+        """The candidates (at most the longest shortlist) the grammar allows next."""
+        size = len(candidates)
+        view = self._candidates.entries[:size]
+        view["id"] = candidates
+        view["logit"] = 0.0
+        view["p"] = 0.0
+        self._candidates.use(size)
+        self._grammar.apply(self._candidates)
+        return np.array(view["id"][~np.isinf(view["logit"])], dtype=np.int32)
+
+    def advance(self, token: int) -> None:
+        """Move the grammar over `token` as if it had been sampled."""
+        self._grammar.accept(token)
+
+    def fork(self) -> GrammarState | None:
+        """A copy of the grammar in this state, freed when dropped (None if llama.cpp fails)."""
+        copy = self._grammar.clone()
+        return GrammarState(copy, self._candidates) if copy is not None else None

@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 
 from pensieve.wire import BackgroundPrefill, CacheReport
 from pensieved.engine.batcher import DecodeStats, Runner
@@ -205,7 +205,7 @@ class Scheduler:
 
     async def stream(
         self, prepared: PreparedPrompt, deadline: float | None = None, heartbeat_s: float = 5.0
-    ) -> AsyncIterator[Event]:
+    ) -> AsyncGenerator[Event, None]:
         """Run one generation; yields events. Closing the iterator early cancels it.
 
         After `heartbeat_s` without an event, a Heartbeat is yielded (and again every period).

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -141,38 +141,42 @@ class Session:
     def input_tokens(self) -> int:
         return self.prepared.input_tokens
 
-    async def events(self) -> AsyncIterator[Event]:
+    async def events(self) -> AsyncGenerator[Event, None]:
         """The generation's events; the activity record and the metrics follow its phases."""
         activity, work_id = self.engine.activity, self.request_id
         metrics = self.engine.metrics
         model = self.runtime.model.name
         slotted = first = None
         cached = 0
-        async for event in self.engine.generate(self.runtime, self.prepared):
-            now = time.monotonic()
-            # A few phase changes per request, never one per token.
-            if isinstance(event, PromptCached):
-                slotted, cached = now, event.cache_read_tokens
-                metrics.queued.observe(now - self.admitted_at, model=model)
-                fresh = self.prepared.input_tokens - event.cache_read_tokens
-                activity.phase(
-                    work_id,
-                    f"evaluating the prompt ({fresh} new tokens, {event.cache_read_tokens} cached)",
-                )
-            elif isinstance(event, Finished):
-                if first is not None and event.output_tokens > 1 and now > first:
-                    metrics.decode_rate.observe(
-                        (event.output_tokens - 1) / (now - first), model=model
+        # Closed with this one: a client gone must stop the generation now, not at the next
+        # garbage collection.
+        async with contextlib.aclosing(self.engine.generate(self.runtime, self.prepared)) as gen:
+            async for event in gen:
+                now = time.monotonic()
+                # A few phase changes per request, never one per token.
+                if isinstance(event, PromptCached):
+                    slotted, cached = now, event.cache_read_tokens
+                    metrics.queued.observe(now - self.admitted_at, model=model)
+                    fresh = self.prepared.input_tokens - event.cache_read_tokens
+                    activity.phase(
+                        work_id,
+                        f"evaluating the prompt ({fresh} new tokens, "
+                        f"{event.cache_read_tokens} cached)",
                     )
-            elif not isinstance(event, Heartbeat | Failed):
-                if first is None:
-                    first = now
-                    metrics.ttft.observe(now - self.admitted_at, model=model)
-                    fresh = self.prepared.input_tokens - cached
-                    if slotted is not None and fresh > 0 and now > slotted:
-                        metrics.prompt_rate.observe(fresh / (now - slotted), model=model)
-                activity.phase(work_id, "generating")
-            yield event
+                elif isinstance(event, Finished):
+                    if first is not None and event.output_tokens > 1 and now > first:
+                        metrics.decode_rate.observe(
+                            (event.output_tokens - 1) / (now - first), model=model
+                        )
+                elif not isinstance(event, Heartbeat | Failed):
+                    if first is None:
+                        first = now
+                        metrics.ttft.observe(now - self.admitted_at, model=model)
+                        fresh = self.prepared.input_tokens - cached
+                        if slotted is not None and fresh > 0 and now > slotted:
+                            metrics.prompt_rate.observe(fresh / (now - slotted), model=model)
+                    activity.phase(work_id, "generating")
+                yield event
 
 
 class Engine:
@@ -490,21 +494,23 @@ class Engine:
 
     async def generate(
         self, runtime: ModelRuntime, prepared: PreparedPrompt
-    ) -> AsyncIterator[Event]:
+    ) -> AsyncGenerator[Event, None]:
         timeout_s = self.config.server.request_timeout_ms / 1000
         deadline = time.monotonic() + timeout_s
-        async for event in runtime.scheduler.stream(
+        stream = runtime.scheduler.stream(
             prepared, deadline, heartbeat_s=self.config.server.keepalive_ping_s
-        ):
-            if isinstance(event, Finished):
-                self.stats.tokens_generated += event.output_tokens
-                self.stats.prompt_tokens += event.input_tokens
-                self.stats.cache_read_tokens += event.cache_read_tokens
-                model = runtime.model.name
-                self.metrics.output_tokens.inc(event.output_tokens, model=model)
-                self.metrics.prompt_tokens.inc(event.input_tokens, model=model)
-                self.metrics.cached_tokens.inc(event.cache_read_tokens, model=model)
-            yield event
+        )
+        async with contextlib.aclosing(stream):
+            async for event in stream:
+                if isinstance(event, Finished):
+                    self.stats.tokens_generated += event.output_tokens
+                    self.stats.prompt_tokens += event.input_tokens
+                    self.stats.cache_read_tokens += event.cache_read_tokens
+                    model = runtime.model.name
+                    self.metrics.output_tokens.inc(event.output_tokens, model=model)
+                    self.metrics.prompt_tokens.inc(event.input_tokens, model=model)
+                    self.metrics.cached_tokens.inc(event.cache_read_tokens, model=model)
+                yield event
 
     # ---- introspection and shutdown --------------------------------------------------------
 
@@ -537,7 +543,7 @@ class Engine:
         speculation = (
             ("drafted", "Tokens drafted by speculative decoding (n-gram), per loaded model."),
             ("accepted", "Drafted tokens kept: each one a decode step saved."),
-            ("forced", "Tokens a grammar forced, appended without sampling (jump-forward)."),
+            ("forced", "Tokens of text a grammar forced, kept without a step each (jump-forward)."),
             ("acceptance_rate", "Drafted tokens kept, as a fraction of those drafted."),
             ("tokens_per_step", "Output tokens per decode step of a generating request."),
             ("gained", "Output tokens that cost no decode step: accepted plus forced."),

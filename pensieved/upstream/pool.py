@@ -13,7 +13,7 @@ import fnmatch
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -137,7 +137,7 @@ class Reply:
     def headers(self) -> HTTPHeaders:
         return self.call.headers
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    async def chunks(self) -> AsyncGenerator[bytes, None]:
         """The body as it arrives; a connection lost or timed out mid-way raises."""
         async for chunk in self.call.chunks():
             yield chunk

@@ -61,42 +61,55 @@ class LiteralGrammar:
         assert self.text[self.at] in ("*", chr(token))
         self.at += 1
 
+    def fork(self) -> LiteralGrammar:
+        copy = LiteralGrammar(self.text)
+        copy.at = self.at
+        return copy
 
-def ngram_kind() -> tuple[Speculation, list[int]]:
+
+def ngram_kind() -> tuple[Speculation, list[int], list[int]]:
     # The copied run occurs earlier; the sequence ends on its first five tokens again.
-    return NgramSpeculation(), [1, 2, *COPIED, 3, 4, *COPIED[:5]]
+    return NgramSpeculation(), [1, 2, *COPIED, 3, 4, *COPIED[:5]], COPIED[5:9]
 
 
-def jump_kind() -> tuple[Speculation, list[int]]:
+def jump_kind() -> tuple[Speculation, list[int], list[int]]:
     grammar = LiteralGrammar('{"name": "Edit", "arguments": *')
-    return JumpForward(grammar, CharVocab()), [1, 2, 3]
+    return JumpForward(grammar, CharVocab()), [1, 2, 3], [ord(c) for c in '{"na']
 
 
-KINDS: dict[str, Callable[[], tuple[Speculation, list[int]]]] = {
+KINDS: dict[str, Callable[[], tuple[Speculation, list[int], list[int]]]] = {
     "ngram": ngram_kind,
     "jump": jump_kind,
 }
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
-def test_every_kind_proposes_what_follows_and_takes_feedback(kind: str) -> None:
-    speculation, tokens = KINDS[kind]()
+def test_every_kind_drafts_what_follows_and_takes_feedback(kind: str) -> None:
+    speculation, tokens, expected = KINDS[kind]()
     proposal = speculation.propose(tokens, 4)
     assert proposal is not None and proposal.kind == speculation.name == kind
-    assert proposal.tokens
-    if proposal.forced:  # forced text is not bounded by k: it costs no verification
-        assert bytes(proposal.tokens).decode() == '{"name": "Edit", "arguments": '
-    else:
-        assert list(proposal.tokens) == COPIED[5:9]
+    assert not proposal.forced  # a draft, to be verified
+    assert list(proposal.tokens) == expected
     speculation.observe(len(proposal.tokens), 1)  # feedback is taken whatever the kind
+    again = speculation.propose(tokens, 4)  # proposing moved nothing
+    assert again is not None and list(again.tokens) == expected
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_every_kind_proposes_nothing_when_nothing_is_predictable(kind: str) -> None:
-    speculation, _ = KINDS[kind]()
+    speculation, _, _ = KINDS[kind]()
     if kind == "jump":
         speculation = JumpForward(LiteralGrammar("*"), CharVocab())
     assert speculation.propose([5, 6, 7, 8, 9], 4) is None
+
+
+def test_unverified_jump_forward_walks_the_grammar_and_appends_the_whole_forced_text() -> None:
+    grammar = LiteralGrammar('{"name": "Edit", "arguments": *')
+    jump = JumpForward(grammar, CharVocab(), verified=False)
+    proposal = jump.propose([1, 2, 3], 4)
+    assert proposal is not None and proposal.forced  # not bounded by k: no verification
+    assert bytes(proposal.tokens).decode() == '{"name": "Edit", "arguments": '
+    assert jump.propose([1, 2, 3], 4) is None  # the grammar moved: the rest is a choice
 
 
 def test_an_ngram_needs_context_beyond_its_key_to_be_drafted() -> None:

@@ -211,7 +211,7 @@ def test_a_drafting_slot_beside_three_plain_ones_all_progress(engine: Engine) ->
     assert steps <= 48 + 8
 
 
-def test_jump_forward_appends_a_forced_tool_calls_fixed_text_without_sampling(
+def test_jump_forward_keeps_a_forced_tool_calls_fixed_text_in_fewer_steps_token_for_token(
     engine: Engine,
 ) -> None:
     model, batcher, _ = engine
@@ -228,6 +228,7 @@ def test_jump_forward_appends_a_forced_tool_calls_fixed_text_without_sampling(
     jumped = run(engine, prepared, "ngram")
     assert stats.forced - forced >= len('<tool_call>{"name": "Edit", "arguments": {') // 4
     assert jumped.steps < plain.steps
+    assert jumped.tokens == plain.tokens  # verified: the tokens the model would have picked
     for result in (plain, jumped):
         calls = [e for e in result.events if isinstance(e, ToolCallEnd)]
         assert calls, result.text
@@ -247,12 +248,17 @@ def test_jump_forward_reads_any_dialects_fixed_text_from_the_grammar(engine: Eng
     try:
         grammar = sampler.grammar
         assert grammar is not None
-        jump = JumpForward(grammar, model)
-        assert jump.forced_text() == "<function=Edit>\n<parameter=file_path>\n"
-        assert jump.forced_text() == ""  # the path is the model's to write
+        verified = JumpForward(grammar, model)
+        draft = verified.propose([], 64)
+        assert draft is not None and not draft.forced
+        assert model.token_text(draft.tokens) == "<function=Edit>\n<parameter=file_path>\n"
+        assert verified.forced_text() == "<function=Edit>\n<parameter=file_path>\n"  # a copy
+        appended = JumpForward(grammar, model, verified=False)
+        assert appended.forced_text() == "<function=Edit>\n<parameter=file_path>\n"
+        assert appended.forced_text() == ""  # the path is the model's to write
         for char in "ledger.py\n":
             grammar.advance(model.tokenize(char, special=False)[0])
-        proposal = jump.propose([], 0)
+        proposal = appended.propose([], 0)
         assert proposal is not None and proposal.forced
         assert model.token_text(proposal.tokens) == "</parameter>\n<parameter=old_string>\n"
     finally:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.daemon import STARTED, DaemonProcess, start_daemon
+from tests.integration.daemon import EXACT, STARTED, DaemonProcess, start_daemon
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -47,8 +47,9 @@ def pytest_runtest_makereport(
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
-    """One real pensieved with the bundled model, shared by a test module."""
-    d = start_daemon(Path(tmp_path_factory.mktemp("daemon")))
+    """One real pensieved with the bundled model, shared by a test module. Its greedy replies
+    depend on the request only, not on what the module asked before (see EXACT)."""
+    d = start_daemon(Path(tmp_path_factory.mktemp("daemon")), EXACT)
     yield d
     code = d.stop()
     assert code == 0, f"pensieved exited {code}:\n{d.log_text()}"

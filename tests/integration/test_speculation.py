@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.integration.daemon import (
+    EXACT,
     DaemonProcess,
     control_status,
     run_ctl,
@@ -43,7 +44,7 @@ def copy_reply(daemon: DaemonProcess) -> str:
 
 
 def test_a_copying_reply_is_the_same_with_drafts_and_takes_fewer_steps(tmp_path: Path) -> None:
-    daemon = start_daemon(tmp_path)
+    daemon = start_daemon(tmp_path, EXACT)
     try:
         assert speculation(daemon)["mode"] == "auto"
         drafted = copy_reply(daemon)

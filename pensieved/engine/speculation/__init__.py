@@ -2,7 +2,8 @@
 predictable. The kinds (one module each) share the `Speculation` interface of `base.py`:
 
 - `ngram.py`: drafts from the conversation itself (verified, exact);
-- `jump.py`: text the grammar forces, appended without sampling.
+- `jump.py`: text the grammar forces (verified like a draft where the memory can drop a
+  rejected one, appended unverified where it cannot).
 
 `Speculator` is one generation's use of them; `SpeculationSetup` is a model's (its mode, its
 conversation index, its counters). See docs/speculation.md.
@@ -61,26 +62,34 @@ class Speculator:
 
     @property
     def drafts(self) -> bool:
-        return bool(self._drafters)
+        """Whether this generation's steps may carry a draft to verify."""
+        return bool(self._drafters) or (self._jump is not None and self._jump.verified)
 
     def record(self, token: int) -> None:
         """An output token (sampled or forced)."""
         self.sequence.append(token)
 
     def forced(self) -> tuple[int, ...]:
-        """Tokens the grammar forces next; the grammar has advanced over them."""
-        if self._jump is None:
+        """Tokens the grammar forces next, to append unverified (only where a rejected draft
+        could not be dropped); the grammar has advanced over them."""
+        if self._jump is None or self._jump.verified:
             return ()
         proposal = self._jump.propose(self.sequence, 0)
         return proposal.tokens if proposal is not None else ()
 
-    def wanted(self) -> int:
-        """Tokens this slot would draft this step (0 while paused or not drafting)."""
-        return self.length.wanted() if self._drafters else 0
-
-    def draft(self, k: int) -> tuple[int, ...]:
-        """At most `k` draft tokens to follow the sequence (first kind with one wins)."""
+    def draft(self, budget: int) -> tuple[int, ...]:
+        """At most `budget` tokens to verify after the pending one: the grammar's forced text
+        if there is some (nearly always kept, so not held to the adaptive length), else a
+        draft of the adaptive length from the first kind that has one."""
         self._last = None
+        if budget <= 0:
+            return ()
+        if self._jump is not None and self._jump.verified:
+            proposal = self._jump.propose(self.sequence, budget)
+            if proposal is not None and proposal.tokens:
+                self._last = self._jump
+                return proposal.tokens[:budget]
+        k = min(self.length.wanted(), budget) if self._drafters else 0
         if k <= 0:
             return ()
         for drafter in self._drafters:
@@ -92,12 +101,14 @@ class Speculator:
 
     def observe(self, proposed: int, accepted: int) -> None:
         """How a verified draft went."""
-        if proposed <= 0:
+        if proposed <= 0 or self._last is None:
+            return
+        self._last.observe(proposed, accepted)
+        stats = self._stats
+        if self._last is self._jump:
+            stats.forced += accepted  # forced text says nothing of how well drafts pay
             return
         self.length.observe(proposed, accepted)
-        if self._last is not None:
-            self._last.observe(proposed, accepted)
-        stats = self._stats
         stats.drafts += 1
         stats.drafted += proposed
         stats.accepted += accepted
@@ -124,6 +135,7 @@ class SpeculationSetup:
         self.mode = mode
         # Drafts need the rejected positions removed from the KV cache: recurrent and
         # hybrid memories (and a sliding window cache not kept whole) cannot cut a tail.
+        self.can_cut = can_cut
         self.ngram = mode != "off" and can_cut
         self.jump = mode != "off"
         self.stats = stats if stats is not None else SpecStats()
@@ -142,7 +154,11 @@ class SpeculationSetup:
         drafters: list[Speculation] = []
         if self.ngram:
             drafters.append(NgramSpeculation(self.conversation))
-        jump = JumpForward(grammar, vocab) if self.jump and grammar is not None else None
+        jump = (
+            JumpForward(grammar, vocab, verified=self.can_cut)
+            if self.jump and grammar is not None
+            else None
+        )
         if not drafters and jump is None:
             return None
         return Speculator(prompt, drafters, jump, self.stats, self.conversation)

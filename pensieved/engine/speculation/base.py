@@ -6,7 +6,8 @@ A kind proposes tokens that may follow a slot's sequence; the batcher puts them 
 - a *draft* (n-gram, draft model) is a guess: the batcher asks for logits at every drafted
   position, samples each position as it would without speculation, and keeps the longest
   prefix whose drafted token is the one sampled there. The rest is removed from the KV cache.
-- a *forced* run (jump-forward) is what the grammar leaves no choice about: it is appended
+- a *forced* run (jump-forward) is what the grammar leaves no choice about. Where the memory
+  can drop rejected positions it is verified as a draft too; where it cannot, it is appended
   as output at once, without logits and without sampling.
 
 Sampling each drafted position as usual and comparing is the standard acceptance rule for a
@@ -14,9 +15,9 @@ drafter that proposes one token with certainty: the draft token is kept with pro
 p(token), and on rejection the token drawn is distributed as p with the draft token taken out
 and renormalised (the residual). So the output has the distribution of plain decoding, greedy
 output is the same token for token, and a seeded request draws one random number per token
-emitted, as without speculation. (Up to floating point: logits computed in a step of several
-positions may differ in their last bits from one position's, which can flip a near tie;
-docs/speculation.md.)
+emitted, as without speculation. (Up to floating point: a backend whose kernels for a step of
+several positions sum in another order than for one position can flip a near tie. llama.cpp's
+CPU kernels give the same logits bit for bit; docs/speculation.md.)
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ class SpecStats:
     drafts: int = 0  # drafts verified
     drafted: int = 0  # tokens in them
     accepted: int = 0  # of those, kept
-    forced: int = 0  # tokens appended by jump-forward without sampling
+    forced: int = 0  # tokens of a grammar's forced text kept (jump-forward)
     emitting_steps: int = 0  # (slot, step) pairs that emitted output
     emitted: int = 0  # output tokens of those steps
     mode: str = "auto"

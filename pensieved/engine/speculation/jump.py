@@ -1,18 +1,26 @@
-"""Jump-forward: append what the grammar leaves no choice about, without sampling it.
+"""Jump-forward: what the grammar leaves no choice about, without a decode step per token.
 
 After a token is sampled, the grammar's state is probed with the vocabulary's one-character
 tokens (and the end-of-generation tokens). When it allows exactly one of them, that character
 is forced: the grammar advances over it and the probe repeats. The forced text (a closing
 quote and brace, the next required key, a tool-call envelope's fixed part) is tokenized and
-appended in the next batch with the sampled token, with no logits and no sampling: one step
-instead of one per token. Only the grammar's state is read, so it works for whatever a tool
-dialect's grammar spells out, JSON or XML.
+goes into the next batch with the sampled token: one step instead of one per token. Only the
+grammar's state is read, so it works for whatever a tool dialect's grammar spells out, JSON or
+XML.
+
+The forced text's tokens are a draft, verified like any other (`verified=True`): the model
+may split the same text into other tokens than the tokenizer does, and a token it would not
+have picked would change what it writes next. So the walk runs on a copy of the grammar, and
+the output is the same as without jump-forward. Only where a rejected draft cannot be removed
+from the KV cache (recurrent and hybrid memories) is the forced text appended unverified, the
+grammar walked for real (`verified=False`): the same text, possibly other tokens.
 
 Probing costs the grammar a check of about a hundred candidates per step (a few µs), and is
-done only for requests with a grammar. The probe misses a forced character that is not a
-one-character token (non-ASCII), and stops there; it takes a character as forced when the
-grammar allows it and no other one-character token, so a grammar offering "a" or a non-ASCII
-alternative at the same point would be cut to "a" (no tool schema built by grammar.py does).
+done only for requests with a grammar; the grammar is copied only when a character is forced.
+The probe misses a forced character that is not a one-character token (non-ASCII), and stops
+there; it takes a character as forced when the grammar allows it and no other one-character
+token, so a grammar offering "a" or a non-ASCII alternative at the same point would be cut to
+"a" (no tool schema built by grammar.py does).
 """
 
 from __future__ import annotations
@@ -39,6 +47,10 @@ class Grammar(Protocol):
 
     def advance(self, token: int) -> None:
         """Feed the grammar a token as if it had been sampled."""
+        ...
+
+    def fork(self) -> Grammar | None:
+        """A copy in this state, to walk ahead on without moving this one (None: no copy)."""
         ...
 
 
@@ -85,37 +97,46 @@ class JumpForward:
 
     name = "jump"
 
-    def __init__(self, grammar: Grammar, vocab: Vocabulary) -> None:
+    def __init__(self, grammar: Grammar, vocab: Vocabulary, *, verified: bool = True) -> None:
         self._grammar = grammar
         self._vocab = vocab
         self._probes = probes_for(vocab)
+        self.verified = verified
+
+    def _forced_char(self, grammar: Grammar) -> int | None:
+        """The one-character token the grammar forces next, if it forces one."""
+        allowed = grammar.allowed(self._probes.ids)
+        if len(allowed) != 1 or int(allowed[0]) not in self._probes.chars:
+            return None  # a choice, or the end of generation: nothing to force
+        return int(allowed[0])
 
     def forced_text(self) -> str:
-        """Walk the grammar over the characters it forces; the text walked."""
-        probes, grammar = self._probes, self._grammar
+        """The text the grammar forces from here; the grammar walked is a copy when
+        verified, the generation's own otherwise."""
+        token = self._forced_char(self._grammar)
+        if token is None:
+            return ""
+        grammar = self._grammar.fork() if self.verified else self._grammar
+        if grammar is None:
+            return ""
+        chars = self._probes.chars
         text: list[str] = []
-        while len(text) < MAX_FORCED_CHARS:
-            allowed = grammar.allowed(probes.ids)
-            if len(allowed) != 1:
-                break
-            token = int(allowed[0])
-            char = probes.chars.get(token)
-            if char is None:  # the end of generation: nothing more to force
-                break
+        while token is not None and len(text) < MAX_FORCED_CHARS:
             grammar.advance(token)
-            text.append(char)
+            text.append(chars[token])
+            token = self._forced_char(grammar)
         return "".join(text)
 
     def propose(self, tokens: Sequence[int], k: int) -> Proposal | None:
-        """The forced text's tokens; `k` does not bound them (they cost no verification).
-
-        The grammar has already advanced over them: they are to be appended as output."""
+        """The forced text's tokens: a draft of at most `k` when verified; otherwise forced
+        (appended as output, the grammar already moved over them, `k` not bounding them)."""
         text = self.forced_text()
         if not text:
             return None
-        return Proposal(
-            tuple(self._vocab.tokenize(text, special=False)), forced=True, kind=self.name
-        )
+        forced = tuple(self._vocab.tokenize(text, special=False))
+        if self.verified:
+            return Proposal(forced[:k], kind=self.name) if k > 0 else None
+        return Proposal(forced, forced=True, kind=self.name)
 
     def observe(self, proposed: int, accepted: int) -> None:
-        """Forced tokens are never rejected."""
+        """Nothing to learn: forced text is what the grammar allows, whatever was kept."""
