@@ -276,18 +276,6 @@ BUILTIN_CHAT_TEMPLATES = ("chatml", "gemma", "llama3")
 
 # Tool-call dialects pensieved speaks; their code lives in pensieved/engine/dialects/ (a check
 # there keeps the two in step).
-TOOL_DIALECTS = (
-    "hermes",
-    "qwen3-xml",
-    "seed-oss",
-    "glm",
-    "minimax",
-    "harmony",
-    "mistral",
-    "deepseek",
-    "kimi-k2",
-    "llama3",
-)
 ToolDialect = Literal[
     "auto",
     "hermes",
@@ -301,7 +289,7 @@ ToolDialect = Literal[
     "kimi-k2",
     "llama3",
 ]
-assert get_args(ToolDialect) == ("auto", *TOOL_DIALECTS)
+TOOL_DIALECTS: tuple[str, ...] = get_args(ToolDialect)[1:]  # all but "auto"
 
 
 def _check_chat_template(value: str | None) -> str | None:

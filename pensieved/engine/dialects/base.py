@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from pensieved.engine.gbnf import escape_literal
 from pensieved.engine.tools import Parsed, ParsedText
 from pensieved.engine.types import ToolSpec
 
@@ -65,14 +66,22 @@ class Syntax:
     head_re: re.Pattern[str]  # the same for the parser: group `name`, matched at the call
     args: JsonArgs | XmlArgs
     call_close: str  # the literal a call ends with (how far a malformed call reaches)
-    call_close_gbnf: str  # GBNF for it (may allow spacing the literal does not show)
     render: Callable[[str, dict[str, Any]], str]  # one call as the grammar writes it
+    # GBNF for the close, when it allows more than the literal (spacing, a closing brace)
+    call_close_gbnf: str | None = None
     close_re: re.Pattern[str] | None = None  # what ends a call, if not just `call_close`
     block_open: str = ""  # "": each call opens with the trigger itself
     block_close: str = ""
     separator: str = '"\\n"?'  # GBNF between calls
     lead: str = ""  # GBNF allowed before the trigger when a call is forced (not lazy)
     drop: tuple[str, ...] = ()  # markup removed from visible text (message headers)
+
+    @property
+    def close_gbnf(self) -> str:
+        """GBNF of what ends a call."""
+        if self.call_close_gbnf is not None:
+            return self.call_close_gbnf
+        return escape_literal(self.call_close) if self.call_close else ""
 
 
 def _no_switches(thinking: bool) -> dict[str, Any]:

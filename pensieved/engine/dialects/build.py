@@ -145,7 +145,7 @@ def calls_root(
         bodies.append(f"{syntax.head(tool.name)} {args}")
     if not bodies:
         raise ValueError("no tool to build a grammar for")
-    call = "( " + " | ".join(f"( {b} )" for b in bodies) + f" ) {syntax.call_close_gbnf}"
+    call = "( " + " | ".join(f"( {b} )" for b in bodies) + f" ) {syntax.close_gbnf}"
     calls = f"tool-call ( {syntax.separator} tool-call )*" if parallel else "tool-call"
     if syntax.block_open:
         calls = (

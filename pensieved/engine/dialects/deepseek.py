@@ -34,7 +34,6 @@ DEEPSEEK = Dialect(
         head_re=re.compile(re.escape(_CALL) + r"\s*(?P<name>[^<｜\s]+)\s*" + re.escape(_SEP)),
         args=JsonArgs(),
         call_close=_CALL_END,
-        call_close_gbnf=escape_literal(_CALL_END),
         render=_render,
         separator='"\\n"?',
     ),

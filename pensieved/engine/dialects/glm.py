@@ -44,7 +44,6 @@ GLM = Dialect(
         head_re=re.compile(r"<tool_call>\s*(?P<name>[^\s<]+)\s*(?=<arg_key>|</tool_call>)"),
         args=_ARGS,
         call_close="</tool_call>",
-        call_close_gbnf='"</tool_call>"',
         render=_render,
     ),
 )

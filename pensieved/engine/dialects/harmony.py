@@ -45,7 +45,6 @@ HARMONY = Dialect(
         ),
         args=JsonArgs(),
         call_close="<|call|>",
-        call_close_gbnf='"<|call|>"',
         render=_render,
         separator='"<|start|>assistant" ( "<|channel|>commentary " | " " )?',
         lead='"<|channel|>commentary " | " "',

@@ -37,7 +37,6 @@ KIMI_K2 = Dialect(
         ),
         args=JsonArgs(),
         call_close=_CALL_END,
-        call_close_gbnf=escape_literal(_CALL_END),
         render=_render,
         separator='"\\n"?',
     ),

@@ -23,7 +23,6 @@ LLAMA3 = Dialect(
         head_re=re.compile(r'\{"name"\s*:\s*"(?P<name>[^"]+)"\s*,\s*"parameters"\s*:'),
         args=JsonArgs(),
         call_close="}",
-        call_close_gbnf='"}"',
         render=_render,
         lead='"<|python_tag|>"',
     ),

@@ -44,7 +44,6 @@ MINIMAX = Dialect(
         head_re=re.compile(r'<invoke name="(?P<name>[^"]+)">'),
         args=_ARGS,
         call_close="</invoke>",
-        call_close_gbnf='"</invoke>"',
         render=_render,
     ),
 )

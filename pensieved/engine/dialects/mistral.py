@@ -23,7 +23,6 @@ MISTRAL = Dialect(
         head_re=re.compile(r"\[TOOL_CALLS\]\s*(?P<name>[^\s\[]+)\s*\[ARGS\]"),
         args=JsonArgs(),
         call_close="",
-        call_close_gbnf="",
         render=_render,
         separator='"\\n"?',
     ),
