@@ -168,6 +168,19 @@ class JsonEnd:
         return None
 
 
+def steps_to_rest(
+    step: Callable[[list[Parsed]], None], where: Callable[[], object]
+) -> list[Parsed]:
+    """Run a streaming parser's `step` until it stops moving (`where` the same before and
+    after); what the steps emitted."""
+    out: list[Parsed] = []
+    while True:
+        before = where()
+        step(out)
+        if where() == before:
+            return out
+
+
 class ToolCallParser:
     """Splits streamed model text into plain text and tool calls.
 
@@ -193,13 +206,8 @@ class ToolCallParser:
         return self._state != "text"
 
     def feed(self, text: str) -> list[Parsed]:
-        out: list[Parsed] = []
         self._buffer += text
-        while True:
-            before = (self._state, len(self._buffer))
-            self._step(out)
-            if (self._state, len(self._buffer)) == before:
-                return out
+        return steps_to_rest(self._step, lambda: (self._state, len(self._buffer)))
 
     def _step(self, out: list[Parsed]) -> None:
         if self._state == "text":

@@ -16,7 +16,7 @@ from typing import Any
 
 from pensieved.engine.dialects.base import Parsed, ParsedText, Syntax, XmlArgs
 from pensieved.engine.holdback import held_prefix
-from pensieved.engine.tools import JsonEnd, repair_partial_json
+from pensieved.engine.tools import JsonEnd, repair_partial_json, steps_to_rest
 from pensieved.engine.types import ToolCallDelta, ToolCallEnd, ToolCallStart, ToolSpec
 
 # A call head not recognised within this many characters is not a call.
@@ -58,13 +58,8 @@ class SyntaxParser:
         return self._state != "text"
 
     def feed(self, text: str) -> list[Parsed]:
-        out: list[Parsed] = []
         self._buffer += text
-        while True:
-            before = (self._state, len(self._buffer))
-            self._step(out)
-            if (self._state, len(self._buffer)) == before:
-                return out
+        return steps_to_rest(self._step, lambda: (self._state, len(self._buffer)))
 
     def _take(self, count: int) -> str:
         taken, self._buffer = self._buffer[:count], self._buffer[count:]
