@@ -130,12 +130,14 @@ class JumpForward:
     def propose(self, tokens: Sequence[int], k: int) -> Proposal | None:
         """The forced text's tokens: a draft of at most `k` when verified; otherwise forced
         (appended as output, the grammar already moved over them, `k` not bounding them)."""
+        if self.verified and k <= 0:
+            return None
         text = self.forced_text()
         if not text:
             return None
         forced = tuple(self._vocab.tokenize(text, special=False))
         if self.verified:
-            return Proposal(forced[:k], kind=self.name) if k > 0 else None
+            return Proposal(forced[:k], kind=self.name)
         return Proposal(forced, forced=True, kind=self.name)
 
     def observe(self, proposed: int, accepted: int) -> None:
