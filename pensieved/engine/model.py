@@ -383,30 +383,25 @@ class LoadedModel:
         only marks them); with a cache per slot, llama.cpp copies `source`'s whole cache at
         the start of the next decode. A checkpoint is restored into `target` over that."""
         length = self.cells.length(source)
-        whole = count >= length
         checkpoint = None
-        if self.strategy.checkpoints and not whole:
-            if self.strategy.can_cut(self._pos_min, source, length, count):
-                checkpoint = None
-            else:
-                checkpoint = self.checkpoints.newest_at_or_before(source, count)
-                if checkpoint is None:
-                    return 0
-                count = checkpoint.position
+        if (
+            self.strategy.checkpoints
+            and count < length
+            and not self.strategy.can_cut(self._pos_min, source, length, count)
+        ):
+            checkpoint = self.checkpoints.newest_at_or_before(source, count)
+            if checkpoint is None:
+                return 0
+            count = checkpoint.position
         if count <= minimum:
             return 0
         self.context.seq_rm(target, -1, -1)
-        if checkpoint is None:
-            if self.unified:
-                self.context.seq_cp(source, target, 0, count)
-            else:
-                self.context.seq_cp(source, target, -1, -1)
-                self.context.seq_rm(target, count, -1)
-            self.cells.share(source, target, count)
-            self.checkpoints.share(source, target, count)
-            return count
+        copied = count  # positions `target` holds once the copy is done
         if self.unified:
             self.context.seq_cp(source, target, 0, count)
+        elif checkpoint is None:
+            self.context.seq_cp(source, target, -1, -1)
+            self.context.seq_rm(target, count, -1)
         else:
             # A copy between per-slot caches happens at the next decode, and would overwrite
             # the checkpoint's window cells: the source's state is copied now instead.
@@ -415,8 +410,11 @@ class LoadedModel:
                 self.context.seq_rm(target, -1, -1)
                 self._trimmed(target, 0)
                 return 0
-        self.cells.share(source, target, length if not self.unified else count)
+            copied = length
+        self.cells.share(source, target, copied)
         self.checkpoints.share(source, target, count)
+        if checkpoint is None:
+            return count
         return count if self._restore(target, checkpoint) else 0
 
     def kv_status(self) -> KvStatus:
