@@ -340,8 +340,15 @@ class Batcher:
             rejected = len(draft) - accepted
             if rejected:
                 keep = generation.position - rejected
-                self._model.forget(generation.seq, keep)
-                del generation.slot.tokens[keep:]
+                kept = self._model.forget(generation.seq, keep)
+                del generation.slot.tokens[kept:]
+                if kept != keep:
+                    # Drafts run only where the memory can be cut, so this is a bug; the
+                    # sequence no longer holds what the generation would go on from.
+                    raise EngineError(
+                        "the model's memory could not drop a rejected draft; retry the "
+                        "request, and set model.speculative to off if it happens again"
+                    )
             speculator = generation.speculator
             assert speculator is not None  # only its drafts are verified
             speculator.observe(len(draft), accepted)

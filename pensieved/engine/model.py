@@ -173,7 +173,7 @@ class LoadedModel:
         # Sliding-window attention: a sequence's saved state keeps only the window.
         self.sliding_window: int = weights.n_swa()
         # Why speculative drafts cannot run on this model (None: they can).
-        self.cut_problem = weights.memory_cut_problem()
+        self.cut_problem = weights.memory_cut_problem(swa_full=self.strategy.swa_full)
         self.bos_id: int = weights.token_bos()
         self.eos_id: int = weights.token_eos()
         self.add_bos: bool = weights.add_bos()

@@ -11,6 +11,7 @@ reply starts, the case only a checkpoint serves.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -99,12 +100,21 @@ def served(
 def turn(served: Served, question: str) -> tuple[int, int]:
     """Ask the conversation's next question; (tokens read from the cache, prompt tokens)."""
     messages = [*served.turns, {"role": "user", "content": question}]
+    # Greedy: a sampled reply is now and then empty (the end of turn first), and then the
+    # next prompt extends this one, with nothing to diverge from.
     reply = served.client().messages.create(
-        model=MODEL, max_tokens=12, system=SYSTEM, messages=messages
+        model=MODEL,
+        max_tokens=12,
+        system=SYSTEM,
+        messages=messages,
+        extra_body={"temperature": 0},
     )
+    assert reply.usage.output_tokens > 0, reply
     # The client keeps the reply in a form of its own (as Claude Code drops the thinking): the
-    # next prompt leaves the slot's cache where the reply starts.
-    kept = f"(reply {len(served.turns) // 2 + 1}, as the client keeps it)"
+    # next prompt leaves the slot's cache where the reply starts. A digest, because the model
+    # learns any plainer form from the turns before and writes it itself.
+    digest = hashlib.sha256(question.encode()).hexdigest()[:12]
+    kept = f"(reply {len(served.turns) // 2 + 1} as the client keeps it: {digest})"
     served.turns = [*messages, {"role": "assistant", "content": kept}]
     return reply.usage.cache_read_input_tokens or 0, prompt_tokens(reply.usage)
 
@@ -122,6 +132,9 @@ def kv(served: Served) -> dict[str, Any]:
 def test_the_architecture_and_strategy_are_shown(served: Served) -> None:
     status = kv(served)
     assert (status["architecture"], status["cache_strategy"]) == EXPECTED[served.name]
+    # None of these memories can drop a rejected draft: no drafts, only jump-forward.
+    speculation = served.status()["model"]["decode"]["speculation"]
+    assert speculation["note"].startswith("jump-forward only"), speculation
     shown = run_ctl("models", config=served.daemon.config_path)
     assert shown.returncode == 0, shown.stderr
     assert "{}: {}".format(*EXPECTED[served.name]) in shown.stdout
