@@ -287,6 +287,7 @@ ToolDialect = Literal[
     "mistral",
     "deepseek",
     "kimi-k2",
+    "gemma4",
     "llama3",
 ]
 TOOL_DIALECTS: tuple[str, ...] = get_args(ToolDialect)[1:]  # all but "auto"
@@ -497,8 +498,8 @@ class ModelConfig(_Section):
     tool_dialect: ToolDialect = Field(
         "auto",
         description="Tool-call syntax of `model_path`'s model (hermes, qwen3-xml, seed-oss, "
-        "glm, minimax, harmony, mistral, deepseek, kimi-k2, llama3; see docs/dialects.md); "
-        "`auto`: detected from the chat template.",
+        "glm, minimax, harmony, mistral, deepseek, kimi-k2, gemma4, llama3; see "
+        "docs/dialects.md); `auto`: detected from the chat template.",
     )
     idle_unload_s: float = Field(
         900,

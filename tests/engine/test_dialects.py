@@ -67,6 +67,7 @@ TABLE = [
     ("mistralai-Ministral-3-14B-Reasoning-2512.jinja", "mistral", "[TOOL_RESULTS]"),
     ("deepseek-ai-DeepSeek-V3.1.jinja", "deepseek", "<｜end▁of▁sentence｜>"),  # noqa: RUF001
     ("moonshotai-Kimi-K2.jinja", "kimi-k2", "<|im_end|>"),
+    ("google-gemma-4-31B-it.jinja", "gemma4", "<|tool_response>"),
     ("meta-llama-Llama-3.3-70B-Instruct.jinja", "llama3", "<|eot_id|>"),
 ]
 IDS = [row[0].removesuffix(".jinja") for row in TABLE]
@@ -76,7 +77,7 @@ def test_every_dialect_is_in_the_table() -> None:
     assert {d.name for d in DIALECTS} == {row[1] for row in TABLE}
 
 
-def rendered_call(template: str, end: str, args: dict[str, Any]) -> str:
+def rendered_call(template: str, dialect: str, end: str, args: dict[str, Any]) -> str:
     """The template's own text for an assistant turn that calls TOOL with `args`."""
     source = (TEMPLATES / template).read_text()
     asked = [ChatMessage("system", "Be brief."), ChatMessage("user", "Weather in Paris?")]
@@ -88,6 +89,12 @@ def rendered_call(template: str, end: str, args: dict[str, Any]) -> str:
     common = 0
     while common < min(len(before), len(after)) and before[common] == after[common]:
         common += 1
+    # The generation prompt may begin as the call does (Gemma 4's `<|channel>` and
+    # `<|tool_call>` share `<|`): the call starts no later than its trigger.
+    trigger = by_name(dialect).syntax.trigger
+    at = after.find(trigger, max(common - len(trigger) + 1, 0))
+    if 0 <= at < common:
+        common = at
     return after[common : after.index(end, common)]
 
 
@@ -102,7 +109,7 @@ def parse(dialect: str, text: str, chunk: int) -> list[Any]:
 @pytest.mark.parametrize(("template", "dialect", "end"), TABLE, ids=IDS)
 @pytest.mark.parametrize("chunk", [1, 5, 10_000])
 def test_the_templates_call_parses_back(template: str, dialect: str, end: str, chunk: int) -> None:
-    events = parse(dialect, rendered_call(template, end, ARGS), chunk)
+    events = parse(dialect, rendered_call(template, dialect, end, ARGS), chunk)
     assert [e.name for e in events if isinstance(e, ToolCallStart)] == [TOOL.name]
     ends = [e for e in events if isinstance(e, ToolCallEnd)]
     assert ends == [ToolCallEnd(ARGS, True)]
@@ -150,9 +157,9 @@ def test_the_grammar_accepts_the_templates_call(
     vocab: Any, vocab_model: Any, template: str, dialect: str, end: str
 ) -> None:
     grammar, _ = tool_call_grammar([TOOL], dialect=by_name(dialect))
-    good = from_trigger(dialect, rendered_call(template, end, ARGS))
+    good = from_trigger(dialect, rendered_call(template, dialect, end, ARGS))
     assert grammar_accepts(vocab, vocab_model, grammar, good), good
-    wrong = from_trigger(dialect, rendered_call(template, end, WRONG))
+    wrong = from_trigger(dialect, rendered_call(template, dialect, end, WRONG))
     assert wrong != good
     assert not grammar_accepts(vocab, vocab_model, grammar, wrong), wrong
 
@@ -235,3 +242,154 @@ def test_harmony_answer_headers_are_not_shown() -> None:
     events = route("harmony", pieces_of(reply, 2), tools=False)
     assert "".join(e.text for e in events if isinstance(e, ThinkingPiece)) == "Greet back."
     assert "".join(e.text for e in events if isinstance(e, TextPiece)) == "Hello there!"
+
+
+# ---- Gemma 4's notation: nested values, streaming, the override --------------------------
+
+GEMMA4 = "google-gemma-4-31B-it.jinja"
+NESTED = ToolSpec(
+    "plan_trip",
+    "Plan a trip.",
+    {
+        "type": "object",
+        "properties": {
+            "title": {"type": "string"},
+            "stops": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "city": {"type": "string"},
+                        "nights": {"type": "integer", "minimum": 1},
+                        "note": {"type": ["string", "null"]},
+                    },
+                    "required": ["city", "nights"],
+                    "additionalProperties": False,
+                },
+                "minItems": 1,
+                "maxItems": 4,
+            },
+            "budget": {"type": "number"},
+            "flexible": {"type": "boolean"},
+            "tags": {"type": "object", "additionalProperties": {"type": "string"}},
+        },
+        "required": ["title", "stops"],
+        "additionalProperties": False,
+    },
+)
+NESTED_ARGS: dict[str, Any] = {
+    "title": 'Two "cities",\n{one} week: <b>',
+    "stops": [
+        {"city": "Lyon", "nights": 2, "note": None},
+        {"city": "Nice", "nights": 5, "note": "by the sea"},
+    ],
+    "budget": 1250.5,
+    "flexible": False,
+    "tags": {"season": "spring", "with": "kids"},
+}
+
+
+def gemma4_call(args: dict[str, Any]) -> str:
+    """Gemma 4's template's own text for a call of NESTED with `args`."""
+    source = (TEMPLATES / GEMMA4).read_text()
+    messages = [
+        ChatMessage("user", "Plan it."),
+        ChatMessage("assistant", "", tool_calls=(ToolCall("call_1", NESTED.name, args),)),
+        ChatMessage("tool", "ok", tool_call_id="call_1", name=NESTED.name),
+    ]
+    rendered = render_plain(source, messages, tools=[NESTED])
+    assert rendered is not None
+    return rendered[rendered.index("<|tool_call>") : rendered.index("<|tool_response>")]
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 10_000])
+def test_gemma4_nested_values_are_typed_as_the_template_wrote_them(chunk: int) -> None:
+    text = gemma4_call(NESTED_ARGS)
+    assert 'title:<|"|>Two "cities",\n{one} week: <b><|"|>' in text  # raw, as it was
+    assert "note:None" in text and "budget:1250.5" in text and "flexible:false" in text
+    parser = by_name("gemma4").new_parser([NESTED])
+    events: list[Any] = []
+    for start in range(0, len(text), chunk):
+        events += parser.feed(text[start : start + chunk])
+    events += parser.finish()
+    assert [e for e in events if isinstance(e, ToolCallEnd)] == [ToolCallEnd(NESTED_ARGS, True)]
+    deltas = "".join(e.partial_json for e in events if isinstance(e, ToolCallDelta))
+    assert json.loads(deltas) == NESTED_ARGS
+    assert not [e for e in events if isinstance(e, ParsedText)]
+
+
+def test_gemma4_streams_a_string_as_it_arrives() -> None:
+    parser = by_name("gemma4").new_parser([NESTED])
+    parser.feed('<|tool_call>call:plan_trip{title:<|"|>Two ci')
+    # The text so far is out; a delimiter cut short is held until it is decided.
+    assert parser.feed("ties<|") == [ToolCallDelta("ties")]
+    assert parser.feed('"|>,') == [ToolCallDelta('",')]
+
+
+def test_gemma4_broken_notation_is_an_incomplete_call() -> None:
+    # As with JSON arguments, what follows the closed object up to the close is not read.
+    parser = by_name("gemma4").new_parser([NESTED])
+    events = parser.feed('<|tool_call>call:plan_trip{title:<|"|>x<|"|>}}{<tool_call|>')
+    events += parser.finish()
+    assert [e.complete for e in events if isinstance(e, ToolCallEnd)] == [True]
+    parser = by_name("gemma4").new_parser([NESTED])
+    events = parser.feed('<|tool_call>call:plan_trip{title:<|"|>x<|"|>]<tool_call|>')
+    events += parser.finish()
+    assert [e.complete for e in events if isinstance(e, ToolCallEnd)] == [False]
+
+
+@pytest.mark.parametrize(
+    ("wrong", "why"),
+    [
+        ({**NESTED_ARGS, "stops": [{"city": "Lyon", "nights": "2"}]}, "a number as a string"),
+        ({**NESTED_ARGS, "stops": [{"city": "Lyon", "nights": 0}]}, "under the minimum"),
+        ({**NESTED_ARGS, "stops": []}, "fewer items than minItems"),
+        ({**NESTED_ARGS, "stops": [{"city": "Lyon", "nights": 1}] * 5}, "more than maxItems"),
+        ({**NESTED_ARGS, "tags": {"season": 3}}, "an additional property of the wrong type"),
+        ({**NESTED_ARGS, "extra": 1}, "a key the schema does not allow"),
+        ({"stops": NESTED_ARGS["stops"]}, "a required key missing"),
+        ({**NESTED_ARGS, "flexible": None}, "null for a boolean"),
+    ],
+)
+def test_gemma4_grammar_is_typed_from_the_schema(
+    vocab: Any, vocab_model: Any, wrong: dict[str, Any], why: str
+) -> None:
+    grammar, loosened = tool_call_grammar([NESTED], dialect=by_name("gemma4"))
+    assert loosened == []
+    assert grammar_accepts(vocab, vocab_model, grammar, gemma4_call(NESTED_ARGS))
+    assert not grammar_accepts(vocab, vocab_model, grammar, gemma4_call(wrong)), why
+
+
+def test_gemma4_configured_for_a_template_that_knows_no_tools() -> None:
+    """`model.tool_dialect: gemma4` over a generic template: earlier calls are shown in
+    Gemma 4's syntax, which its parser reads back."""
+    from pensieve.config import Config
+    from pensieved.engine.prompt import render_request
+    from pensieved.engine.templates import BUILTIN
+    from pensieved.engine.types import GenerationRequest
+
+    config = Config.model_validate({"model": {"tool_dialect": "gemma4"}}, strict=True)
+    assert config.model.tool_dialect == "gemma4"
+    source = BUILTIN["chatml"]
+    assert choose(source).source == "generic"
+    assert choose(source, "gemma4") == choose(source, "gemma4")
+    assert (choose(source, "gemma4").dialect.name, choose(source, "gemma4").source) == (
+        "gemma4",
+        "configured",
+    )
+    request = GenerationRequest(
+        messages=(
+            ChatMessage("user", "Weather in Paris?"),
+            ChatMessage("assistant", "", tool_calls=(ToolCall("call_1", TOOL.name, ARGS),)),
+            ChatMessage("tool", "sunny", tool_call_id="call_1", name=TOOL.name),
+        ),
+        max_tokens=10,
+        tools=(TOOL,),
+    )
+    _, contents = render_request(source, request, bos_text="", eos_text="", tool_dialect="gemma4")
+    # The assistant's text, where the call is written (the system text shows an example).
+    shown = contents[-2]
+    assert shown.startswith("<|tool_call>call:get_weather{")
+    assert [e for e in parse("gemma4", shown, 4) if isinstance(e, ToolCallEnd)] == [
+        ToolCallEnd(ARGS, True)
+    ]

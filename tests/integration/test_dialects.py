@@ -43,6 +43,7 @@ DIALECTS = [
     ("mistral", "unsloth-mistral-Devstral-Small-2507.jinja"),
     ("deepseek", "deepseek-ai-DeepSeek-V3.1.jinja"),
     ("kimi-k2", "moonshotai-Kimi-K2.jinja"),
+    ("gemma4", "google-gemma-4-31B-it.jinja"),
     ("llama3", "meta-llama-Llama-3.3-70B-Instruct.jinja"),
 ]
 
@@ -63,8 +64,9 @@ SCHEDULE: dict[str, Any] = {
 }
 # Templates whose generation prompt opens a reasoning block that their history leaves out:
 # Seed-OSS with reasoning off (thinking_budget 0) reflects on the budget (~40 tokens),
-# MiniMax-M2 opens `<think>` (4 tokens here).
-REWRITTEN = {"seed-oss": 48, "minimax": 6}
+# MiniMax-M2 opens `<think>` (4 tokens here), Gemma 4 with thinking off writes an empty
+# `<|channel>thought\n<channel|>` block (10 tokens here, 8 of them unlike the call's start).
+REWRITTEN = {"seed-oss": 48, "minimax": 6, "gemma4": 10}
 SYSTEM = "You schedule backups."
 ASK = "Back up my photos every night at 2, incrementally."
 

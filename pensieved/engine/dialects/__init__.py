@@ -10,6 +10,7 @@ from __future__ import annotations
 from pensieve.config import TOOL_DIALECTS
 from pensieved.engine.dialects.base import Dialect
 from pensieved.engine.dialects.deepseek import DEEPSEEK
+from pensieved.engine.dialects.gemma4 import GEMMA4
 from pensieved.engine.dialects.glm import GLM
 from pensieved.engine.dialects.harmony import HARMONY
 from pensieved.engine.dialects.hermes import HERMES
@@ -30,6 +31,7 @@ DIALECTS: tuple[Dialect, ...] = (
     MISTRAL,
     DEEPSEEK,
     KIMI_K2,
+    GEMMA4,
     LLAMA3,  # last: its trigger, a bare JSON object, is the least distinctive
 )
 _BY_NAME = {dialect.name: dialect for dialect in DIALECTS}
@@ -41,7 +43,9 @@ def _markup() -> str:
     parts = []
     for dialect in DIALECTS:
         syntax, reasoning = dialect.syntax, dialect.reasoning
-        parts += [syntax.render("name", {"key": 1}), reasoning.open, reasoning.close]
+        # A string argument too: Gemma 4 delimits strings with a token of its own.
+        sample = syntax.render("name", {"key": 1, "text": "value"})
+        parts += [sample, reasoning.open, reasoning.close]
         parts += [syntax.block_open, syntax.block_close, *syntax.drop]
     return "\n".join(parts)
 

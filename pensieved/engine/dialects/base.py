@@ -11,11 +11,14 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pensieved.engine.gbnf import escape_literal
 from pensieved.engine.tools import Parsed, ParsedText
 from pensieved.engine.types import ToolSpec
+
+if TYPE_CHECKING:
+    from pensieved.engine.llama import SchemaConverter
 
 __all__ = ["CallParser", "Dialect", "JsonArgs", "Parsed", "ParsedText", "Reasoning", "Syntax"]
 
@@ -55,6 +58,28 @@ class XmlArgs:
     newline_values: bool = False  # values sit on lines of their own (one newline each side)
 
 
+class NotationReader(Protocol):
+    """Translates one streamed arguments object from a family's own notation into JSON."""
+
+    done: bool  # the object closed
+    failed: bool  # the text is not the notation: what came after is not translated
+
+    def read(self, text: str) -> tuple[str, int]:
+        """The JSON that `text` (what follows the part read so far) translates to, and how
+        many of its characters were used; the rest is held until more text decides it."""
+        ...
+
+
+@dataclass(frozen=True)
+class NotationArgs:
+    """The arguments are one object in a JSON-like notation of the family's own (Gemma 4's
+    unquoted keys and delimited strings): `reader` translates it to JSON as it streams,
+    `rule` writes its GBNF from a tool's schema (returning the rule and what was loosened)."""
+
+    reader: Callable[[], NotationReader]
+    rule: Callable[[SchemaConverter, dict[str, Any], str], tuple[str, list[str]]]
+
+
 @dataclass(frozen=True)
 class Syntax:
     """How calls are written. A call is head(name), arguments, `call_close`; several calls
@@ -64,7 +89,7 @@ class Syntax:
     trigger: str  # the text tool calling starts with (the lazy grammar's trigger)
     head: Callable[[str], str]  # GBNF of a call up to its arguments, for a tool name
     head_re: re.Pattern[str]  # the same for the parser: group `name`, matched at the call
-    args: JsonArgs | XmlArgs
+    args: JsonArgs | XmlArgs | NotationArgs
     call_close: str  # the literal a call ends with (how far a malformed call reaches)
     render: Callable[[str, dict[str, Any]], str]  # one call as the grammar writes it
     # GBNF for the close, when it allows more than the literal (spacing, a closing brace)

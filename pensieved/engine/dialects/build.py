@@ -5,7 +5,8 @@ dialects) take each property in the schema's order, required ones always and opt
 when the model chooses: a string property's value is raw text that cannot contain the
 closing tag, any other type is JSON valid against the property's schema. The same
 normalisation and bounds apply as for JSON, except that a raw string's length, pattern and
-format are not enforced (its value is not JSON).
+format are not enforced (its value is not JSON). A notation of a family's own (Gemma 4's)
+is written by that dialect's rule from the normalised schema, under the same rules.
 """
 
 from __future__ import annotations
@@ -14,13 +15,15 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from pensieved.engine.dialects.base import Syntax, XmlArgs
+from pensieved.engine.dialects.base import NotationArgs, Syntax, XmlArgs
 from pensieved.engine.gbnf import escape_literal
 from pensieved.engine.llama import SchemaConverter
 from pensieved.engine.schema import normalise
 from pensieved.engine.types import ToolSpec
 
 ANY_OBJECT: dict[str, Any] = {"type": "object"}
+# GBNF of a key the schema does not name (its text is not quoted, so it is kept plain).
+ANY_KEY = "[a-zA-Z0-9_.-]+"
 
 
 def text_without(delimiter: str) -> str:
@@ -105,7 +108,7 @@ def xml_args_rule(
         )
 
     if not isinstance(props, dict) or not props:
-        key = "[a-zA-Z0-9_.-]+"
+        key = ANY_KEY
         value = converter.add_rule(f"{name}-raw", text_without(args.value_close))
         body = f"( {param(key, value)} )*"
         return converter.add_rule(f"{name}-args", body), [*loosened, "any parameters"]
@@ -139,6 +142,8 @@ def calls_root(
         rule = f"tool{index}"
         if isinstance(syntax.args, XmlArgs):
             args, notes = xml_args_rule(converter, schema, rule, syntax.args)
+        elif isinstance(syntax.args, NotationArgs):
+            args, notes = syntax.args.rule(converter, schema, rule)
         else:
             args, notes = schema_rule(converter, schema, rule)
         loosened += [f"{tool.name}: {n}" for n in notes]

@@ -2,9 +2,10 @@
 
 Text is forwarded as soon as it cannot be the start of the trigger (or of markup the dialect
 drops). A call's name is reported once its head is complete; JSON arguments stream as the
-raw fragments the model writes, tagged parameters as one JSON member each once its closing tag
-arrives, so the deltas of a call always concatenate to its arguments object. Output that opens
-a call but is not a call of a known tool comes back as text, unchanged.
+raw fragments the model writes, a family's own notation (Gemma 4's) as the JSON its reader
+translates it into, tagged parameters as one JSON member each once its closing tag arrives,
+so the deltas of a call always concatenate to its arguments object. Output that opens a call
+but is not a call of a known tool comes back as text, unchanged.
 """
 
 from __future__ import annotations
@@ -14,7 +15,14 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from pensieved.engine.dialects.base import Parsed, ParsedText, Syntax, XmlArgs
+from pensieved.engine.dialects.base import (
+    NotationArgs,
+    NotationReader,
+    Parsed,
+    ParsedText,
+    Syntax,
+    XmlArgs,
+)
 from pensieved.engine.holdback import held_prefix
 from pensieved.engine.tools import JsonEnd, repair_partial_json, steps_to_rest
 from pensieved.engine.types import ToolCallDelta, ToolCallEnd, ToolCallStart, ToolSpec
@@ -37,6 +45,26 @@ def typed_value(raw: str, schema: Any) -> Any:
         return raw
 
 
+class _JsonReader:
+    """JSON arguments are their own translation: read up to where the object ends."""
+
+    failed = False
+
+    def __init__(self) -> None:
+        self._end = JsonEnd()
+        self.done = False
+
+    def read(self, text: str) -> tuple[str, int]:
+        end = self._end.scan(text, 0)
+        self.done = end is not None
+        used = end if end is not None else len(text)
+        return text[:used], used
+
+
+def _reader(syntax: Syntax) -> NotationReader:
+    return syntax.args.reader() if isinstance(syntax.args, NotationArgs) else _JsonReader()
+
+
 class SyntaxParser:
     """Splits streamed model text into plain text and tool calls, per a dialect's `Syntax`."""
 
@@ -49,7 +77,7 @@ class SyntaxParser:
         self._raw = ""  # the current call (or block) as written, for falling back to text
         self._name = ""
         self._args = ""  # argument JSON forwarded so far
-        self._json = JsonEnd()
+        self._reader = _reader(syntax)
         self._started = False
         self.calls = 0
 
@@ -78,7 +106,7 @@ class SyntaxParser:
             if isinstance(self._syntax.args, XmlArgs):
                 self._xml_args(out, self._syntax.args)
             else:
-                self._json_args(out)
+                self._object_args(out)
         elif state == "tail":
             match = self._close_re.search(self._buffer)
             if match is not None:
@@ -136,30 +164,29 @@ class SyntaxParser:
             return
         self._take(match.end())
         self._name = name
-        self._args, self._json = "", JsonEnd()
+        self._args, self._reader = "", _reader(syntax)
         self._started = False
         self._state = "args"
         out.append(ToolCallStart(name))
 
-    def _json_args(self, out: list[Parsed]) -> None:
-        text = self._buffer
-        i = 0
+    def _object_args(self, out: list[Parsed]) -> None:
+        """Arguments written as one object (JSON, or a notation read into JSON)."""
         if not self._started:
-            stripped = text.lstrip()
-            self._take(len(text) - len(stripped))
-            text = self._buffer
-            if not text:
+            stripped = self._buffer.lstrip()
+            self._take(len(self._buffer) - len(stripped))
+            if not self._buffer:
                 return
-            if not text.startswith("{"):
+            if not self._buffer.startswith("{"):
                 self._state = "raw"
                 return
             self._started = True
-        end = self._json.scan(text, i)
-        chunk = self._take(end if end is not None else len(text))
+        chunk, used = self._reader.read(self._buffer)
+        self._take(used)
         if chunk:
             self._args += chunk
             out.append(ToolCallDelta(chunk))
-        if end is not None:
+        # A notation that breaks off is an incomplete call: its JSON does not parse.
+        if self._reader.done or self._reader.failed:
             self._state = "tail"
 
     def _xml_args(self, out: list[Parsed], args: XmlArgs) -> None:
