@@ -9,10 +9,12 @@ content between the markers with special tokens disabled.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+import string
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
@@ -23,7 +25,7 @@ import jinja2.nodes
 import jinja2.parser
 import jinja2.sandbox
 
-from pensieved.engine.dialects.detect import GENERIC, DialectChoice, choose
+from pensieved.engine.dialects.detect import GENERIC, PROBE_CALL_ID, DialectChoice, choose
 from pensieved.engine.tools import to_generic_messages
 from pensieved.engine.types import ChatMessage, GenerationRequest, ToolCall, ToolSpec
 from pensieved.errors import ChatTemplateError
@@ -217,6 +219,8 @@ class TemplateCaps:
     dialect: DialectChoice = GENERIC  # the tool-call syntax, and how it was chosen
     # Renders a user message right after tool results (Mistral's insists on an assistant).
     user_after_tool: bool = True
+    # Takes only call ids of nine letters and digits (Mistral Small 3.2's and Nemo's).
+    short_ids: bool = False
 
 
 def render_plain(source: str, messages: list[ChatMessage], **kwargs: Any) -> str | None:
@@ -259,25 +263,64 @@ def template_caps(source: str | None, tool_dialect: str = "auto") -> TemplateCap
     mid = _renders(source, [opening, *later] if system_first else later)
     system_mid = _shows(mid, _PROBE) and (not system_first or _shows(mid, opening.content))
     user_after_tool = not tools or _renders_user_after_tool(source)
-    caps = TemplateCaps(tools, system_mid, system_first, None, dialect, user_after_tool)
+    short_ids = tools and _refuses_other_ids(source)
+    caps = TemplateCaps(tools, system_mid, system_first, None, dialect, user_after_tool, short_ids)
     plain = [ChatMessage("system", "Be brief."), ChatMessage("user", "hi")]
     rendered = _renders(source, conversation_for_template(caps, plain, ())[0])
     if isinstance(rendered, ChatTemplateError):
-        return TemplateCaps(
-            tools, system_mid, system_first, str(rendered), dialect, user_after_tool
-        )
+        return replace(caps, error=str(rendered))
     return caps
 
 
-def _renders_user_after_tool(source: str) -> bool:
-    call = ToolCall("call_0", _PROBE, {})
-    messages = [
+def _call_and_result(call_id: str) -> list[ChatMessage]:
+    call = ToolCall(call_id, _PROBE, {})
+    return [
         ChatMessage("user", "a"),
         ChatMessage("assistant", "", tool_calls=(call,)),
-        ChatMessage("tool", "b", tool_call_id="call_0", name=_PROBE),
-        ChatMessage("user", _PROBE),
+        ChatMessage("tool", "b", tool_call_id=call_id, name=_PROBE),
     ]
+
+
+def _renders_user_after_tool(source: str) -> bool:
+    messages = [*_call_and_result(PROBE_CALL_ID), ChatMessage("user", _PROBE)]
     return _shows(_renders(source, messages, tools=[_probe_tool()]), _PROBE)
+
+
+def _refuses_other_ids(source: str) -> bool:
+    """Whether the template refuses a call id like Anthropic's (it took the probe's)."""
+    rendered = _renders(source, _call_and_result("toolu_01"), tools=[_probe_tool()])
+    return isinstance(rendered, ChatTemplateError)
+
+
+_ID_CHARACTERS = string.ascii_letters + string.digits
+
+
+def short_id(call_id: str) -> str:
+    """`call_id` as nine letters and digits, always the same for the same id (so that each
+    turn renders the history as the one before did)."""
+    if len(call_id) == 9 and call_id.isascii() and call_id.isalnum():
+        return call_id
+    number = int.from_bytes(hashlib.sha256(call_id.encode()).digest()[:8], "big")
+    letters = []
+    for _ in range(9):
+        number, digit = divmod(number, len(_ID_CHARACTERS))
+        letters.append(_ID_CHARACTERS[digit])
+    return "".join(letters)
+
+
+def _with_short_ids(messages: Sequence[ChatMessage]) -> list[ChatMessage]:
+    out = []
+    for message in messages:
+        calls = tuple(replace(call, id=short_id(call.id)) for call in message.tool_calls)
+        answered = message.tool_call_id
+        out.append(
+            replace(
+                message,
+                tool_calls=calls,
+                tool_call_id=short_id(answered) if answered is not None else None,
+            )
+        )
+    return out
 
 
 def _probe_tool() -> ToolSpec:
@@ -346,6 +389,8 @@ def conversation_for_template(
     out = _fold_system(caps, out)
     if caps.tools and not caps.user_after_tool:
         out = _user_into_results(out)
+    if caps.short_ids:
+        out = _with_short_ids(out)
     return out, template_tools
 
 

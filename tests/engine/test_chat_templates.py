@@ -94,3 +94,23 @@ def test_the_template_renders_every_capture(path: Path) -> None:
         if found:
             failures[capture_id] = found
     assert not failures, failures
+
+
+def test_a_template_that_takes_only_short_call_ids_gets_them() -> None:
+    """Mistral Small 3.2's template refuses any call id but nine letters and digits: Claude
+    Code's `toolu_…` ids reach it as such, the same one for a call and its result, on every
+    turn (so turn two renders turn one's history as turn one did)."""
+    from pensieved.engine.prompt import short_id
+
+    source = template_source(str(TEMPLATES / "Mistral-Small-3.2-24B-Instruct-2506.jinja"))
+    caps = template_caps(source)
+    assert (caps.tools, caps.short_ids, caps.dialect.dialect.name) == (True, True, "mistral")
+    devstral = template_source(str(TEMPLATES / "unsloth-mistral-Devstral-Small-2507.jinja"))
+    assert not template_caps(devstral).short_ids
+    round_trips = [r for _, r in CAPTURES if any(m.role == "tool" for m in r.messages)]
+    call = next(c for m in round_trips[0].messages for c in m.tool_calls)
+    short = short_id(call.id)
+    assert call.id.startswith("toolu_") and len(short) == 9 and short.isalnum()
+    assert short_id(call.id) == short and short_id(short) == short
+    text = rendered(source, round_trips[0])
+    assert f"[CALL_ID]{short}[ARGS]" in text and f"[TOOL_RESULTS]{short}[TOOL_CONTENT]" in text

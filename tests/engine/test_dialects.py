@@ -65,6 +65,7 @@ TABLE = [
     ("openai-gpt-oss-120b.jinja", "harmony", "<|start|>functions"),
     ("unsloth-mistral-Devstral-Small-2507.jinja", "mistral", "[TOOL_RESULTS]"),
     ("mistralai-Ministral-3-14B-Reasoning-2512.jinja", "mistral", "[TOOL_RESULTS]"),
+    ("Mistral-Small-3.2-24B-Instruct-2506.jinja", "mistral", "[TOOL_RESULTS]"),
     ("deepseek-ai-DeepSeek-V3.1.jinja", "deepseek", "<｜end▁of▁sentence｜>"),  # noqa: RUF001
     ("moonshotai-Kimi-K2.jinja", "kimi-k2", "<|im_end|>"),
     ("google-gemma-4-31B-it.jinja", "gemma4", "<|tool_response>"),
@@ -81,8 +82,10 @@ def rendered_call(template: str, dialect: str, end: str, args: dict[str, Any]) -
     """The template's own text for an assistant turn that calls TOOL with `args`."""
     source = (TEMPLATES / template).read_text()
     asked = [ChatMessage("system", "Be brief."), ChatMessage("user", "Weather in Paris?")]
-    call = ChatMessage("assistant", "", tool_calls=(ToolCall("call_1", TOOL.name, args),))
-    result = ChatMessage("tool", "sunny", tool_call_id="call_1", name=TOOL.name)
+    # The id as Mistral Small 3.2's template insists (nine letters and digits; the daemon
+    # hands it such ids, see test_prompt).
+    call = ChatMessage("assistant", "", tool_calls=(ToolCall("call00001", TOOL.name, args),))
+    result = ChatMessage("tool", "sunny", tool_call_id="call00001", name=TOOL.name)
     before = render_plain(source, asked, tools=[TOOL])
     after = render_plain(source, [*asked, call, result], tools=[TOOL])
     assert before is not None and after is not None

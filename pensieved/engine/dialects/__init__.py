@@ -46,7 +46,7 @@ def _markup() -> str:
         # A string argument too: Gemma 4 delimits strings with a token of its own.
         sample = syntax.render("name", {"key": 1, "text": "value"})
         parts += [sample, reasoning.open, reasoning.close]
-        parts += [syntax.block_open, syntax.block_close, *syntax.drop]
+        parts += [syntax.block_open, syntax.block_close, *syntax.drop, *syntax.markup]
     return "\n".join(parts)
 
 

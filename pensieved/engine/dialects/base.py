@@ -100,6 +100,7 @@ class Syntax:
     separator: str = '"\\n"?'  # GBNF between calls
     lead: str = ""  # GBNF allowed before the trigger when a call is forced (not lazy)
     drop: tuple[str, ...] = ()  # markup removed from visible text (message headers)
+    markup: tuple[str, ...] = ()  # control tokens of a call that `render` does not write
 
     @property
     def close_gbnf(self) -> str:

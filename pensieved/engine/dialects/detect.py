@@ -17,6 +17,8 @@ from pensieved.engine.markers import TOOL_CALL_OPEN
 from pensieved.engine.types import ChatMessage, ToolCall, ToolCallEnd, ToolCallStart, ToolSpec
 
 PROBE_TOOL = "pensieve_probe_tool"
+# Nine letters and digits: Mistral Small 3.2's and Nemo's templates refuse any other call id.
+PROBE_CALL_ID = "call00001"
 _PROBE_ARGS = {"probe_path": "probe-value-7f3a", "probe_count": 42}
 _PROBE_SPEC = ToolSpec(
     PROBE_TOOL,
@@ -50,8 +52,10 @@ def probe_render(source: str) -> str | None:
 
     messages = [
         ChatMessage("user", "probe"),
-        ChatMessage("assistant", "", tool_calls=(ToolCall("call_0", PROBE_TOOL, _PROBE_ARGS),)),
-        ChatMessage("tool", "probe result", tool_call_id="call_0", name=PROBE_TOOL),
+        ChatMessage(
+            "assistant", "", tool_calls=(ToolCall(PROBE_CALL_ID, PROBE_TOOL, _PROBE_ARGS),)
+        ),
+        ChatMessage("tool", "probe result", tool_call_id=PROBE_CALL_ID, name=PROBE_TOOL),
     ]
     return render_plain(source, messages, tools=[_PROBE_SPEC])
 
