@@ -244,6 +244,39 @@ def test_a_missing_draft_model_file_is_a_load_error(engine: Engine, tmp_path: Pa
         draft_model(model, tmp_path / "absent.gguf")
 
 
+def test_with_a_quantized_kv_cache_greedy_output_is_the_same_with_drafts_on_two_threads() -> None:
+    # With an f16 cache and more than one thread, llama.cpp's CPU attention splits a
+    # one-position step's cache over the threads once it holds 512 cells, and rounds otherwise
+    # than a several-position step (docs/speculation.md); a quantized cache takes one path for
+    # both. The prompt holds more than 512 tokens so that the split would happen.
+    path = bundled_model_path()
+    if path is None:
+        pytest.skip("the bundled model is not installed")
+    settings = ModelSettings(
+        path=path,
+        context_size=2048,
+        gpu_layers=0,
+        threads=2,
+        batch_size=256,
+        slots=1,
+        kv_cache_type="q8_0",
+    )
+    model = LoadedModel(settings)
+    batcher = Batcher(model)
+    try:
+        engine = (model, batcher, [Slot(0)])
+        text = f"Copy these three files exactly:\n\n{SOURCE}\n{SOURCE}\n{SOURCE}"
+        prepared = prepare(model, text, 96)
+        assert len(prepared.tokens) > 512
+        plain = run(engine, prepared, "off")
+        drafted = run(engine, prepared, "ngram")
+        assert batcher.stats.speculation.accepted > 0
+        assert drafted.tokens == plain.tokens
+    finally:
+        batcher.close()
+        model.close()
+
+
 WORDS = ("the", "cat", "sat", "on", "mat", "def", "return", "x", "=", "1", "\n", "copy", "again")
 
 
