@@ -54,6 +54,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--flash-attention", choices=["auto", "on", "off"], default="auto", help="every target"
     )
     parser.add_argument(
+        "--kv-cache-type",
+        choices=["f16", "q8_0", "q4_0"],
+        help="every target's K and V cache (default: f16; q8_0 for --agent-edit)",
+    )
+    parser.add_argument(
         "--kv-unified",
         choices=["auto", "true", "false"],
         default="auto",
@@ -83,7 +88,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="only the agent-edit workload: speculative decoding where the output copies its "
         "prompt, on pensieved (on, off) and llama-server (none, n-gram --spec-types), with "
-        "free prose and 4 clients beside it (--decode-tokens, --reps)",
+        "free prose and 4 clients beside it (--decode-tokens, --reps; --model defaults to "
+        "Gemma 3 270M, a base model that copies)",
     )
     parser.add_argument(
         "--llama-spec-types",
@@ -187,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         context_size=args.context_size,
         batch_size=args.batch_size,
         flash_attention=args.flash_attention,
+        kv_cache_type=args.kv_cache_type or ("q8_0" if args.agent_edit else "f16"),
         kv_unified={"true": True, "false": False}.get(args.kv_unified, "auto"),
     )
     if args.agent_edit:
@@ -295,6 +302,22 @@ def main(argv: list[str] | None = None) -> int:
 
 def agent_edit_main(args: argparse.Namespace, model: Path, settings: Settings) -> int:
     import llama_cpp
+
+    if not args.model and agent_edit.BASE_MODEL.is_file():
+        model = agent_edit.BASE_MODEL
+        # A base model's GGUF has no chat template; Gemma's turn markers on both sides.
+        settings = dataclasses.replace(
+            settings,
+            pensieved_model=(("chat_template", "gemma"),),
+            llama_args=("--chat-template", "gemma"),
+        )
+    # A sliding-window model's drafts need its whole window cache (docs/speculation.md); both
+    # sides keep it, so they do the same work.
+    settings = dataclasses.replace(
+        settings,
+        pensieved_model=(*settings.pensieved_model, ("swa_full", True)),
+        llama_args=(*settings.llama_args, "--swa-full"),
+    )
 
     vocab = llama_cpp.Llama(model_path=str(model), vocab_only=True, verbose=False)
 

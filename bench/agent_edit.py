@@ -1,9 +1,11 @@
 """The agent-edit workload: speculative decoding where the output copies, and where not.
 
 An agent's edits copy: an Edit's old_string is lines a Read put in the context. Here the
-model is asked to repeat a source file it was given (greedy), which it does for most of its
-output; each figure is printed beside its *copy share*: the fraction of output tokens that
-continue a 12-gram found earlier in the prompt or the output. Targets, side by side in one
+model is given a source file of about 3k tokens and asked to repeat it, its reply already
+started with the file's first lines (an assistant prefill, as an agent that quotes does), so a
+model that copies at all copies most of its output. Each figure is printed beside its *copy
+share*: the fraction of output tokens that continue a 12-gram found earlier in the prompt or
+the output. Targets, side by side in one
 run with the same GGUF, threads and kernels: pensieved with speculation on and off,
 llama-server without speculation and with its n-gram `--spec-type`s. Beside that, what
 speculation costs where nothing is copied: free prose, one client and four at once.
@@ -21,13 +23,28 @@ from bench.targets import ServerProcess, stream_message
 from bench.workloads import body, decode_rate, median, story_prompt
 
 COPY_GRAM = 12
-SOURCE = Path(__file__).resolve().parent.parent / "pensieved" / "engine" / "slots.py"
+SOURCE = Path(__file__).resolve().parent.parent / "pensieved" / "engine" / "memory.py"
+PREFILL_LINES = 3
+# A base model copies what it has seen; the bundled instruct model paraphrases and repeats
+# itself after a few lines (29 % copy share), which would measure nothing.
+BASE_MODEL = (
+    Path(__file__).resolve().parent.parent / ".venv" / "models" / "gemma-3-270m-q4_k_m.gguf"
+)
 # llama-server's n-gram kinds compared (its default is none).
 LLAMA_SPEC_TYPES = ("ngram-mod", "ngram-simple", "ngram-map-k")
 
 
-def copy_prompt() -> str:
-    return f"Repeat this code exactly as it is:\n\n{SOURCE.read_text()}"
+def copy_messages() -> list[dict[str, str]]:
+    """The user's request and the reply's start: the file's first lines, in a code fence."""
+    source = SOURCE.read_text()
+    start = "".join(source.splitlines(keepends=True)[:PREFILL_LINES])
+    return [
+        {
+            "role": "user",
+            "content": f"Repeat this file exactly as it is.\n\n```python\n{source}```",
+        },
+        {"role": "assistant", "content": f"```python\n{start}"},
+    ]
 
 
 def copy_share(context: Sequence[int], output: Sequence[int], n: int = COPY_GRAM) -> float:
@@ -44,8 +61,10 @@ def copy_share(context: Sequence[int], output: Sequence[int], n: int = COPY_GRAM
     return copied / len(output) if output else 0.0
 
 
-def one_rate(server: ServerProcess, prompt: str, tokens: int) -> tuple[float | None, str]:
-    result = stream_message(server.port, body([{"role": "user", "content": prompt}], tokens))
+def one_rate(
+    server: ServerProcess, messages: list[dict[str, str]], tokens: int
+) -> tuple[float | None, str]:
+    result = stream_message(server.port, body(messages, tokens))
     return decode_rate(result), result.text
 
 
@@ -75,21 +94,24 @@ def run(
     log: Callable[[str], None],
 ) -> dict[str, Any]:
     """Each target in turn (one server at a time: the machine has few cores)."""
-    prompt = copy_prompt()
-    context = tokenize(prompt)
+    messages = copy_messages()
+    context = tokenize("".join(m["content"] for m in messages))
     rows: dict[str, Any] = {}
     for name, start in starts.items():
         log(f"agent-edit: {name}")
         server = start()
         try:
-            rates, shares, prose = [], [], []
+            rates, shares, prose, texts = [], [], [], []
             for _ in range(reps):
-                rate, text = one_rate(server, prompt, tokens)
+                rate, text = one_rate(server, messages, tokens)
                 if rate is not None:
                     rates.append(rate)
                 shares.append(copy_share(context, tokenize(text)))
+                texts.append(text)
                 if name in pensieved:
-                    prose_rate, _ = one_rate(server, story_prompt(), tokens)
+                    prose_rate, _ = one_rate(
+                        server, [{"role": "user", "content": story_prompt()}], tokens
+                    )
                     if prose_rate is not None:
                         prose.append(prose_rate)
             row: dict[str, Any] = {
@@ -97,6 +119,7 @@ def run(
                 "copy_tokens_per_s": median(rates),
                 "copy_share": median(shares),
                 "runs": rates,
+                "text": texts[0] if texts else "",
             }
             if name in pensieved:
                 row["prose_tokens_per_s"] = median(prose)
@@ -109,15 +132,24 @@ def run(
     return {"max_tokens": tokens, "reps": reps, "source": SOURCE.name, "targets": rows}
 
 
+def same(text: str | None, reference: str | None) -> str:
+    """Whether a target's reply is pensieved's without speculation, word for word."""
+    if text is None or reference is None:
+        return "-"
+    return "yes" if text == reference else "no"
+
+
 def table(report: dict[str, Any]) -> str:
     rows = report["targets"]
     lines = [
         f"# agent-edit: repeat {report['source']} ({report['max_tokens']} greedy tokens, "
         f"median of {report['reps']})",
         "",
-        "| target | copy tok/s | copy share | prose tok/s | 4 clients tok/s |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        "| target | copy tok/s | copy share | same reply | prose tok/s | 4 clients tok/s |",
+        "| --- | ---: | ---: | :---: | ---: | ---: |",
     ]
+    # Greedy replies to the same prompt: every target should write the same one.
+    reference = rows.get("pensieved speculation off", {}).get("text")
 
     def fmt(value: float | None, pattern: str = "{:.1f}") -> str:
         return "-" if value is None else pattern.format(value)
@@ -125,7 +157,8 @@ def table(report: dict[str, Any]) -> str:
     for name, row in rows.items():
         lines.append(
             f"| {name} | {fmt(row['copy_tokens_per_s'])} | {fmt(row['copy_share'], '{:.0%}')} | "
-            f"{fmt(row.get('prose_tokens_per_s'))} | {fmt(row.get('four_clients_tokens_per_s'))} |"
+            f"{same(row.get('text'), reference)} | {fmt(row.get('prose_tokens_per_s'))} | "
+            f"{fmt(row.get('four_clients_tokens_per_s'))} |"
         )
     on, off = rows.get("pensieved speculation auto"), rows.get("pensieved speculation off")
     if on and off:

@@ -311,6 +311,10 @@ def _check_model_name(value: str) -> str:
     return value
 
 
+# How a model speculates (docs/speculation.md); "draft" needs a draft model.
+Speculative = Literal["auto", "ngram", "draft", "off"]
+
+
 class AliasTarget(_Section):
     """An alias's model, when it needs more than a file name."""
 
@@ -328,6 +332,16 @@ class AliasTarget(_Section):
         description="Tool-call syntax of this alias's model (see docs/dialects.md); null: "
         "`model.tool_dialect` when it serves `model_path`'s file, else `auto`.",
     )
+    speculative: Speculative | None = Field(
+        None,
+        description="Speculative decoding for this alias's model (see `model.speculative`); "
+        "null: `model.speculative` when it serves `model_path`'s file, else `auto`.",
+    )
+    draft_model_path: str | None = Field(
+        None,
+        description="Draft model for this alias's model (see `model.draft_model_path`); null: "
+        "`model.draft_model_path` when it serves `model_path`'s file, else none.",
+    )
 
     @field_validator("chat_template")
     @classmethod
@@ -338,6 +352,11 @@ class AliasTarget(_Section):
     @classmethod
     def _model_name(cls, value: str) -> str:
         return _check_model_name(value)
+
+    @field_validator("draft_model_path")
+    @classmethod
+    def _draft_name(cls, value: str | None) -> str | None:
+        return None if value is None else _check_model_name(value)
 
 
 def _alias_kind(value: Any) -> str:
@@ -469,13 +488,21 @@ class ModelConfig(_Section):
         "the smaller of the two; at an agent's context that is the small cache "
         "(docs/caching.md).",
     )
-    speculative: Literal["auto", "ngram", "off"] = Field(
+    speculative: Speculative = Field(
         "auto",
-        description="Speculative decoding: `auto` and `ngram` draft from the conversation "
-        "itself (what the output copies from the prompt: an Edit's old_string, paths, keys) "
-        "and verify the draft in the same batch, output unchanged; text a tool-call grammar "
-        "forces is drafted the same way. `off`: one token per request per step. "
+        description="Speculative decoding: drafts of the next tokens, verified in the same "
+        "batch, output unchanged. `ngram` drafts from the conversation itself (what the output "
+        "copies from the prompt: an Edit's old_string, paths, keys); `draft` from "
+        "`draft_model_path`'s model; `auto` both, the conversation first. Text a tool-call "
+        "grammar forces is drafted too, except with `off`: one token per request per step. "
         "See docs/speculation.md.",
+    )
+    draft_model_path: str | None = Field(
+        None,
+        description="A small model of `model_path`'s family that drafts for it (Qwen3-0.6B for "
+        "a large Qwen3, gpt-oss-20b for gpt-oss-120b): a GGUF file or a pulled model's name, "
+        "loaded beside it with the same context. Its vocabulary must be the target's, or the "
+        "load is refused. null: no draft model.",
     )
     aliases: dict[str, AliasValue] = Field(
         default_factory=dict,
@@ -520,7 +547,7 @@ class ModelConfig(_Section):
     def _template(cls, value: str | None) -> str | None:
         return _check_chat_template(value)
 
-    @field_validator("model_path")
+    @field_validator("model_path", "draft_model_path")
     @classmethod
     def _model_name(cls, value: str | None) -> str | None:
         return None if value is None else _check_model_name(value)
@@ -588,6 +615,58 @@ def cross_checks(config: Config) -> list[ConfigIssue]:
                 "model.flash_attention to 'auto' or 'on', or use 'f16'",
             )
         )
+    return issues + _speculation_issues(model)
+
+
+def speculation_of(
+    model: ModelConfig, target: AliasTarget | None
+) -> tuple[Speculative, str | None]:
+    """The `speculative` setting and draft model of an alias's model (None: the default's)."""
+    if target is None:
+        return model.speculative, model.draft_model_path
+    default = model.model_path is not None and _same_file(target.model_path, model.model_path)
+    speculative = target.speculative or (model.speculative if default else "auto")
+    draft = target.draft_model_path or (model.draft_model_path if default else None)
+    return speculative, draft
+
+
+def _same_file(a: str, b: str) -> bool:
+    return Path(a).expanduser() == Path(b).expanduser()
+
+
+def _speculation_issues(model: ModelConfig) -> list[ConfigIssue]:
+    """A `draft` without a draft model; and two settings for one model file, which is loaded
+    once for every name that maps to it."""
+    issues = []
+    seen: list[tuple[str, str, tuple[Speculative, str | None]]] = []
+    if model.model_path is not None:
+        seen.append((model.model_path, "model", speculation_of(model, None)))
+    elif model.speculative == "draft" and model.draft_model_path is None:
+        seen.append(("", "model", speculation_of(model, None)))
+    for pattern, value in model.aliases.items():
+        target = alias_target(value)
+        seen.append((target.model_path, f"model.aliases.{pattern}", speculation_of(model, target)))
+    for i, (path, key, (speculative, draft)) in enumerate(seen):
+        if speculative == "draft" and draft is None:
+            issues.append(
+                ConfigIssue(
+                    f"{key}.speculative",
+                    "'draft' needs a draft model: set draft_model_path beside it, or use "
+                    "'auto' or 'ngram'",
+                )
+            )
+            continue
+        for other_path, other_key, other in seen[:i]:
+            if path and _same_file(path, other_path) and other != (speculative, draft):
+                issues.append(
+                    ConfigIssue(
+                        f"{key}.speculative",
+                        f"{path} is loaded once for {other_key} and {key}, which ask for "
+                        "different speculation (speculative, draft_model_path): give them "
+                        "the same",
+                    )
+                )
+                break
     return issues
 
 

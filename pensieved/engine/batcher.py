@@ -70,6 +70,7 @@ class Batcher:
             can_cut=model.cut_problem is None,
             why_not=model.cut_problem or "",
             stats=self.stats.speculation,
+            draft_model=model.draft_model,
         )
         self._thread = threading.Thread(
             target=self._run, name=f"pensieve-decode-{model.name}", daemon=True
@@ -141,7 +142,10 @@ class Batcher:
             return
         sampler = generation.sampler
         generation.speculator = self.speculation.speculator(
-            generation.prepared.tokens, sampler.grammar if sampler else None, self._model
+            generation.prepared.tokens,
+            sampler.grammar if sampler else None,
+            self._model,
+            generation.seq,
         )
         self._active.append(generation)
 

@@ -42,7 +42,7 @@ from pensieved.engine.memory import (
     pool_tokens,
     shape_from_metadata,
 )
-from pensieved.engine.speculation import SpeculationMode
+from pensieved.engine.speculation import DraftModel, SpeculationMode
 from pensieved.errors import GrammarError, LoadCancelledError, ModelLoadError
 
 log = logging.getLogger("pensieved.engine")
@@ -65,6 +65,7 @@ class ModelSettings:
     kv_unified: bool | Literal["auto"] = "auto"
     swa_full: bool | Literal["auto"] = "auto"
     speculative: SpeculationMode = "auto"
+    draft_path: Path | None = None  # model.draft_model_path, resolved
 
     def sizing(self) -> ModelConfig:
         """The config keys `memory.plan_kv` resolves `auto` from."""
@@ -174,6 +175,8 @@ class LoadedModel:
         self.sliding_window: int = weights.n_swa()
         # Why speculative drafts cannot run on this model (None: they can).
         self.cut_problem = weights.memory_cut_problem(swa_full=self.strategy.swa_full)
+        self.draft_model: DraftModel | None = None
+        self.draft_model = self._draft_model(settings)
         self.bos_id: int = weights.token_bos()
         self.eos_id: int = weights.token_eos()
         self.add_bos: bool = weights.add_bos()
@@ -188,6 +191,37 @@ class LoadedModel:
                 path.name,
                 self.n_ctx_train,
             )
+
+    def _draft_model(self, settings: ModelSettings) -> DraftModel | None:
+        """The draft model `settings` ask for, where drafts can run (ModelLoadError if it
+        cannot draft for this model)."""
+        if settings.draft_path is None or settings.speculative not in ("auto", "draft"):
+            return None
+        if self.cut_problem is not None:
+            log.warning(
+                "%s: draft model %s not loaded: %s",
+                settings.path.name,
+                settings.draft_path.name,
+                self.cut_problem,
+            )
+            return None
+        try:
+            draft = DraftModel(
+                settings.draft_path,
+                self.weights,
+                slots=self.slots,
+                n_ctx=self.pool_tokens,
+                n_batch=settings.batch_size,
+                threads=settings.effective_threads,
+                gpu_layers=settings.gpu_layers,
+                cache_type=settings.kv_cache_type,
+                flash_attention=self.flash_attention,
+            )
+        except ModelLoadError:
+            self.close()
+            raise
+        log.info("%s: drafts from %s", settings.path.name, settings.draft_path.name)
+        return draft
 
     def _plan(self, settings: ModelSettings) -> KvPlan:
         """Context and slots, `auto` resolved against the memory budget (see memory.py)."""
@@ -472,5 +506,8 @@ class LoadedModel:
         # Parsed grammars point at the model's vocabulary; the context goes before the model.
         if self._grammars is not None:
             self._grammars.close()
+        if self.draft_model is not None:
+            self.draft_model.close()
+            self.draft_model = None
         self.context.close()
         self.weights.close()

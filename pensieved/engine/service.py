@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pensieve.activity import Activity
-from pensieve.config import Config
+from pensieve.config import Config, speculation_of
 from pensieve.hfref import model_file
 from pensieve.paths import bundled_model_path
 from pensieve.wire import DecodeStatus, ModelEntryStatus, ModelStatus
@@ -38,6 +38,7 @@ from pensieved.engine.lifecycle import (
 from pensieved.engine.model import LoadedModel, ModelSettings
 from pensieved.engine.persist import saved_summary
 from pensieved.engine.prompt import render_request, template_caps, tokenize_rendered
+from pensieved.engine.speculation import SpeculationMode
 from pensieved.engine.templates import template_problem, template_source
 from pensieved.engine.thinking import prompt_opens_thinking
 from pensieved.engine.types import (
@@ -68,6 +69,7 @@ log = logging.getLogger("pensieved.engine")
 
 def settings_for(config: Config, path: Path) -> ModelSettings:
     m = config.model
+    speculative, draft = speculation_for(config, path)
     return ModelSettings(
         path=path,
         context_size=m.context_size,
@@ -81,8 +83,21 @@ def settings_for(config: Config, path: Path) -> ModelSettings:
         kv_unified=m.kv_unified,
         swa_full=m.swa_full,
         memory_budget_mb=m.memory_budget_mb,
-        speculative=m.speculative,
+        speculative=speculative,
+        draft_path=model_file(draft) if draft is not None else None,
     )
+
+
+def speculation_for(config: Config, path: Path) -> tuple[SpeculationMode, str | None]:
+    """The `speculative` setting and draft model of the model in `path`: the default model's,
+    else the first alias's that serves it (the config refuses aliases of one file that ask
+    for different ones)."""
+    if path == default_model_path(config):
+        return speculation_of(config.model, None)
+    for target in alias_targets(config).values():
+        if model_file(target.model_path) == path:
+            return speculation_of(config.model, target)
+    return speculation_of(config.model, None)
 
 
 def default_model_path(config: Config) -> Path | None:

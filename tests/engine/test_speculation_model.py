@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -21,7 +22,12 @@ from pensieved.engine.grammar import request_grammar
 from pensieved.engine.model import LoadedModel, ModelSettings
 from pensieved.engine.sampler import Sampler
 from pensieved.engine.slots import Slot
-from pensieved.engine.speculation import JumpForward, SpeculationMode, SpeculationSetup
+from pensieved.engine.speculation import (
+    DraftModel,
+    JumpForward,
+    SpeculationMode,
+    SpeculationSetup,
+)
 from pensieved.engine.types import (
     ChatMessage,
     Event,
@@ -34,7 +40,9 @@ from pensieved.engine.types import (
     ToolChoice,
     ToolSpec,
 )
+from pensieved.errors import ModelLoadError
 
+GEMMA = Path(__file__).resolve().parents[2] / ".venv" / "models" / "gemma-3-270m-q4_k_m.gguf"
 SOURCE = '''class Ledger:
     """Money in and out of one account."""
 
@@ -121,9 +129,27 @@ def prepare(
     return PreparedPrompt(request, tokens, max_tokens, grammar=parsed)
 
 
-def use(batcher: Batcher, model: LoadedModel, mode: SpeculationMode) -> None:
+def use(
+    batcher: Batcher, model: LoadedModel, mode: SpeculationMode, draft: DraftModel | None = None
+) -> None:
     stats = batcher.stats.speculation
-    batcher.speculation = SpeculationSetup(mode, can_cut=model.cut_problem is None, stats=stats)
+    batcher.speculation = SpeculationSetup(
+        mode, can_cut=model.cut_problem is None, stats=stats, draft_model=draft
+    )
+
+
+def draft_model(model: LoadedModel, path: Path) -> DraftModel:
+    return DraftModel(
+        path,
+        model.weights,
+        slots=model.slots,
+        n_ctx=model.pool_tokens,
+        n_batch=model.n_batch,
+        threads=1,
+        gpu_layers=0,
+        cache_type="f16",
+        flash_attention=model.flash_attention,
+    )
 
 
 def start(
@@ -136,9 +162,14 @@ def start(
     return generation, done, events
 
 
-def run(engine: Engine, prepared: PreparedPrompt, mode: SpeculationMode) -> Run:
+def run(
+    engine: Engine,
+    prepared: PreparedPrompt,
+    mode: SpeculationMode,
+    draft: DraftModel | None = None,
+) -> Run:
     model, batcher, slots = engine
-    use(batcher, model, mode)
+    use(batcher, model, mode, draft)
     generation, done, events = start(slots[0], model, prepared)
     before = batcher.stats.steps
     batcher.submit(generation)
@@ -169,6 +200,81 @@ def test_seeded_sampling_draws_the_same_output_with_drafts(engine: Engine) -> No
     model, _, _ = engine
     prepared = prepare(model, COPY, 64, sampling=Sampling(temperature=0.7, seed=11))
     assert run(engine, prepared, "ngram").tokens == run(engine, prepared, "off").tokens
+
+
+def test_a_draft_model_drafts_where_nothing_is_copied_and_greedy_output_is_unchanged(
+    engine: Engine,
+) -> None:
+    model, batcher, _ = engine
+    # The model drafting for itself: the drafts are what the target samples, so nearly all
+    # are kept, and prose that copies nothing is decoded in fewer steps.
+    draft = draft_model(model, model.settings.path)
+    stats = batcher.stats.speculation
+    try:
+        for text in PROMPTS:
+            prepared = prepare(model, text, 96)
+            plain = run(engine, prepared, "off")
+            accepted = stats.accepted
+            drafted = run(engine, prepared, "draft", draft)
+            assert drafted.tokens == plain.tokens, text
+            assert stats.accepted > accepted
+            assert drafted.steps < plain.steps
+        # A second conversation on the same slot: the draft's sequence is cut back to what
+        # the two share, and drafting goes on from there.
+        seeded = prepare(model, COPY, 48, sampling=Sampling(temperature=0.7, seed=5))
+        assert run(engine, seeded, "draft", draft).tokens == run(engine, seeded, "off").tokens
+    finally:
+        draft.close()
+
+
+def test_a_draft_model_with_another_vocabulary_is_refused(engine: Engine) -> None:
+    model, _, _ = engine
+    if not GEMMA.is_file():
+        pytest.skip("the second test model (Gemma 3 270M) is not installed")
+    with pytest.raises(ModelLoadError) as refused:
+        draft_model(model, GEMMA)
+    message = str(refused.value)
+    assert message.startswith(f"cannot draft with {GEMMA.name}: its vocabulary has ")
+    assert "set model.draft_model_path" in message
+
+
+def test_a_missing_draft_model_file_is_a_load_error(engine: Engine, tmp_path: Path) -> None:
+    model, _, _ = engine
+    with pytest.raises(ModelLoadError, match="draft model file not found"):
+        draft_model(model, tmp_path / "absent.gguf")
+
+
+def test_with_a_quantized_kv_cache_greedy_output_is_the_same_with_drafts_on_two_threads() -> None:
+    # With an f16 cache and more than one thread, llama.cpp's CPU attention splits a
+    # one-position step's cache over the threads once it holds 512 cells, and rounds otherwise
+    # than a several-position step (docs/speculation.md); a quantized cache takes one path for
+    # both. The prompt holds more than 512 tokens so that the split would happen.
+    path = bundled_model_path()
+    if path is None:
+        pytest.skip("the bundled model is not installed")
+    settings = ModelSettings(
+        path=path,
+        context_size=2048,
+        gpu_layers=0,
+        threads=2,
+        batch_size=256,
+        slots=1,
+        kv_cache_type="q8_0",
+    )
+    model = LoadedModel(settings)
+    batcher = Batcher(model)
+    try:
+        engine = (model, batcher, [Slot(0)])
+        text = f"Copy these three files exactly:\n\n{SOURCE}\n{SOURCE}\n{SOURCE}"
+        prepared = prepare(model, text, 96)
+        assert len(prepared.tokens) > 512
+        plain = run(engine, prepared, "off")
+        drafted = run(engine, prepared, "ngram")
+        assert batcher.stats.speculation.accepted > 0
+        assert drafted.tokens == plain.tokens
+    finally:
+        batcher.close()
+        model.close()
 
 
 WORDS = ("the", "cat", "sat", "on", "mat", "def", "return", "x", "=", "1", "\n", "copy", "again")

@@ -292,6 +292,73 @@ def test_alias_object_errors_name_the_key(
     assert fragment in next(i.message for i in info.value.issues if i.path == path)
 
 
+def test_speculation_is_set_per_alias_and_inherited_only_by_the_default_models_file() -> None:
+    from pensieve.config import alias_target, speculation_of
+
+    config = parse_config(
+        {
+            "model": {
+                "model_path": "/m/big.gguf",
+                "speculative": "draft",
+                "draft_model_path": "/m/small.gguf",
+                "aliases": {
+                    "same-*": "/m/big.gguf",
+                    "other-*": "/m/other.gguf",
+                    "off-*": {"model_path": "/m/third.gguf", "speculative": "off"},
+                    "own-*": {"model_path": "/m/fourth.gguf", "draft_model_path": "/m/s.gguf"},
+                },
+            }
+        }
+    )
+    model = config.model
+    of = {p: speculation_of(model, alias_target(v)) for p, v in model.aliases.items()}
+    assert speculation_of(model, None) == ("draft", "/m/small.gguf")
+    assert of["same-*"] == ("draft", "/m/small.gguf")  # the default model's file
+    assert of["other-*"] == ("auto", None)
+    assert of["off-*"] == ("off", None)
+    assert of["own-*"] == ("auto", "/m/s.gguf")
+
+
+@pytest.mark.parametrize(
+    ("model", "path", "fragment"),
+    [
+        ({"speculative": "draft"}, "model.speculative", "'draft' needs a draft model"),
+        (
+            {"aliases": {"x": {"model_path": "/m/a.gguf", "speculative": "draft"}}},
+            "model.aliases.x.speculative",
+            "set draft_model_path beside it",
+        ),
+        (
+            {
+                "model_path": "/m/a.gguf",
+                "aliases": {"x": {"model_path": "/m/a.gguf", "speculative": "off"}},
+            },
+            "model.aliases.x.speculative",
+            "/m/a.gguf is loaded once for model and model.aliases.x",
+        ),
+        (
+            {
+                "aliases": {
+                    "x": {"model_path": "/m/b.gguf", "draft_model_path": "/m/s.gguf"},
+                    "y": "/m/b.gguf",
+                }
+            },
+            "model.aliases.y.speculative",
+            "ask for different speculation",
+        ),
+        ({"draft_model_path": "hf:nope"}, "model.draft_model_path", "hf:"),
+        ({"speculative": "eagle"}, "model.speculative", "'auto', 'ngram', 'draft' or 'off'"),
+    ],
+)
+def test_speculation_settings_errors_name_the_key(
+    model: dict[str, object], path: str, fragment: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({"model": model})
+    assert path in paths_of(info.value), info.value.issues
+    assert fragment in next(i.message for i in info.value.issues if i.path == path)
+
+
 def test_chat_template_is_a_builtin_name_or_an_existing_file(tmp_path: Path) -> None:
     template = tmp_path / "t.jinja"
     template.write_text("{{ messages }}")

@@ -2,6 +2,7 @@
 predictable. The kinds (one module each) share the `Speculation` interface of `base.py`:
 
 - `ngram.py`: drafts from the conversation itself (verified, exact);
+- `draft_model.py`: drafts from a small model of the target's family (verified, exact);
 - `jump.py`: text the grammar forces (verified like a draft where the memory can drop a
   rejected one, appended unverified where it cannot).
 
@@ -21,14 +22,16 @@ from pensieved.engine.speculation.base import (
     Speculation,
     draft_budget,
 )
+from pensieved.engine.speculation.draft_model import DraftModel, DraftModelSpeculation
 from pensieved.engine.speculation.jump import Grammar, JumpForward, Vocabulary
 from pensieved.engine.speculation.ngram import ConversationIndex, NgramSpeculation
 
-SpeculationMode = Literal["auto", "ngram", "off"]
+SpeculationMode = Literal["auto", "ngram", "draft", "off"]
 
 __all__ = [
     "ConversationIndex",
     "DraftLength",
+    "DraftModel",
     "JumpForward",
     "NgramSpeculation",
     "Proposal",
@@ -131,29 +134,41 @@ class SpeculationSetup:
         can_cut: bool,
         why_not: str = "",
         stats: SpecStats | None = None,
+        draft_model: DraftModel | None = None,
     ) -> None:
         self.mode = mode
         # Drafts need the rejected positions removed from the KV cache: recurrent and
         # hybrid memories (and a sliding window cache not kept whole) cannot cut a tail.
         self.can_cut = can_cut
-        self.ngram = mode != "off" and can_cut
+        self.ngram = mode in ("auto", "ngram") and can_cut
+        self.draft_model = draft_model if mode in ("auto", "draft") and can_cut else None
         self.jump = mode != "off"
         self.stats = stats if stats is not None else SpecStats()
         self.conversation = ConversationIndex() if self.ngram else None
+        kinds = []
+        if self.ngram:
+            kinds.append("n-gram drafts")
+        if self.draft_model is not None:
+            kinds.append(f"drafts from {self.draft_model.name}")
         if mode == "off":
             note = "off (model.speculative)"
         elif not can_cut:
-            note = f"jump-forward only: no n-gram drafts, {why_not}"
+            note = f"jump-forward only: no drafts, {why_not}"
         else:
-            note = "n-gram drafts and jump-forward"
+            note = ", ".join(kinds) + " and jump-forward" if kinds else "jump-forward only"
         self.stats.mode, self.stats.note = mode, note
 
     def speculator(
-        self, prompt: Sequence[int], grammar: Grammar | None, vocab: Vocabulary
+        self, prompt: Sequence[int], grammar: Grammar | None, vocab: Vocabulary, seq: int
     ) -> Speculator | None:
+        """One generation's speculation on sequence `seq` (None: it has none)."""
         drafters: list[Speculation] = []
         if self.ngram:
             drafters.append(NgramSpeculation(self.conversation))
+        if self.draft_model is not None:
+            # After the n-grams: where the conversation has a copy to offer, it is longer
+            # and costs no draft model step.
+            drafters.append(DraftModelSpeculation(self.draft_model, seq))
         jump = (
             JumpForward(grammar, vocab, verified=self.can_cut)
             if self.jump and grammar is not None
