@@ -9,6 +9,7 @@ content between the markers with special tokens disabled.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import re
@@ -60,7 +61,9 @@ class _GenerationBlock(jinja2.ext.Extension):
 @lru_cache(maxsize=8)
 def _compile(source: str) -> jinja2.Template:
     # `break`/`continue` (loopcontrols) are on in Hugging Face's and llama.cpp's renderers.
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+    # Lists and dicts may be changed (Kimi K2's templates queue call ids with `append` and
+    # `pop`): each render gets its own copy of the context, see `render_text`.
+    env = jinja2.sandbox.SandboxedEnvironment(
         trim_blocks=True,
         lstrip_blocks=True,
         undefined=jinja2.ChainableUndefined,
@@ -165,7 +168,9 @@ def render_text(
     if listed:
         context["tools"] = listed
     try:
-        rendered = _compile(template_source).render(**context)
+        # A deep copy: the context shares the request's tool schemas and call arguments (the
+        # grammar is built from them), which a template that mutates must not reach.
+        rendered = _compile(template_source).render(**copy.deepcopy(context))
     except ChatTemplateError:
         raise
     except Exception as exc:  # a template is foreign code: any failure is its failure

@@ -68,6 +68,8 @@ TABLE = [
     ("Mistral-Small-3.2-24B-Instruct-2506.jinja", "mistral", "[TOOL_RESULTS]"),
     ("deepseek-ai-DeepSeek-V3.1.jinja", "deepseek", "<｜end▁of▁sentence｜>"),  # noqa: RUF001
     ("moonshotai-Kimi-K2.jinja", "kimi-k2", "<|im_end|>"),
+    ("Kimi-K2-Instruct.jinja", "kimi-k2", "<|im_end|>"),
+    ("Kimi-K2-Thinking.jinja", "kimi-k2", "<|im_end|>"),
     ("google-gemma-4-31B-it.jinja", "gemma4", "<|tool_response>"),
     ("meta-llama-Llama-3.3-70B-Instruct.jinja", "llama3", "<|eot_id|>"),
 ]

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from pensieved.engine.prompt import render_text, tokenize_rendered
-from pensieved.engine.types import ChatMessage
+from pensieved.engine.types import ChatMessage, ToolCall, ToolSpec
 from pensieved.errors import ChatTemplateError
 
 CHATML = (
@@ -66,6 +66,31 @@ def test_template_raise_exception_surfaces() -> None:
     template = "{{ raise_exception('roles must alternate') }}"
     with pytest.raises(ChatTemplateError, match="roles must alternate"):
         render_text(template, [ChatMessage("user", "x")], bos_text="", eos_text="")
+
+
+def test_a_template_mutates_only_its_own_copy() -> None:
+    """Kimi K2's templates `append` and `pop`; what they change is the render's own copy, never
+    the request's tool schemas and call arguments (the grammar is built from those)."""
+    template = (
+        "{% set queue = [] %}{% set _ = queue.append('q') %}{{ queue.pop(0) }}"
+        "{% set _ = tools[0].function.parameters.update({'type': 'string'}) %}"
+        "{% set _ = messages[1].tool_calls[0].function.arguments.clear() %}"
+        "{% set _ = messages.pop() %}{{ messages | length }}"
+    )
+    schema = {"type": "object", "properties": {"path": {"type": "string"}}}
+    arguments = {"path": "/tmp"}
+    messages = [
+        ChatMessage("user", "x"),
+        ChatMessage("assistant", "", tool_calls=(ToolCall("c1", "read", arguments),)),
+    ]
+    tool = ToolSpec("read", "Read a file.", schema)
+    for _ in range(2):  # the second render sees what the first did not change
+        rendered, _contents = render_text(
+            template, messages, bos_text="", eos_text="", tools=[tool]
+        )
+        assert rendered == "q1"
+    assert schema == {"type": "object", "properties": {"path": {"type": "string"}}}
+    assert arguments == {"path": "/tmp"} and len(messages) == 2
 
 
 def test_bos_not_doubled() -> None:

@@ -47,9 +47,14 @@ DIALECTS = [
     ("llama3", "meta-llama-Llama-3.3-70B-Instruct.jinja"),
 ]
 # More templates where a dialect's first one does not cover their history: Mistral Small 3.2's
-# writes call ids, and takes them as nine letters and digits only.
-CASES = [*DIALECTS, ("mistral", "Mistral-Small-3.2-24B-Instruct-2506.jinja")]
-IDS = [*(d for d, _ in DIALECTS), "mistral-small-3.2"]
+# writes call ids, and takes them as nine letters and digits only; Kimi K2 Thinking's numbers
+# its calls with a queue it appends to and pops, and writes an empty `<think></think>` first.
+CASES = [
+    *DIALECTS,
+    ("mistral", "Mistral-Small-3.2-24B-Instruct-2506.jinja"),
+    ("kimi-k2", "Kimi-K2-Thinking.jinja"),
+]
+IDS = [*(d for d, _ in DIALECTS), "mistral-small-3.2", "kimi-k2-thinking"]
 
 SCHEDULE: dict[str, Any] = {
     "name": "schedule_backup",
