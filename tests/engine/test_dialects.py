@@ -194,7 +194,14 @@ def test_a_call_of_an_unknown_tool_is_text(dialect: str) -> None:
 # ---- reasoning and visible text through the output router ------------------------------
 
 
-def route(dialect: str, pieces: list[str], *, tools: bool = True) -> list[Any]:
+def route(
+    dialect: str,
+    pieces: list[str],
+    *,
+    tools: bool = True,
+    thinking: bool = True,
+    thinking_open: bool = False,
+) -> list[Any]:
     from pensieved.engine.output import OutputRouter
     from pensieved.engine.types import GenerationRequest, PreparedPrompt
 
@@ -202,10 +209,11 @@ def route(dialect: str, pieces: list[str], *, tools: bool = True) -> list[Any]:
         messages=(ChatMessage("user", "hi"),),
         max_tokens=100,
         tools=(TOOL,) if tools else (),
-        thinking=True,
+        thinking=thinking,
     )
     events: list[Any] = []
-    router = OutputRouter(PreparedPrompt(request, (1,), 100, tool_dialect=dialect), events.append)
+    prepared = PreparedPrompt(request, (1,), 100, thinking_open=thinking_open, tool_dialect=dialect)
+    router = OutputRouter(prepared, events.append)
     for piece in pieces:
         router.feed(piece)
     router.end_of_turn()
@@ -224,6 +232,7 @@ def pieces_of(text: str, size: int = 3) -> list[str]:
         ("seed-oss", "<seed:think>Need weather.</seed:think>"),
         ("mistral", "[THINK]Need weather.[/THINK]"),
         ("glm", "<think>Need weather.</think>"),
+        ("gemma4", "<|channel>thought\nNeed weather.<channel|>"),
     ],
 )
 def test_reasoning_in_the_familys_markup_is_thinking(dialect: str, reply: str) -> None:
@@ -247,6 +256,39 @@ def test_harmony_answer_headers_are_not_shown() -> None:
     events = route("harmony", pieces_of(reply, 2), tools=False)
     assert "".join(e.text for e in events if isinstance(e, ThinkingPiece)) == "Greet back."
     assert "".join(e.text for e in events if isinstance(e, TextPiece)) == "Hello there!"
+
+
+@pytest.mark.parametrize("thinking", [True, False])
+def test_gemma4_thought_channel_over_its_template(thinking: bool) -> None:
+    """The request's `thinking` sets Gemma 4's switch (`enable_thinking`: a `<|think|>` line in
+    the system turn; off, the generation prompt closes an empty thought block), and the model's
+    thought channel is a thinking block. The empty block or lone `<channel|>` it may write after
+    its answer is not shown."""
+    from pensieved.engine.prompt import render_request
+    from pensieved.engine.thinking import prompt_opens_thinking
+    from pensieved.engine.types import GenerationRequest, TextPiece, ThinkingPiece
+
+    source = (TEMPLATES / GEMMA4).read_text()
+    asked = (ChatMessage("system", "Be brief."), ChatMessage("user", "Weather in Paris?"))
+    request = GenerationRequest(asked, max_tokens=100, tools=(TOOL,), thinking=thinking)
+    rendered, _ = render_request(source, request, bos_text="", eos_text="")
+    assert ("<|think|>" in rendered) == thinking
+    closed = "" if thinking else "<|channel>thought\n<channel|>"
+    assert rendered.endswith("<|turn>model\n" + closed)
+    opened = prompt_opens_thinking(rendered, by_name("gemma4").reasoning.open)
+    assert not opened
+
+    thought = "<|channel>thought\nParis, three days.\n<channel|>" if thinking else ""
+    stray = "<channel|><|channel>thought\n<channel|>"
+    reply = f"{thought}Let me look.{stray}" + by_name("gemma4").syntax.render(TOOL.name, ARGS)
+    events = route("gemma4", pieces_of(reply), thinking=thinking, thinking_open=opened)
+    shown = "".join(e.text for e in events if isinstance(e, ThinkingPiece))
+    assert shown == ("Paris, three days." if thinking else "")
+    assert "".join(e.text for e in events if isinstance(e, TextPiece)) == "Let me look."
+    assert [e for e in events if isinstance(e, ToolCallEnd)] == [ToolCallEnd(ARGS, True)]
+    # Without tools too: the stray markup is dropped from an answer.
+    events = route("gemma4", pieces_of(f"{thought}Sunny.{stray}", 2), tools=False)
+    assert "".join(e.text for e in events if isinstance(e, TextPiece)) == "Sunny."
 
 
 # ---- Gemma 4's notation: nested values, streaming, the override --------------------------

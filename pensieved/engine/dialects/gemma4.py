@@ -4,7 +4,11 @@
 
 keys unquoted and in sorted order (the template writes them with `dictsort`), strings between
 `<|"|>` delimiters with nothing escaped, numbers and `true`/`false` as JSON, null as Python's
-`None`. Reasoning sits in a `<|channel>thought` … `<channel|>` block.
+`None`. Reasoning sits in a `<|channel>thought\n` … `<channel|>` block, switched on by the
+template's `enable_thinking` (a `<|think|>` line in the system turn; off, the generation
+prompt closes an empty thought block itself). After its answer the model may write another
+empty thought block or a lone `<channel|>` (llama.cpp's parser allows both): those are dropped
+from the visible text.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pensieved.engine.schema import normalise
 
 QUOTE = '<|"|>'  # the string delimiter, a token of Gemma 4's own
 _OPEN, _CLOSE = "<|tool_call>", "<tool_call|>"
+_THOUGHT, _THOUGHT_END = "<|channel>thought", "<channel|>"
 _CLOSERS = {"{": "}", "[": "]"}
 
 
@@ -294,6 +299,7 @@ GEMMA4 = Dialect(
         args=NotationArgs(reader=Gemma4Reader, rule=_args_rule),
         call_close=_CLOSE,
         render=_render,
+        drop=(f"{_THOUGHT}\n{_THOUGHT_END}", _THOUGHT_END),
     ),
-    reasoning=Reasoning(open="<|channel>thought", close="<channel|>"),
+    reasoning=Reasoning(open=_THOUGHT, close=_THOUGHT_END),
 )
