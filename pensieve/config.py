@@ -286,6 +286,8 @@ ToolDialect = Literal[
     "harmony",
     "mistral",
     "deepseek",
+    "deepseek-v3.2",
+    "deepseek-v4",
     "kimi-k2",
     "gemma4",
     "llama3",
@@ -525,8 +527,8 @@ class ModelConfig(_Section):
     tool_dialect: ToolDialect = Field(
         "auto",
         description="Tool-call syntax of `model_path`'s model (hermes, qwen3-xml, seed-oss, "
-        "glm, minimax, harmony, mistral, deepseek, kimi-k2, gemma4, llama3; see "
-        "docs/dialects.md); `auto`: detected from the chat template.",
+        "glm, minimax, harmony, mistral, deepseek, deepseek-v3.2, deepseek-v4, kimi-k2, gemma4, "
+        "llama3; see docs/dialects.md); `auto`: detected from the chat template.",
     )
     idle_unload_s: float = Field(
         900,

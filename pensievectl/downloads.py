@@ -29,6 +29,8 @@ from pensievectl.status import human_bytes
 # Markers of each family's tool-call syntax in a chat template, most specific first: a guess
 # for the listing only (the daemon detects the dialect it uses and `status` names it).
 _DIALECT_MARKERS = (
+    ("dsml_token + 'function_calls", "deepseek-v3.2"),  # V4 names its block tool_calls
+    ("dsml_token", "deepseek-v4"),
     ("<|channel|>", "harmony"),
     ("<function=", "qwen3-xml"),
     ("<arg_key>", "glm"),

@@ -42,6 +42,7 @@ class OutputRouter:
             start_open=prepared.thinking_open and not forced,
             open_tag=reasoning.open,
             close_tag=reasoning.close,
+            ends=reasoning.ends,
         )
         self._show_thinking = request.thinking
         self._no_tools = request.tool_choice.mode == "none"

@@ -26,9 +26,15 @@ class ThinkSplitter:
     analysis channel header and `<|end|>`)."""
 
     def __init__(
-        self, *, start_open: bool = False, open_tag: str = THINK_OPEN, close_tag: str = THINK_CLOSE
+        self,
+        *,
+        start_open: bool = False,
+        open_tag: str = THINK_OPEN,
+        close_tag: str = THINK_CLOSE,
+        ends: tuple[str, ...] = (),
     ) -> None:
         self._open, self._close = open_tag, close_tag
+        self._ends = ends  # what also ends the reasoning, kept as the answer's start
         self._state = "thinking" if start_open else "start"  # start | thinking | after | text
         self._buffer = ""
         self._fresh = True  # nothing of the reasoning seen yet
@@ -56,15 +62,18 @@ class ThinkSplitter:
                 if not self._buffer:
                     return
                 self._fresh = False
-            at = self._buffer.find(self._close)
-            if at >= 0:
+            found = [(self._buffer.find(tag), tag) for tag in (self._close, *self._ends)]
+            hits = [(at, tag) for at, tag in found if at >= 0]
+            if hits:
+                at, tag = min(hits)
                 out.append((True, self._buffer[:at].rstrip("\n")))
-                self._buffer = self._buffer[at + len(self._close) :]
+                kept = at if tag in self._ends else at + len(tag)
+                self._buffer = self._buffer[kept:]
                 self._state = "after"
                 return
             # Held: a possible start of `</think>` and the line breaks before it, which are
             # layout around the tag, not reasoning.
-            keep = held_prefix(self._buffer, self._close)
+            keep = held_prefix(self._buffer, self._close, *self._ends)
             cut = len(self._buffer) - keep
             cut -= _trailing_newlines(self._buffer[:cut])
             if cut > 0:

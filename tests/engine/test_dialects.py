@@ -67,6 +67,9 @@ TABLE = [
     ("mistralai-Ministral-3-14B-Reasoning-2512.jinja", "mistral", "[TOOL_RESULTS]"),
     ("Mistral-Small-3.2-24B-Instruct-2506.jinja", "mistral", "[TOOL_RESULTS]"),
     ("deepseek-ai-DeepSeek-V3.1.jinja", "deepseek", "<｜end▁of▁sentence｜>"),  # noqa: RUF001
+    ("deepseek-ai-DeepSeek-V3.2.jinja", "deepseek-v3.2", "<｜end▁of▁sentence｜>"),  # noqa: RUF001
+    ("deepseek-ai-DeepSeek-V4.jinja", "deepseek-v4", "<｜end▁of▁sentence｜>"),  # noqa: RUF001
+    ("deepseek-ai-DeepSeek-V4-Flash-0731.jinja", "deepseek-v4", "<｜end▁of▁sentence｜>"),  # noqa: RUF001
     ("moonshotai-Kimi-K2.jinja", "kimi-k2", "<|im_end|>"),
     ("Kimi-K2-Instruct.jinja", "kimi-k2", "<|im_end|>"),
     ("Kimi-K2-Thinking.jinja", "kimi-k2", "<|im_end|>"),
@@ -233,6 +236,7 @@ def pieces_of(text: str, size: int = 3) -> list[str]:
         ("mistral", "[THINK]Need weather.[/THINK]"),
         ("glm", "<think>Need weather.</think>"),
         ("gemma4", "<|channel>thought\nNeed weather.<channel|>"),
+        ("deepseek-v4", "<think>Need weather.</think>"),
     ],
 )
 def test_reasoning_in_the_familys_markup_is_thinking(dialect: str, reply: str) -> None:
@@ -242,6 +246,19 @@ def test_reasoning_in_the_familys_markup_is_thinking(dialect: str, reply: str) -
     events = route(dialect, pieces_of(reply + call))
     thinking = "".join(e.text for e in events if isinstance(e, ThinkingPiece))
     assert thinking == "Need weather."
+    assert [e for e in events if isinstance(e, ToolCallEnd)] == [ToolCallEnd(ARGS, True)]
+    assert not [e for e in events if isinstance(e, TextPiece)]
+
+
+@pytest.mark.parametrize("dialect", ["deepseek-v3.2", "deepseek-v4"])
+def test_a_dsml_call_block_ends_the_reasoning_it_opens_in(dialect: str) -> None:
+    """DeepSeek V3.2 and V4 may begin their calls inside `<think>` (the generation prompt
+    opened it) without closing it: the block ends the reasoning and is a call."""
+    from pensieved.engine.types import TextPiece, ThinkingPiece
+
+    call = by_name(dialect).syntax.render(TOOL.name, ARGS)
+    events = route(dialect, pieces_of("Need weather.\n\n" + call), thinking_open=True)
+    assert "".join(e.text for e in events if isinstance(e, ThinkingPiece)) == "Need weather."
     assert [e for e in events if isinstance(e, ToolCallEnd)] == [ToolCallEnd(ARGS, True)]
     assert not [e for e in events if isinstance(e, TextPiece)]
 

@@ -42,6 +42,8 @@ DIALECTS = [
     ("harmony", "openai-gpt-oss-120b.jinja"),
     ("mistral", "unsloth-mistral-Devstral-Small-2507.jinja"),
     ("deepseek", "deepseek-ai-DeepSeek-V3.1.jinja"),
+    ("deepseek-v3.2", "deepseek-ai-DeepSeek-V3.2.jinja"),
+    ("deepseek-v4", "deepseek-ai-DeepSeek-V4.jinja"),
     ("kimi-k2", "moonshotai-Kimi-K2.jinja"),
     ("gemma4", "google-gemma-4-31B-it.jinja"),
     ("llama3", "meta-llama-Llama-3.3-70B-Instruct.jinja"),
@@ -74,8 +76,10 @@ SCHEDULE: dict[str, Any] = {
 # Templates whose generation prompt opens a reasoning block that their history leaves out:
 # Seed-OSS with reasoning off (thinking_budget 0) reflects on the budget (~40 tokens),
 # MiniMax-M2 opens `<think>` (4 tokens here), Gemma 4 with thinking off writes an empty
-# `<|channel>thought\n<channel|>` block (10 tokens here, 8 of them unlike the call's start).
-REWRITTEN = {"seed-oss": 48, "minimax": 6, "gemma4": 10}
+# `<|channel>thought\n<channel|>` block (10 tokens here, 8 of them unlike the call's start),
+# DeepSeek V3.2 with thinking off writes `<think></think>` where its history has `</think>`
+# (5 tokens here).
+REWRITTEN = {"seed-oss": 48, "minimax": 6, "gemma4": 10, "deepseek-v3.2": 5}
 SYSTEM = "You schedule backups."
 ASK = "Back up my photos every night at 2, incrementally."
 

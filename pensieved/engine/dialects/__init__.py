@@ -10,6 +10,7 @@ from __future__ import annotations
 from pensieve.config import TOOL_DIALECTS
 from pensieved.engine.dialects.base import Dialect
 from pensieved.engine.dialects.deepseek import DEEPSEEK
+from pensieved.engine.dialects.deepseek_dsml import DEEPSEEK_V4, DEEPSEEK_V32
 from pensieved.engine.dialects.gemma4 import GEMMA4
 from pensieved.engine.dialects.glm import GLM
 from pensieved.engine.dialects.harmony import HARMONY
@@ -30,6 +31,8 @@ DIALECTS: tuple[Dialect, ...] = (
     HARMONY,
     MISTRAL,
     DEEPSEEK,
+    DEEPSEEK_V32,
+    DEEPSEEK_V4,
     KIMI_K2,
     GEMMA4,
     LLAMA3,  # last: its trigger, a bare JSON object, is the least distinctive

@@ -56,6 +56,10 @@ class XmlArgs:
     separator: str = "\n"  # written after each parameter
     key_close_gbnf: str = ""  # GBNF for `key_close` when it may be spaced differently
     newline_values: bool = False  # values sit on lines of their own (one newline each side)
+    # `key_close` for a raw string value and for a JSON one, where the tag says which it is
+    # (DeepSeek's DSML: `" string="true">`, `" string="false">`); the grammar writes the one
+    # that fits the property's schema.
+    typed_key_close: tuple[str, str] | None = None
 
 
 class NotationReader(Protocol):
@@ -122,6 +126,9 @@ class Reasoning:
 
     open: str = "<think>"
     close: str = "</think>"
+    # What else ends the reasoning, kept as the start of the answer (DeepSeek V3.2 and V4 may
+    # open their call block inside `<think>` without closing it first).
+    ends: tuple[str, ...] = ()
     switches: Callable[[bool], dict[str, Any]] = _no_switches
 
 

@@ -91,6 +91,13 @@ def _value_rule(
     return convert_normalised(converter, schema or {}, name)
 
 
+def _key_close(args: XmlArgs, raw: bool) -> str:
+    """GBNF of what closes a parameter's key, for a value written raw or as JSON."""
+    if args.typed_key_close is not None:
+        return escape_literal(args.typed_key_close[0 if raw else 1])
+    return args.key_close_gbnf or escape_literal(args.key_close)
+
+
 def xml_args_rule(
     converter: SchemaConverter, schema: dict[str, Any], name: str, args: XmlArgs
 ) -> tuple[str, list[str]]:
@@ -99,24 +106,23 @@ def xml_args_rule(
     props = normalised.get("properties") if normalised.get("type") == "object" else None
     sep = f"{escape_literal(args.separator)}?" if args.separator else ""
 
-    def param(key_gbnf: str, value: str) -> str:
+    def param(key_gbnf: str, value: str, raw: bool) -> str:
         nl = '"\\n"?' if args.newline_values else ""
         return (
-            f"{escape_literal(args.key_open)} {key_gbnf} "
-            f"{args.key_close_gbnf or escape_literal(args.key_close)} "
+            f"{escape_literal(args.key_open)} {key_gbnf} {_key_close(args, raw)} "
             f"{nl} {value} {nl} {escape_literal(args.value_close)} {sep}"
         )
 
     if not isinstance(props, dict) or not props:
         key = ANY_KEY
         value = converter.add_rule(f"{name}-raw", text_without(args.value_close))
-        body = f"( {param(key, value)} )*"
+        body = f"( {param(key, value, True)} )*"
         return converter.add_rule(f"{name}-args", body), [*loosened, "any parameters"]
     required = set(normalised.get("required", []))
     parts = []
     for index, (key, prop) in enumerate(props.items()):
         value = _value_rule(converter, prop, f"{name}-p{index}-{_rule_safe(key)}", args)
-        item = param(escape_literal(key), value)
+        item = param(escape_literal(key), value, _string_only(prop))
         parts.append(f"( {item} )" if key in required else f"( {item} )?")
     return converter.add_rule(f"{name}-args", " ".join(parts)), loosened
 
