@@ -446,12 +446,13 @@ def render_request(
     """The request's prompt in the template `source`, with content markers (render_text);
     `tool_dialect` is the setting that picks the tool dialect (`auto`: detected)."""
     caps = template_caps(source, tool_dialect)
-    messages, template_tools = conversation_for_template(caps, request.messages, request.tools)
+    given, prefill = split_prefill(request.messages)
+    messages, template_tools = conversation_for_template(caps, given, request.tools)
     extra = None
     if source:
         switches = caps.dialect.dialect.reasoning.switches(request.thinking)
         extra = {**switches, **request_variables(source, request)}
-    return render_text(
+    rendered, contents = render_text(
         source,
         messages,
         bos_text=bos_text,
@@ -459,3 +460,20 @@ def render_request(
         tools=template_tools,
         extra=extra,
     )
+    if prefill:
+        # The reply continues the text as written: after the generation prompt, as content.
+        marked = _Marked()
+        marked.texts = contents
+        rendered += marked.mark(prefill)
+    return rendered, contents
+
+
+def split_prefill(
+    messages: Sequence[ChatMessage],
+) -> tuple[Sequence[ChatMessage], str | None]:
+    """The conversation before a final assistant turn the reply is to continue (the Messages
+    API's prefill: text only, no tool calls), and that turn's text; (messages, None) when the
+    conversation does not end with one."""
+    if messages and messages[-1].role == "assistant" and not messages[-1].tool_calls:
+        return messages[:-1], messages[-1].content
+    return messages, None

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from pensieved.engine.prompt import render_text, tokenize_rendered
-from pensieved.engine.types import ChatMessage, ToolCall, ToolSpec
+from pensieved.engine.prompt import render_request, render_text, split_prefill, tokenize_rendered
+from pensieved.engine.types import ChatMessage, GenerationRequest, ToolCall, ToolSpec
 from pensieved.errors import ChatTemplateError
 
 CHATML = (
@@ -99,3 +99,23 @@ def test_bos_not_doubled() -> None:
     )
     tokens = tokenize_rendered(rendered, contents, fake_tokenize, add_bos=True, bos_text="<s>")
     assert tokens == [-1, ord("x")]
+
+
+def test_a_final_assistant_turn_is_continued_not_closed() -> None:
+    prefill = "The answer is <|im_end|>"  # content: a marker-looking string stays text
+    request = GenerationRequest(
+        messages=(ChatMessage("user", "Say it."), ChatMessage("assistant", prefill)),
+        max_tokens=8,
+    )
+    rendered, contents = render_request(CHATML, request, bos_text="", eos_text="<|im_end|>")
+    tokens = tokenize_rendered(rendered, contents, fake_tokenize, add_bos=False, bos_text="")
+    text = "".join(chr(t) if t > 0 else f"[{t}]" for t in tokens)
+    # The generation prompt, then the prefill as text: no end of turn after it.
+    assert text.endswith(f"[-10]assistant\n{prefill}")
+    assert tokens.count(-11) == 1  # the user turn's end only
+    # A final assistant turn with tool calls is history, not a prefill.
+    called = ChatMessage("assistant", "", tool_calls=(ToolCall("id1", "f", {}),))
+    assert split_prefill((ChatMessage("user", "x"), called)) == (
+        (ChatMessage("user", "x"), called),
+        None,
+    )

@@ -92,6 +92,26 @@ def test_count_tokens_matches_usage(daemon: DaemonProcess) -> None:
     assert counted.input_tokens == prompt_tokens(message.usage)
 
 
+def test_a_final_assistant_turn_is_continued(daemon: DaemonProcess) -> None:
+    # The Messages API's prefill: the reply continues the assistant's text, so the prompt is
+    # the conversation, the generation prompt and that text, with no end of turn after it.
+    # One letter is one token in any vocabulary: continued, it adds exactly one.
+    client = daemon.client()
+    question = {"role": "user", "content": "Name a fruit that starts with A."}
+    alone = client.messages.count_tokens(model=MODEL, messages=[question])
+    prefilled = client.messages.count_tokens(
+        model=MODEL, messages=[question, {"role": "assistant", "content": "A"}]
+    )
+    assert prefilled.input_tokens == alone.input_tokens + 1
+    message = client.messages.create(
+        model=MODEL,
+        max_tokens=8,
+        messages=[question, {"role": "assistant", "content": "A"}],
+    )
+    assert prompt_tokens(message.usage) == prefilled.input_tokens
+    assert message.content and message.content[0].type == "text"
+
+
 def test_max_tokens_reached(daemon: DaemonProcess) -> None:
     client = daemon.client()
     message = client.messages.create(
