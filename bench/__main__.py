@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +37,7 @@ from bench.targets import (
 )
 from bench.workloads import run_concurrency, run_decode, run_ttft
 from pensieve.paths import bundled_model_path
+from pensieved.engine.templates import BUILTIN
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -56,7 +58,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--kv-cache-type",
         choices=["f16", "q8_0", "q4_0"],
-        help="every target's K and V cache (default: f16; q8_0 for --agent-edit)",
+        help="every target's K and V cache (default: f16)",
     )
     parser.add_argument(
         "--kv-unified",
@@ -193,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         context_size=args.context_size,
         batch_size=args.batch_size,
         flash_attention=args.flash_attention,
-        kv_cache_type=args.kv_cache_type or ("q8_0" if args.agent_edit else "f16"),
+        kv_cache_type=args.kv_cache_type or "f16",
         kv_unified={"true": True, "false": False}.get(args.kv_unified, "auto"),
     )
     if args.agent_edit:
@@ -305,11 +307,14 @@ def agent_edit_main(args: argparse.Namespace, model: Path, settings: Settings) -
 
     if not args.model and agent_edit.BASE_MODEL.is_file():
         model = agent_edit.BASE_MODEL
-        # A base model's GGUF has no chat template; Gemma's turn markers on both sides.
+        # A base model's GGUF has no chat template: Gemma's turn markers, the same Jinja on
+        # both sides (llama-server continues a final assistant message only with Jinja).
+        template = Path(tempfile.mkdtemp(prefix="pensieve-bench-")) / "gemma.jinja"
+        template.write_text(BUILTIN["gemma"])
         settings = dataclasses.replace(
             settings,
-            pensieved_model=(("chat_template", "gemma"),),
-            llama_args=("--chat-template", "gemma"),
+            pensieved_model=(("chat_template", str(template)),),
+            llama_args=("--chat-template-file", str(template)),
         )
     # A sliding-window model's drafts need its whole window cache (docs/speculation.md); both
     # sides keep it, so they do the same work.
@@ -329,8 +334,19 @@ def agent_edit_main(args: argparse.Namespace, model: Path, settings: Settings) -
     for mode in ("auto", "off"):
         spec = dataclasses.replace(settings, speculative=mode)
         starts[f"pensieved speculation {mode}"] = functools.partial(start_pensieved, model, spec)
+        keys = ", ".join(
+            f"{key}: {value}"
+            for key, value in (
+                ("speculative", mode),
+                ("threads", spec.threads),
+                ("slots", spec.slots),
+                ("context_size", spec.context_size),
+                ("kv_cache_type", spec.kv_cache_type),
+                *spec.pensieved_model,
+            )
+        )
         commands[f"pensieved speculation {mode}"] = [
-            "python", "-m", "pensieved", f"(model.speculative: {mode})"
+            "python", "-m", "pensieved", f"(model: {keys})"
         ]  # fmt: skip
     binary, why = (
         (None, "skipped") if args.no_llama_server else find_llama_server(args.llama_server)

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from bench.targets import ServerProcess, stream_message
+from bench.targets import ServerProcess, stream_chat, stream_message
 from bench.workloads import body, decode_rate, median, story_prompt
 
 COPY_GRAM = 12
@@ -64,7 +64,9 @@ def copy_share(context: Sequence[int], output: Sequence[int], n: int = COPY_GRAM
 def one_rate(
     server: ServerProcess, messages: list[dict[str, str]], tokens: int
 ) -> tuple[float | None, str]:
-    result = stream_message(server.port, body(messages, tokens))
+    # Chat Completions: llama-server continues a final assistant message only there.
+    prefill = messages[-1]["content"] if messages[-1]["role"] == "assistant" else ""
+    result = stream_chat(server.port, body(messages, tokens), echo=prefill)
     return decode_rate(result), result.text
 
 
@@ -93,42 +95,51 @@ def run(
     pensieved: Sequence[str],
     log: Callable[[str], None],
 ) -> dict[str, Any]:
-    """Each target in turn (one server at a time: the machine has few cores)."""
+    """Every target started first, then measured in turn, one request at a time, each round
+    over all of them: a shared machine's load then weighs on every target alike, not on
+    whichever happened to run while another job did."""
     messages = copy_messages()
     context = tokenize("".join(m["content"] for m in messages))
-    rows: dict[str, Any] = {}
-    for name, start in starts.items():
-        log(f"agent-edit: {name}")
-        server = start()
-        try:
-            rates, shares, prose, texts = [], [], [], []
-            for _ in range(reps):
+    servers: dict[str, ServerProcess] = {}
+    rates: dict[str, list[float]] = {name: [] for name in starts}
+    shares: dict[str, list[float]] = {name: [] for name in starts}
+    texts: dict[str, list[str]] = {name: [] for name in starts}
+    prose: dict[str, list[float]] = {name: [] for name in pensieved}
+    four: dict[str, list[float]] = {name: [] for name in pensieved}
+    story = [{"role": "user", "content": story_prompt()}]
+    try:
+        for name, start in starts.items():
+            log(f"agent-edit: starting {name}")
+            servers[name] = start()
+        for rep in range(reps):
+            log(f"agent-edit: round {rep + 1} of {reps}")
+            for name, server in servers.items():
                 rate, text = one_rate(server, messages, tokens)
                 if rate is not None:
-                    rates.append(rate)
-                shares.append(copy_share(context, tokenize(text)))
-                texts.append(text)
-                if name in pensieved:
-                    prose_rate, _ = one_rate(
-                        server, [{"role": "user", "content": story_prompt()}], tokens
-                    )
+                    rates[name].append(rate)
+                shares[name].append(copy_share(context, tokenize(text)))
+                texts[name].append(text)
+                if name in prose:
+                    prose_rate, _ = one_rate(server, story, tokens)
                     if prose_rate is not None:
-                        prose.append(prose_rate)
-            row: dict[str, Any] = {
-                "command": shlex.join(command_lines.get(name, [])),
-                "copy_tokens_per_s": median(rates),
-                "copy_share": median(shares),
-                "runs": rates,
-                "text": texts[0] if texts else "",
-            }
-            if name in pensieved:
-                row["prose_tokens_per_s"] = median(prose)
-                row["four_clients_tokens_per_s"] = median(
-                    [four_clients(server, tokens // 2) for _ in range(reps)]
-                )
-            rows[name] = row
-        finally:
+                        prose[name].append(prose_rate)
+                    four[name].append(four_clients(server, tokens // 2))
+    finally:
+        for server in servers.values():
             server.stop()
+    rows: dict[str, Any] = {}
+    for name in starts:
+        row: dict[str, Any] = {
+            "command": shlex.join(command_lines.get(name, [])),
+            "copy_tokens_per_s": median(rates[name]),
+            "copy_share": median(shares[name]),
+            "runs": rates[name],
+            "text": texts[name][0] if texts[name] else "",
+        }
+        if name in prose:
+            row["prose_tokens_per_s"] = median(prose[name])
+            row["four_clients_tokens_per_s"] = median(four[name])
+        rows[name] = row
     return {"max_tokens": tokens, "reps": reps, "source": SOURCE.name, "targets": rows}
 
 

@@ -52,16 +52,17 @@ class StreamResult:
 
 
 def stream_events(
-    port: int, body: dict[str, Any], timeout: float = 900
+    port: int, body: dict[str, Any], timeout: float = 900, *, path: str = "/v1/messages"
 ) -> Iterator[tuple[float, dict[str, Any]]]:
-    """POST a streamed /v1/messages request; yield each SSE event with its arrival time in
-    seconds since sending, up to message_stop. An HTTP or stream error raises."""
+    """POST a streamed request (Messages, or Chat Completions at its path); yield each SSE
+    event with its arrival time in seconds since sending, up to message_stop or [DONE]. An
+    HTTP or stream error raises."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         started = time.perf_counter()
         conn.request(
             "POST",
-            "/v1/messages",
+            path,
             body=json.dumps({**body, "stream": True}).encode(),
             headers={"content-type": "application/json", "anthropic-version": "2023-06-01"},
         )
@@ -71,14 +72,56 @@ def stream_events(
         for raw in response:
             if not raw.startswith(b"data:"):
                 continue
+            if raw[5:].strip() == b"[DONE]":
+                return
             event = json.loads(raw[5:])
-            if event.get("type") == "error":
+            if event.get("type") == "error" or "error" in event:
                 raise RuntimeError(f"stream error: {event}")
             yield time.perf_counter() - started, event
             if event.get("type") == "message_stop":
                 return
     finally:
         conn.close()
+
+
+def stream_chat(
+    port: int, body: dict[str, Any], timeout: float = 900, *, echo: str = ""
+) -> StreamResult:
+    """A streamed /v1/chat/completions request with every text delta timestamped: the one
+    endpoint where llama-server, like pensieved, continues a final assistant message.
+    llama-server sends that message's text back first; `echo`, when the reply starts with
+    it, is left out of the text and the timings."""
+    deltas: list[float] = []
+    parts: list[str] = []
+    usage: dict[str, Any] = {}
+    last = 0.0
+    pending = echo  # what of the echo has not come yet
+    request = {**body, "stream_options": {"include_usage": True}}
+    for at, event in stream_events(port, request, timeout, path="/v1/chat/completions"):
+        last = at
+        for choice in event.get("choices") or []:
+            text = (choice.get("delta") or {}).get("content") or ""
+            if pending and text and not parts:
+                shared = next(
+                    (i for i, (a, b) in enumerate(zip(pending, text, strict=False)) if a != b),
+                    min(len(pending), len(text)),
+                )
+                pending, text = pending[shared:], text[shared:]
+                if shared == 0:
+                    pending = ""  # no echo: the reply itself
+            if text:
+                deltas.append(at)
+                parts.append(text)
+        usage.update(event.get("usage") or {})
+    return StreamResult(
+        ttft_s=deltas[0] if deltas else last,
+        delta_times=deltas,
+        output_tokens=int(usage.get("completion_tokens") or len(deltas)),
+        input_tokens=int(usage.get("prompt_tokens") or 0),
+        cache_read_tokens=0,
+        total_s=last,
+        text="".join(parts),
+    )
 
 
 def stream_message(port: int, body: dict[str, Any], timeout: float = 900) -> StreamResult:

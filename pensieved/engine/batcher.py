@@ -404,12 +404,15 @@ def plan_step(
     decoding = [g for g in running if g.pending]
     turn = step % len(decoding) if decoding else 0
     adds: list[tuple[Generation, tuple[int, ...], int]] = []
+    # The sampled tokens of the streams still to come: a draft never takes their room.
+    owed = sum(len(g.pending) for g in decoding)
     for generation in decoding[turn:] + decoding[:turn]:
         pending = generation.pending
+        owed -= len(pending)
         if len(pending) > room:
             generation.draft = ()
             continue  # its turn comes when the rotation puts it first
-        draft = generation.draft[: room - len(pending)]
+        draft = generation.draft[: max(0, room - len(pending) - owed)]
         generation.draft = draft
         adds.append((generation, (*pending, *draft), 1 + len(draft)))
         room -= len(pending) + len(draft)

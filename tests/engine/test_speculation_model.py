@@ -11,14 +11,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pensieve.paths import bundled_model_path
 from pensieved.engine.batcher import Batcher
+from pensieved.engine.dialects import DIALECTS, Dialect
 from pensieved.engine.generation import Generation
-from pensieved.engine.grammar import request_grammar
+from pensieved.engine.grammar import request_grammar, tool_call_grammar
 from pensieved.engine.model import LoadedModel, ModelSettings
 from pensieved.engine.sampler import Sampler
 from pensieved.engine.slots import Slot
@@ -265,7 +267,7 @@ def test_with_a_quantized_kv_cache_greedy_output_is_the_same_with_drafts_on_two_
     batcher = Batcher(model)
     try:
         engine = (model, batcher, [Slot(0)])
-        text = f"Copy these three files exactly:\n\n{SOURCE}\n{SOURCE}\n{SOURCE}"
+        text = "Copy these five files exactly:\n\n" + "\n".join([SOURCE] * 5)
         prepared = prepare(model, text, 96)
         assert len(prepared.tokens) > 512
         plain = run(engine, prepared, "off")
@@ -369,3 +371,46 @@ def test_jump_forward_reads_any_dialects_fixed_text_from_the_grammar(engine: Eng
         assert model.token_text(proposal.tokens) == "</parameter>\n<parameter=old_string>\n"
     finally:
         sampler.close()
+
+
+# Its keys in sorted order, as the JSON dialects' `render` writes them.
+WRITE = ToolSpec(
+    "Write",
+    "Write a file.",
+    {
+        "type": "object",
+        "properties": {"content": {"type": "string"}, "file_path": {"type": "string"}},
+        "required": ["content", "file_path"],
+    },
+)
+
+
+@pytest.mark.parametrize("dialect", DIALECTS, ids=lambda d: d.name)
+def test_jump_forward_forces_each_dialects_fixed_text_and_nothing_else(
+    engine: Engine, dialect: Dialect
+) -> None:
+    # Walk a forced Write call, as the dialect writes it, through its grammar one character at
+    # a time; wherever jump-forward offers text, the call must go on with exactly that text.
+    model, _, _ = engine
+    values = {"content": "x = 1", "file_path": "a.py"}
+    grammar_text, _ = tool_call_grammar((WRITE,), only="Write", parallel=False, dialect=dialect)
+    parsed = model.parsed_grammar(grammar_text, lazy=False)
+    assert parsed is not None
+    sampler = Sampler(Sampling(temperature=0.0), parsed, seed=1, n_vocab=model.n_vocab)
+    grammar = sampler.grammar
+    assert grammar is not None
+    call = dialect.syntax.render("Write", values)
+    opened = dialect.syntax.block_open
+    text = call if call.startswith(opened) else opened + call
+    forced = [False] * len(text)
+    for i, char in enumerate(text):
+        offered = JumpForward(grammar, model).forced_text()
+        assert text[i:].startswith(offered), (i, offered, text[i:])
+        forced[i : i + len(offered)] = [True] * len(offered)
+        for token in model.tokenize(char, special=False):
+            assert len(grammar.allowed(np.array([token], dtype=np.int32))) == 1, (i, text)
+            grammar.advance(token)
+    # The envelope, the name and the keys are the grammar's; the values are the model's.
+    assert sum(forced) >= len(text) // 2, (sum(forced), len(text))
+    name = text.index("Write")
+    assert all(forced[name : name + len("Write")]), text

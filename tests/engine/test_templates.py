@@ -119,7 +119,9 @@ def test_loop_controls_work() -> None:
 def test_the_generation_block_renders_its_body() -> None:
     source = "{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}"
     source += "<{{ m.content }}>{% endgeneration %}{% else %}{{ m.content }}{% endif %}{% endfor %}"
-    assert plain(source, ask(ChatMessage("user", "a"), ChatMessage("assistant", "b"))) == "a<b>"
+    # (An assistant turn in the history: a final one would be a prefill, continued as text.)
+    history = ask(ChatMessage("user", "a"), ChatMessage("assistant", "b"), ChatMessage("user", "c"))
+    assert plain(source, history) == "a<b>c"
 
 
 @pytest.mark.parametrize(
