@@ -283,6 +283,7 @@ ToolDialect = Literal[
     "seed-oss",
     "glm",
     "minimax",
+    "minimax-m3",
     "harmony",
     "mistral",
     "deepseek",
@@ -527,8 +528,8 @@ class ModelConfig(_Section):
     tool_dialect: ToolDialect = Field(
         "auto",
         description="Tool-call syntax of `model_path`'s model (hermes, qwen3-xml, seed-oss, "
-        "glm, minimax, harmony, mistral, deepseek, deepseek-v3.2, deepseek-v4, kimi-k2, gemma4, "
-        "llama3; see docs/dialects.md); `auto`: detected from the chat template.",
+        "glm, minimax, minimax-m3, harmony, mistral, deepseek, deepseek-v3.2, deepseek-v4, "
+        "kimi-k2, gemma4, llama3; see docs/dialects.md); `auto`: detected from the chat template.",
     )
     idle_unload_s: float = Field(
         900,

@@ -34,6 +34,7 @@ _DIALECT_MARKERS = (
     ("<|channel|>", "harmony"),
     ("<function=", "qwen3-xml"),
     ("<arg_key>", "glm"),
+    ("]<]minimax[>[", "minimax-m3"),  # M3's namespace token; M2 writes <minimax:tool_call>
     ("<invoke name", "minimax"),
     ("[TOOL_CALLS]", "mistral"),
     ("tool▁calls▁begin", "deepseek"),

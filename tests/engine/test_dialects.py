@@ -62,6 +62,7 @@ TABLE = [
     ("GLM-4.6.jinja", "glm", "<|observation|>"),
     ("GLM-4.7-Flash.jinja", "glm", "<|observation|>"),
     ("MiniMax-M2.jinja", "minimax", "[e~["),
+    ("MiniMax-M3.jinja", "minimax-m3", "[e~["),
     ("openai-gpt-oss-120b.jinja", "harmony", "<|start|>functions"),
     ("unsloth-mistral-Devstral-Small-2507.jinja", "mistral", "[TOOL_RESULTS]"),
     ("mistralai-Ministral-3-14B-Reasoning-2512.jinja", "mistral", "[TOOL_RESULTS]"),
@@ -237,6 +238,7 @@ def pieces_of(text: str, size: int = 3) -> list[str]:
         ("glm", "<think>Need weather.</think>"),
         ("gemma4", "<|channel>thought\nNeed weather.<channel|>"),
         ("deepseek-v4", "<think>Need weather.</think>"),
+        ("minimax-m3", "<mm:think>Need weather.</mm:think>"),
     ],
 )
 def test_reasoning_in_the_familys_markup_is_thinking(dialect: str, reply: str) -> None:
@@ -353,9 +355,9 @@ NESTED_ARGS: dict[str, Any] = {
 }
 
 
-def gemma4_call(args: dict[str, Any]) -> str:
-    """Gemma 4's template's own text for a call of NESTED with `args`."""
-    source = (TEMPLATES / GEMMA4).read_text()
+def nested_rendering(template: str, args: dict[str, Any]) -> str:
+    """`template`'s rendering of a conversation with a call of NESTED with `args`."""
+    source = (TEMPLATES / template).read_text()
     messages = [
         ChatMessage("user", "Plan it."),
         ChatMessage("assistant", "", tool_calls=(ToolCall("call_1", NESTED.name, args),)),
@@ -363,6 +365,12 @@ def gemma4_call(args: dict[str, Any]) -> str:
     ]
     rendered = render_plain(source, messages, tools=[NESTED])
     assert rendered is not None
+    return rendered
+
+
+def gemma4_call(args: dict[str, Any]) -> str:
+    """Gemma 4's template's own text for a call of NESTED with `args`."""
+    rendered = nested_rendering(GEMMA4, args)
     return rendered[rendered.index("<|tool_call>") : rendered.index("<|tool_response>")]
 
 
@@ -457,3 +465,95 @@ def test_gemma4_configured_for_a_template_that_knows_no_tools() -> None:
     assert [e for e in parse("gemma4", shown, 4) if isinstance(e, ToolCallEnd)] == [
         ToolCallEnd(ARGS, True)
     ]
+
+
+# ---- MiniMax-M3: arguments as nested elements ------------------------------------------
+
+MINIMAX_M3 = "MiniMax-M3.jinja"
+NS = "]<]minimax[>["
+
+
+def minimax_m3_call(args: dict[str, Any]) -> str:
+    """MiniMax-M3's template's own text for a call of NESTED with `args`."""
+    rendered = nested_rendering(MINIMAX_M3, args)
+    start = rendered.rindex(f"{NS}<tool_call>\n{NS}<invoke")  # not the tool section's example
+    return rendered[start : rendered.index("[e~[", start)]
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 10_000])
+def test_minimax_m3_nested_values_are_typed_from_the_schema(chunk: int) -> None:
+    text = minimax_m3_call(NESTED_ARGS)
+    # Strings and numbers raw, booleans as JSON, lists as <item>s, None left out.
+    assert f"<title>{NESTED_ARGS['title']}{NS}</title>" in text
+    assert f"<budget>1250.5{NS}</budget>" in text and f"<flexible>false{NS}</" in text
+    assert f"{NS}<stops>{NS}<item>{NS}<city>Lyon{NS}</city>{NS}<nights>2{NS}</" in text
+    assert "<note>" in text and "None" not in text and "null" not in text
+    parser = by_name("minimax-m3").new_parser([NESTED])
+    events: list[Any] = []
+    for start in range(0, len(text), chunk):
+        events += parser.feed(text[start : start + chunk])
+    events += parser.finish()
+    # The template leaves a None out: the call reads back without that key.
+    expected = json.loads(json.dumps(NESTED_ARGS))
+    del expected["stops"][0]["note"]
+    assert [e for e in events if isinstance(e, ToolCallEnd)] == [ToolCallEnd(expected, True)]
+    deltas = "".join(e.partial_json for e in events if isinstance(e, ToolCallDelta))
+    assert json.loads(deltas) == expected
+    assert not [e for e in events if isinstance(e, ParsedText)]
+
+
+def test_minimax_m3_streams_a_string_as_it_arrives() -> None:
+    parser = by_name("minimax-m3").new_parser([NESTED])
+    parser.feed(f'{NS}<tool_call>\n{NS}<invoke name="plan_trip">{NS}<title>Two ci')
+    # The text so far is out; a closing tag cut short is held until it is decided.
+    assert parser.feed("ties]<]mini") == [ToolCallDelta("ties")]
+    assert parser.feed(f"max[>[</title>{NS}<budget>12") == [ToolCallDelta('", "budget": ')]
+    assert parser.feed(f"50.5{NS}</budget>") == [ToolCallDelta("1250.5")]
+
+
+def test_minimax_m3_without_a_schema_reads_the_shape() -> None:
+    """A tool whose schema says nothing: `<item>` children are an array, other children an
+    object, text is JSON when it parses."""
+    spec = ToolSpec("free", "", None)
+    parser = by_name("minimax-m3").new_parser([spec])
+    text = by_name("minimax-m3").syntax.render("free", {"a": [1, "x"], "b": {"c": True}})
+    events = parser.feed(text) + parser.finish()
+    assert [e for e in events if isinstance(e, ToolCallEnd)] == [
+        ToolCallEnd({"a": [1, "x"], "b": {"c": True}}, True)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("wrong", "why"),
+    [
+        ({**NESTED_ARGS, "stops": [{"city": "Lyon", "nights": "two"}]}, "text for an integer"),
+        ({**NESTED_ARGS, "stops": [{"city": "Lyon", "nights": 0}]}, "under the minimum"),
+        ({**NESTED_ARGS, "stops": []}, "fewer items than minItems"),
+        ({**NESTED_ARGS, "stops": [{"city": "Lyon", "nights": 1}] * 5}, "more than maxItems"),
+        ({**NESTED_ARGS, "tags": {"season": {"a": "b"}}}, "an object for a string"),
+        ({**NESTED_ARGS, "extra": 1}, "a key the schema does not allow"),
+        ({"stops": NESTED_ARGS["stops"]}, "a required key missing"),
+        ({**NESTED_ARGS, "flexible": "yes"}, "text for a boolean"),
+    ],
+)
+def test_minimax_m3_grammar_is_typed_from_the_schema(
+    vocab: Any, vocab_model: Any, wrong: dict[str, Any], why: str
+) -> None:
+    grammar, loosened = tool_call_grammar([NESTED], dialect=by_name("minimax-m3"))
+    assert loosened == []
+    assert grammar_accepts(vocab, vocab_model, grammar, minimax_m3_call(NESTED_ARGS))
+    assert not grammar_accepts(vocab, vocab_model, grammar, minimax_m3_call(wrong)), why
+
+
+@pytest.mark.parametrize("thinking", [True, False])
+def test_minimax_m3_thinking_mode_follows_the_request(thinking: bool) -> None:
+    """The request's thinking sets the template's `thinking_mode`: on, the generation prompt
+    opens `<mm:think>`; off, it closes it (as every turn without reasoning starts)."""
+    from pensieved.engine.thinking import prompt_opens_thinking
+
+    source = (TEMPLATES / MINIMAX_M3).read_text()
+    switches = by_name("minimax-m3").reasoning.switches(thinking)
+    rendered = render_plain(source, [ChatMessage("user", "hi")], extra=switches)
+    assert rendered is not None
+    assert rendered.endswith("]~b]ai\n" + ("<mm:think>" if thinking else "</mm:think>"))
+    assert prompt_opens_thinking(rendered, "<mm:think>") is thinking

@@ -39,6 +39,7 @@ DIALECTS = [
     ("seed-oss", "ByteDance-Seed-OSS.jinja"),
     ("glm", "GLM-4.6.jinja"),
     ("minimax", "MiniMax-M2.jinja"),
+    ("minimax-m3", "MiniMax-M3.jinja"),
     ("harmony", "openai-gpt-oss-120b.jinja"),
     ("mistral", "unsloth-mistral-Devstral-Small-2507.jinja"),
     ("deepseek", "deepseek-ai-DeepSeek-V3.1.jinja"),

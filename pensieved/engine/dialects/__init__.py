@@ -18,6 +18,7 @@ from pensieved.engine.dialects.hermes import HERMES
 from pensieved.engine.dialects.kimi_k2 import KIMI_K2
 from pensieved.engine.dialects.llama3 import LLAMA3
 from pensieved.engine.dialects.minimax import MINIMAX
+from pensieved.engine.dialects.minimax_m3 import MINIMAX_M3
 from pensieved.engine.dialects.mistral import MISTRAL
 from pensieved.engine.dialects.qwen3_xml import QWEN3_XML
 from pensieved.engine.dialects.seed_oss import SEED_OSS
@@ -28,6 +29,7 @@ DIALECTS: tuple[Dialect, ...] = (
     SEED_OSS,
     GLM,
     MINIMAX,
+    MINIMAX_M3,
     HARMONY,
     MISTRAL,
     DEEPSEEK,

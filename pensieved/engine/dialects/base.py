@@ -76,12 +76,15 @@ class NotationReader(Protocol):
 
 @dataclass(frozen=True)
 class NotationArgs:
-    """The arguments are one object in a JSON-like notation of the family's own (Gemma 4's
-    unquoted keys and delimited strings): `reader` translates it to JSON as it streams,
-    `rule` writes its GBNF from a tool's schema (returning the rule and what was loosened)."""
+    """The arguments are one object in a notation of the family's own (Gemma 4's unquoted
+    keys and delimited strings, MiniMax-M3's nested tags): `reader` translates it to JSON as it
+    streams, given the tool's schema (None: a tool not known), `rule` writes its GBNF from
+    the schema (returning the rule and what was loosened). `opens` is what the notation
+    starts with ("": it starts right after the call's head, whatever comes)."""
 
-    reader: Callable[[], NotationReader]
+    reader: Callable[[dict[str, Any] | None], NotationReader]
     rule: Callable[[SchemaConverter, dict[str, Any], str], tuple[str, list[str]]]
+    opens: str = "{"
 
 
 @dataclass(frozen=True)

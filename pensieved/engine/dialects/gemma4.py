@@ -82,8 +82,8 @@ class Gemma4Reader:
     """Translates one arguments object from Gemma 4's notation into JSON as it streams: a
     string's text as it arrives, a key at its colon, a number or word at what ends it."""
 
-    def __init__(self) -> None:
-        self.done = False
+    def __init__(self, schema: dict[str, Any] | None = None) -> None:
+        self.done = False  # (the notation types its values itself: `schema` is not needed)
         self.failed = False
         self._open: list[str] = []  # the brackets open, innermost last
         self._expect = "value"  # value | key | string | next (a comma or a close)

@@ -61,8 +61,10 @@ class _JsonReader:
         return text[:used], used
 
 
-def _reader(syntax: Syntax) -> NotationReader:
-    return syntax.args.reader() if isinstance(syntax.args, NotationArgs) else _JsonReader()
+def _reader(syntax: Syntax, schema: dict[str, Any] | None = None) -> NotationReader:
+    if isinstance(syntax.args, NotationArgs):
+        return syntax.args.reader(schema)
+    return _JsonReader()
 
 
 class SyntaxParser:
@@ -164,7 +166,8 @@ class SyntaxParser:
             return
         self._take(match.end())
         self._name = name
-        self._args, self._reader = "", _reader(syntax)
+        tool = self._tools.get(name) if self._tools is not None else None
+        self._args, self._reader = "", _reader(syntax, tool.parameters if tool else None)
         self._started = False
         self._state = "args"
         out.append(ToolCallStart(name))
@@ -176,7 +179,9 @@ class SyntaxParser:
             self._take(len(self._buffer) - len(stripped))
             if not self._buffer:
                 return
-            if not self._buffer.startswith("{"):
+            args = self._syntax.args
+            opens = args.opens if isinstance(args, NotationArgs) else "{"
+            if not self._buffer.startswith(opens):
                 self._state = "raw"
                 return
             self._started = True
