@@ -641,11 +641,8 @@ def _speculation_issues(model: ModelConfig) -> list[ConfigIssue]:
     """A `draft` without a draft model; and two settings for one model file, which is loaded
     once for every name that maps to it."""
     issues = []
-    seen: list[tuple[str, str, tuple[Speculative, str | None]]] = []
-    if model.model_path is not None:
-        seen.append((model.model_path, "model", speculation_of(model, None)))
-    elif model.speculative == "draft" and model.draft_model_path is None:
-        seen.append(("", "model", speculation_of(model, None)))
+    # "": the bundled model, which no alias names by that value.
+    seen = [(model.model_path or "", "model", speculation_of(model, None))]
     for pattern, value in model.aliases.items():
         target = alias_target(value)
         seen.append((target.model_path, f"model.aliases.{pattern}", speculation_of(model, target)))

@@ -133,10 +133,12 @@ def render_text(
     eos_text: str,
     tools: Sequence[ToolSpec] = (),
     extra: dict[str, Any] | None = None,
+    continued: str | None = None,
 ) -> tuple[str, list[str]]:
     """Render to text with content markers; returns (rendered, original content strings).
 
     `extra` adds template variables (e.g. `enable_thinking`, which Qwen3's template reads).
+    `continued`: text the reply continues (a prefill), after the generation prompt, as content.
     """
     if not template_source:
         raise ChatTemplateError(
@@ -175,6 +177,8 @@ def render_text(
         raise
     except Exception as exc:  # a template is foreign code: any failure is its failure
         raise ChatTemplateError(f"the model's chat template failed to render: {exc}") from exc
+    if continued:
+        rendered += marked.mark(continued)
     return rendered, marked.texts
 
 
@@ -452,20 +456,15 @@ def render_request(
     if source:
         switches = caps.dialect.dialect.reasoning.switches(request.thinking)
         extra = {**switches, **request_variables(source, request)}
-    rendered, contents = render_text(
+    return render_text(
         source,
         messages,
         bos_text=bos_text,
         eos_text=eos_text,
         tools=template_tools,
         extra=extra,
+        continued=prefill,
     )
-    if prefill:
-        # The reply continues the text as written: after the generation prompt, as content.
-        marked = _Marked()
-        marked.texts = contents
-        rendered += marked.mark(prefill)
-    return rendered, contents
 
 
 def split_prefill(

@@ -18,13 +18,19 @@ class Slot:
     # Its cache was read back from disk at load, and no request has run on it since.
     restored: bool = False
 
-    def shared_prefix(self, tokens: tuple[int, ...]) -> int:
-        cached = self.tokens
-        n = min(len(cached), len(tokens))
-        i = 0
-        while i < n and cached[i] == tokens[i]:
-            i += 1
-        return i
+    def shared_prefix(self, tokens: Sequence[int]) -> int:
+        return common_prefix(self.tokens, tokens)
+
+
+def common_prefix(held: list[int], tokens: Sequence[int]) -> int:
+    """How many leading tokens `held` and `tokens` share."""
+    n = min(len(held), len(tokens))
+    if list(tokens[:n]) == held[:n]:  # the usual case (one extends the other), compared in C
+        return n
+    i = 0
+    while held[i] == tokens[i]:
+        i += 1
+    return i
 
 
 def best_donor(slot: Slot, peers: Sequence[Slot], tokens: tuple[int, ...]) -> tuple[Slot, int]:

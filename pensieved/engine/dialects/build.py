@@ -24,6 +24,9 @@ from pensieved.engine.types import ToolSpec
 ANY_OBJECT: dict[str, Any] = {"type": "object"}
 # GBNF of a key the schema does not name (its text is not quoted, so it is kept plain).
 ANY_KEY = "[a-zA-Z0-9_.-]+"
+# GBNF of a number and a boolean written as in JSON, for notations that are not JSON.
+NUMBER = '"-"? ( "0" | [1-9] [0-9]* ) ( "." [0-9]+ )? ( [eE] [-+]? [0-9]+ )?'
+BOOLEAN = '"true" | "false"'
 
 
 def text_without(delimiter: str) -> str:

@@ -18,7 +18,7 @@ import re
 from typing import Any
 
 from pensieved.engine.dialects.base import Dialect, NotationArgs, Reasoning, Syntax
-from pensieved.engine.dialects.build import ANY_KEY, ANY_OBJECT, text_without
+from pensieved.engine.dialects.build import ANY_KEY, ANY_OBJECT, BOOLEAN, NUMBER, text_without
 from pensieved.engine.gbnf import escape_literal, integer_range_rule
 from pensieved.engine.holdback import held_prefix
 from pensieved.engine.llama import SchemaConverter
@@ -188,8 +188,8 @@ _ANY = {
     ),
     "gemma4-string": f"{_Q} gemma4-text {_Q}",
     "gemma4-text": text_without(QUOTE),
-    "gemma4-number": '"-"? ( "0" | [1-9] [0-9]* ) ( "." [0-9]+ )? ( [eE] [-+]? [0-9]+ )?',
-    "gemma4-boolean": '"true" | "false"',
+    "gemma4-number": NUMBER,
+    "gemma4-boolean": BOOLEAN,
     "gemma4-null": '"None" | "null"',
     "gemma4-member": f'{ANY_KEY} ":" gemma4-value',
     "gemma4-object": '"{" ( gemma4-member ( "," gemma4-member )* )? "}"',

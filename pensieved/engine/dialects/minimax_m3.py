@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pensieved.engine.dialects.base import Dialect, NotationArgs, Reasoning, Syntax
-from pensieved.engine.dialects.build import ANY_KEY, ANY_OBJECT, text_without
+from pensieved.engine.dialects.build import ANY_KEY, ANY_OBJECT, BOOLEAN, NUMBER, text_without
 from pensieved.engine.dialects.parser import typed_value
 from pensieved.engine.gbnf import escape_literal, integer_range_rule
 from pensieved.engine.holdback import held_prefix
@@ -211,8 +211,8 @@ _ANY = {
     f'{escape_literal(NS + "</")} {ANY_KEY} ">"',
     # Text cannot hold the namespace token (without its first character, which repeats).
     "m3-text": text_without(NS[1:]),
-    "m3-number": '"-"? ( "0" | [1-9] [0-9]* ) ( "." [0-9]+ )? ( [eE] [-+]? [0-9]+ )?',
-    "m3-boolean": '"true" | "false"',
+    "m3-number": NUMBER,
+    "m3-boolean": BOOLEAN,
     "m3-null": '"null"',
 }
 

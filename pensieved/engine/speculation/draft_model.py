@@ -31,6 +31,7 @@ from pensieved.engine.llama import (
     Model,
     logits_at,
 )
+from pensieved.engine.slots import common_prefix
 from pensieved.engine.speculation.base import Proposal
 from pensieved.errors import ModelLoadError
 
@@ -128,7 +129,7 @@ class DraftModel:
         if k <= 0 or not tokens:
             return ()
         held = self._held.setdefault(seq, [])
-        same = _common_prefix(held, tokens)
+        same = common_prefix(held, tokens)
         # The last token is fed again when nothing after it is: its logits are the first draft.
         same = min(same, len(tokens) - 1)
         if same < len(held):
@@ -208,13 +209,3 @@ class DraftModelSpeculation:
 
     def observe(self, proposed: int, accepted: int) -> None:
         """The draft model has no state to adapt: the slot's draft length does that."""
-
-
-def _common_prefix(a: list[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    if list(b[:n]) == a[:n]:  # the usual case, compared in C: `a` is `b` and a draft
-        return n
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
