@@ -128,7 +128,15 @@ def test_a_request_that_finds_no_free_slot_preempts_a_background_prefill(
     _hang_up_after_message_start(daemon, body)
     wait_for(lambda: bool(_model(daemon)["background_prefills"]), timeout=30, interval=0.05)
     busy = {**body, "messages": [{"role": "user", "content": long_text(150, "busy")}]}
-    small = {"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+    # Its own system prompt: without one it would start with the template's default, the same
+    # tokens the background prefill may hold from the cache and nothing more, and a request
+    # that extends a background prefill carries it on instead of preempting it.
+    small = {
+        "model": MODEL,
+        "max_tokens": 2,
+        "system": "Answer in one word.",
+        "messages": [{"role": "user", "content": "hi"}],
+    }
     with (
         httpx.Client(base_url=daemon.base_url, headers=HEADERS, timeout=120) as http,
         http.stream("POST", "/v1/messages", json={**busy, "stream": True}) as reading,
